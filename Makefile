@@ -1,0 +1,44 @@
+# Every target sets itself up: the virtualenv (and the offline Fashion-MNIST copy) are made
+# when missing. `make test` is what CI runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+RESULTS ?= results
+
+.PHONY: help setup data test test-all learning-check clean
+
+help:
+	@echo "make setup           create .venv and install lcbench (+ test tools)"
+	@echo "make test            the test suite (what CI runs; < 10 min on 2 CPU cores)"
+	@echo "make test-all        also the slow tests"
+	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+# Debian's copy of Fashion-MNIST (lcbench finds it there); skipped quietly where apt is not usable.
+data:
+	@test -d $(FMNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1; } || \
+	  echo "note: $(FMNIST) is missing; tests that need Fashion-MNIST will be skipped"
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: $(STAMP) data
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+learning-check: $(STAMP) data
+	for m in bp dgl lc dni cdni gn; do \
+	  $(BIN)/lcbench run --method $$m --groups 2 --task fashion-mnist --epochs 3 \
+	    --experiment learning-check --out $(RESULTS) || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,165 @@
+"""The ``lcbench`` command line."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+import methods
+
+from . import models, runner, tasks
+from .config import RunConfig, UsageError
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict:
+    """``key=value`` pairs; values parsed as int, float, bool or left as strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option expects key=value, got '{pair}'")
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(text)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = text
+    return out
+
+
+def parse_cuts(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"--cuts expects comma-separated block indices, got '{text}'") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="lcbench")
+def cli():
+    """Decoupled training (LC, DGL, DNI, cDNI, GN-DGL) against backprop, measured."""
+
+
+@cli.command()
+@click.option("--method", "-m", required=True, help="Learning rule: " + ", ".join(methods.METHODS))
+@click.option("--groups", "-k", type=int, default=2, show_default=True,
+              help="Number of layer groups K (LC with K groups has K-1 critics).")
+@click.option("--task", "-t", default="fashion-mnist", show_default=True,
+              help="Task: " + ", ".join(tasks.TASKS))
+@click.option("--model", default=None, help="Model (default: the task's). See `lcbench list`.")
+@click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier.")
+@click.option("--epochs", "-e", type=int, default=3, show_default=True)
+@click.option("--batch-size", "-b", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=0.02, show_default=True,
+              help="Learning rate of the main network (SGD, Nesterov momentum 0.9).")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--seed", "-s", type=int, default=0, show_default=True)
+@click.option("--split", default="flops", show_default=True,
+              help="Balance the layer groups by: flops, params or activations.")
+@click.option("--cuts", default=None, help="Explicit cut points, e.g. 3,7 (overrides --split).")
+@click.option("--neuron-groups", "-G", type=int, default=None,
+              help="GN-DGL: neuron groups per layer group (default 2).")
+@click.option("--option", "-o", "option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Option of the rule's local module, e.g. critic_lr=1e-3 (see `lcbench list`).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--limit-train", type=int, default=None, help="Use only the first N training samples.")
+@click.option("--limit-test", type=int, default=None, help="Use only the first N test samples.")
+@click.option("--data-dir", default=None, envvar="LCBENCH_DATA",
+              help="Where data sets are looked for first [env LCBENCH_DATA].")
+@click.option("--experiment", default="adhoc", show_default=True,
+              help="Experiment name: the run goes to OUT/EXPERIMENT/RUN_ID/.")
+@click.option("--out", default="results", show_default=True, help="Results folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def run(method, groups, task, model, width, epochs, batch_size, lr, weight_decay, seed, split,
+        cuts, neuron_groups, option_pairs, device, limit_train, limit_test, data_dir,
+        experiment, out, quiet):
+    """Train one network with one learning rule; write metrics.csv and run.json."""
+    options = parse_options(option_pairs)
+    if neuron_groups is not None:
+        options["neuron_groups"] = neuron_groups
+    cfg = RunConfig(method=method, groups=groups, task=task, model=model, width=width,
+                    epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                    seed=seed, split=split, cuts=parse_cuts(cuts), options=options,
+                    device=device, limit_train=limit_train, limit_test=limit_test,
+                    data_dir=data_dir, experiment=experiment, out=out)
+    prep = runner.prepare(cfg)
+    record = runner.execute(prep, progress=not quiet)
+    if not quiet:
+        click.echo(summary(record))
+    click.echo(f"wrote {record.folder}")
+
+
+def summary(record) -> str:
+    """The last epoch's test figures, one line per (sub-)model."""
+    rows = [r for r in record.rows if r["metric"] in ("test_acc", "test_loss")]
+    if not rows:
+        return "no epochs trained"
+    last = max(r["epoch"] for r in rows)
+    table: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["epoch"] == last:
+            table.setdefault(r["stage"], {})[r["metric"]] = r["value"]
+    seconds = sum(r["value"] for r in record.rows if r["metric"] == "epoch_time_s")
+    lines = [f"{record.info['run_id']}  ({last} epochs, {seconds:.1f} s training)",
+             f"  {'output':<14}{'test_acc':>10}{'test_loss':>11}"]
+    for stage in sorted(table, key=lambda s: (s == "", s.zfill(4))):
+        name = "final" if stage == "" else f"sub-model {stage}"
+        lines.append(f"  {name:<14}{table[stage]['test_acc']:>10.4f}{table[stage]['test_loss']:>11.4f}")
+    return "\n".join(lines)
+
+
+@cli.command(name="list")
+@click.option("--methods", "what", flag_value="methods", help="Only the learning rules.")
+@click.option("--models", "what", flag_value="models", help="Only the models.")
+@click.option("--tasks", "what", flag_value="tasks", help="Only the tasks.")
+def list_(what):
+    """Show the learning rules (with their options), models and tasks."""
+    if what in (None, "methods"):
+        click.echo("methods:")
+        aliases = {}
+        for alias, name in methods.ALIASES.items():
+            aliases.setdefault(name, []).append(alias)
+        for name, m in methods.METHODS.items():
+            extra = f" (also: {', '.join(aliases[name])})" if name in aliases else ""
+            click.echo(f"  {name:<6}{m.summary}{extra}")
+            defaults = methods.option_defaults(name)
+            if defaults:
+                click.echo("        options: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    if what in (None, "models"):
+        click.echo("models:")
+        for name in models.MODELS:
+            click.echo(f"  {name}")
+    if what in (None, "tasks"):
+        click.echo("tasks:")
+        for name, info in tasks.TASKS.items():
+            shape = "x".join(map(str, info.input_shape))
+            click.echo(f"  {name:<14}{shape:<10}{info.num_classes:>4} classes  "
+                       f"default model {info.default_model}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input is one line and exit 2; a failed run one line and exit 1."""
+    try:
+        code = cli.main(args=argv, prog_name="lcbench", standalone_mode=False)
+    except (UsageError, click.UsageError) as e:
+        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        click.echo(f"lcbench: error: {message}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"lcbench: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except runner.RunFailed as e:
+        click.echo(f"lcbench: {e}", err=True)
+        sys.exit(1)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("lcbench: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

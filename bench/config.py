@@ -1,0 +1,89 @@
+"""The resolved configuration of one run, and its validation."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import methods
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+EXECUTORS = ("sequential",)
+SPLITS = ("flops", "params", "activations")
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run (plus where it is written)."""
+
+    method: str
+    groups: int = 2
+    task: str = "fashion-mnist"
+    model: str | None = None
+    width: float = 1.0
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.02
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    seed: int = 0
+    split: str = "flops"
+    cuts: list[int] | None = None
+    options: dict = field(default_factory=dict)
+    executor: str = "sequential"
+    device: str = "auto"
+    limit_train: int | None = None
+    limit_test: int | None = None
+    eval_batch_size: int = 1000
+    experiment: str = "adhoc"
+    out: str = "results"
+    data_dir: str | None = None
+
+    #: fields that do not change what is computed (where, how it is reported)
+    PLACEMENT = ("experiment", "out", "data_dir")
+
+    def validated(self) -> "RunConfig":
+        """Canonical method name and option defaults filled in; raise UsageError on bad values."""
+        try:
+            method = methods.resolve(self.method)
+            options = {**methods.option_defaults(method.name), **self.options}
+            methods.base.options_from(method.options, options, method.name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        checks = [
+            (self.groups >= 1, f"--groups must be at least 1 (got {self.groups})"),
+            (self.epochs >= 0, f"--epochs must not be negative (got {self.epochs})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.width > 0, f"--width must be positive (got {self.width})"),
+            (self.split in SPLITS, f"unknown split '{self.split}' (choose from {', '.join(SPLITS)})"),
+            (self.executor in EXECUTORS,
+             f"unknown executor '{self.executor}' (choose from {', '.join(EXECUTORS)})"),
+            (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+             f"unknown device '{self.device}' (auto, cpu, cuda, cuda:N)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        values = asdict(self)
+        values.update(method=method.name, options=options)
+        return RunConfig(**values)
+
+    def key(self) -> dict:
+        """The fields that determine the results (placement excluded)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT}
+
+    @property
+    def run_id(self) -> str:
+        """Readable and unique: method, task, model, K, seed and a hash of the whole key."""
+        digest = hashlib.sha1(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.method}-{self.task}-{self.model}-k{self.groups}-s{self.seed}-{digest}"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,1 @@
+"""Ways to run the same stage objects: sequential (reference) and, later, distributed."""

@@ -1,0 +1,71 @@
+"""Run records: ``metrics.csv`` (tidy rows) and ``run.json`` (config, status, provenance).
+
+Every write goes to a temporary name in the same folder and is renamed over the target,
+so a reader (or a run killed at any instant) never sees a half-written file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+COLUMNS = ["run_id", "method", "task", "model", "groups", "executor", "seed",
+           "epoch", "stage", "metric", "value"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename (fsynced first)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class RunRecord:
+    """The folder of one run: appends metric rows and keeps run.json current."""
+
+    def __init__(self, folder: Path, identity: dict, info: dict):
+        self.folder = Path(folder)
+        self.identity = {k: identity[k] for k in COLUMNS[:7]}
+        self.info = info
+        self.rows: list[dict] = []
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.write_metrics()
+        self.update(status="running")
+
+    def add(self, epoch: int, metrics: dict[tuple[str, str], float]) -> None:
+        """Append ``{(stage, metric): value}`` rows for ``epoch`` and write them out."""
+        for (stage, metric), value in metrics.items():
+            self.rows.append({**self.identity, "epoch": epoch, "stage": stage,
+                              "metric": metric, "value": value})
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.folder / "metrics.csv", buffer.getvalue())
+
+    def update(self, **fields) -> None:
+        self.info.update(fields)
+        write_atomic(self.folder / "run.json", json.dumps(self.info, indent=2, default=str) + "\n")

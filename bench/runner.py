@@ -1,0 +1,181 @@
+"""One run: config -> task, model, split, stages -> executor -> records."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+import methods
+from methods.base import TrainOptions
+
+from . import models, split, tasks
+from .config import RunConfig, UsageError
+from .executors import sequential
+from .provenance import now, provenance
+from .records import RunRecord
+
+
+class RunFailed(RuntimeError):
+    """Training raised or diverged; the record says so (status ``failed``/``diverged``)."""
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before anything is written."""
+
+    cfg: RunConfig
+    task: tasks.Task
+    device: torch.device
+    cuts: list[int]
+    stages: list[methods.Stage]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Validated config with the task's default model filled in (no data loaded)."""
+    cfg = cfg.validated()
+    if cfg.task not in tasks.TASKS:
+        raise UsageError(f"unknown task '{cfg.task}' (choose from {', '.join(tasks.TASKS)})")
+    model = cfg.model or tasks.TASKS[cfg.task].default_model
+    if model not in models.MODELS:
+        raise UsageError(f"unknown model '{model}' (choose from {', '.join(models.MODELS)})")
+    return replace(cfg, model=model)
+
+
+def build_groups(cfg: RunConfig, input_shape, classes: int):
+    """The model split into ``cfg.groups`` layer groups (width-grouped for GN-DGL)."""
+    torch.manual_seed(cfg.seed)
+    model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
+    cuts = split.resolve_cuts(model, cfg.groups, input_shape=input_shape, by=cfg.split,
+                              cuts=cfg.cuts)
+    if cfg.method == "gn":
+        torch.manual_seed(cfg.seed)
+        model = models.build_model(cfg.model, input_shape, classes, width=cfg.width,
+                                   neuron_groups=cfg.options["neuron_groups"],
+                                   mix_at=[0, *cuts])
+    groups = split.split_model(model, cfg.groups, input_shape=input_shape, cuts=cuts)
+    return groups, cuts
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Resolve, load and build; any bad input raises UsageError before a file is written."""
+    cfg = resolve(cfg)
+    device = resolve_device(cfg.device)
+    info = tasks.TASKS[cfg.task]
+    try:
+        groups, cuts = build_groups(cfg, info.input_shape, info.num_classes)
+        shapes = split.group_output_shapes(groups, info.input_shape)
+        torch.manual_seed(cfg.seed)
+        train = TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                             weight_decay=cfg.weight_decay)
+        stages = methods.build_stages(cfg.method, [g.to(device) for g in groups], shapes,
+                                      info.num_classes, classification_loss, train, cfg.options)
+    except ValueError as e:  # SplitError, channel/neuron-group mismatch, bad option value
+        raise UsageError(str(e)) from None
+    for stage in stages:
+        for module in stage.modules():
+            module.to(device)
+    try:
+        task = tasks.load_task(cfg.task, cfg.data_dir, limit_train=cfg.limit_train,
+                               limit_test=cfg.limit_test).to(device)
+    except tasks.DataUnavailable as e:
+        raise UsageError(str(e)) from None
+    if task.train_x.shape[0] < cfg.batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the "
+                         f"{task.train_x.shape[0]} training samples")
+    return Prepared(cfg, task, device, cuts, stages)
+
+
+def run_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.out) / cfg.experiment / cfg.run_id
+
+
+def open_record(prep: Prepared) -> RunRecord:
+    """Create the run folder (UsageError if it cannot be written) and its files."""
+    cfg = prep.cfg
+    folder = run_folder(cfg)
+    info = {"run_id": cfg.run_id, "experiment": cfg.experiment, "status": "running",
+            "error": None, "config": asdict(cfg), "started": now(), "ended": None,
+            "split": {"by": cfg.split if cfg.cuts is None else "explicit", "cuts": prep.cuts},
+            "parameters_per_stage": [sum(p.numel() for p in s.group.parameters())
+                                     for s in prep.stages],
+            "provenance": provenance(prep.device)}
+    record = RunRecord(folder, {**asdict(cfg), "run_id": cfg.run_id}, info)
+    try:
+        record.start()
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
+    return record
+
+
+def batches(task: tasks.Task, batch_size: int, generator: torch.Generator):
+    """One epoch of augmented training batches, order and augmentation from ``generator``."""
+    for idx in tasks.iterate_batches(task.train_x.shape[0], batch_size, shuffle=True,
+                                     generator=generator, drop_last=True):
+        yield task.augment_batch(task.train_x[idx], generator), task.train_y[idx]
+
+
+def stage_label(stage: methods.Stage) -> str:
+    """Metrics of the last stage describe the whole network (empty stage column)."""
+    return "" if stage.last else str(stage.index + 1)
+
+
+def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
+    """The epochs: train, measure, evaluate, write rows; RunFailed on divergence."""
+    cfg, task = prep.cfg, prep.task
+    generator = torch.Generator(device=prep.device).manual_seed(cfg.seed)
+    steps = task.train_x.shape[0] // cfg.batch_size
+    for epoch in range(1, cfg.epochs + 1):
+        seconds = sequential.train_epoch(prep.stages, batches(task, cfg.batch_size, generator),
+                                         device=prep.device, total=steps, progress=progress,
+                                         desc=f"epoch {epoch}/{cfg.epochs}")
+        rows = {}
+        for stage in prep.stages:
+            for metric, value in stage.pop_metrics().items():
+                rows[stage_label(stage), metric] = value
+        rows["", "epoch_time_s"] = seconds
+        rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
+        results = sequential.evaluate(prep.stages, task.test_x, task.test_y,
+                                      classification_loss, cfg.eval_batch_size)
+        for label, values in results.items():
+            for metric, value in values.items():
+                rows[label, metric] = value
+        record.add(epoch, rows)
+        if not math.isfinite(rows["", "train_loss"]):
+            record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",
+                          ended=now())
+            raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+
+
+def execute(prep: Prepared, *, progress: bool = True) -> RunRecord:
+    """Run a prepared config to completion, keeping run.json's status true throughout."""
+    record = open_record(prep)
+    start = time.perf_counter()
+    try:
+        train(prep, record, progress=progress)
+    except RunFailed:
+        raise
+    except BaseException as e:
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        record.update(status="failed", error=reason, ended=now())
+        if isinstance(e, Exception):
+            raise RunFailed(f"run {prep.cfg.run_id} failed: {reason}") from e
+        raise
+    record.update(status="ok", ended=now(), wall_time_s=time.perf_counter() - start)
+    return record

@@ -1,0 +1,125 @@
+"""Cutting a model (an ``nn.Sequential`` of blocks) into K contiguous layer groups."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from bench.profile import SavedTensorMeter, count_flops
+
+COST_KINDS = ("flops", "params", "activations")
+
+
+class SplitError(ValueError):
+    """A model cannot be cut as asked."""
+
+
+def _dummy_input(model: nn.Module, input_shape, batch_size: int) -> torch.Tensor:
+    ref = next(model.parameters(), None)
+    device, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
+    return torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+
+
+def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_size: int = 2) -> list[float]:
+    """Cost of each block: forward FLOPs per sample, parameter count, or activation bytes saved for
+    backward per sample (the block in training mode on a detached input, as in a decoupled stage).
+    The model is not modified (a copy runs the dummy batch, so BatchNorm statistics stay put)."""
+    if by not in COST_KINDS:
+        raise ValueError(f"unknown cost {by!r} (choose from {', '.join(COST_KINDS)})")
+    if by == "params":
+        return [float(sum(p.numel() for p in block.parameters())) for block in model]
+    work = copy.deepcopy(model).train()
+    x = _dummy_input(work, input_shape, batch_size)
+    costs = []
+    for block in work:
+        x = x.detach()
+        if by == "flops":
+            costs.append(count_flops(block, x) / batch_size)
+            with torch.no_grad():
+                x = block(x)
+        else:
+            with SavedTensorMeter(block) as meter:
+                x = block(x)
+            costs.append(meter.bytes / batch_size)
+    return costs
+
+
+def _check_k(n: int, k: int) -> None:
+    if not 1 <= k <= n:
+        raise SplitError(f"cannot split {n} blocks into {k} groups")
+
+
+def balanced_cuts(costs: Sequence[float], k: int) -> list[int]:
+    """The k-1 cut indices of the contiguous partition of ``costs`` into k non-empty groups with the
+    smallest largest-group cost (exact DP). Among optimal partitions, the lexicographically smallest
+    cut list (earliest cuts) is returned."""
+    n = len(costs)
+    _check_k(n, k)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(i: int, j: int) -> float:
+        return prefix[j] - prefix[i]
+
+    # best[g][i]: smallest largest-group cost of blocks i..n-1 cut into g groups
+    best = [[float("inf")] * (n + 1) for _ in range(k + 1)]
+    best[0][n] = 0.0
+    for g in range(1, k + 1):
+        for i in range(n - g + 1):
+            best[g][i] = min(max(cost(i, j), best[g - 1][j]) for j in range(i + 1, n - g + 2))
+    target = best[k][0]
+    cuts, i = [], 0
+    for g in range(k, 1, -1):  # earliest cut that keeps both this group and the rest within the optimum
+        i = next(j for j in range(i + 1, n - g + 2) if cost(i, j) <= target and best[g - 1][j] <= target)
+        cuts.append(i)
+    return cuts
+
+
+def _check_cuts(cuts: Sequence[int], n: int, k: int) -> list[int]:
+    cuts = list(cuts)
+    if len(cuts) != k - 1:
+        raise SplitError(f"{k} groups need {k - 1} cuts, got {len(cuts)}: {cuts}")
+    if any(not 1 <= c <= n - 1 for c in cuts):
+        raise SplitError(f"cuts {cuts} must lie in 1..{n - 1} for {n} blocks")
+    if any(a >= b for a, b in zip(cuts, cuts[1:])):
+        raise SplitError(f"cuts {cuts} must be strictly increasing")
+    return cuts
+
+
+def resolve_cuts(model: nn.Sequential, k: int, *, input_shape, by: str = "flops",
+                 cuts: Sequence[int] | None = None) -> list[int]:
+    """The k-1 cut indices: ``cuts`` validated, or balanced by ``by`` (see ``block_costs``)."""
+    _check_k(len(model), k)
+    if cuts is not None:
+        return _check_cuts(cuts, len(model), k)
+    return balanced_cuts(block_costs(model, input_shape, by), k)
+
+
+def split_model(model: nn.Sequential, k: int, *, input_shape, by: str = "flops",
+                cuts: Sequence[int] | None = None) -> list[nn.Sequential]:
+    """The model cut into k ``nn.Sequential`` groups that share (do not copy) its blocks."""
+    bounds = [0, *resolve_cuts(model, k, input_shape=input_shape, by=by, cuts=cuts), len(model)]
+    blocks = list(model)
+    return [nn.Sequential(*blocks[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def group_output_shapes(groups: Sequence[nn.Module], input_shape) -> list[tuple[int, ...]]:
+    """Per-sample output shape of each group, from one dummy sample run through them in eval mode."""
+    if not groups:
+        return []
+    modes = [(m, m.training) for g in groups for m in g.modules()]
+    x = _dummy_input(groups[0], input_shape, 1)
+    shapes = []
+    try:
+        with torch.no_grad():
+            for g in groups:
+                x = g.eval()(x)
+                shapes.append(tuple(x.shape[1:]))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return shapes

@@ -1,0 +1,252 @@
+"""Classification tasks held in memory as normalised tensors, with on-device augmentation.
+
+Data are looked for under `data_dir` (else `$LCBENCH_DATA`, else `$LCBENCH_CACHE/data`),
+then in the system's copy (`$LCBENCH_SYSTEM_DATA`, default /usr/share/datasets, where
+Debian's dataset-fashion-mnist lives), then downloaded by torchvision into the first.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+Splits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+_FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class DataUnavailable(Exception):
+    """Data set not found locally and not downloadable; str(e) is one line saying where to put the files."""
+
+
+@dataclass
+class Task:
+    """A data set as tensors: x normalised float (N, *input_shape), y int64."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    default_model: str
+    augment: str
+
+    def to(self, device, dtype=torch.float32) -> Task:
+        """Copy with x moved to `device` and cast to `dtype`, y moved."""
+        return replace(
+            self,
+            train_x=self.train_x.to(device, dtype),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device, dtype),
+            test_y=self.test_y.to(device),
+        )
+
+    def augment_batch(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """This task's training augmentation of batch `x`, all randomness from `generator` (on x.device)."""
+        if self.augment == "none":
+            return x
+        if self.augment == "crop-flip":
+            return crop_flip(x, generator)
+        raise ValueError(f"unknown augmentation {self.augment!r}")
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Per sample: random crop of `x` (N, C, H, W) zero-padded by `padding`, then a horizontal flip with p=1/2."""
+    n, c, h, w = x.shape
+    dev = x.device
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
+    flip = torch.rand(n, 1, generator=generator, device=dev) < 0.5
+    rows = dy + torch.arange(h, device=dev)  # (n, h): source rows in the padded image
+    cols = dx + torch.arange(w, device=dev)  # (n, w): source columns
+    cols = torch.where(flip, cols.flip(1), cols)
+    padded = F.pad(x, (padding,) * 4)
+    index = rows[:, :, None] * padded.shape[3] + cols[:, None, :]  # (n, h, w): flat source positions
+    return padded.flatten(2).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What is known about a task without loading it; `load(root)` gives raw (N, C, H, W) splits."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    default_model: str
+    augment: str
+    load: Callable[[Path], Splits]
+
+
+def cache_dir() -> Path:
+    """Where unpacked system copies (and default downloads) go: `$LCBENCH_CACHE` or ~/.cache/lcbench."""
+    return Path(os.environ.get("LCBENCH_CACHE") or Path.home() / ".cache" / "lcbench").expanduser()
+
+
+def system_data_dir() -> Path:
+    """The system's data sets: `$LCBENCH_SYSTEM_DATA` or /usr/share/datasets."""
+    return Path(os.environ.get("LCBENCH_SYSTEM_DATA") or "/usr/share/datasets")
+
+
+def _splits(cls, root: Path) -> tuple:
+    return cls(root, train=True), cls(root, train=False)
+
+
+def _download(cls, root: Path, name: str, expected: str) -> tuple:
+    """Train and test splits downloaded into `root`, or DataUnavailable saying where to put them."""
+    try:
+        return cls(root, train=True, download=True), cls(root, train=False, download=True)
+    except (OSError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataUnavailable(
+            f"{name}: not found in {root.resolve()} and download failed ({reason}); "
+            f"put {expected} in {root.resolve()} (or pass --data-dir / set LCBENCH_DATA)"
+        ) from e
+
+
+def _gunzip(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with gzip.open(src) as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _system_fashion_mnist() -> Path | None:
+    """A torchvision root holding the system's gzipped Fashion-MNIST, unpacked once into the cache."""
+    src = [system_data_dir() / "fashion-mnist" / f"{f}.gz" for f in _FASHION_MNIST_FILES]
+    if not all(p.is_file() for p in src):
+        return None
+    stamp = repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in src])
+    root = cache_dir() / f"fashion-mnist-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, p in zip(_FASHION_MNIST_FILES, src):
+        if not (raw / name).is_file():
+            _gunzip(p, raw / name)
+    return root
+
+
+def _load_fashion_mnist(root: Path) -> Splits:
+    cls = torchvision.datasets.FashionMNIST
+    try:
+        train, test = _splits(cls, root)
+    except RuntimeError:
+        system = _system_fashion_mnist()
+        if system is not None:
+            train, test = _splits(cls, system)
+        else:
+            expected = "FashionMNIST/raw/{" + ",".join(_FASHION_MNIST_FILES) + "}[.gz]"
+            train, test = _download(cls, root, "fashion-mnist", expected)
+    return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets
+
+
+def _cifar_loader(cls, name: str, expected: str) -> Callable[[Path], Splits]:
+    def load(root: Path) -> Splits:
+        try:
+            train, test = _splits(cls, root)
+        except RuntimeError:
+            train, test = _download(cls, root, name, expected)
+        x = [torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous() for d in (train, test)]
+        y = [torch.tensor(d.targets, dtype=torch.int64) for d in (train, test)]
+        return x[0], y[0], x[1], y[1]
+
+    return load
+
+
+def _load_digits(root: Path) -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).unsqueeze(1)
+    y = torch.from_numpy(digits.target).to(torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:-360], perm[-360:]
+    return x[train], y[train], x[test], y[test]
+
+
+TASKS: dict[str, TaskInfo] = {
+    "fashion-mnist": TaskInfo((1, 28, 28), 10, "small-cnn", "none", _load_fashion_mnist),
+    "digits": TaskInfo((1, 8, 8), 10, "small-cnn", "none", _load_digits),
+    "cifar10": TaskInfo(
+        (3, 32, 32), 10, "resnet20", "crop-flip",
+        _cifar_loader(torchvision.datasets.CIFAR10, "cifar10",
+                      "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/"),
+    ),
+    "cifar100": TaskInfo(
+        (3, 32, 32), 100, "resnet20", "crop-flip",
+        _cifar_loader(torchvision.datasets.CIFAR100, "cifar100",
+                      "cifar-100-python.tar.gz or its extracted cifar-100-python/"),
+    ),
+}
+
+
+def _normalise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 copies standardised per channel with the train split's mean and std."""
+    train, test = train.to(torch.float32, copy=True), test.to(torch.float32, copy=True)
+    mean = train.mean((0, 2, 3), keepdim=True)
+    std = train.std((0, 2, 3), keepdim=True)
+    return train.sub_(mean).div_(std), test.sub_(mean).div_(std)
+
+
+def _head(t: torch.Tensor, n: int | None) -> torch.Tensor:
+    return t if n is None else t[:n].clone()
+
+
+def load_task(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Task:
+    """Load task `name` on the CPU; `limit_*` keep the first N samples (statistics use the full train split)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
+    info = TASKS[name]
+    root = Path(data_dir or os.environ.get("LCBENCH_DATA") or cache_dir() / "data").expanduser()
+    train_x, train_y, test_x, test_y = info.load(root)
+    train_x, test_x = _normalise(train_x, test_x)
+    return Task(
+        name=name,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        train_x=_head(train_x, limit_train),
+        train_y=_head(train_y, limit_train),
+        test_x=_head(test_x, limit_test),
+        test_y=_head(test_y, limit_test),
+        default_model=info.default_model,
+        augment=info.augment,
+    )
+
+
+def iterate_batches(
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Index tensors covering range(n) once, in random order when `shuffle`, on the generator's device."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]

@@ -1,0 +1,150 @@
+"""The stage interface shared by every learning rule.
+
+A stage is layer group k of K under one rule: the group, the rule's local module and the
+optimizers. Stages exchange only tensors tagged with a batch id:
+
+- ``forward(batch, x, y)`` takes the (detached) activation of the stage above and the
+  labels, trains whatever the rule trains at once, and returns ``(h, up)``: ``h`` the
+  detached output for the stage below (``None`` for the last stage) and ``up`` the message
+  for the stage above if it is ready now (LC, DNI), else ``None``.
+- ``receive(batch, message)`` applies an upstream message for ``batch`` when it arrives,
+  possibly late; it returns the message for the stage above when this produces one (BP).
+
+A stage keeps, per batch in flight, only what it needs to act on the upstream message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Per-sample loss: ``criterion(logits, y) -> (B,)``."""
+
+
+@dataclass
+class TrainOptions:
+    """Optimizer settings of the main network (and of local modules that share them)."""
+
+    lr: float = 0.02
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+def sgd(params, opts: TrainOptions) -> torch.optim.SGD:
+    """The main network's optimizer: SGD with (Nesterov) momentum and weight decay."""
+    return torch.optim.SGD(
+        params,
+        lr=opts.lr,
+        momentum=opts.momentum,
+        nesterov=opts.nesterov and opts.momentum > 0,
+        weight_decay=opts.weight_decay,
+    )
+
+
+class Stage:
+    """Layer group ``index`` (0-based) of ``count`` under a learning rule."""
+
+    #: whether the rule sends messages upstream (BP, LC, DNI) or none (DGL, GN-DGL)
+    sends_upstream = False
+
+    def __init__(self, index: int, count: int, group: nn.Module, criterion: Criterion,
+                 train: TrainOptions):
+        self.index = index
+        self.count = count
+        self.group = group
+        self.criterion = criterion
+        self.train_options = train
+        self.optimizer = sgd(group.parameters(), train)
+        self.kept: dict[int, tuple] = {}
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+    # -- the rule ---------------------------------------------------------------------
+    def forward(self, batch: int, x: torch.Tensor, y: torch.Tensor):
+        raise NotImplementedError
+
+    def receive(self, batch: int, message: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError(f"{type(self).__name__} takes no upstream message")
+
+    def head(self) -> nn.Module | None:
+        """The local module that makes ``f_1..f_k -> head`` a classifier (sub-model), if any."""
+        return None
+
+    def predict(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Sub-model logits from this group's output, or ``None`` where the rule has none."""
+        head = self.head()
+        return None if head is None or self.last else head(h)
+
+    # -- plumbing shared by the rules -----------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        """Every trained module of the stage: the group and its local modules."""
+        return [self.group]
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules():
+            module.train(mode)
+
+    def scale_lr(self, factor: float) -> None:
+        """Set the SGD optimizers (main network and modules sharing its settings) to
+        ``factor`` times the base rate; Adam-trained critics/synthesizers keep theirs."""
+        for optimizer in self.optimizers():
+            if isinstance(optimizer, torch.optim.SGD):
+                for group in optimizer.param_groups:
+                    group["lr"] = self.train_options.lr * factor
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def true_loss(self, batch: int, x: torch.Tensor, y: torch.Tensor, *, keep_input: bool):
+        """Last stage of every rule: backprop the task loss through the group and step it.
+
+        Returns the per-sample loss (detached) and the gradient w.r.t. the input when
+        ``keep_input`` (the message BP and DNI send upstream).
+        """
+        x = x.requires_grad_() if keep_input else x
+        logits = self.group(x)
+        per_sample = self.criterion(logits, y)
+        per_sample.mean().backward()
+        self.step(self.optimizer)
+        self.record(logits, y, per_sample)
+        return per_sample.detach(), (x.grad if keep_input else None)
+
+    def record(self, logits: torch.Tensor, y: torch.Tensor, per_sample: torch.Tensor) -> None:
+        """Tally this batch's training loss and accuracy of the group's (local) output."""
+        means = {"train_loss": per_sample.mean()}
+        if logits.dim() == 2:
+            means["train_acc"] = (logits.argmax(1) == y).to(per_sample.dtype).mean()
+        self.tally(y.shape[0], **means)
+
+    def tally(self, n: int, **means: torch.Tensor) -> None:
+        """Accumulate batch means weighted by ``n`` samples, on the device (no sync)."""
+        for name, value in means.items():
+            total, count = self._sums.get(name, (0, 0))
+            self._sums[name] = (total + value.detach() * n, count + n)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Per-sample means of the tallied training metrics since the last call."""
+        out = {name: float(total) / count for name, (total, count) in self._sums.items()}
+        self._sums = {}
+        return out
+
+
+def options_from(cls, values: dict, method: str):
+    """Build a rule's option dataclass from a dict, rejecting unknown keys."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) for {method}: {', '.join(unknown)} "
+                         f"(choose from {', '.join(sorted(names)) or 'none'})")
+    return cls(**values)

@@ -1,0 +1,49 @@
+"""Decoupled greedy learning: each group trains on its own auxiliary classifier's loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import modules
+from .base import Stage, sgd
+
+
+@dataclass
+class DGLOptions:
+    """Auxiliary net "MLP-SR-aux"; ``aux_channels`` defaults to the feature channels."""
+
+    aux_channels: int | None = None
+
+
+class DGLStage(Stage):
+    """f_k and a_k step on CE(a_k(h_k), y); nothing goes upstream."""
+
+    def __init__(self, index, count, group, criterion, train, *, shape, classes,
+                 options: DGLOptions, head=None):
+        super().__init__(index, count, group, criterion, train)
+        self.aux = None
+        if not self.last:
+            self.aux = head if head is not None else modules.auxiliary(
+                shape, classes, channels=options.aux_channels)
+            self.aux_optimizer = sgd(self.aux.parameters(), train)
+
+    def forward(self, batch, x, y):
+        if self.last:
+            self.true_loss(batch, x, y, keep_input=False)
+            return None, None
+        h = self.group(x)
+        logits = self.aux(h)
+        per_sample = self.criterion(logits, y)
+        per_sample.mean().backward()
+        self.step(self.optimizer)
+        self.step(self.aux_optimizer)
+        self.record(logits, y, per_sample)
+        return h.detach(), None
+
+    def head(self):
+        return self.aux
+
+    def modules(self):
+        return [self.group] + ([self.aux] if self.aux is not None else [])
+
+    def optimizers(self):
+        return [self.optimizer] + ([self.aux_optimizer] if self.aux is not None else [])

@@ -1,0 +1,81 @@
+"""Decoupled neural interfaces: synthetic gradients, bootstrapped from the stage below.
+
+Scale convention: synthesizers predict the gradient of the *summed* batch loss (B times
+dL/dh of the mean loss), so their regression targets are O(1) and Adam's epsilon does not
+swamp them; the group is stepped on M(h)/B, which is the rule's dL/dh exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from . import modules
+from .base import Stage
+
+
+@dataclass
+class DNIOptions:
+    """Synthesizer: three 5x5 convs of ``synth_filters``; Adam at ``synth_lr``."""
+
+    synth_filters: int = 128
+    synth_kernel: int = 5
+    synth_lr: float = 1e-4
+
+
+class DNIStage(Stage):
+    """f_k steps on h_k.backward(M_k(h_k)) at once; M_k regresses (L2) on the target
+    J_{k+1}^T M_{k+1}(h_{k+1}) (the true gradient for the last synthesizer)."""
+
+    sends_upstream = True
+    conditioned = False
+
+    def __init__(self, index, count, group, criterion, train, *, shape, classes,
+                 options: DNIOptions):
+        super().__init__(index, count, group, criterion, train)
+        self.synth = None
+        if not self.last:
+            self.synth = modules.Synthesizer(shape, classes, conditioned=self.conditioned,
+                                             filters=options.synth_filters,
+                                             kernel=options.synth_kernel)
+            self.synth_optimizer = torch.optim.Adam(self.synth.parameters(),
+                                                    lr=options.synth_lr)
+
+    def _synthetic(self, h, y):
+        return self.synth(h, y if self.conditioned else None)
+
+    def forward(self, batch, x, y):
+        n = y.shape[0]
+        keep_input = self.index > 0
+        if self.last:
+            _, grad = self.true_loss(batch, x, y, keep_input=keep_input)
+            return None, (grad * n if keep_input else None)
+        x = x.requires_grad_() if keep_input else x
+        h = self.group(x)
+        with torch.no_grad():
+            synthetic = self._synthetic(h.detach(), y)
+        h.backward(synthetic / n)
+        self.step(self.optimizer)
+        h = h.detach()
+        self.kept[batch] = (h, y)
+        return h, (x.grad * n if keep_input else None)
+
+    def receive(self, batch, message):
+        h, y = self.kept.pop(batch)
+        loss = F.mse_loss(self._synthetic(h, y), message)
+        loss.backward()
+        self.step(self.synth_optimizer)
+        self.tally(y.shape[0], synth_loss=loss)
+
+    def modules(self):
+        return [self.group] + ([self.synth] if self.synth is not None else [])
+
+    def optimizers(self):
+        return [self.optimizer] + ([self.synth_optimizer] if self.synth is not None else [])
+
+
+class CDNIStage(DNIStage):
+    """cDNI: the synthesizer also sees the one-hot label."""
+
+    conditioned = True

@@ -1,0 +1,92 @@
+"""Local learning with neuron groups (GN-DGL): DGL where each layer group is also split
+width-wise into G neuron groups, each with its own head and loss, plus a diversity term.
+
+The group itself must be width-grouped (grouped convs inside, full mixing only where a
+layer group starts); the model builder does that. Here a neuron group is a channel slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import modules
+from .base import Stage, sgd
+
+
+@dataclass
+class GNOptions:
+    """Neuron groups G, diversity weight and temperature, head kind ("group" or "mlp-sr")."""
+
+    neuron_groups: int = 2
+    diversity_weight: float = 0.5
+    temperature: float = 3.0
+    head: str = "group"
+    head_hidden: int = 128
+
+
+def diversity(logits: list[torch.Tensor], y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over pairs of groups of the inner product of their non-target predictions
+    (softmax at ``temperature``, true class removed, renormalised, L2-normalised)."""
+    if len(logits) < 2:
+        return logits[0].new_zeros(())
+    keep = ~F.one_hot(y, logits[0].shape[1]).bool()
+    q = []
+    for z in logits:
+        p = F.softmax(z / temperature, dim=1)[keep].view(z.shape[0], -1)
+        q.append(F.normalize(p / p.sum(1, keepdim=True), dim=1))
+    return torch.stack([(a * b).sum(1).mean() for a, b in combinations(q, 2)]).mean()
+
+
+class GNStage(Stage):
+    """Each neuron group g steps on CE(head_g(own channels + others detached), y);
+    the loss is the sum over groups plus ``diversity_weight`` times the diversity term."""
+
+    def __init__(self, index, count, group, criterion, train, *, shape, classes,
+                 options: GNOptions):
+        super().__init__(index, count, group, criterion, train)
+        self.options = options
+        self.heads = None
+        if not self.last:
+            if shape[0] % options.neuron_groups:
+                raise ValueError(f"{shape[0]} channels do not split into "
+                                 f"{options.neuron_groups} neuron groups")
+            build = {"group": lambda: modules.group_head(shape, classes, hidden=options.head_hidden),
+                     "mlp-sr": lambda: modules.auxiliary(shape, classes)}
+            if options.head not in build:
+                raise ValueError(f"unknown GN head '{options.head}' (choose from group, mlp-sr)")
+            self.heads = nn.ModuleList(build[options.head]() for _ in range(options.neuron_groups))
+            self.head_optimizer = sgd(self.heads.parameters(), train)
+
+    def forward(self, batch, x, y):
+        if self.last:
+            self.true_loss(batch, x, y, keep_input=False)
+            return None, None
+        h = self.group(x)
+        chunks = h.chunk(self.options.neuron_groups, dim=1)
+        logits, losses = [], []
+        for g, head in enumerate(self.heads):
+            seen = torch.cat([c if j == g else c.detach() for j, c in enumerate(chunks)], dim=1)
+            logits.append(head(seen))
+            losses.append(self.criterion(logits[-1], y))
+        div = diversity(logits, y, self.options.temperature)
+        (torch.stack(losses).mean(1).sum() + self.options.diversity_weight * div).backward()
+        self.step(self.optimizer)
+        self.step(self.head_optimizer)
+        self.record(torch.stack(logits).mean(0), y, torch.stack(losses).mean(0))
+        self.tally(y.shape[0], diversity=div)
+        return h.detach(), None
+
+    def predict(self, h):
+        if self.heads is None:
+            return None
+        return torch.stack([head(h) for head in self.heads]).mean(0)
+
+    def modules(self):
+        return [self.group] + ([self.heads] if self.heads is not None else [])
+
+    def optimizers(self):
+        return [self.optimizer] + ([self.head_optimizer] if self.heads is not None else [])

@@ -1,0 +1,128 @@
+"""`lcbench run` / `lcbench list`: records, determinism and bad input."""
+import csv
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+from bench.records import COLUMNS
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TINY = ["--task", "digits", "--epochs", "2", "--batch-size", "64", "--quiet"]
+
+
+def lcbench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def read_rows(folder: Path) -> list[dict]:
+    (run,) = [p for p in folder.glob("*/*") if p.is_dir()]
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def call(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "sgd"], "unknown method 'sgd'"),
+    (["--method", "lc", "--task", "mnist-x"], "unknown task 'mnist-x'"),
+    (["--method", "lc", "--model", "vgg99"], "unknown model 'vgg99'"),
+    (["--method", "lc", "--groups", "0"], "--groups must be at least 1"),
+    (["--method", "lc", "--groups", "6"], "cannot split 5 blocks into 6 groups"),
+    (["--method", "lc", "--epochs", "-1"], "--epochs must not be negative"),
+    (["--method", "lc", "--option", "critic_size=3"], "unknown option(s) for lc: critic_size"),
+    (["--method", "gn", "--neuron-groups", "3", "--model", "resnet8", "--task", "cifar10"],
+     "not divisible by neuron_groups=3"),
+    (["--method", "lc", "--cuts", "3,2", "--groups", "3"], "cuts"),
+    (["--method", "lc", "--groups", "two"], "'two' is not a valid integer"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = call(["run", *args, "--task", "digits", "--out", str(out)]
+                        if "--task" not in args else ["run", *args, "--out", str(out)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and words in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unwritable_out_is_one_line_and_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = call(["run", "--method", "dgl", *TINY, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot write to --out" in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_missing_data_offline_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    empty = tmp_path / "data"
+    empty.mkdir()
+    out = tmp_path / "out"
+    code, _, err = call(["run", "--method", "lc", "--task", "cifar10", "--data-dir", str(empty),
+                         "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(empty) in err
+    assert not out.exists()
+
+
+def test_same_seed_twice_gives_identical_metrics(tmp_path):
+    for name in ("a", "b"):
+        result = lcbench("run", "--method", "lc", *TINY, "--seed", "3", "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+    timing = {"epoch_time_s", "samples_per_s"}
+    a, b = ([r for r in read_rows(tmp_path / n) if r["metric"] not in timing] for n in "ab")
+    assert a == b and len(a) > 0
+    other = lcbench("run", "--method", "lc", *TINY, "--seed", "4", "--out", str(tmp_path / "c"))
+    assert other.returncode == 0
+    c = [r for r in read_rows(tmp_path / "c") if r["metric"] not in timing]
+    assert [r["value"] for r in a] != [r["value"] for r in c]
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_lc_four_groups_on_fashion_mnist_writes_records(tmp_path):
+    result = lcbench("run", "--method", "lc", "--groups", "4", "--task", "fashion-mnist",
+                     "--epochs", "1", "--limit-train", "1024", "--limit-test", "500",
+                     "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "sub-model 3" in result.stdout
+    (run,) = (tmp_path / "adhoc").iterdir()
+    with open(run / "metrics.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == COLUMNS
+    got = {(r["stage"], r["metric"]) for r in rows}
+    for stage in ("", "1", "2", "3"):
+        assert {(stage, "test_acc"), (stage, "test_loss"), (stage, "train_loss")} <= got
+    assert {("1", "critic_loss"), ("", "epoch_time_s")} <= got
+    assert {r["method"] for r in rows} == {"lc"} and {r["groups"] for r in rows} == {"4"}
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "ok" and info["config"]["groups"] == 4
+    assert len(info["split"]["cuts"]) == 3
+    for key in ("lcbench_version", "git_sha", "torch", "hostname", "cpu"):
+        assert key in info["provenance"]
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_list_names_every_method_model_and_task(capsys):
+    code, out, _ = call(["list"], capsys)
+    assert code == 0
+    for name in ("bp", "dgl", "lc", "dni", "cdni", "gn", "resnet110", "small-cnn",
+                 "fashion-mnist", "digits", "cifar10", "cifar100", "critic_lr=0.0001"):
+        assert name in out
+
+
+def test_help_documents_run_options(capsys):
+    code, out, _ = call(["run", "--help"], capsys)
+    assert code == 0 and "--groups" in out and "--neuron-groups" in out

@@ -1,0 +1,289 @@
+"""Each learning rule checked against an expectation computed independently of methods/:
+plain autograd on copies of the networks and hand-written optimizer steps."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import methods
+from bench.executors.sequential import train_step
+from methods.base import TrainOptions
+from methods.gn import diversity
+
+torch.set_default_dtype(torch.float64)
+
+CLASSES, DIM, BATCH = 3, 6, 8
+OPTS = TrainOptions(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def per_sample_ce(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def mlp_groups(k, seed=0):
+    """K small groups: Linear+Tanh blocks, the last one ending in a classifier."""
+    torch.manual_seed(seed)
+    groups = [nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh()) for _ in range(k - 1)]
+    groups.append(nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, CLASSES)))
+    return groups
+
+
+def stages_for(method, groups, **options):
+    shapes = [(DIM,)] * (len(groups) - 1) + [(CLASSES,)]
+    torch.manual_seed(1)
+    return methods.build_stages(method, groups, shapes, CLASSES, per_sample_ce, OPTS, options)
+
+
+def data(seed=2, n=BATCH):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, DIM, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def sgd_first_step(p, grad, o=OPTS):
+    """SGD with Nesterov momentum and weight decay, first step, written out."""
+    d = grad + o.weight_decay * p
+    return p - o.lr * (d + o.momentum * d)
+
+
+def adam_first_step(p, grad, lr, eps=1e-8):
+    """Adam's first step: bias-corrected m = g, v = g^2."""
+    return p - lr * grad / (grad.abs() + eps)
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def assert_all_close(actual, expected, **kw):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **kw)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_bp_split_equals_unsplit_autograd(k):
+    groups = mlp_groups(k)
+    whole = copy.deepcopy(nn.Sequential(*groups))
+    stages = stages_for("bp", groups)
+    reference = torch.optim.SGD(whole.parameters(), lr=OPTS.lr, momentum=OPTS.momentum,
+                                nesterov=True, weight_decay=OPTS.weight_decay)
+    for step in range(5):
+        x, y = data(seed=step)
+        train_step(stages, step, x, y)
+        reference.zero_grad()
+        F.cross_entropy(whole(x), y).backward()
+        reference.step()
+    assert_all_close(params(nn.Sequential(*groups)), params(whole), rtol=1e-12, atol=1e-12)
+    assert all(not s.kept for s in stages), "BP must not keep anything once a batch is done"
+
+
+@pytest.mark.parametrize("method", ["dgl", "lc", "gn"])
+def test_local_rules_send_no_gradient_upstream(method):
+    """Group 0's update is the same whatever the groups below it are."""
+    x, y = data()
+    results = []
+    for seed in (0, 5):
+        groups = mlp_groups(3, seed=0)
+        torch.manual_seed(seed)
+        for g in groups[1:]:
+            for p in g.parameters():
+                p.data.normal_()
+        options = {"neuron_groups": 1} if method == "gn" else {}
+        stages = stages_for(method, groups, **options)
+        train_step(stages, 0, x.clone(), y)
+        results.append(params(groups[0]))
+    assert_all_close(results[0], results[1], rtol=0, atol=0)
+
+
+def test_dgl_group_update_equals_hand_computed_local_loss():
+    x, y = data()
+    groups = mlp_groups(2)
+    stages = stages_for("dgl", groups)
+    f, aux = copy.deepcopy(groups[0]), copy.deepcopy(stages[0].aux)
+    loss = F.cross_entropy(aux(f(x)), y)
+    grads = torch.autograd.grad(loss, list(f.parameters()) + list(aux.parameters()))
+    nf = len(list(f.parameters()))
+    expected_f = [sgd_first_step(p.detach(), g) for p, g in zip(f.parameters(), grads[:nf])]
+    expected_aux = [sgd_first_step(p.detach(), g) for p, g in zip(aux.parameters(), grads[nf:])]
+    train_step(stages, 0, x, y)
+    assert_all_close(params(groups[0]), expected_f)
+    assert_all_close(params(stages[0].aux), expected_aux)
+
+
+def test_lc_group_and_critic_updates_equal_hand_computed():
+    """f_k steps on dL_k/dθ_k alone; c_k steps (Adam) on mean |L_k - L_{k+1}| only,
+    L_{k+1} detached; the last critic is matched to the true loss."""
+    x, y = data()
+    groups = mlp_groups(3)
+    stages = stages_for("lc", groups, critic_lr=1e-3)
+    f = [copy.deepcopy(g) for g in groups]
+    c = [copy.deepcopy(s.critic) for s in stages[:2]]
+    h1 = f[0](x)
+    l1 = F.cross_entropy(c[0](h1), y, reduction="none")
+    h2 = f[1](h1.detach())
+    l2 = F.cross_entropy(c[1](h2), y, reduction="none")
+    l3 = F.cross_entropy(f[2](h2.detach()), y, reduction="none")  # the true loss
+    expected = {}
+    for name, net, loss in (("f0", f[0], l1), ("f1", f[1], l2)):
+        grads = torch.autograd.grad(loss.mean(), list(net.parameters()), retain_graph=True)
+        expected[name] = [sgd_first_step(p.detach(), g) for p, g in zip(net.parameters(), grads)]
+    for name, critic, mine, target in (("c0", c[0], l1, l2), ("c1", c[1], l2, l3)):
+        match = (mine - target.detach()).abs().mean()
+        grads = torch.autograd.grad(match, list(critic.parameters()), retain_graph=True)
+        expected[name] = [adam_first_step(p.detach(), g, 1e-3)
+                          for p, g in zip(critic.parameters(), grads)]
+    train_step(stages, 0, x, y)
+    assert_all_close(params(groups[0]), expected["f0"])
+    assert_all_close(params(groups[1]), expected["f1"])
+    assert_all_close(params(stages[0].critic), expected["c0"])
+    assert_all_close(params(stages[1].critic), expected["c1"])
+
+
+def test_lc_critic_untouched_by_its_own_loss_before_the_message():
+    x, y = data()
+    groups = mlp_groups(2)
+    stages = stages_for("lc", groups)
+    before = params(stages[0].critic)
+    stages[0].forward(0, x, y)
+    assert all(p.grad is None for p in stages[0].critic.parameters())
+    assert_all_close(params(stages[0].critic), before, rtol=0, atol=0)
+    assert 0 in stages[0].kept  # waits for L_{k+1}
+
+
+def _randomise(module, seed):
+    torch.manual_seed(seed)
+    for p in module.parameters():
+        p.data.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_dni_targets_are_bootstrapped_gradients(method):
+    """The message to stage k is J_{k+1}^T M_{k+1}(h_{k+1}) (summed-loss scale), and the
+    true gradient of the summed loss at the last boundary."""
+    x, y = data()
+    groups = mlp_groups(3)
+    stages = stages_for(method, groups)
+    for i, s in enumerate(stages[:2]):
+        _randomise(s.synth, 10 + i)
+    f = [copy.deepcopy(g) for g in groups]
+    m1 = copy.deepcopy(stages[1].synth)
+    h1 = f[0](x).detach().requires_grad_()
+    h2 = f[1](h1)
+    synthetic = m1(h2.detach(), y if method == "cdni" else None).detach()
+    (target_0,) = torch.autograd.grad(h2, h1, grad_outputs=synthetic)
+    h2 = h2.detach().requires_grad_()
+    (target_1,) = torch.autograd.grad(F.cross_entropy(f[2](h2), y, reduction="sum"), h2)
+    received = {}
+    for s in stages[:2]:
+        s.receive = (lambda orig, i: lambda b, m: (received.__setitem__(i, m.clone()),
+                                                   orig(b, m))[1])(s.receive, s.index)
+    train_step(stages, 0, x, y)
+    torch.testing.assert_close(received[0], target_0)
+    torch.testing.assert_close(received[1], target_1)
+
+
+def test_dni_group_steps_on_synthetic_gradient():
+    x, y = data()
+    groups = mlp_groups(2)
+    stages = stages_for("dni", groups)
+    _randomise(stages[0].synth, 3)
+    f, m = copy.deepcopy(groups[0]), copy.deepcopy(stages[0].synth)
+    h = f(x)
+    grads = torch.autograd.grad(h, list(f.parameters()), grad_outputs=m(h.detach()).detach() / BATCH)
+    expected = [sgd_first_step(p.detach(), g) for p, g in zip(f.parameters(), grads)]
+    train_step(stages, 0, x, y)
+    assert_all_close(params(groups[0]), expected)
+
+
+def test_cdni_synthesizer_sees_labels_dni_does_not():
+    h = torch.randn(BATCH, DIM)
+    y1 = torch.zeros(BATCH, dtype=torch.long)
+    y2 = torch.full((BATCH,), 2)
+    outputs = {}
+    for method in ("dni", "cdni"):
+        stage = stages_for(method, mlp_groups(2))[0]
+        _randomise(stage.synth, 4)
+        stage.synth.eval()
+        with torch.no_grad():
+            outputs[method] = (stage._synthetic(h, y1), stage._synthetic(h, y2))
+    assert torch.equal(*outputs["dni"])
+    assert not torch.allclose(*outputs["cdni"])
+
+
+def grouped_conv_groups():
+    """A width-grouped conv layer group (mixing first conv, then groups=2) + classifier."""
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.ReLU())
+    last = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, CLASSES))
+    return [first, last]
+
+
+def test_gn_no_gradient_crosses_between_neuron_groups():
+    """Neuron group 0's parameters (output slice 0 of each conv) get the same update
+    whatever head 1 is; slice 1's update does depend on it (the test can fail)."""
+    x = torch.randn(BATCH, 1, 6, 6)
+    _, y = data()
+    slices = []
+    for head_seed in (0, 9):
+        groups = grouped_conv_groups()
+        torch.manual_seed(1)
+        stages = methods.build_stages("gn", groups, [(4, 6, 6), (CLASSES,)], CLASSES,
+                                      per_sample_ce, OPTS,
+                                      {"neuron_groups": 2, "diversity_weight": 0.0})
+        _randomise(stages[0].heads[1], head_seed)
+        train_step(stages, 0, x, y)
+        slices.append([(p[:2].clone(), p[2:].clone()) for p in groups[0].parameters()])
+    for (own_a, other_a), (own_b, other_b) in zip(*slices):
+        assert torch.equal(own_a, own_b)
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(*slices))
+
+
+def test_gn_heads_see_other_groups_detached():
+    groups = grouped_conv_groups()
+    stage = methods.build_stages("gn", groups, [(4, 6, 6), (CLASSES,)], CLASSES, per_sample_ce,
+                                 OPTS, {"neuron_groups": 2})[0]
+    h = torch.randn(BATCH, 4, 6, 6, requires_grad=True)
+    _, y = data()
+    chunks = h.chunk(2, dim=1)
+    seen = torch.cat([chunks[0], chunks[1].detach()], 1)
+    (grad,) = torch.autograd.grad(F.cross_entropy(stage.heads[0](seen), y), h)
+    assert grad[:, 2:].abs().sum() == 0 and grad[:, :2].abs().sum() > 0
+
+
+def test_gn_diversity_matches_formula():
+    torch.manual_seed(0)
+    z = [torch.randn(BATCH, 4) for _ in range(3)]
+    y = torch.randint(0, 4, (BATCH,))
+    q = []
+    for logits in z:
+        p = torch.softmax(logits / 3.0, 1)
+        rows = []
+        for i in range(BATCH):
+            r = torch.cat([p[i, :y[i]], p[i, y[i] + 1:]])
+            r = r / r.sum()
+            rows.append(r / r.norm())
+        q.append(torch.stack(rows))
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = sum((q[a] * q[b]).sum(1).mean() for a, b in pairs) / 3
+    torch.testing.assert_close(diversity(z, y, 3.0), expected)
+    assert diversity(z[:1], y, 3.0) == 0
+
+
+def test_gn_with_one_group_is_dgl():
+    final = {}
+    for method, options in (("dgl", {}), ("gn", {"neuron_groups": 1, "head": "mlp-sr"})):
+        groups = mlp_groups(3)
+        stages = stages_for(method, groups, **options)
+        for step in range(3):
+            x, y = data(seed=step)
+            train_step(stages, step, x, y)
+        final[method] = params(nn.Sequential(*groups))
+    assert_all_close(final["gn"], final["dgl"], rtol=0, atol=0)
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ValueError, match="unknown option"):
+        stages_for("lc", mlp_groups(2), critic_size=3)

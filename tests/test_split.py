@@ -1,0 +1,168 @@
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from bench.models import build_model
+from bench.profile import SavedTensorMeter, count_flops, grad_bytes, optimizer_state_bytes, param_bytes
+from bench.split import (SplitError, balanced_cuts, block_costs, group_output_shapes, resolve_cuts,
+                         split_model)
+
+CIFAR = (3, 32, 32)
+
+
+def brute_force_cuts(costs, k):
+    """All cut lists in lexicographic order; the first with the smallest largest-group cost."""
+    n = len(costs)
+
+    def worst(cuts):
+        bounds = [0, *cuts, n]
+        return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+    return list(min(itertools.combinations(range(1, n), k - 1), key=worst))
+
+
+def test_balanced_cuts_match_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 9)
+        costs = [rng.randint(0, 6) for _ in range(n)]  # small integers: exact sums and many ties
+        k = rng.randint(1, n)
+        assert balanced_cuts(costs, k) == brute_force_cuts(costs, k), (costs, k)
+
+
+def test_balanced_cuts_examples():
+    assert balanced_cuts([1, 2, 1], 2) == [1]  # tie: earlier cut
+    assert balanced_cuts([5, 1, 1, 1, 1, 1], 2) == [1]
+    assert balanced_cuts([1.5, 0.5, 2.0], 3) == [1, 2]
+    assert balanced_cuts([3.0], 1) == []
+
+
+@pytest.mark.parametrize("n, k", [(5, 6), (5, 0), (0, 1)])
+def test_balanced_cuts_bad_k(n, k):
+    with pytest.raises(SplitError, match=f"cannot split {n} blocks into {k} groups"):
+        balanced_cuts([1.0] * n, k)
+
+
+def test_split_error_is_value_error():
+    assert issubclass(SplitError, ValueError)
+
+
+@pytest.mark.parametrize("k, cuts, match", [
+    (3, [4], "3 groups need 2 cuts"),
+    (3, [4, 4], "strictly increasing"),
+    (3, [6, 4], "strictly increasing"),
+    (2, [0], r"1\.\.10"),
+    (2, [11], r"1\.\.10"),
+    (12, None, "cannot split 11 blocks into 12 groups"),
+    (0, [], "cannot split 11 blocks into 0 groups"),
+])
+def test_explicit_cuts_validation(k, cuts, match):
+    model = build_model("resnet20", CIFAR, 10)
+    with pytest.raises(SplitError, match=match):
+        split_model(model, k, input_shape=CIFAR, cuts=cuts)
+
+
+def test_resolve_cuts():
+    model = build_model("resnet8", (3, 16, 16), 10)
+    assert resolve_cuts(model, 3, input_shape=(3, 16, 16), cuts=(2, 3)) == [2, 3]
+    assert resolve_cuts(model, 1, input_shape=(3, 16, 16)) == []
+    for by in ("flops", "params", "activations"):
+        costs = block_costs(model, (3, 16, 16), by)
+        assert resolve_cuts(model, 3, input_shape=(3, 16, 16), by=by) == balanced_cuts(costs, 3)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_split_model_composes_to_the_whole_model(train):
+    torch.manual_seed(0)
+    model = build_model("resnet20", CIFAR, 10).train(train)
+    groups = split_model(model, 4, input_shape=CIFAR)
+    assert len(groups) == 4 and all(len(g) > 0 for g in groups)
+    assert all(a is b for a, b in zip([b for g in groups for b in g], model))  # shared, not copied
+    x = torch.randn(4, *CIFAR)
+    expected = model(x)
+    out = x
+    for g in groups:
+        out = g(out)
+    assert torch.equal(out, expected)
+
+
+def test_group_output_shapes():
+    model = build_model("resnet20", CIFAR, 10).train()
+    groups = split_model(model, 3, input_shape=CIFAR, cuts=[4, 7])
+    assert group_output_shapes(groups, CIFAR) == [(16, 32, 32), (32, 16, 16), (10,)]
+    assert all(m.training for m in model.modules())  # mode restored
+
+
+def test_block_costs_flops_and_params():
+    model = build_model("resnet20", CIFAR, 10)
+    flops = block_costs(model, CIFAR, "flops")
+    assert flops[0] == 2 * 9 * 3 * 16 * 32 * 32  # stem conv, 2 FLOPs per multiply-add, per sample
+    assert flops[1] == 2 * (2 * 9 * 16 * 16 * 32 * 32)  # two 3x3 16->16 convs
+    assert flops[-1] == 2 * 64 * 10  # the linear layer (pooling is not counted)
+    assert sum(flops) == count_flops(model, torch.randn(1, *CIFAR))
+    params = block_costs(model, CIFAR, "params")
+    assert sum(params) == sum(p.numel() for p in model.parameters())
+    assert params[0] == 9 * 3 * 16 + 2 * 16
+    with pytest.raises(ValueError, match="unknown cost"):
+        block_costs(model, CIFAR, "time")
+
+
+def test_block_costs_activations_leave_model_untouched():
+    model = build_model("small-cnn", (1, 8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    costs = block_costs(model, (1, 8, 8), "activations", batch_size=2)
+    # block 0 per sample: conv input 1x8x8, BN input 32x8x8, ReLU output 32x8x8 (float32), plus BN's saved
+    # batch mean and inverse std (32 floats each) shared by the batch of 2
+    assert costs[0] == 4 * (64 + 2 * 32 * 64) + 2 * 32 * 4 / 2
+    # classifier: flatten is a view of the input (its storage, 64x2x2 floats); the weight is not counted
+    assert costs[-1] == 4 * 64 * 2 * 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# --- bench.profile ---
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_saved_tensor_meter_mlp(input_grad):
+    batch, d_in, hidden, d_out = 4, 5, 7, 3
+    net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    x = torch.randn(batch, d_in, requires_grad=input_grad)
+    with SavedTensorMeter() as meter:
+        loss = net(x).sum()
+    # torch 2.14 saves: linear 1 -> x (for the weight grad; plus W1^T when x needs a grad), ReLU -> its output,
+    # linear 2 -> its input (the same ReLU output) and W2^T. Weights are parameters and the ReLU output is
+    # one storage, so the activations are x and the ReLU output.
+    assert meter.bytes == 4 * batch * (d_in + hidden)
+    loss.backward()  # the graph still works through the hooks
+    assert net[0].weight.grad is not None
+
+
+def test_saved_tensor_meter_excludes_module_buffers():
+    bn = nn.BatchNorm1d(6).train()
+    x = torch.randn(5, 6)
+    with SavedTensorMeter(bn) as meter:
+        bn(x)
+    # input (5x6), batch mean and inverse std (6 each); running stats (buffers) and weight are excluded
+    assert meter.bytes == 4 * (5 * 6 + 6 + 6)
+    with SavedTensorMeter() as unexcluded:
+        bn(x)
+    assert unexcluded.bytes == meter.bytes + 4 * (6 + 6)  # running mean and var
+
+
+def test_flops_and_byte_counters():
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    assert count_flops(net, torch.randn(4, 5)) == 2 * 4 * (5 * 7 + 7 * 3)
+    n = (5 * 7 + 7) + (7 * 3 + 3)
+    assert param_bytes(net) == 4 * n
+    assert grad_bytes(net) == 0
+    net(torch.randn(4, 5)).sum().backward()
+    assert grad_bytes(net) == 4 * n
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam(net.parameters())
+    assert optimizer_state_bytes(sgd) == optimizer_state_bytes(adam) == 0
+    sgd.step()
+    adam.step()
+    assert optimizer_state_bytes(sgd) == 4 * n  # one momentum buffer per parameter
+    assert optimizer_state_bytes(adam) == 2 * 4 * n + 4 * 4  # two moments, plus a float32 step per tensor
