@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 import methods
 from methods.base import TrainOptions
 
-from . import models, split, tasks
+from . import measure, models, split, tasks
 from .config import RunConfig, UsageError
 from .executors import sequential
 from .provenance import now, provenance
@@ -136,26 +137,64 @@ def stage_label(stage: methods.Stage) -> str:
     return "" if stage.last else str(stage.index + 1)
 
 
+def memory_rows(stages, probes: list[measure.ActivationProbe]) -> dict:
+    """Per-stage bytes: parameters, gradients, optimizer state, activations saved for
+    backward by the group and by its local modules, and their sum (the stage's peak)."""
+    rows = {}
+    for stage, probe in zip(stages, probes):
+        figures = {**measure.static_memory(stage), "activation_bytes": probe.group_bytes,
+                   "local_activation_bytes": probe.local_bytes}
+        figures["peak_mem_bytes"] = sum(figures.values())
+        rows.update({(str(stage.index + 1), k): v for k, v in figures.items()})
+    return rows
+
+
+def time_rows(stages, timers: list[measure.PhaseTimer], steps: int, decoupled: bool) -> dict:
+    """Per-stage busy seconds by phase, and the modelled K-worker time of the epoch."""
+    rows, busy = {}, []
+    for stage, timer in zip(stages, timers):
+        phases = timer.pop()
+        busy.append(sum(phases.values()))
+        label = str(stage.index + 1)
+        rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})
+        rows[label, "busy_time_s"] = busy[-1]
+    rows["", "modelled_time_s"] = measure.modelled_time(busy, steps, decoupled=decoupled)
+    return rows
+
+
 def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
     """The epochs: train, measure, evaluate, write rows; RunFailed on divergence."""
-    cfg, task = prep.cfg, prep.task
-    generator = torch.Generator(device=prep.device).manual_seed(cfg.seed)
+    cfg, task, device = prep.cfg, prep.task, prep.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     steps = task.train_x.shape[0] // cfg.batch_size
+    timers = [measure.PhaseTimer(device) for _ in prep.stages]
+    for stage, timer in zip(prep.stages, timers):
+        stage.phase = timer
+    probes = [measure.ActivationProbe(stage) for stage in prep.stages]
     for epoch in range(1, cfg.epochs + 1):
-        seconds = sequential.train_epoch(prep.stages, batches(task, cfg.batch_size, generator),
-                                         device=prep.device, total=steps, progress=progress,
-                                         desc=f"epoch {epoch}/{cfg.epochs}")
+        measure.reset_device_peaks(device)
+        seconds = sequential.train_epoch(
+            prep.stages, batches(task, cfg.batch_size, generator), device=device, total=steps,
+            progress=progress, desc=f"epoch {epoch}/{cfg.epochs}",
+            first_batch=(lambda: measure.probing(probes)) if epoch == 1 else nullcontext)
         rows = {}
         for stage in prep.stages:
             for metric, value in stage.pop_metrics().items():
                 rows[stage_label(stage), metric] = value
         rows["", "epoch_time_s"] = seconds
         rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
+        rows.update(time_rows(prep.stages, timers, steps, decoupled=cfg.method != "bp"))
+        if epoch == 1:
+            rows.update(memory_rows(prep.stages, probes))
+        rows.update({("", k): v for k, v in measure.device_memory(device, "train").items()})
+        measure.reset_device_peaks(device)
         results = sequential.evaluate(prep.stages, task.test_x, task.test_y,
                                       classification_loss, cfg.eval_batch_size)
         for label, values in results.items():
             for metric, value in values.items():
                 rows[label, metric] = value
+        if device.type == "cuda":
+            rows.update({("", k): v for k, v in measure.device_memory(device, "eval").items()})
         record.add(epoch, rows)
         if not math.isfinite(rows["", "train_loss"]):
             record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",

@@ -14,8 +14,9 @@ A stage keeps, per batch in flight, only what it needs to act on the upstream me
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -60,6 +61,9 @@ class Stage:
         self.train_options = train
         self.optimizer = sgd(group.parameters(), train)
         self.kept: dict[int, tuple] = {}
+        self.phase: Callable[[str], ContextManager] = lambda name: nullcontext()
+        """``with self.phase("forward" | "backward" | "update"):`` marks the rule's work;
+        an executor may replace it with a timer. The rule itself measures nothing."""
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     @property
@@ -102,9 +106,15 @@ class Stage:
                 for group in optimizer.param_groups:
                     group["lr"] = self.train_options.lr * factor
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(self, *optimizers: torch.optim.Optimizer) -> None:
+        with self.phase("update"):
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, tensor: torch.Tensor, gradient: torch.Tensor | None = None, **kw) -> None:
+        with self.phase("backward"):
+            tensor.backward(gradient, **kw)
 
     def true_loss(self, batch: int, x: torch.Tensor, y: torch.Tensor, *, keep_input: bool):
         """Last stage of every rule: backprop the task loss through the group and step it.
@@ -113,9 +123,10 @@ class Stage:
         ``keep_input`` (the message BP and DNI send upstream).
         """
         x = x.requires_grad_() if keep_input else x
-        logits = self.group(x)
-        per_sample = self.criterion(logits, y)
-        per_sample.mean().backward()
+        with self.phase("forward"):
+            logits = self.group(x)
+            per_sample = self.criterion(logits, y)
+        self.backward(per_sample.mean())
         self.step(self.optimizer)
         self.record(logits, y, per_sample)
         return per_sample.detach(), (x.grad if keep_input else None)

@@ -25,12 +25,13 @@ class BPStage(Stage):
             _, grad = self.true_loss(batch, x, y, keep_input=self.index > 0)
             return None, grad
         x = x.requires_grad_() if self.index > 0 else x
-        h = self.group(x)
+        with self.phase("forward"):
+            h = self.group(x)
         self.kept[batch] = (x, h)
         return h.detach(), None
 
     def receive(self, batch, message):
         x, h = self.kept.pop(batch)
-        h.backward(message)
+        self.backward(h, message)
         self.step(self.optimizer)
         return x.grad if self.index > 0 else None

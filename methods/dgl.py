@@ -30,12 +30,12 @@ class DGLStage(Stage):
         if self.last:
             self.true_loss(batch, x, y, keep_input=False)
             return None, None
-        h = self.group(x)
-        logits = self.aux(h)
-        per_sample = self.criterion(logits, y)
-        per_sample.mean().backward()
-        self.step(self.optimizer)
-        self.step(self.aux_optimizer)
+        with self.phase("forward"):
+            h = self.group(x)
+            logits = self.aux(h)
+            per_sample = self.criterion(logits, y)
+        self.backward(per_sample.mean())
+        self.step(self.optimizer, self.aux_optimizer)
         self.record(logits, y, per_sample)
         return h.detach(), None
 

@@ -52,10 +52,11 @@ class DNIStage(Stage):
             _, grad = self.true_loss(batch, x, y, keep_input=keep_input)
             return None, (grad * n if keep_input else None)
         x = x.requires_grad_() if keep_input else x
-        h = self.group(x)
-        with torch.no_grad():
-            synthetic = self._synthetic(h.detach(), y)
-        h.backward(synthetic / n)
+        with self.phase("forward"):
+            h = self.group(x)
+            with torch.no_grad():
+                synthetic = self._synthetic(h.detach(), y)
+        self.backward(h, synthetic / n)
         self.step(self.optimizer)
         h = h.detach()
         self.kept[batch] = (h, y)
@@ -63,8 +64,9 @@ class DNIStage(Stage):
 
     def receive(self, batch, message):
         h, y = self.kept.pop(batch)
-        loss = F.mse_loss(self._synthetic(h, y), message)
-        loss.backward()
+        with self.phase("forward"):
+            loss = F.mse_loss(self._synthetic(h, y), message)
+        self.backward(loss)
         self.step(self.synth_optimizer)
         self.tally(y.shape[0], synth_loss=loss)
 

@@ -65,17 +65,17 @@ class GNStage(Stage):
         if self.last:
             self.true_loss(batch, x, y, keep_input=False)
             return None, None
-        h = self.group(x)
-        chunks = h.chunk(self.options.neuron_groups, dim=1)
-        logits, losses = [], []
-        for g, head in enumerate(self.heads):
-            seen = torch.cat([c if j == g else c.detach() for j, c in enumerate(chunks)], dim=1)
-            logits.append(head(seen))
-            losses.append(self.criterion(logits[-1], y))
-        div = diversity(logits, y, self.options.temperature)
-        (torch.stack(losses).mean(1).sum() + self.options.diversity_weight * div).backward()
-        self.step(self.optimizer)
-        self.step(self.head_optimizer)
+        with self.phase("forward"):
+            h = self.group(x)
+            chunks = h.chunk(self.options.neuron_groups, dim=1)
+            logits, losses = [], []
+            for g, head in enumerate(self.heads):
+                seen = torch.cat([c if j == g else c.detach() for j, c in enumerate(chunks)], 1)
+                logits.append(head(seen))
+                losses.append(self.criterion(logits[-1], y))
+            div = diversity(logits, y, self.options.temperature)
+        self.backward(torch.stack(losses).mean(1).sum() + self.options.diversity_weight * div)
+        self.step(self.optimizer, self.head_optimizer)
         self.record(torch.stack(logits).mean(0), y, torch.stack(losses).mean(0))
         self.tally(y.shape[0], diversity=div)
         return h.detach(), None

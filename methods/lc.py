@@ -38,10 +38,11 @@ class LCStage(Stage):
         if self.last:
             per_sample, _ = self.true_loss(batch, x, y, keep_input=False)
             return None, (per_sample if self.index > 0 else None)
-        h = self.group(x)
-        logits = self.critic(h)
-        per_sample = self.criterion(logits, y)
-        per_sample.mean().backward(inputs=list(self.group.parameters()))
+        with self.phase("forward"):
+            h = self.group(x)
+            logits = self.critic(h)
+            per_sample = self.criterion(logits, y)
+        self.backward(per_sample.mean(), inputs=list(self.group.parameters()))
         self.step(self.optimizer)
         self.record(logits, y, per_sample)
         h = h.detach()
@@ -50,8 +51,9 @@ class LCStage(Stage):
 
     def receive(self, batch, message):
         h, y = self.kept.pop(batch)
-        loss = (self.criterion(self.critic(h), y) - message).abs().mean()
-        loss.backward()
+        with self.phase("forward"):
+            loss = (self.criterion(self.critic(h), y) - message).abs().mean()
+        self.backward(loss)
         self.step(self.critic_optimizer)
         self.tally(y.shape[0], critic_loss=loss)
 

@@ -3,7 +3,8 @@ messages of that same batch. Deterministic for a seed."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from tqdm import tqdm
@@ -29,15 +30,21 @@ def synchronize(device: torch.device) -> None:
 
 
 def train_epoch(stages: Sequence[Stage], batches, *, device: torch.device, total: int | None = None,
-                desc: str = "", progress: bool = True) -> float:
-    """Train on every ``(x, y)`` of ``batches``; return the wall-clock seconds it took."""
+                desc: str = "", progress: bool = True,
+                first_batch: Callable[[], ContextManager] = nullcontext) -> float:
+    """Train on every ``(x, y)`` of ``batches``; return the wall-clock seconds it took.
+    ``first_batch()`` is entered around the first batch (e.g. a memory probe)."""
     for stage in stages:
         stage.train(True)
     synchronize(device)
     start = time.perf_counter()
     for batch, (x, y) in enumerate(tqdm(batches, total=total, desc=desc, leave=False, disable=not progress,
                                         unit="batch", dynamic_ncols=True)):
-        train_step(stages, batch, x, y)
+        if batch == 0:
+            with first_batch():
+                train_step(stages, batch, x, y)
+        else:
+            train_step(stages, batch, x, y)
     synchronize(device)
     return time.perf_counter() - start
 

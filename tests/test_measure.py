@@ -1,0 +1,105 @@
+"""Memory and time accounting checked against figures computed by hand."""
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import methods
+from bench import measure
+from bench.executors.sequential import train_step
+from bench.models import build_model
+from bench.split import resolve_cuts, split_model
+from methods.base import TrainOptions
+
+B, D_IN, HIDDEN, CLASSES = 4, 5, 7, 3
+FLOAT = 4
+
+
+def ce(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def test_tiny_stage_memory_by_hand():
+    """Linear(5,7) -> ReLU -> Linear(7,3) trained by DGL (K=2) on float32, batch 4."""
+    torch.manual_seed(0)
+    groups = [nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU()),
+              nn.Sequential(nn.Linear(HIDDEN, CLASSES))]
+    stages = methods.build_stages("lc", groups, [(HIDDEN,), (CLASSES,)], CLASSES, ce,
+                                  TrainOptions(), {"critic_filters": 6})
+    probes = [measure.ActivationProbe(s) for s in stages]
+    x, y = torch.randn(B, D_IN), torch.randint(0, CLASSES, (B,))
+    with measure.probing(probes):
+        train_step(stages, 0, x, y)
+    group_params = D_IN * HIDDEN + HIDDEN
+    critic_params = HIDDEN * 6 + 6 + 6 * CLASSES + CLASSES
+    first = measure.static_memory(stages[0])
+    assert first["param_bytes"] == FLOAT * (group_params + critic_params)
+    assert first["grad_bytes"] == FLOAT * (group_params + critic_params)
+    # SGD momentum: one buffer per group parameter; Adam: two moments per critic
+    # parameter plus one float32 step counter per critic tensor (4 tensors)
+    assert first["optimizer_state_bytes"] == FLOAT * (group_params + 2 * critic_params + 4)
+    # group 1 saves its input (for the weight gradient) and the ReLU output
+    assert probes[0].group_bytes == FLOAT * B * (D_IN + HIDDEN)
+    # the critic: Linear saves its input h (the group's output, counted again here since
+    # it is the critic's own saved tensor), ReLU saves its output, the last Linear its input
+    assert probes[0].local_bytes == FLOAT * B * (HIDDEN + 6)
+    # group 2 (last) on a detached input: Linear saves its input only
+    assert probes[1].group_bytes == FLOAT * B * HIDDEN
+    assert probes[1].local_bytes == 0
+
+
+def test_modelled_time_by_hand():
+    # 3 stages at 2, 5, 1 s per batch over 10 batches
+    totals = [20.0, 50.0, 10.0]
+    assert measure.modelled_time(totals, 10, decoupled=True) == pytest.approx(8 + 9 * 5)
+    assert measure.modelled_time(totals, 10, decoupled=False) == pytest.approx(10 * 8)
+
+
+def activation_bytes_per_stage(model, cuts, shape):
+    groups = split_model(model, len(cuts) + 1, input_shape=shape, cuts=cuts)
+    stages = methods.build_stages("bp", groups, [None] * len(groups), 10, ce, TrainOptions())
+    probes = [measure.ActivationProbe(s) for s in stages]
+    x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
+    with measure.probing(probes):
+        train_step(stages, 0, x, y)
+    return [p.group_bytes for p in probes]
+
+
+def test_resnet56_stage_activations_add_up_to_the_whole_network():
+    shape = (3, 32, 32)
+    torch.manual_seed(0)
+    model = build_model("resnet56", shape, 10)
+    (whole,) = activation_bytes_per_stage(model, [], shape)
+    flops_cuts = resolve_cuts(model, 4, input_shape=shape, by="flops")
+    parts = activation_bytes_per_stage(model, flops_cuts, shape)
+    assert sum(parts) == pytest.approx(whole, rel=0.05)
+    balanced = resolve_cuts(model, 4, input_shape=shape, by="activations")
+    parts = activation_bytes_per_stage(model, balanced, shape)
+    assert sum(parts) == pytest.approx(whole, rel=0.05)
+    assert max(parts) <= whole / 3
+
+
+def test_run_writes_time_and_memory_for_every_stage(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench", "run", "--method", "dni", "--groups",
+                             "3", "--task", "digits", "--epochs", "1", "--quiet",
+                             "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("adhoc/*/metrics.csv")
+    rows = list(csv.DictReader(open(path)))
+    got = {(r["stage"], r["metric"]): float(r["value"]) for r in rows}
+    for k in ("1", "2", "3"):
+        for metric in ("forward_time_s", "backward_time_s", "update_time_s", "busy_time_s",
+                       "param_bytes", "grad_bytes", "optimizer_state_bytes",
+                       "activation_bytes", "peak_mem_bytes"):
+            assert got[k, metric] > 0, (k, metric)
+        assert got[k, "busy_time_s"] == pytest.approx(
+            sum(got[k, f"{p}_time_s"] for p in ("forward", "backward", "update")))
+    busy = [got[k, "busy_time_s"] for k in ("1", "2", "3")]
+    assert got["", "modelled_time_s"] < sum(busy)  # decoupled: the stages overlap
+    assert got["", "modelled_time_s"] >= max(busy)
+    assert got["", "peak_rss_bytes"] > 0
+    assert got["", "epoch_time_s"] >= sum(busy) * 0.9
