@@ -12,7 +12,7 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
-EXECUTORS = ("sequential",)
+EXECUTORS = ("sequential", "distributed")
 SPLITS = ("flops", "params", "activations")
 
 
@@ -37,6 +37,7 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     executor: str = "sequential"
     device: str = "auto"
+    threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (distributed)
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 1000
@@ -61,6 +62,8 @@ class RunConfig:
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.width > 0, f"--width must be positive (got {self.width})"),
+            (self.threads is None or self.threads >= 1,
+             f"--threads must be at least 1 (got {self.threads})"),
             (self.split in SPLITS, f"unknown split '{self.split}' (choose from {', '.join(SPLITS)})"),
             (self.executor in EXECUTORS,
              f"unknown executor '{self.executor}' (choose from {', '.join(EXECUTORS)})"),

@@ -12,8 +12,15 @@ import os
 import tempfile
 from pathlib import Path
 
+UMASK = os.umask(0)
+os.umask(UMASK)
+
 COLUMNS = ["run_id", "method", "task", "model", "groups", "executor", "seed",
            "epoch", "stage", "metric", "value"]
+
+
+class RunFailed(RuntimeError):
+    """A run raised, diverged or lost a rank; its run.json says so. One-line message."""
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -25,6 +32,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes files private; results are shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +54,20 @@ class RunRecord:
         self.identity = {k: identity[k] for k in COLUMNS[:7]}
         self.info = info
         self.rows: list[dict] = []
+
+    @classmethod
+    def load(cls, folder: Path) -> "RunRecord":
+        """The record of a finished run, read back from its files."""
+        folder = Path(folder)
+        info = read_json(folder / "run.json") or {}
+        with open(folder / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            row["epoch"], row["value"] = int(row["epoch"]), float(row["value"])
+        record = cls.__new__(cls)
+        record.folder, record.info, record.rows = folder, info, rows
+        record.identity = {k: rows[0][k] for k in COLUMNS[:7]} if rows else {}
+        return record
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

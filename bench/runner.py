@@ -15,13 +15,9 @@ from methods.base import TrainOptions
 
 from . import measure, models, split, tasks
 from .config import RunConfig, UsageError
-from .executors import sequential
+from .executors import launch, sequential
 from .provenance import now, provenance
-from .records import RunRecord
-
-
-class RunFailed(RuntimeError):
-    """Training raised or diverged; the record says so (status ``failed``/``diverged``)."""
+from .records import RunFailed, RunRecord
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -33,10 +29,12 @@ class Prepared:
     """Everything a run needs, built and checked before anything is written."""
 
     cfg: RunConfig
-    task: tasks.Task
+    task: tasks.Task | None  # None on the ranks of a distributed run that get no data
     device: torch.device
     cuts: list[int]
-    stages: list[methods.Stage]
+    shapes: list[tuple]  # per-sample output shape of each group
+    stage_params: list[int]  # parameters of each group
+    stages: list[methods.Stage]  # every stage; a distributed rank uses its own only
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,10 +72,14 @@ def build_groups(cfg: RunConfig, input_shape, classes: int):
     return groups, cuts
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Resolve, load and build; any bad input raises UsageError before a file is written."""
+def prepare(cfg: RunConfig, *, rank: int | None = None,
+            device: torch.device | None = None) -> Prepared:
+    """Resolve, load and build; any bad input raises UsageError before a file is written.
+
+    For rank k of a distributed run only stage k goes to ``device`` and only rank 0 loads
+    the data (the others receive activations and labels)."""
     cfg = resolve(cfg)
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     info = tasks.TASKS[cfg.task]
     try:
         groups, cuts = build_groups(cfg, info.input_shape, info.num_classes)
@@ -85,13 +87,16 @@ def prepare(cfg: RunConfig) -> Prepared:
         torch.manual_seed(cfg.seed)
         train = TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                              weight_decay=cfg.weight_decay)
-        stages = methods.build_stages(cfg.method, [g.to(device) for g in groups], shapes,
-                                      info.num_classes, classification_loss, train, cfg.options)
+        stages = methods.build_stages(cfg.method, groups, shapes, info.num_classes,
+                                      classification_loss, train, cfg.options)
     except ValueError as e:  # SplitError, channel/neuron-group mismatch, bad option value
         raise UsageError(str(e)) from None
-    for stage in stages:
+    for stage in stages if rank is None else [stages[rank]]:
         for module in stage.modules():
             module.to(device)
+    parameters = [sum(p.numel() for p in g.parameters()) for g in groups]
+    if rank not in (None, 0):
+        return Prepared(cfg, None, device, cuts, shapes, parameters, stages)
     try:
         task = tasks.load_task(cfg.task, cfg.data_dir, limit_train=cfg.limit_train,
                                limit_test=cfg.limit_test).to(device)
@@ -100,11 +105,19 @@ def prepare(cfg: RunConfig) -> Prepared:
     if task.train_x.shape[0] < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the "
                          f"{task.train_x.shape[0]} training samples")
-    return Prepared(cfg, task, device, cuts, stages)
+    return Prepared(cfg, task, device, cuts, shapes, parameters, stages)
 
 
 def run_folder(cfg: RunConfig) -> Path:
     return Path(cfg.out) / cfg.experiment / cfg.run_id
+
+
+def check_writable(cfg: RunConfig) -> None:
+    """UsageError unless the run's folder can be created (it is left in place)."""
+    try:
+        run_folder(cfg).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
 
 
 def open_record(prep: Prepared) -> RunRecord:
@@ -114,8 +127,7 @@ def open_record(prep: Prepared) -> RunRecord:
     info = {"run_id": cfg.run_id, "experiment": cfg.experiment, "status": "running",
             "error": None, "config": asdict(cfg), "started": now(), "ended": None,
             "split": {"by": cfg.split if cfg.cuts is None else "explicit", "cuts": prep.cuts},
-            "parameters_per_stage": [sum(p.numel() for p in s.group.parameters())
-                                     for s in prep.stages],
+            "parameters_per_stage": prep.stage_params,
             "provenance": provenance(prep.device)}
     record = RunRecord(folder, {**asdict(cfg), "run_id": cfg.run_id}, info)
     try:
@@ -183,7 +195,7 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
                 rows[stage_label(stage), metric] = value
         rows["", "epoch_time_s"] = seconds
         rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
-        rows.update(time_rows(prep.stages, timers, steps, decoupled=cfg.method != "bp"))
+        rows.update(time_rows(prep.stages, timers, steps, decoupled=prep.stages[0].decoupled))
         if epoch == 1:
             rows.update(memory_rows(prep.stages, probes))
         rows.update({("", k): v for k, v in measure.device_memory(device, "train").items()})
@@ -204,7 +216,13 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
 
 def execute(prep: Prepared, *, progress: bool = True) -> RunRecord:
     """Run a prepared config to completion, keeping run.json's status true throughout."""
+    if prep.cfg.executor == "distributed":
+        check_writable(prep.cfg)
+        return launch.run(prep.cfg, run_folder(prep.cfg), ranks=len(prep.stages),
+                          progress=progress)
     record = open_record(prep)
+    if prep.cfg.threads:
+        torch.set_num_threads(prep.cfg.threads)
     start = time.perf_counter()
     try:
         train(prep, record, progress=progress)

@@ -49,8 +49,12 @@ def sgd(params, opts: TrainOptions) -> torch.optim.SGD:
 class Stage:
     """Layer group ``index`` (0-based) of ``count`` under a learning rule."""
 
-    #: whether the rule sends messages upstream (BP, LC, DNI) or none (DGL, GN-DGL)
-    sends_upstream = False
+    #: what the rule sends upstream: "gradient" (shaped like the stage's input: BP, DNI),
+    #: "loss" (one value per sample: LC) or None (DGL, GN-DGL)
+    upstream: str | None = None
+    #: whether the stage below may run ahead of the updates this stage waits for
+    #: (False for BP: its next forward needs this batch's step)
+    decoupled = True
 
     def __init__(self, index: int, count: int, group: nn.Module, criterion: Criterion,
                  train: TrainOptions):

@@ -14,7 +14,8 @@ class BPOptions:
 class BPStage(Stage):
     """Exact backprop: keep (input, output) of each batch until dL/dh_k arrives."""
 
-    sends_upstream = True
+    upstream = "gradient"
+    decoupled = False
 
     def __init__(self, index, count, group, criterion, train, *, shape=None, classes=None,
                  options: BPOptions | None = None):

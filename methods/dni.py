@@ -28,7 +28,7 @@ class DNIStage(Stage):
     """f_k steps on h_k.backward(M_k(h_k)) at once; M_k regresses (L2) on the target
     J_{k+1}^T M_{k+1}(h_{k+1}) (the true gradient for the last synthesizer)."""
 
-    sends_upstream = True
+    upstream = "gradient"
     conditioned = False
 
     def __init__(self, index, count, group, criterion, train, *, shape, classes,

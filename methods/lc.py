@@ -22,7 +22,7 @@ class LCStage(Stage):
     """f_k steps on dL_k/dθ_k only, L_k = CE(c_k(h_k), y); c_k steps on
     mean |L_k - L_{k+1}| when L_{k+1} (per sample, detached) arrives from below."""
 
-    sends_upstream = True
+    upstream = "loss"
 
     def __init__(self, index, count, group, criterion, train, *, shape, classes,
                  options: LCOptions):

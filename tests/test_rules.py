@@ -12,7 +12,15 @@ from bench.executors.sequential import train_step
 from methods.base import TrainOptions
 from methods.gn import diversity
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The rules are compared in float64; other test modules keep the default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 CLASSES, DIM, BATCH = 3, 6, 8
 OPTS = TrainOptions(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)

@@ -1,0 +1,241 @@
+"""Real model parallelism: one process per stage on torch.distributed (gloo on CPU, NCCL on
+CUDA), launched by torchrun. Run as ``python -m bench.executors.distributed CONFIG.json``.
+
+Stage k works on batch t while stage k+1 works on batch t-1. Downstream, rank k sends the
+detached h_k and the labels to rank k+1. Upstream messages (BP gradients, DNI targets, LC
+losses) arrive late: a rank posts the receive for batch t after its forward and applies
+messages in batch order, waiting for the oldest only when more than ``lag`` batches are in
+flight (0 for BP, which is exact; 1 for the decoupled rules). Only point-to-point ops of
+torch.distributed move tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from bench import measure, runner
+from bench.config import RunConfig
+from bench.provenance import now
+
+from .sequential import synchronize
+
+#: outstanding sends per direction before a rank waits (backpressure on a fast stage)
+MAX_SENDS = 4
+
+
+class Links:
+    """Point-to-point traffic of one rank with its neighbours, with idle time counted."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.sends: deque = deque()
+        self.idle = 0.0
+
+    def wait(self, work) -> None:
+        start = time.perf_counter()
+        work.wait()
+        self.idle += time.perf_counter() - start
+
+    def recv(self, shape, dtype, device, src: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        self.wait(dist.irecv(buf, src=src))
+        return buf
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self.sends.append(dist.isend(tensor.contiguous(), dst=dst))
+        while len(self.sends) > MAX_SENDS:
+            self.wait(self.sends.popleft())
+
+    def flush(self) -> None:
+        while self.sends:
+            self.wait(self.sends.popleft())
+
+
+def upstream_shape(stage, h_shape: tuple) -> tuple | None:
+    """Shape of the message this stage receives from the stage below, per batch."""
+    if stage.last or stage.upstream is None:
+        return None
+    return h_shape if stage.upstream == "gradient" else h_shape[:1]
+
+
+def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
+                in_shape: tuple, out_shape: tuple, device, dtype, probe=None,
+                progress: bool = False) -> None:
+    """One epoch of stage ``stage`` on its rank; ``batches`` yields data on rank 0 only.
+    ``probe`` (a context manager) is entered around the first two iterations, which hold
+    the first forward and the first upstream update."""
+    k = links.rank
+    lag = 1 if stage.decoupled else 0
+    pending: deque = deque()  # (batch, work, buffer) for upstream messages not yet applied
+    up_shape = upstream_shape(stage, (batch_size, *out_shape))
+
+    def apply_oldest():
+        batch, work, buf = pending.popleft()
+        links.wait(work)
+        reply = stage.receive(batch, buf)
+        if reply is not None and k > 0:
+            links.send(reply, k - 1)
+
+    for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch", file=sys.stdout):
+        with probe if probe is not None and t < 2 else nullcontext():
+            if k == 0:
+                x, y = next(batches)
+            else:
+                x = links.recv((batch_size, *in_shape), dtype, device, k - 1)
+                y = links.recv((batch_size,), torch.int64, device, k - 1)
+            h, up = stage.forward(t, x, y)
+            if h is not None:
+                links.send(h, k + 1)
+                links.send(y, k + 1)
+            if up is not None and k > 0:
+                links.send(up, k - 1)
+            if up_shape is not None:
+                buf = torch.empty(up_shape, dtype=dtype, device=device)
+                pending.append((t, dist.irecv(buf, src=k + 1), buf))
+                while len(pending) > lag:
+                    apply_oldest()
+    while pending:
+        apply_oldest()
+    links.flush()
+
+
+@torch.no_grad()
+def evaluate(stage, links: Links, *, test, n_test: int, batch_size: int, in_shape, device, dtype,
+             criterion) -> dict:
+    """Pipelined evaluation: test batches flow down; each rank scores its own sub-model."""
+    k = links.rank
+    stage.train(False)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    scored = False
+    for i in range(0, n_test, batch_size):
+        n = min(batch_size, n_test - i)
+        if k == 0:
+            x, y = test[0][i:i + n], test[1][i:i + n]
+        else:
+            x = links.recv((n, *in_shape), dtype, device, k - 1)
+            y = links.recv((n,), torch.int64, device, k - 1)
+        h = stage.group(x)
+        logits = h if stage.last else stage.predict(h)
+        if not stage.last:
+            links.send(h, k + 1)
+            links.send(y, k + 1)
+        if logits is not None:
+            scored = True
+            sums += torch.stack([criterion(logits, y).sum().double(),
+                                 (logits.argmax(1) == y).sum().double()])
+    links.flush()
+    if scored:
+        return {"test_loss": float(sums[0]) / n_test, "test_acc": float(sums[1]) / n_test}
+    return {}
+
+
+def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
+    """One GPU per rank where there are several (round-robin), else the CPU."""
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def worker(cfg: RunConfig, progress: bool) -> None:
+    """The body of one rank: build its stage, train, gather rows on rank 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = device_for(int(os.environ.get("LOCAL_RANK", rank)), cfg)
+    prep = runner.prepare(cfg, rank=rank, device=device)
+    stage = prep.stages[rank]
+    prep.stages = None  # the other stages live on other ranks
+    cfg = prep.cfg
+    record = runner.open_record(prep) if rank == 0 else None
+    shapes = prep.shapes
+    in_shape = tuple(runner.tasks.TASKS[cfg.task].input_shape) if rank == 0 else shapes[rank - 1]
+    counts = torch.tensor([prep.task.train_x.shape[0], prep.task.test_x.shape[0]]
+                          if rank == 0 else [0, 0])
+    dist.broadcast(counts, src=0)
+    n_train, n_test = (int(c) for c in counts)
+    steps = n_train // cfg.batch_size
+    dtype = torch.float32
+    timer = measure.PhaseTimer(device)
+    stage.phase = timer
+    probe = measure.ActivationProbe(stage)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    links = Links(rank, world)
+    for epoch in range(1, cfg.epochs + 1):
+        stage.train(True)
+        data = runner.batches(prep.task, cfg.batch_size, generator) if rank == 0 else None
+        measure.reset_device_peaks(device)
+        dist.barrier()
+        synchronize(device)
+        start = time.perf_counter()
+        train_epoch(stage, links, batches=data, steps=steps, batch_size=cfg.batch_size,
+                    in_shape=in_shape, out_shape=shapes[rank], device=device, dtype=dtype,
+                    probe=probe if epoch == 1 else None, progress=progress and rank == 0)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        label = str(rank + 1)
+        rows = {(runner.stage_label(stage), m): v for m, v in stage.pop_metrics().items()}
+        phases = timer.pop()
+        rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})
+        rows[label, "busy_time_s"] = sum(phases.values())
+        rows[label, "idle_time_s"] = links.idle
+        rows[label, "wall_time_s"] = seconds
+        links.idle = 0.0
+        if epoch == 1:
+            rows.update(runner.memory_rows([stage], [probe]))
+        rows.update({(label, m): v for m, v in measure.device_memory(device, "train").items()})
+        test = (prep.task.test_x, prep.task.test_y) if rank == 0 else None
+        scores = evaluate(stage, links, test=test, n_test=n_test, batch_size=cfg.eval_batch_size,
+                          in_shape=in_shape, device=device, dtype=dtype,
+                          criterion=runner.classification_loss)
+        rows.update({(runner.stage_label(stage), m): v for m, v in scores.items()})
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(rows, gathered, dst=0)
+        if rank == 0:
+            merged = {key: value for part in gathered for key, value in part.items()}
+            busy = [merged[str(r + 1), "busy_time_s"] for r in range(world)]
+            wall = max(merged[str(r + 1), "wall_time_s"] for r in range(world))
+            merged["", "epoch_time_s"] = wall
+            merged["", "samples_per_s"] = steps * cfg.batch_size / wall
+            merged["", "modelled_time_s"] = measure.modelled_time(busy, steps,
+                                                                  decoupled=stage.decoupled)
+            record.add(epoch, merged)
+            if merged["", "train_loss"] != merged["", "train_loss"]:  # NaN
+                record.update(status="diverged", ended=now(),
+                              error=f"non-finite training loss at epoch {epoch}")
+                raise runner.RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+    if rank == 0:
+        record.update(status="ok", ended=now())
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    config = json.loads(Path(argv[0]).read_text())
+    cfg = RunConfig(**config.get("config", config))
+    cfg = replace(cfg, executor="distributed")
+    backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    try:
+        worker(cfg, progress=os.environ.get("LCBENCH_PROGRESS") == "1")
+    except BaseException as e:
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        folder = runner.run_folder(runner.resolve(cfg))
+        if folder.exists():
+            (folder / f".rank{rank}.error").write_text(reason.splitlines()[0] + "\n")
+        traceback.print_exc()
+        os._exit(1)  # do not wait on peers that will never answer
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

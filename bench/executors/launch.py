@@ -1,0 +1,105 @@
+"""Starting a distributed run on this node: torchrun with one process per stage.
+
+The parent watches torchrun; when a rank raises or is killed, torchrun stops the others,
+and the parent records the run as failed with one line naming the first failed rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.config import RunConfig
+from bench.provenance import now
+from bench.records import RunFailed, RunRecord, read_json, write_atomic
+
+ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(cfg: RunConfig, config_path: Path, ranks: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "--monitor-interval", "0.5",
+            "-m", "bench.executors.distributed", str(config_path)]
+
+
+def first_failure(folder: Path, log: str) -> str:
+    """One line: which rank failed first and why (torchrun's root cause, the rank's error)."""
+    match = ROOT_CAUSE.search(log.split("Root Cause", 1)[-1])
+    rank, code = (int(match[1]), int(match[2])) if match else (None, None)
+    errors = {int(p.name[5:-6]): p.read_text().strip() for p in folder.glob(".rank*.error")}
+    if rank is None and errors:
+        rank = min(errors, key=lambda r: (folder / f".rank{r}.error").stat().st_mtime)
+    if rank is None:
+        return "the distributed run failed (see workers.log)"
+    if rank in errors:
+        return f"rank {rank} failed: {errors[rank]}"
+    if code is not None and code < 0:
+        return f"rank {rank} was killed by {signal.Signals(-code).name}"
+    return f"rank {rank} exited with status {code}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop torchrun and every rank it started (they share its process group)."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(cfg: RunConfig, folder: Path, *, ranks: int, progress: bool) -> RunRecord:
+    """Run ``cfg`` on ``ranks`` local processes; return the record rank 0 wrote."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lcbench-") as tmp:
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps({"config": asdict(cfg)}))
+        log_path = Path(tmp) / "workers.log"
+        env = {**os.environ, "LCBENCH_PROGRESS": "1" if progress else "0",
+               "OMP_NUM_THREADS": str(cfg.threads or max(1, (os.cpu_count() or 1) // ranks))}
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(torchrun_command(cfg, config_path, ranks), stdout=None,
+                                    stderr=log, env=env, start_new_session=True)
+            try:
+                code = proc.wait()
+            except BaseException:
+                stop(proc)
+                mark_failed(folder, "interrupted")
+                raise
+            stop(proc)  # any rank left behind
+        text = log_path.read_text(errors="replace")
+        if code != 0:
+            if folder.exists():
+                write_atomic(folder / "workers.log", text)
+            reason = first_failure(folder, text)
+            mark_failed(folder, reason)
+            raise RunFailed(reason)
+    return RunRecord.load(folder)
+
+
+def mark_failed(folder: Path, reason: str) -> None:
+    """run.json says ``failed`` with ``reason`` (created if rank 0 never wrote it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = read_json(folder / "run.json") or {}
+    if info.get("status") in ("ok", "diverged"):
+        return
+    info.update(status="failed", error=reason, ended=now())
+    write_atomic(folder / "run.json", json.dumps(info, indent=2, default=str) + "\n")
