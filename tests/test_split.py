@@ -114,11 +114,11 @@ def test_block_costs_activations_leave_model_untouched():
     model = build_model("small-cnn", (1, 8, 8), 10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     costs = block_costs(model, (1, 8, 8), "activations", batch_size=2)
-    # block 0 per sample: conv input 1x8x8, BN input 32x8x8, ReLU output 32x8x8 (float32), plus BN's saved
-    # batch mean and inverse std (32 floats each) shared by the batch of 2
-    assert costs[0] == 4 * (64 + 2 * 32 * 64) + 2 * 32 * 4 / 2
-    # classifier: flatten is a view of the input (its storage, 64x2x2 floats); the weight is not counted
-    assert costs[-1] == 4 * 64 * 2 * 2
+    # block 0 per sample: conv input 1x8x8, BN input 16x8x8, ReLU output 16x8x8 (float32), plus BN's saved
+    # batch mean and inverse std (16 floats each) shared by the batch of 2
+    assert costs[0] == 4 * (64 + 2 * 16 * 64) + 2 * 16 * 4 / 2
+    # classifier: flatten is a view of the input (its storage, 32x2x2 floats); the weight is not counted
+    assert costs[-1] == 4 * 32 * 2 * 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
