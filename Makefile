@@ -7,13 +7,14 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RESULTS ?= results
 
-.PHONY: help setup data test test-all learning-check clean
+.PHONY: help setup data test test-all learning-check bench clean
 
 help:
 	@echo "make setup           create .venv and install lcbench (+ test tools)"
 	@echo "make test            the test suite (what CI runs; < 10 min on 2 CPU cores)"
 	@echo "make test-all        also the slow tests"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
+	@echo "make bench           step time: lcbench BP vs a plain PyTorch loop; every method vs BP (~10 min)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,9 @@ learning-check: $(STAMP) data
 	  $(BIN)/lcbench run --method $$m --groups 2 --task fashion-mnist --epochs 3 \
 	    --experiment learning-check --out $(RESULTS) || exit 1; \
 	done
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.benchmark
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -7,7 +7,8 @@ import click
 
 import methods
 
-from . import models, runner, tasks
+from . import models, runner, sweep as sweeps, tasks
+from .executors import launch
 from .config import RunConfig, UsageError
 
 
@@ -69,6 +70,14 @@ def cli():
               help="GN-DGL: neuron groups per layer group (default 2).")
 @click.option("--option", "-o", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="Option of the rule's local module, e.g. critic_lr=1e-3 (see `lcbench list`).")
+@click.option("--executor", default="sequential", show_default=True,
+              help="sequential (one process, reference semantics) or distributed "
+                   "(one process per stage on torch.distributed, started with torchrun).")
+@click.option("--placement", default="stage", show_default=True,
+              help="distributed GN-DGL: stage (one rank per layer group) or neuron "
+                   "(one rank per neuron group of each layer group: K x G ranks).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process (default: torch's; distributed: cores / ranks).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--limit-train", type=int, default=None, help="Use only the first N training samples.")
 @click.option("--limit-test", type=int, default=None, help="Use only the first N test samples.")
@@ -77,10 +86,15 @@ def cli():
 @click.option("--experiment", default="adhoc", show_default=True,
               help="Experiment name: the run goes to OUT/EXPERIMENT/RUN_ID/.")
 @click.option("--out", default="results", show_default=True, help="Results folder.")
+@click.option("--emit-config", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the resolved run (config and cut points) to this file and stop: what "
+                   "`torchrun ... -m bench.executors.distributed FILE` takes on several nodes.")
+@click.option("--save-weights", is_flag=True,
+              help="Also write the trained stages' state dicts to RUN/weights/stageK.pt.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(method, groups, task, model, width, epochs, batch_size, lr, weight_decay, seed, split,
-        cuts, neuron_groups, option_pairs, device, limit_train, limit_test, data_dir,
-        experiment, out, quiet):
+        cuts, neuron_groups, option_pairs, executor, placement, threads, device, limit_train, limit_test,
+        data_dir, experiment, out, emit_config, save_weights, quiet):
     """Train one network with one learning rule; write metrics.csv and run.json."""
     options = parse_options(option_pairs)
     if neuron_groups is not None:
@@ -88,9 +102,17 @@ def run(method, groups, task, model, width, epochs, batch_size, lr, weight_decay
     cfg = RunConfig(method=method, groups=groups, task=task, model=model, width=width,
                     epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                     seed=seed, split=split, cuts=parse_cuts(cuts), options=options,
-                    device=device, limit_train=limit_train, limit_test=limit_test,
-                    data_dir=data_dir, experiment=experiment, out=out)
+                    executor=executor, placement=placement, threads=threads, device=device,
+                    limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
+                    experiment=experiment, out=out, save_weights=save_weights)
     prep = runner.prepare(cfg)
+    if emit_config:
+        try:
+            launch.write_config(emit_config, prep.cfg, prep.cuts)
+        except OSError as e:
+            raise UsageError(f"cannot write --emit-config {emit_config}: {e.strerror or e}") from None
+        click.echo(f"wrote {emit_config}: {runner.ranks(prep)} ranks")
+        return
     record = runner.execute(prep, progress=not quiet)
     if not quiet:
         click.echo(summary(record))
@@ -116,6 +138,48 @@ def summary(record) -> str:
     return "\n".join(lines)
 
 
+@cli.command()
+@click.argument("spec", metavar="SPEC.toml")
+@click.option("--preset", "-p", default=None, help="Lay the spec's [presets.NAME] over it.")
+@click.option("--out", default="results", show_default=True,
+              help="Results folder: runs go to OUT/NAME/RUN_ID/.")
+@click.option("--data-dir", default=None, envvar="LCBENCH_DATA",
+              help="Where data sets are looked for first [env LCBENCH_DATA].")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bars (the line per finished run and the tally remain).")
+@click.pass_context
+def sweep(ctx, spec, preset, out, data_dir, quiet):
+    """Run the grid of an experiment spec, skipping runs already ok (so it resumes).
+
+    \b
+    SPEC.toml (see bench/experiments/example.toml):
+      [experiment]           name = "NAME": runs go to OUT/NAME/RUN_ID/ (default: file name)
+      [grid]                 KEY = [v1, v2, ...]: the runs are the cartesian product;
+                             KEY: method, task, model, groups, seed or any other field
+                             of `lcbench run` (epochs, lr, batch_size, limit_train, ...)
+      [grid.options.METHOD]  OPTION = [v1, v2, ...]: a method option as a grid axis
+      [settings]             KEY = value: shared by every run
+      [options.METHOD]       OPTION = value (see `lcbench list --methods`)
+      [presets.NAME]         a partial spec (experiment, grid, settings, options) laid
+                             over the rest by --preset NAME; a key it sets replaces
+                             the base's value, in [grid] or [settings] alike
+      Not spec keys: experiment, out, data_dir (the name, --out and --data-dir decide).
+
+    A failed, diverged or invalid run is recorded (run.json) and the sweep goes on; the
+    exit status is then 1. Ctrl-C / SIGTERM stop it cleanly (exit 130 / 143); run the
+    same command again to resume. A malformed spec: one line and exit 2, nothing run.
+    """
+    cfgs = sweeps.load_spec(spec, preset, out=out, data_dir=data_dir)
+    try:
+        tally = sweeps.run_sweep(cfgs, progress=not quiet)
+    except sweeps.Interrupted as e:
+        click.echo(f"lcbench: sweep stopped by {e} ({e.tally.line()}); "
+                   f"run it again to resume", err=True)
+        ctx.exit(e.exit_code)
+    click.echo(f"sweep {cfgs[0].experiment}: {tally.line()}")
+    ctx.exit(1 if tally.failed else 0)
+
+
 @cli.command(name="list")
 @click.option("--methods", "what", flag_value="methods", help="Only the learning rules.")
 @click.option("--models", "what", flag_value="models", help="Only the models.")
@@ -129,10 +193,10 @@ def list_(what):
             aliases.setdefault(name, []).append(alias)
         for name, m in methods.METHODS.items():
             extra = f" (also: {', '.join(aliases[name])})" if name in aliases else ""
-            click.echo(f"  {name:<6}{m.summary}{extra}")
+            click.echo(f"  {name:<9}{m.summary}{extra}")
             defaults = methods.option_defaults(name)
             if defaults:
-                click.echo("        options: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+                click.echo("           options: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
     if what in (None, "models"):
         click.echo("models:")
         for name in models.MODELS:

@@ -13,7 +13,8 @@ class UsageError(ValueError):
 
 
 EXECUTORS = ("sequential", "distributed")
-SPLITS = ("flops", "params", "activations")
+PLACEMENTS = ("stage", "neuron")
+SPLITS = ("flops", "params", "activations", "time")
 
 
 @dataclass
@@ -36,17 +37,19 @@ class RunConfig:
     cuts: list[int] | None = None
     options: dict = field(default_factory=dict)
     executor: str = "sequential"
+    placement: str = "stage"  # distributed GN-DGL: "neuron" puts each neuron group on a rank
     device: str = "auto"
     threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (distributed)
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 1000
+    save_weights: bool = False  # the trained stages' state dicts to RUN/weights/stageK.pt
     experiment: str = "adhoc"
     out: str = "results"
     data_dir: str | None = None
 
     #: fields that do not change what is computed (where, how it is reported)
-    PLACEMENT = ("experiment", "out", "data_dir")
+    OUTPUT_FIELDS = ("experiment", "out", "data_dir")
 
     def validated(self) -> "RunConfig":
         """Canonical method name and option defaults filled in; raise UsageError on bad values."""
@@ -69,6 +72,10 @@ class RunConfig:
              f"unknown executor '{self.executor}' (choose from {', '.join(EXECUTORS)})"),
             (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              f"unknown device '{self.device}' (auto, cpu, cuda, cuda:N)"),
+            (self.placement in PLACEMENTS,
+             f"unknown placement '{self.placement}' (choose from {', '.join(PLACEMENTS)})"),
+            (self.placement == "stage" or (method.name == "gn" and self.executor == "distributed"),
+             "--placement neuron needs --method gn and --executor distributed"),
         ]
         for ok, message in checks:
             if not ok:
@@ -78,8 +85,8 @@ class RunConfig:
         return RunConfig(**values)
 
     def key(self) -> dict:
-        """The fields that determine the results (placement excluded)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT}
+        """The fields that determine the results (where they go excluded)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.OUTPUT_FIELDS}
 
     @property
     def run_id(self) -> str:

@@ -34,18 +34,28 @@ class PhaseTimer:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
+    def start(self, name: str):
+        """Begin timing phase ``name``; pass the token returned to ``stop``."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return name, event
+        return name, time.perf_counter()
+
+    def stop(self, token) -> None:
+        name, begun = token
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((name, begun, end))
+        else:
+            self.seconds[name] += time.perf_counter() - begun
+
     @contextmanager
     def __call__(self, name: str):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((name, start, end))
-        else:
-            start = time.perf_counter()
-            yield
-            self.seconds[name] += time.perf_counter() - start
+        token = self.start(name)
+        yield
+        self.stop(token)
 
     def pop(self) -> dict[str, float]:
         """Seconds per phase since the last call (synchronises CUDA once)."""
@@ -127,13 +137,17 @@ def static_memory(stage: Stage) -> dict[str, int]:
     }
 
 
-def modelled_time(stage_seconds: Sequence[float], batches: int, *, decoupled: bool) -> float:
+def modelled_time(stage_seconds: Sequence[float], batches: int, *, decoupled: bool,
+                  microbatches: int = 1) -> float:
     """Critical path of K workers over ``batches`` batches from the per-stage busy seconds
     (totals over those batches). Decoupled rules pipeline, so the slowest stage bounds
-    the rate: sum_k t_k + (N-1) max_k t_k; BP without pipelining: N sum_k t_k."""
+    the rate: sum_k t_k + (N-1) max_k t_k; BP without pipelining: N sum_k t_k; BP
+    pipelined over M micro-batches (GPipe, 1F1B): N (M+K-1) max_k t_k / M."""
     per_batch = [s / batches for s in stage_seconds]
     if decoupled:
         return sum(per_batch) + (batches - 1) * max(per_batch)
+    if microbatches > 1:
+        return batches * (microbatches + len(per_batch) - 1) * max(per_batch) / microbatches
     return batches * sum(per_batch)
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import methods
@@ -15,7 +17,7 @@ from methods.base import TrainOptions
 
 from . import measure, models, split, tasks
 from .config import RunConfig, UsageError
-from .executors import launch, sequential
+from .executors import launch, neurons, sequential
 from .provenance import now, provenance
 from .records import RunFailed, RunRecord
 
@@ -57,12 +59,52 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return replace(cfg, model=model)
 
 
-def build_groups(cfg: RunConfig, input_shape, classes: int):
-    """The model split into ``cfg.groups`` layer groups (width-grouped for GN-DGL)."""
+class _PassThrough(nn.Module):
+    """A layer group that does nothing (one parameter, so that it has an optimizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def local_seconds(cfg: RunConfig, shape: tuple, classes: int) -> float:
+    """Measured seconds of one batch of the rule's local work on features of per-sample
+    ``shape``: a stage of a do-nothing group and the rule's local module, through its
+    forward and (with a random message) its upstream update."""
+    last = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
+    stage = methods.build_stages(cfg.method, [_PassThrough(), last], [shape, (classes,)], classes,
+                                 classification_loss, train_options(cfg), cfg.options)[0]
+    x = torch.randn(cfg.batch_size, *shape)
+    y = torch.randint(classes, (cfg.batch_size,))
+    message = {"gradient": x, "loss": y.float(), None: None}[stage.upstream]
+    batch = iter(range(1 << 30))
+
+    def work():
+        t = next(batch)
+        h, _ = stage.forward(t, *stage.input(t, x, y))
+        if message is not None:
+            stage.receive(t, message)
+
+    return split.seconds(work)
+
+
+def train_options(cfg: RunConfig) -> TrainOptions:
+    return TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                        weight_decay=cfg.weight_decay)
+
+
+def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | None = None):
+    """The model split into ``cfg.groups`` layer groups (width-grouped for GN-DGL), at
+    ``cuts`` where given (a distributed rank takes those its launcher resolved)."""
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
+    timed = lambda shape: local_seconds(cfg, shape, classes)  # noqa: E731
     cuts = split.resolve_cuts(model, cfg.groups, input_shape=input_shape, by=cfg.split,
-                              cuts=cfg.cuts)
+                              cuts=cfg.cuts if cuts is None else cuts,
+                              batch_size=cfg.batch_size, local_seconds=timed)
     if cfg.method == "gn":
         torch.manual_seed(cfg.seed)
         model = models.build_model(cfg.model, input_shape, classes, width=cfg.width,
@@ -72,30 +114,39 @@ def build_groups(cfg: RunConfig, input_shape, classes: int):
     return groups, cuts
 
 
-def prepare(cfg: RunConfig, *, rank: int | None = None,
-            device: torch.device | None = None) -> Prepared:
+def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | None = None,
+            data: bool = True, cuts: list[int] | None = None) -> Prepared:
     """Resolve, load and build; any bad input raises UsageError before a file is written.
 
-    For rank k of a distributed run only stage k goes to ``device`` and only rank 0 loads
-    the data (the others receive activations and labels)."""
+    A rank of a distributed run moves only its ``stage`` to ``device``, only rank 0 loads
+    the ``data`` (the others receive activations and labels), and every rank takes the
+    ``cuts`` its launcher resolved (a split by measured time differs from one measure to
+    the next)."""
     cfg = resolve(cfg)
     device = device or resolve_device(cfg.device)
     info = tasks.TASKS[cfg.task]
     try:
-        groups, cuts = build_groups(cfg, info.input_shape, info.num_classes)
+        groups, cuts = build_groups(cfg, info.input_shape, info.num_classes, cuts)
         shapes = split.group_output_shapes(groups, info.input_shape)
         torch.manual_seed(cfg.seed)
-        train = TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                             weight_decay=cfg.weight_decay)
         stages = methods.build_stages(cfg.method, groups, shapes, info.num_classes,
-                                      classification_loss, train, cfg.options)
+                                      classification_loss, train_options(cfg), cfg.options)
     except ValueError as e:  # SplitError, channel/neuron-group mismatch, bad option value
         raise UsageError(str(e)) from None
-    for stage in stages if rank is None else [stages[rank]]:
-        for module in stage.modules():
+    ranks = len(stages) * neurons.ranks_per_layer(cfg)
+    if (cfg.executor == "distributed" and stage is None and device.type == "cuda"
+            and torch.cuda.device_count() < ranks):
+        raise UsageError(f"--executor distributed on CUDA gives each of the {ranks} ranks a GPU "
+                         f"of its own, and this machine has {torch.cuda.device_count()}: "
+                         f"add --device cpu (gloo) or use fewer --groups")
+    if cfg.batch_size % stages[0].microbatches:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split into "
+                         f"{stages[0].microbatches} micro-batches")
+    for placed in stages if stage is None else [stages[stage]]:
+        for module in placed.modules():
             module.to(device)
     parameters = [sum(p.numel() for p in g.parameters()) for g in groups]
-    if rank not in (None, 0):
+    if not data:
         return Prepared(cfg, None, device, cuts, shapes, parameters, stages)
     try:
         task = tasks.load_task(cfg.task, cfg.data_dir, limit_train=cfg.limit_train,
@@ -137,6 +188,16 @@ def open_record(prep: Prepared) -> RunRecord:
     return record
 
 
+def save_weights(folder: Path, label: str, stage: methods.Stage) -> None:
+    """The state dicts of a stage's modules (group first) to ``folder/weights/stage{label}.pt``,
+    written atomically."""
+    path = folder / "weights" / f"stage{label}.pt"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save([module.state_dict() for module in stage.modules()], tmp)
+    os.replace(tmp, path)
+
+
 def batches(task: tasks.Task, batch_size: int, generator: torch.Generator):
     """One epoch of augmented training batches, order and augmentation from ``generator``."""
     for idx in tasks.iterate_batches(task.train_x.shape[0], batch_size, shuffle=True,
@@ -151,17 +212,25 @@ def stage_label(stage: methods.Stage) -> str:
 
 def memory_rows(stages, probes: list[measure.ActivationProbe]) -> dict:
     """Per-stage bytes: parameters, gradients, optimizer state, activations saved for
-    backward by the group and by its local modules, and their sum (the stage's peak)."""
+    backward by the group (times the batches or micro-batches it holds at once) and by its
+    local modules, and their sum (the stage's peak)."""
     rows = {}
     for stage, probe in zip(stages, probes):
-        figures = {**measure.static_memory(stage), "activation_bytes": probe.group_bytes,
+        figures = {**measure.static_memory(stage),
+                   "activation_bytes": probe.group_bytes * stage.in_flight,
                    "local_activation_bytes": probe.local_bytes}
         figures["peak_mem_bytes"] = sum(figures.values())
         rows.update({(str(stage.index + 1), k): v for k, v in figures.items()})
     return rows
 
 
-def time_rows(stages, timers: list[measure.PhaseTimer], steps: int, decoupled: bool) -> dict:
+def modelled_time(stage: methods.Stage, busy: list[float], steps: int) -> float:
+    """The K-worker time of ``stage``'s rule from the per-stage busy seconds."""
+    return measure.modelled_time(busy, steps, decoupled=stage.decoupled,
+                                 microbatches=stage.microbatches)
+
+
+def time_rows(stages, timers: list[measure.PhaseTimer], steps: int) -> dict:
     """Per-stage busy seconds by phase, and the modelled K-worker time of the epoch."""
     rows, busy = {}, []
     for stage, timer in zip(stages, timers):
@@ -170,7 +239,7 @@ def time_rows(stages, timers: list[measure.PhaseTimer], steps: int, decoupled: b
         label = str(stage.index + 1)
         rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})
         rows[label, "busy_time_s"] = busy[-1]
-    rows["", "modelled_time_s"] = measure.modelled_time(busy, steps, decoupled=decoupled)
+    rows["", "modelled_time_s"] = modelled_time(stages[0], busy, steps)
     return rows
 
 
@@ -195,7 +264,7 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
                 rows[stage_label(stage), metric] = value
         rows["", "epoch_time_s"] = seconds
         rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
-        rows.update(time_rows(prep.stages, timers, steps, decoupled=prep.stages[0].decoupled))
+        rows.update(time_rows(prep.stages, timers, steps))
         if epoch == 1:
             rows.update(memory_rows(prep.stages, probes))
         rows.update({("", k): v for k, v in measure.device_memory(device, "train").items()})
@@ -214,11 +283,17 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
             raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
 
 
+def ranks(prep: Prepared) -> int:
+    """Processes of a distributed run: one per layer group (per neuron group with
+    ``--placement neuron``)."""
+    return len(prep.stages) * neurons.ranks_per_layer(prep.cfg)
+
+
 def execute(prep: Prepared, *, progress: bool = True) -> RunRecord:
     """Run a prepared config to completion, keeping run.json's status true throughout."""
     if prep.cfg.executor == "distributed":
         check_writable(prep.cfg)
-        return launch.run(prep.cfg, run_folder(prep.cfg), ranks=len(prep.stages),
+        return launch.run(prep.cfg, run_folder(prep.cfg), ranks=ranks(prep), cuts=prep.cuts,
                           progress=progress)
     record = open_record(prep)
     if prep.cfg.threads:
@@ -234,5 +309,8 @@ def execute(prep: Prepared, *, progress: bool = True) -> RunRecord:
         if isinstance(e, Exception):
             raise RunFailed(f"run {prep.cfg.run_id} failed: {reason}") from e
         raise
+    if prep.cfg.save_weights:
+        for stage in prep.stages:
+            save_weights(record.folder, str(stage.index + 1), stage)
     record.update(status="ok", ended=now(), wall_time_s=time.perf_counter() - start)
     return record

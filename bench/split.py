@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from bench.profile import SavedTensorMeter, count_flops
 
-COST_KINDS = ("flops", "params", "activations")
+COST_KINDS = ("flops", "params", "activations", "time")
+REPEATS = 3  # timed repetitions per block or local module (after one warm-up); the median counts
 
 
 class SplitError(ValueError):
@@ -24,8 +27,9 @@ def _dummy_input(model: nn.Module, input_shape, batch_size: int) -> torch.Tensor
 
 
 def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_size: int = 2) -> list[float]:
-    """Cost of each block: forward FLOPs per sample, parameter count, or activation bytes saved for
-    backward per sample (the block in training mode on a detached input, as in a decoupled stage).
+    """Cost of each block: forward FLOPs per sample, parameter count, activation bytes saved for
+    backward per sample, or measured seconds of a forward and backward pass of a batch of
+    ``batch_size`` (the block in training mode on a detached input, as in a decoupled stage).
     The model is not modified (a copy runs the dummy batch, so BatchNorm statistics stay put)."""
     if by not in COST_KINDS:
         raise ValueError(f"unknown cost {by!r} (choose from {', '.join(COST_KINDS)})")
@@ -36,7 +40,11 @@ def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_s
     costs = []
     for block in work:
         x = x.detach()
-        if by == "flops":
+        if by == "time":
+            costs.append(seconds(lambda: block(x.requires_grad_()).sum().backward()))
+            with torch.no_grad():
+                x = block(x)
+        elif by == "flops":
             costs.append(count_flops(block, x) / batch_size)
             with torch.no_grad():
                 x = block(x)
@@ -47,14 +55,26 @@ def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_s
     return costs
 
 
+def seconds(work) -> float:
+    """Median wall-clock seconds of ``work()`` over REPEATS calls, after one warm-up call."""
+    work()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _check_k(n: int, k: int) -> None:
     if not 1 <= k <= n:
         raise SplitError(f"cannot split {n} blocks into {k} groups")
 
 
-def balanced_cuts(costs: Sequence[float], k: int) -> list[int]:
+def balanced_cuts(costs: Sequence[float], k: int, ends: Sequence[float] | None = None) -> list[int]:
     """The k-1 cut indices of the contiguous partition of ``costs`` into k non-empty groups with the
-    smallest largest-group cost (exact DP). Among optimal partitions, the lexicographically smallest
+    smallest largest-group cost (exact DP). A group that ends after block j but is not the last also
+    costs ``ends[j]`` (its local module). Among optimal partitions, the lexicographically smallest
     cut list (earliest cuts) is returned."""
     n = len(costs)
     _check_k(n, k)
@@ -63,7 +83,7 @@ def balanced_cuts(costs: Sequence[float], k: int) -> list[int]:
         prefix.append(prefix[-1] + c)
 
     def cost(i: int, j: int) -> float:
-        return prefix[j] - prefix[i]
+        return prefix[j] - prefix[i] + (ends[j - 1] if ends is not None and j < n else 0.0)
 
     # best[g][i]: smallest largest-group cost of blocks i..n-1 cut into g groups
     best = [[float("inf")] * (n + 1) for _ in range(k + 1)]
@@ -91,12 +111,27 @@ def _check_cuts(cuts: Sequence[int], n: int, k: int) -> list[int]:
 
 
 def resolve_cuts(model: nn.Sequential, k: int, *, input_shape, by: str = "flops",
-                 cuts: Sequence[int] | None = None) -> list[int]:
-    """The k-1 cut indices: ``cuts`` validated, or balanced by ``by`` (see ``block_costs``)."""
+                 cuts: Sequence[int] | None = None, batch_size: int = 2,
+                 local_seconds: Callable[[tuple], float] | None = None) -> list[int]:
+    """The k-1 cut indices: ``cuts`` validated, or balanced by ``by`` (see ``block_costs``). By
+    time, a group that is not the last also costs ``local_seconds(shape)``: the measured seconds
+    of the rule's local work on its output of per-sample ``shape`` (critic, auxiliary net,
+    synthesizer), since the slowest stage, local module included, bounds a decoupled pipeline."""
     _check_k(len(model), k)
     if cuts is not None:
         return _check_cuts(cuts, len(model), k)
-    return balanced_cuts(block_costs(model, input_shape, by), k)
+    if k == 1:
+        return []
+    costs = block_costs(model, input_shape, by, batch_size=batch_size if by == "time" else 2)
+    ends = None
+    if by == "time" and local_seconds is not None:
+        shapes = [tuple(s) for s in group_output_shapes(list(model), input_shape)]
+        cache: dict[tuple, float] = {}
+        for shape in shapes:
+            if shape not in cache:
+                cache[shape] = local_seconds(shape)
+        ends = [cache[shape] for shape in shapes]
+    return balanced_cuts(costs, k, ends)
 
 
 def split_model(model: nn.Sequential, k: int, *, input_shape, by: str = "flops",

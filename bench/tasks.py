@@ -181,9 +181,19 @@ def _load_digits(root: Path) -> Splits:
     return x[train], y[train], x[test], y[test]
 
 
+def _load_synthetic(root: Path) -> Splits:
+    """CIFAR-shaped Gaussian images whose label is the argmax of a fixed random linear map of
+    the image: learnable, needs no files, for timing and for tests. Always the same data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9216, 3, 32, 32, generator=g)
+    y = (x.flatten(1) @ torch.randn(3 * 32 * 32, 10, generator=g)).argmax(1)
+    return x[:8192], y[:8192], x[8192:], y[8192:]
+
+
 TASKS: dict[str, TaskInfo] = {
     "fashion-mnist": TaskInfo((1, 28, 28), 10, "small-cnn", "none", _load_fashion_mnist),
     "digits": TaskInfo((1, 8, 8), 10, "small-cnn", "none", _load_digits),
+    "synthetic": TaskInfo((3, 32, 32), 10, "resnet20", "none", _load_synthetic),
     "cifar10": TaskInfo(
         (3, 32, 32), 10, "resnet20", "crop-flip",
         _cifar_loader(torchvision.datasets.CIFAR10, "cifar10",

@@ -6,12 +6,14 @@ from typing import Sequence
 
 from torch import nn
 
+from .adgl import ADGLOptions, ADGLStage
 from .base import Criterion, Stage, TrainOptions, options_from
 from .bp import BPOptions, BPStage
 from .dgl import DGLOptions, DGLStage
 from .dni import CDNIStage, DNIOptions, DNIStage
 from .gn import GNOptions, GNStage
 from .lc import LCOptions, LCStage
+from .pipebp import PipeBPOptions, PipeBPStage
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,11 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("bp", BPStage, BPOptions, "backprop through all groups (reference)", False),
+    Method("pipe-bp", PipeBPStage, PipeBPOptions,
+           "pipelined backprop over micro-batches (GPipe / 1F1B schedules)", False),
     Method("dgl", DGLStage, DGLOptions, "decoupled greedy learning: auxiliary classifiers", True),
+    Method("adgl", ADGLStage, ADGLOptions,
+           "asynchronous DGL: inputs drawn from a replay buffer of the stage above", True),
     Method("lc", LCStage, LCOptions, "local critic training: cascaded loss-matching critics", True),
     Method("dni", DNIStage, DNIOptions, "decoupled neural interfaces: synthetic gradients", False),
     Method("cdni", CDNIStage, DNIOptions, "DNI with label-conditioned synthesizers", False),
@@ -33,7 +39,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 ]}
 
 ALIASES = {
-    "backprop": "bp", "local-critic": "lc", "local-critic-training": "lc",
+    "backprop": "bp", "pipelined-bp": "pipe-bp", "pipeline": "pipe-bp", "async-dgl": "adgl",
+    "local-critic": "lc", "local-critic-training": "lc",
     "greedy": "dgl", "decoupled-greedy": "dgl", "synthetic-gradients": "dni",
     "neuron-groups": "gn", "gn-dgl": "gn",
 }

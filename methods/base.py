@@ -3,6 +3,8 @@
 A stage is layer group k of K under one rule: the group, the rule's local module and the
 optimizers. Stages exchange only tensors tagged with a batch id:
 
+- ``input(batch, x, y)`` picks what the stage trains on: what arrived, or (asynchronous
+  DGL) a draw from a buffer of past arrivals;
 - ``forward(batch, x, y)`` takes the (detached) activation of the stage above and the
   labels, trains whatever the rule trains at once, and returns ``(h, up)``: ``h`` the
   detached output for the stage below (``None`` for the last stage) and ``up`` the message
@@ -55,6 +57,10 @@ class Stage:
     #: whether the stage below may run ahead of the updates this stage waits for
     #: (False for BP: its next forward needs this batch's step)
     decoupled = True
+    #: micro-batches per batch (pipelined BP); the modelled time of a pipeline depends on it
+    microbatches = 1
+    #: (micro-)batches whose saved activations the group holds at once on its device
+    in_flight = 1
 
     def __init__(self, index: int, count: int, group: nn.Module, criterion: Criterion,
                  train: TrainOptions):
@@ -75,6 +81,12 @@ class Stage:
         return self.index == self.count - 1
 
     # -- the rule ---------------------------------------------------------------------
+    def input(self, batch: int, x: torch.Tensor | None, y: torch.Tensor | None):
+        """The ``(x, y)`` this stage trains on for ``batch``: what arrived from the stage
+        above, except for rules that draw from a buffer of past arrivals (asynchronous
+        DGL), where ``x`` may be None (nothing new arrived)."""
+        return x, y
+
     def forward(self, batch: int, x: torch.Tensor, y: torch.Tensor):
         raise NotImplementedError
 

@@ -29,7 +29,7 @@ def test_small_cnn_param_count_by_hand(shape):
 
 def test_model_names():
     assert model_names() == list(MODELS)
-    assert set(model_names()) == {"small-cnn", "resnet8", "resnet20", "resnet32", "resnet56", "resnet110"}
+    assert set(model_names()) == {"mlp", "small-cnn", "resnet8", "resnet20", "resnet32", "resnet56", "resnet110"}
 
 
 @pytest.mark.parametrize("name, shape", [(n, (3, 32, 32)) for n in MODELS] + [("small-cnn", (1, 28, 28)),

@@ -295,3 +295,77 @@ def test_gn_with_one_group_is_dgl():
 def test_unknown_option_is_rejected():
     with pytest.raises(ValueError, match="unknown option"):
         stages_for("lc", mlp_groups(2), critic_size=3)
+
+
+@pytest.mark.parametrize("k, microbatches", [(2, 2), (3, 4)])
+def test_pipelined_bp_equals_unsplit_autograd_without_batchnorm(k, microbatches):
+    """Micro-batches change nothing but rounding where no layer mixes samples."""
+    groups = mlp_groups(k)
+    whole = copy.deepcopy(nn.Sequential(*groups))
+    stages = stages_for("pipe-bp", groups, microbatches=microbatches)
+    reference = torch.optim.SGD(whole.parameters(), lr=OPTS.lr, momentum=OPTS.momentum,
+                                nesterov=True, weight_decay=OPTS.weight_decay)
+    for step in range(4):
+        x, y = data(seed=step)
+        train_step(stages, step, x, y)
+        reference.zero_grad()
+        F.cross_entropy(whole(x), y).backward()
+        reference.step()
+    assert_all_close(params(nn.Sequential(*groups)), params(whole), rtol=1e-12, atol=1e-12)
+    assert all(not s.kept for s in stages)
+
+
+def test_pipelined_bp_normalises_each_micro_batch_on_its_own():
+    """With BatchNorm the update is the mean over micro-batches of each one's own gradient."""
+    torch.manual_seed(0)
+    groups = [nn.Sequential(nn.Linear(DIM, DIM), nn.BatchNorm1d(DIM), nn.Tanh()),
+              nn.Sequential(nn.Linear(DIM, CLASSES))]
+    whole = copy.deepcopy(nn.Sequential(*groups))
+    stages = stages_for("pipe-bp", groups, microbatches=2)
+    x, y = data()
+    loss = sum(F.cross_entropy(whole(xc), yc) for xc, yc in zip(x.chunk(2), y.chunk(2))) / 2
+    grads = torch.autograd.grad(loss, list(whole.parameters()))
+    expected = [sgd_first_step(p.detach(), g) for p, g in zip(whole.parameters(), grads)]
+    train_step(stages, 0, x, y)
+    assert_all_close(params(nn.Sequential(*groups)), expected)
+
+
+def test_pipelined_bp_rejects_a_batch_that_does_not_split():
+    with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
+        train_step(stages_for("pipe-bp", mlp_groups(2), microbatches=3), 0, *data())
+
+
+def test_async_dgl_with_a_buffer_of_one_used_once_is_dgl():
+    final = {}
+    for method, options in (("dgl", {}), ("adgl", {"buffer_size": 1, "max_reuse": 1})):
+        groups = mlp_groups(3)
+        stages = stages_for(method, groups, **options)
+        for step in range(3):
+            train_step(stages, step, *data(seed=step))
+        final[method] = params(nn.Sequential(*groups))
+    assert_all_close(final["adgl"], final["dgl"], rtol=0, atol=0)
+
+
+def test_async_dgl_stage_trains_on_buffered_inputs_with_their_own_labels():
+    """Stage 2 draws (h, y) pairs from its buffer: the labels it passes on are those of the
+    input it drew, and an input is drawn at most max_reuse times."""
+    groups = mlp_groups(2)
+    stage = stages_for("adgl", groups, buffer_size=3, max_reuse=2)[1]
+    pushed = [data(seed=s) for s in range(3)]
+    drawn = [stage.input(0, *pair) for pair in pushed]
+    drawn += [stage.input(0, None, None) for _ in range(3)]  # nothing new arrives
+    assert len(stage.buffer) == 0  # 3 inputs x 2 uses, all spent
+    for x, y in drawn:
+        (match,) = [yy for xx, yy in pushed if xx is x]
+        assert match is y
+    counts = [sum(x is xx for x, _ in drawn) for xx, _ in pushed]
+    assert counts == [2, 2, 2]
+
+
+def test_replay_buffer_keeps_the_newest_and_counts_evictions():
+    from methods.adgl import ReplayBuffer
+    buffer = ReplayBuffer(2, 3, torch.Generator().manual_seed(0))
+    for i in range(4):
+        buffer.push(torch.tensor([i]), torch.tensor([i]))
+    assert [int(e[0]) for e in buffer.entries] == [2, 3]
+    assert buffer.pop_discarded() == 2 and buffer.unused == 2

@@ -107,7 +107,7 @@ def test_block_costs_flops_and_params():
     assert sum(params) == sum(p.numel() for p in model.parameters())
     assert params[0] == 9 * 3 * 16 + 2 * 16
     with pytest.raises(ValueError, match="unknown cost"):
-        block_costs(model, CIFAR, "time")
+        block_costs(model, CIFAR, "seconds")
 
 
 def test_block_costs_activations_leave_model_untouched():
@@ -166,3 +166,25 @@ def test_flops_and_byte_counters():
     adam.step()
     assert optimizer_state_bytes(sgd) == 4 * n  # one momentum buffer per parameter
     assert optimizer_state_bytes(adam) == 2 * 4 * n + 4 * 4  # two moments, plus a float32 step per tensor
+
+
+def test_balanced_cuts_charge_a_local_module_to_the_group_it_ends():
+    # blocks 1, 1, 1, 1; a local module after block j costs ends[j]
+    assert balanced_cuts([1, 1, 1, 1], 2) == [2]
+    # a module costing 2 after block 1 (index 1) makes [0,1] + 2 = 4: better cut after block 0
+    assert balanced_cuts([1, 1, 1, 1], 2, ends=[0.5, 2, 2, 0]) == [1]  # 1 + 0.5 vs 3
+    # the dear module after block 0 pushes the cut to block 1; ends[-1] (the last group) never counts
+    assert balanced_cuts([1, 1, 1], 2, ends=[5, 0, 100]) == [2]
+
+
+def test_split_by_measured_time_charges_the_local_module(monkeypatch):
+    """Equal block times; a local module that is dear after the first stage's blocks moves the
+    cut so that the stage carrying it gets fewer blocks."""
+    model = build_model("resnet8", CIFAR, 10)
+    monkeypatch.setattr("bench.split.seconds", lambda work: 1.0)
+    shapes = {}
+    cuts = resolve_cuts(model, 2, input_shape=CIFAR, by="time",
+                        local_seconds=lambda shape: shapes.setdefault(shape, 3.0))
+    assert cuts == [1]  # 1 block + 3 vs 4 blocks
+    assert set(shapes) == {(16, 32, 32), (32, 16, 16), (64, 8, 8), (10,)}
+    assert resolve_cuts(model, 2, input_shape=CIFAR, by="time") == [2]  # no local work: 2 | 3 blocks

@@ -256,5 +256,13 @@ def test_iterate_batches_in_order_without_shuffle():
 
 
 def test_task_registry():
-    assert set(TASKS) == {"fashion-mnist", "digits", "cifar10", "cifar100"}
+    assert set(TASKS) == {"fashion-mnist", "digits", "synthetic", "cifar10", "cifar100"}
     assert TASKS["cifar100"].num_classes == 100 and TASKS["fashion-mnist"].input_shape == (1, 28, 28)
+
+
+def test_synthetic_task_is_fixed_and_has_every_class():
+    a, b = load_task("synthetic"), load_task("synthetic")
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.shape == (8192, 3, 32, 32) and a.test_x.shape == (1024, 3, 32, 32)
+    counts = torch.bincount(a.train_y, minlength=10)
+    assert counts.min() > 8192 / 10 / 3  # every class present in a fair share

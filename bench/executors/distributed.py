@@ -11,6 +11,7 @@ torch.distributed move tensors.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -27,40 +28,12 @@ from tqdm import tqdm
 from bench import measure, runner
 from bench.config import RunConfig
 from bench.provenance import now
+from methods.adgl import ADGLStage
+from methods.pipebp import PipeBPStage
 
+from . import asynchronous, neurons, pipeline
+from .links import Links, Part
 from .sequential import synchronize
-
-#: outstanding sends per direction before a rank waits (backpressure on a fast stage)
-MAX_SENDS = 4
-
-
-class Links:
-    """Point-to-point traffic of one rank with its neighbours, with idle time counted."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-        self.sends: deque = deque()
-        self.idle = 0.0
-
-    def wait(self, work) -> None:
-        start = time.perf_counter()
-        work.wait()
-        self.idle += time.perf_counter() - start
-
-    def recv(self, shape, dtype, device, src: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        self.wait(dist.irecv(buf, src=src))
-        return buf
-
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        self.sends.append(dist.isend(tensor.contiguous(), dst=dst))
-        while len(self.sends) > MAX_SENDS:
-            self.wait(self.sends.popleft())
-
-    def flush(self) -> None:
-        while self.sends:
-            self.wait(self.sends.popleft())
-
 
 def upstream_shape(stage, h_shape: tuple) -> tuple | None:
     """Shape of the message this stage receives from the stage below, per batch."""
@@ -110,6 +83,37 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
     links.flush()
 
 
+def trainer(stage, links: Links, *, batch_size: int, steps: int, in_shape: tuple,
+            out_shape: tuple, device, dtype, timer, progress: bool):
+    """``epoch(batches, probe) -> counts``: one training epoch of this rank under its rule
+    (pipelined BP on a pipeline schedule, asynchronous DGL without waiting, the others
+    with late upstream messages). ``probe`` is entered around the first batch(es)."""
+    if isinstance(stage, PipeBPStage):
+        pipe = pipeline.Pipeline(stage, links, device=device, batch_size=batch_size)
+        pipeline.time_phases(stage, timer)
+
+        def epoch(batches, probe):
+            for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch",
+                          file=sys.stdout):
+                x, y = next(batches) if links.rank == 0 else (None, None)
+                with probe if probe is not None and t == 0 else nullcontext():
+                    pipe.step(x, y)
+            links.flush()
+            return {}
+    elif isinstance(stage, ADGLStage):
+        def epoch(batches, probe):
+            return asynchronous.train_epoch(stage, links, batches=batches, steps=steps,
+                                            batch_size=batch_size, in_shape=in_shape,
+                                            device=device, dtype=dtype, probe=probe)
+    else:
+        def epoch(batches, probe):
+            train_epoch(stage, links, batches=batches, steps=steps, batch_size=batch_size,
+                        in_shape=in_shape, out_shape=out_shape, device=device, dtype=dtype,
+                        probe=probe, progress=progress)
+            return {}
+    return epoch
+
+
 @torch.no_grad()
 def evaluate(stage, links: Links, *, test, n_test: int, batch_size: int, in_shape, device, dtype,
              criterion) -> dict:
@@ -147,17 +151,34 @@ def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def worker(cfg: RunConfig, progress: bool) -> None:
-    """The body of one rank: build its stage, train, gather rows on rank 0."""
+def stage_part(prep: runner.Prepared, links: Links, *, steps: int, device, dtype, timer,
+               progress: bool) -> Part:
+    """Rank k trains stage k (one layer group)."""
+    cfg, rank = prep.cfg, links.rank
+    stage = prep.stages[rank]
+    in_shape = tuple(runner.tasks.TASKS[cfg.task].input_shape) if rank == 0 else prep.shapes[rank - 1]
+
+    def evaluate_part(test, n_test):
+        scores = evaluate(stage, links, test=test, n_test=n_test, batch_size=cfg.eval_batch_size,
+                          in_shape=in_shape, device=device, dtype=dtype,
+                          criterion=runner.classification_loss)
+        return {(runner.stage_label(stage), m): v for m, v in scores.items()}
+
+    epoch = trainer(stage, links, batch_size=cfg.batch_size, steps=steps, in_shape=in_shape,
+                    out_shape=prep.shapes[rank], device=device, dtype=dtype, timer=timer,
+                    progress=progress)
+    return Part(stage, str(rank + 1), rank, in_shape, epoch, evaluate_part)
+
+
+def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
+    """The body of one rank: build its part, train, gather rows on rank 0."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device_for(int(os.environ.get("LOCAL_RANK", rank)), cfg)
-    prep = runner.prepare(cfg, rank=rank, device=device)
-    stage = prep.stages[rank]
-    prep.stages = None  # the other stages live on other ranks
+    cfg = runner.resolve(cfg)
+    per_layer = neurons.ranks_per_layer(cfg)
+    prep = runner.prepare(cfg, stage=rank // per_layer, device=device, data=rank == 0, cuts=cuts)
     cfg = prep.cfg
     record = runner.open_record(prep) if rank == 0 else None
-    shapes = prep.shapes
-    in_shape = tuple(runner.tasks.TASKS[cfg.task].input_shape) if rank == 0 else shapes[rank - 1]
     counts = torch.tensor([prep.task.train_x.shape[0], prep.task.test_x.shape[0]]
                           if rank == 0 else [0, 0])
     dist.broadcast(counts, src=0)
@@ -165,10 +186,15 @@ def worker(cfg: RunConfig, progress: bool) -> None:
     steps = n_train // cfg.batch_size
     dtype = torch.float32
     timer = measure.PhaseTimer(device)
+    links = Links(rank, world)
+    build = neurons.part if per_layer > 1 else stage_part
+    part = build(prep, links, steps=steps, device=device, dtype=dtype, timer=timer,
+                 progress=progress and rank == 0)
+    prep.stages = None  # the other stages live on other ranks
+    stage = part.stage
     stage.phase = timer
     probe = measure.ActivationProbe(stage)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    links = Links(rank, world)
     for epoch in range(1, cfg.epochs + 1):
         stage.train(True)
         data = runner.batches(prep.task, cfg.batch_size, generator) if rank == 0 else None
@@ -176,42 +202,42 @@ def worker(cfg: RunConfig, progress: bool) -> None:
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()
-        train_epoch(stage, links, batches=data, steps=steps, batch_size=cfg.batch_size,
-                    in_shape=in_shape, out_shape=shapes[rank], device=device, dtype=dtype,
-                    probe=probe if epoch == 1 else None, progress=progress and rank == 0)
+        counts = part.epoch(data, probe if epoch == 1 else None)
         synchronize(device)
         seconds = time.perf_counter() - start
-        label = str(rank + 1)
+        label = part.label
         rows = {(runner.stage_label(stage), m): v for m, v in stage.pop_metrics().items()}
+        rows.update({(label, m): v for m, v in counts.items()})
         phases = timer.pop()
         rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})
         rows[label, "busy_time_s"] = sum(phases.values())
-        rows[label, "idle_time_s"] = links.idle
+        rows[label, "idle_time_s"] = links.pop_idle()
         rows[label, "wall_time_s"] = seconds
-        links.idle = 0.0
         if epoch == 1:
-            rows.update(runner.memory_rows([stage], [probe]))
+            rows.update({(label, m): v for (_, m), v in runner.memory_rows([stage], [probe]).items()})
         rows.update({(label, m): v for m, v in measure.device_memory(device, "train").items()})
         test = (prep.task.test_x, prep.task.test_y) if rank == 0 else None
-        scores = evaluate(stage, links, test=test, n_test=n_test, batch_size=cfg.eval_batch_size,
-                          in_shape=in_shape, device=device, dtype=dtype,
-                          criterion=runner.classification_loss)
-        rows.update({(runner.stage_label(stage), m): v for m, v in scores.items()})
+        rows.update(part.evaluate(test, n_test))
         gathered = [None] * world if rank == 0 else None
-        dist.gather_object(rows, gathered, dst=0)
+        dist.gather_object((part.layer, label, rows), gathered, dst=0)
         if rank == 0:
-            merged = {key: value for part in gathered for key, value in part.items()}
-            busy = [merged[str(r + 1), "busy_time_s"] for r in range(world)]
-            wall = max(merged[str(r + 1), "wall_time_s"] for r in range(world))
+            merged = {key: value for _, _, part_rows in gathered for key, value in part_rows.items()}
+            busy = [0.0] * cfg.groups  # per layer group: its slowest rank
+            for layer, rank_label, part_rows in gathered:
+                busy[layer] = max(busy[layer], part_rows[rank_label, "busy_time_s"])
+            wall = max(part_rows[rank_label, "wall_time_s"] for _, rank_label, part_rows in gathered)
             merged["", "epoch_time_s"] = wall
             merged["", "samples_per_s"] = steps * cfg.batch_size / wall
-            merged["", "modelled_time_s"] = measure.modelled_time(busy, steps,
-                                                                  decoupled=stage.decoupled)
+            merged["", "modelled_time_s"] = runner.modelled_time(stage, busy, steps)
+            merged["", "wall_over_modelled"] = wall / merged["", "modelled_time_s"]
             record.add(epoch, merged)
-            if merged["", "train_loss"] != merged["", "train_loss"]:  # NaN
+            if not math.isfinite(merged["", "train_loss"]):
                 record.update(status="diverged", ended=now(),
                               error=f"non-finite training loss at epoch {epoch}")
                 raise runner.RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+    if cfg.save_weights:
+        runner.save_weights(runner.run_folder(cfg), part.label, stage)
+    dist.barrier()
     if rank == 0:
         record.update(status="ok", ended=now())
 
@@ -226,12 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     rank = dist.get_rank()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     try:
-        worker(cfg, progress=os.environ.get("LCBENCH_PROGRESS") == "1")
+        worker(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         folder = runner.run_folder(runner.resolve(cfg))
         if folder.exists():
-            (folder / f".rank{rank}.error").write_text(reason.splitlines()[0] + "\n")
+            (folder / f".rank{rank}.error").write_text(f"{time.time()} {reason.splitlines()[0]}\n")
         traceback.print_exc()
         os._exit(1)  # do not wait on peers that will never answer
     dist.destroy_process_group()

@@ -20,7 +20,10 @@ from bench.config import RunConfig
 from bench.provenance import now
 from bench.records import RunFailed, RunRecord, read_json, write_atomic
 
-ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
+#: what a rank raises when a peer died first: never the cause of a failure
+PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|remote (worker|process)|"
+                       r"connection refused|timed? ?out", re.I)
 
 
 def free_port() -> int:
@@ -37,19 +40,29 @@ def torchrun_command(cfg: RunConfig, config_path: Path, ranks: int) -> list[str]
 
 
 def first_failure(folder: Path, log: str) -> str:
-    """One line: which rank failed first and why (torchrun's root cause, the rank's error)."""
-    match = ROOT_CAUSE.search(log.split("Root Cause", 1)[-1])
-    rank, code = (int(match[1]), int(match[2])) if match else (None, None)
-    errors = {int(p.name[5:-6]): p.read_text().strip() for p in folder.glob(".rank*.error")}
-    if rank is None and errors:
-        rank = min(errors, key=lambda r: (folder / f".rank{r}.error").stat().st_mtime)
-    if rank is None:
-        return "the distributed run failed (see workers.log)"
-    if rank in errors:
-        return f"rank {rank} failed: {errors[rank]}"
-    if code is not None and code < 0:
-        return f"rank {rank} was killed by {signal.Signals(-code).name}"
-    return f"rank {rank} exited with status {code}"
+    """One line: which rank failed first and why. A rank's own error (its ``.rankN.error``:
+    time and message) comes first, earliest first; then a rank killed by a signal (from
+    torchrun's failure report); errors caused by a lost peer only where nothing else is
+    known."""
+    errors = {}
+    for path in folder.glob(".rank*.error"):
+        stamp, _, message = path.read_text().partition(" ")
+        errors[int(path.name[5:-6])] = (float(stamp), message.strip())
+    exits = {int(rank): int(code) for rank, code in FAILURE.findall(log)}
+    own = sorted((t, r) for r, (t, message) in errors.items() if not PEER_LOST.search(message))
+    if own:
+        rank = own[0][1]
+        return f"rank {rank} failed: {errors[rank][1]}"
+    killed = sorted(r for r, code in exits.items() if code < 0 and -code != signal.SIGTERM)
+    if killed:
+        return f"rank {killed[0]} was killed by {signal.Signals(-exits[killed[0]]).name}"
+    if errors:
+        rank = min(errors, key=lambda r: errors[r][0])
+        return f"rank {rank} failed: {errors[rank][1]}"
+    if exits:
+        rank = min(exits)
+        return f"rank {rank} exited with status {exits[rank]}"
+    return "the distributed run failed (see workers.log)"
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -66,12 +79,18 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run(cfg: RunConfig, folder: Path, *, ranks: int, progress: bool) -> RunRecord:
-    """Run ``cfg`` on ``ranks`` local processes; return the record rank 0 wrote."""
+def write_config(path: Path, cfg: RunConfig, cuts: list[int]) -> None:
+    """What every rank reads: the resolved config and the cut points."""
+    write_atomic(Path(path), json.dumps({"config": asdict(cfg), "cuts": cuts}, indent=2) + "\n")
+
+
+def run(cfg: RunConfig, folder: Path, *, ranks: int, cuts: list[int], progress: bool) -> RunRecord:
+    """Run ``cfg`` on ``ranks`` local processes, the model cut at ``cuts``; return the record
+    rank 0 wrote."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lcbench-") as tmp:
         config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps({"config": asdict(cfg)}))
+        write_config(config_path, cfg, cuts)
         log_path = Path(tmp) / "workers.log"
         env = {**os.environ, "LCBENCH_PROGRESS": "1" if progress else "0",
                "OMP_NUM_THREADS": str(cfg.threads or max(1, (os.cpu_count() or 1) // ranks))}

@@ -16,6 +16,7 @@ def train_step(stages: Sequence[Stage], batch: int, x: torch.Tensor, y: torch.Te
     """One batch: forward (and local updates) down the stages, then the messages upstream."""
     up: list[torch.Tensor | None] = [None] * len(stages)
     for stage in stages:
+        x, y = stage.input(batch, x, y)
         x, up[stage.index] = stage.forward(batch, x, y)
     for k in range(len(stages) - 1, 0, -1):
         if up[k] is not None:

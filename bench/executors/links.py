@@ -1,0 +1,58 @@
+"""What one rank of a distributed run holds: its part of the model, and its point-to-point
+traffic on torch.distributed with the time spent waiting."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+#: outstanding sends before a rank waits (backpressure on a fast stage)
+MAX_SENDS = 4
+
+
+class Links:
+    """Sends and receives of one rank; ``idle`` is the seconds it spent waiting on them."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.sends: deque = deque()
+        self.idle = 0.0
+
+    def wait(self, work) -> None:
+        start = time.perf_counter()
+        work.wait()
+        self.idle += time.perf_counter() - start
+
+    def recv(self, shape, dtype, device, src: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        self.wait(dist.irecv(buf, src=src))
+        return buf
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self.sends.append(dist.isend(tensor.contiguous(), dst=dst))
+        while len(self.sends) > MAX_SENDS:
+            self.wait(self.sends.popleft())
+
+    def flush(self) -> None:
+        while self.sends:
+            self.wait(self.sends.popleft())
+
+    def pop_idle(self) -> float:
+        idle, self.idle = self.idle, 0.0
+        return idle
+
+
+@dataclass
+class Part:
+    """What one rank trains: its stage, and how it trains and evaluates it."""
+
+    stage: object
+    label: str  # the ``stage`` column of the rank's own figures (time, memory, counts)
+    layer: int  # its layer group: the busy times of one layer group's ranks are one worker
+    in_shape: tuple  # per-sample shape of its input
+    epoch: Callable  # (batches, probe) -> counts
+    evaluate: Callable  # (test, n_test) -> {(stage, metric): value}

@@ -1,0 +1,67 @@
+"""`make bench` smoke test: the structure of its figures and CSV, never their values."""
+import csv
+import math
+
+import pytest
+import torch
+
+import methods
+from bench import benchmark
+
+TINY = dict(model_names=["resnet8"], batch_size=8, warmup=1, steps=1, rounds=2,
+            overhead_steps=1, overhead_rounds=2, input_shape=(3, 16, 16),
+            device=torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared machine run faster on one thread (no OpenMP oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_method_against_bp_and_the_plain_loop():
+    rows = benchmark.run_benchmark(groups=[2], **TINY)
+    for r in rows:
+        assert set(r) == set(benchmark.COLUMNS)
+        assert r["ms_per_step"] > 0 and math.isfinite(r["ms_per_step"])
+        assert r["ratio"] > 0 and math.isfinite(r["ratio"])
+    overhead = {r["method"]: r for r in rows if r["benchmark"] == "overhead"}
+    assert set(overhead) == {"plain", "bp"}
+    assert overhead["plain"]["ratio"] == 1.0 and overhead["bp"]["baseline"] == "plain"
+    assert overhead["bp"]["samples"] == 2
+    ranked = {r["method"]: r for r in rows if r["benchmark"] == "methods"}
+    assert set(ranked) == set(methods.METHODS)
+    assert ranked["bp"]["ratio"] == 1.0
+    assert all(r["baseline"] == "bp" and r["groups"] == 2 for r in ranked.values())
+
+
+def test_main_prints_tables_and_writes_the_csv(tmp_path, capsys):
+    out = tmp_path / "bench" / "bench.csv"
+    benchmark.main(["--quick", "--models", "small-cnn", "--groups", "2", "3", "--methods", "bp",
+                    "dgl", "--batch-size", "8", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "Overhead" in text and "Methods" in text
+    with open(out) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == benchmark.COLUMNS
+        rows = list(reader)
+    assert len(rows) == 3 + 4  # plain + BP at K=2, 3; then bp, dgl at K=2, 3
+    assert {(r["groups"], r["method"]) for r in rows if r["benchmark"] == "methods"} == {
+        ("2", "bp"), ("2", "dgl"), ("3", "bp"), ("3", "dgl")}
+    assert all(float(r["ratio"]) > 0 for r in rows)
+    assert [p.name for p in out.parent.iterdir()] == ["bench.csv"]  # no temporary file left
+
+
+def test_interleave_is_round_robin_and_stops_at_the_deadline():
+    order = []
+    contenders = [benchmark.Contender("m", 1, name, lambda b, x, y, name=name: order.append(name))
+                  for name in "abc"]
+    batches = [(torch.zeros(1), torch.zeros(1))]
+    benchmark.interleave(contenders, batches, torch.device("cpu"), warmup=1, steps=2, rounds=50,
+                         deadline=0.0)  # long past: stop as soon as MIN_ROUNDS are done
+    assert order[:3] == list("abc")  # warm-up
+    assert "".join(order[3:]) == "aabbcc" "bbccaa" "ccaabb"
+    assert all(len(c.times) == 2 * benchmark.MIN_ROUNDS for c in contenders)

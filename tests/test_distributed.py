@@ -1,0 +1,275 @@
+"""The distributed executor on 2 CPU ranks (gloo, torchrun): learning as in the sequential
+executor, exact pipelined backprop, asynchronous DGL, neuron groups on ranks, faults."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.dist
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+DIGITS = ["--task", "digits", "--batch-size", "64", "--quiet"]
+
+
+def lcbench(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bench", "run", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_folder(out: Path) -> Path:
+    (folder,) = out.glob("*/*/run.json")
+    return folder.parent
+
+
+def metrics(out: Path) -> dict[tuple, float]:
+    """(epoch, stage, metric) -> value of the one run under ``out``."""
+    with open(run_folder(out) / "metrics.csv") as f:
+        return {(int(r["epoch"]), r["stage"], r["metric"]): float(r["value"])
+                for r in csv.DictReader(f)}
+
+
+def weights(out: Path) -> list[dict]:
+    return [torch.load(p) for p in sorted((run_folder(out) / "weights").glob("stage*.pt"))]
+
+
+def leftover_ranks() -> list[str]:
+    """Command lines of torchrun agents or ranks of lcbench still alive."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "bench.executors.distributed" in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("method", ["dgl", "lc"])
+def test_distributed_learns_like_sequential_on_fashion_mnist(method, tmp_path):
+    args = ["--method", method, "--task", "fashion-mnist", "--epochs", "1", "--limit-train",
+            "6144", "--limit-test", "2000", "--quiet"]
+    acc = {}
+    for executor in ("sequential", "distributed"):
+        result = lcbench(*args, "--executor", executor, "--out", str(tmp_path / executor))
+        assert result.returncode == 0, result.stderr
+        acc[executor] = metrics(tmp_path / executor)[1, "", "test_acc"]
+    assert acc["sequential"] > 0.7
+    assert abs(acc["distributed"] - acc["sequential"]) < 0.04, acc
+
+
+def test_records_keep_the_schema_with_figures_per_rank(tmp_path):
+    result = lcbench("--method", "dni", *DIGITS, "--epochs", "1", "--executor", "distributed",
+                     "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    with open(run_folder(tmp_path) / "metrics.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    from bench.records import COLUMNS
+    assert reader.fieldnames == COLUMNS
+    assert {r["executor"] for r in rows} == {"distributed"}
+    got = metrics(tmp_path)
+    for rank in ("1", "2"):
+        for metric in ("forward_time_s", "backward_time_s", "update_time_s", "busy_time_s",
+                       "idle_time_s", "wall_time_s", "param_bytes", "activation_bytes",
+                       "peak_mem_bytes", "peak_rss_bytes"):
+            assert got[1, rank, metric] > 0, (rank, metric)
+    assert got[1, "1", "synth_loss"] >= 0 and got[1, "", "test_acc"] > 0.1
+    assert got[1, "", "modelled_time_s"] > 0 and got[1, "", "wall_over_modelled"] > 0
+    info = json.loads((run_folder(tmp_path) / "run.json").read_text())
+    assert info["status"] == "ok" and info["config"]["executor"] == "distributed"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelined_bp_ends_with_the_parameters_of_sequential_bp(schedule, tmp_path):
+    """torch.distributed.pipelining, 2 ranks, 4 micro-batches, against one-process BP on a
+    model without BatchNorm (micro-batches then change nothing but rounding)."""
+    args = ["--task", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
+            "--limit-train", "384", "--save-weights", "--quiet"]
+    assert lcbench("--method", "bp", *args, "--out", str(tmp_path / "bp")).returncode == 0
+    result = lcbench("--method", "pipe-bp", "-o", f"schedule={schedule}", *args,
+                     "--executor", "distributed", "--out", str(tmp_path / "pipe"))
+    assert result.returncode == 0, result.stderr
+    expected, actual = weights(tmp_path / "bp"), weights(tmp_path / "pipe")
+    assert len(expected) == len(actual) == 2
+    for stage_a, stage_b in zip(expected, actual):
+        for state_a, state_b in zip(stage_a, stage_b):
+            for name in state_a:
+                torch.testing.assert_close(state_b[name], state_a[name], rtol=1e-5, atol=1e-6)
+    initial = lcbench("--method", "bp", *args, "--epochs", "0", "--out", str(tmp_path / "init"))
+    assert initial.returncode == 0
+    first_layer = "0.1.weight"  # group 1, block 0 = Flatten, Linear, ReLU
+    assert not torch.allclose(expected[0][0][first_layer], weights(tmp_path / "init")[0][0][first_layer])
+
+
+def test_async_dgl_slowed_stage_does_not_stall_the_others(tmp_path):
+    """Stage 2 sleeps 60 ms per step: stage 1 still runs its batches at its own pace (it
+    drops what stage 2 cannot take); then stage 1 is slowed and stage 2 keeps training on
+    its replay buffer (more steps than inputs received)."""
+    args = ["--method", "adgl", *DIGITS, "--epochs", "1", "--limit-train", "1280",
+            "--executor", "distributed", "-o", "slow_ms=60"]
+    steps = 1280 // 64
+    result = lcbench(*args, "-o", "slow_stage=2", "--out", str(tmp_path / "slow2"))
+    assert result.returncode == 0, result.stderr
+    got = metrics(tmp_path / "slow2")
+    assert got[1, "1", "train_steps"] == steps
+    assert got[1, "1", "wall_time_s"] < 0.5 * steps * 0.060  # it did not wait for stage 2
+    assert got[1, "2", "train_steps"] * 0.060 <= got[1, "2", "wall_time_s"] + 0.05
+    assert got[1, "2", "received_inputs"] + got[1, "1", "dropped_outputs"] == steps
+    assert got[1, "2", "discarded_inputs"] > 0  # too slow to use them all: it took the newest
+
+    result = lcbench(*args, "-o", "slow_stage=1", "-o", "max_reuse=4", "--out",
+                     str(tmp_path / "slow1"))
+    assert result.returncode == 0, result.stderr
+    got = metrics(tmp_path / "slow1")
+    assert got[1, "2", "received_inputs"] == steps
+    assert got[1, "2", "train_steps"] > 1.5 * steps  # kept training on reused inputs
+    assert got[1, "", "reuse_frac"] > 0.3
+
+
+def test_neuron_groups_on_ranks_of_their_own_match_sequential(tmp_path):
+    """GN-DGL with K=1, G=2 on 2 ranks: each rank holds one neuron group; the classifier sees
+    both. The sequential executor computes the same thing, so accuracy agrees closely."""
+    args = ["--method", "gn", "--groups", "1", "--neuron-groups", "2", *DIGITS, "--epochs", "2"]
+    acc = {}
+    for name, extra in (("seq", []), ("dist", ["--executor", "distributed", "--placement",
+                                               "neuron"])):
+        result = lcbench(*args, *extra, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        acc[name] = metrics(tmp_path / name)
+    assert acc["seq"][2, "", "test_acc"] > 0.8
+    assert abs(acc["dist"][2, "", "test_acc"] - acc["seq"][2, "", "test_acc"]) <= 0.02
+    dist = acc["dist"]
+    busy = [dist[2, rank, "busy_time_s"] for rank in ("1.1", "1.2")]  # a rank per neuron group
+    assert all(b > 0 for b in busy)
+    assert dist[2, "", "modelled_time_s"] == pytest.approx(max(busy))  # K=1: one step of the slowest
+
+
+def test_neuron_placement_needs_gn_and_distributed(capsys):
+    from bench.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--method", "lc", "--placement", "neuron", "--executor", "distributed"])
+    assert e.value.code == 2 and "--placement neuron needs" in capsys.readouterr().err
+
+
+FAULT = """
+import os
+if os.environ.get("RANK") == "1":
+    import methods.base as base
+    calls = []
+    original = base.Stage.tally
+    def tally(self, n, **means):
+        calls.append(n)
+        if len(calls) == 3:
+            raise RuntimeError("injected fault")
+        return original(self, n, **means)
+    base.Stage.tally = tally
+"""
+
+
+def check_failed(out: Path, result, words: str, started: float) -> None:
+    assert time.monotonic() - started < 60
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    info = json.loads((run_folder(out) / "run.json").read_text())
+    assert info["status"] == "failed" and words in info["error"]
+    deadline = time.monotonic() + 10
+    while leftover_ranks() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not leftover_ranks()
+
+
+def test_a_rank_that_raises_fails_the_run_naming_it(tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAULT)
+    started = time.monotonic()
+    result = lcbench("--method", "lc", *DIGITS, "--epochs", "2", "--executor", "distributed",
+                     "--out", str(tmp_path / "out"),
+                     env={"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.getcwd()}"})
+    check_failed(tmp_path / "out", result, "rank 1 failed: RuntimeError: injected fault", started)
+
+
+def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--method", "lc", *DIGITS,
+                             "--epochs", "500", "--executor", "distributed", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    while victim is None:
+        assert proc.poll() is None and time.monotonic() - started < 60
+        for metrics_file in out.glob("*/*/metrics.csv"):
+            if metrics_file.read_text().count("\n") > 1:  # an epoch is done: training is on
+                victim = rank_pid(1)
+        time.sleep(0.1)
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=90)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    check_failed(out, result, "rank 1 was killed by SIGKILL", killed)
+
+
+def rank_pid(rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bench.executors.distributed" in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_sweep_runs_distributed_cells(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text("""
+[grid]
+method = ["dgl"]
+executor = ["sequential", "distributed"]
+[settings]
+task = "digits"
+epochs = 1
+batch_size = 64
+limit_train = 256
+""")
+    result = subprocess.run([sys.executable, "-m", "bench", "sweep", str(spec), "--out",
+                             str(tmp_path / "out"), "-q"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "2 ok, 0 skipped, 0 failed" in result.stdout
+    executors = set()
+    for path in (tmp_path / "out").glob("*/*/metrics.csv"):
+        with open(path) as f:
+            executors |= {r["executor"] for r in csv.DictReader(f)}
+    assert executors == {"sequential", "distributed"}
+
+
+def test_emit_config_is_what_torchrun_takes(tmp_path):
+    config = tmp_path / "run.json"
+    result = lcbench("--method", "lc", *DIGITS, "--epochs", "1", "--limit-train", "256",
+                     "--executor", "distributed", "--emit-config", str(config),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 0 and "2 ranks" in result.stdout, result.stderr
+    assert not (tmp_path / "out").exists()
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(launch_port()), "-m",
+         "bench.executors.distributed", str(config)], capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr
+    info = json.loads((run_folder(tmp_path / "out") / "run.json").read_text())
+    assert info["status"] == "ok" and info["config"]["executor"] == "distributed"
+
+
+def launch_port() -> int:
+    from bench.executors.launch import free_port
+    return free_port()
