@@ -45,9 +45,10 @@ COLUMNS = ["benchmark", "model", "groups", "method", "baseline", "ratio", "ms_pe
 #: the default run: ~5 min on 2 idle CPU cores (ResNet-20 BP step ~0.35 s); on a loaded
 #: machine the time budget (seconds, 0 = none) ends the rounds early, after at least MIN_ROUNDS
 DEFAULTS = dict(batch_size=128, warmup=2, overhead_steps=3, overhead_rounds=30, steps=1, rounds=20,
-                budget=300, speedup_rounds=3, speedup_batches=10)
+                budget=240, speedup_rounds=2, speedup_batches=6,
+                speedup_models=("resnet20", "resnet56"))
 QUICK = dict(batch_size=32, warmup=1, overhead_steps=1, overhead_rounds=3, steps=1, rounds=2,
-             budget=0, speedup_rounds=0, speedup_batches=2)
+             budget=0, speedup_rounds=0, speedup_batches=2, speedup_models=("resnet8",))
 MIN_ROUNDS = 3
 Step = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -265,6 +266,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{d['speedup_rounds']}; 0: skip it)")
     p.add_argument("--speedup-batches", type=int,
                    help=f"batches per epoch of those runs ({d['speedup_batches']})")
+    p.add_argument("--speedup-models", nargs="+",
+                   help=f"models of those runs ({' '.join(d['speedup_models'])})")
     p.add_argument("--quick", action="store_true",
                    help="a fast smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, "
@@ -275,13 +278,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-        if getattr(args, key) < (0 if key in ("warmup", "budget", "speedup_rounds") else 1):
+        if key != "speedup_models" and getattr(args, key) < (
+                0 if key in ("warmup", "budget", "speedup_rounds") else 1):
             p.error(f"--{key.replace('_', '-')} is too small: {getattr(args, key)}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1 (got {args.threads})")
     if min(args.groups) < 1:
         p.error(f"--groups must be at least 1 (got {min(args.groups)})")
-    unknown = [m for m in args.models if m not in models.MODELS]
+    unknown = [m for m in [*args.models, *args.speedup_models] if m not in models.MODELS]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(models.MODELS)})")
     try:
@@ -316,13 +320,16 @@ def main(argv=None) -> None:
     print(f"\nwrote {args.out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s; "
           f"load average {os.getloadavg()[0]:.2f}")
     if args.speedup_rounds:
-        print(f"\nmodel parallelism: {args.models[0]}, K=2, batch {args.batch_size}, "
-              f"{args.speedup_batches} batches x 2 epochs per run, {args.speedup_rounds} rounds",
-              flush=True)
         started = time.perf_counter()
-        parallel = speedup.run_speedups(model=args.models[0], batch_size=args.batch_size,
-                                        batches=args.speedup_batches, rounds=args.speedup_rounds,
-                                        progress=lambda text: print(text, flush=True))
+        parallel = []
+        for name in args.speedup_models:
+            print(f"\nmodel parallelism: {name}, K=2, batch {args.batch_size}, "
+                  f"{args.speedup_batches} batches x 2 epochs per run, {args.speedup_rounds} rounds",
+                  flush=True)
+            parallel += speedup.run_speedups(model=name, batch_size=args.batch_size,
+                                             batches=args.speedup_batches,
+                                             rounds=args.speedup_rounds,
+                                             progress=lambda text: print(text, flush=True))
         print()
         print(speedup.format_table(parallel))
         path = args.out.with_name("speedup.csv")

@@ -64,7 +64,8 @@ def cli():
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
 @click.option("--split", default="flops", show_default=True,
-              help="Balance the layer groups by: flops, params or activations.")
+              help="Balance the layer groups by flops, params, activations or measured time "
+                   "(local modules included), or take the model's published cut points: paper.")
 @click.option("--cuts", default=None, help="Explicit cut points, e.g. 3,7 (overrides --split).")
 @click.option("--neuron-groups", "-G", type=int, default=None,
               help="GN-DGL: neuron groups per layer group (default 2).")
@@ -198,9 +199,12 @@ def list_(what):
             if defaults:
                 click.echo("           options: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
     if what in (None, "models"):
-        click.echo("models:")
+        click.echo("models (parameters on the task named):")
         for name in models.MODELS:
-            click.echo(f"  {name}")
+            task = models.REFERENCE_TASK[name]
+            info = tasks.TASKS[task]
+            count = models.parameter_count(name, info.input_shape, info.num_classes)
+            click.echo(f"  {name:<14}{count:>13,}  {task}")
     if what in (None, "tasks"):
         click.echo("tasks:")
         for name, info in tasks.TASKS.items():

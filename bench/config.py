@@ -14,7 +14,7 @@ class UsageError(ValueError):
 
 EXECUTORS = ("sequential", "distributed")
 PLACEMENTS = ("stage", "neuron")
-SPLITS = ("flops", "params", "activations", "time")
+SPLITS = ("flops", "params", "activations", "time", "paper")
 
 
 @dataclass
@@ -42,7 +42,7 @@ class RunConfig:
     threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (distributed)
     limit_train: int | None = None
     limit_test: int | None = None
-    eval_batch_size: int = 1000
+    eval_batch_size: int | None = None  # default: the task's (1000; a language model: 10)
     save_weights: bool = False  # the trained stages' state dicts to RUN/weights/stageK.pt
     experiment: str = "adhoc"
     out: str = "results"

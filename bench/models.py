@@ -15,6 +15,8 @@ from collections.abc import Callable, Collection
 import torch
 from torch import nn
 
+from . import paper_models, rnn
+
 
 def _conv_bn(cin: int, cout: int, *, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
@@ -104,10 +106,24 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0, n
     return nn.Sequential(*blocks)
 
 
+def resnet32x2(input_shape, num_classes: int, *, width: float = 1.0, **grouping) -> nn.Sequential:
+    """ResNet-32 at twice the width (the neuron-groups paper's ResNet-32x2)."""
+    return resnet(32, input_shape, num_classes, width=2 * width, **grouping)
+
+
 MODELS: dict[str, Callable[..., nn.Sequential]] = {
     "mlp": mlp,
     "small-cnn": small_cnn,
     **{f"resnet{d}": functools.partial(resnet, d) for d in (8, 20, 32, 56, 110)},
+    "resnet32x2": resnet32x2,
+    **{f"resnet{d}": functools.partial(paper_models.preact_resnet, d)
+       for d in paper_models.PREACT_STAGES},
+    "lc-vgg": paper_models.lc_vgg,
+    "tv-vgg13-bn": functools.partial(paper_models.tv_vgg, "vgg13_bn"),
+    "tv-vgg19-bn": functools.partial(paper_models.tv_vgg, "vgg19_bn"),
+    "tv-resnet152": paper_models.tv_resnet152,
+    "lstm": rnn.lstm,
+    "lstm-lm": rnn.lstm_lm,
 }
 
 
@@ -200,3 +216,18 @@ def _slice_norm(norm: nn.BatchNorm2d, index: int, groups: int) -> nn.BatchNorm2d
             out.num_batches_tracked.copy_(norm.num_batches_tracked)
     out.train(norm.training)
     return out
+
+
+#: the task on which a model's size is quoted (``lcbench list --models``)
+REFERENCE_TASK = {
+    "mlp": "digits", "small-cnn": "fashion-mnist", "lstm": "seq-fashion-mnist", "lstm-lm": "ptb",
+    **{name: "imagenet" for name in ("tv-vgg13-bn", "tv-vgg19-bn", "tv-resnet152")},
+}
+REFERENCE_TASK = {name: REFERENCE_TASK.get(name, "cifar10") for name in MODELS}
+
+
+def parameter_count(name: str, input_shape, num_classes: int) -> int:
+    """Parameters of model ``name`` (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = build_model(name, input_shape, num_classes)
+    return sum(p.numel() for p in model.parameters())

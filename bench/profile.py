@@ -14,10 +14,27 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass of ``module`` on ``x`` (a multiply-add counts 2; only ops that
-    ``FlopCounterMode`` knows, e.g. matmul and convolution, are counted)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops()
+    ``FlopCounterMode`` knows, e.g. matmul and convolution, are counted). LSTMs, which run as
+    fused kernels that it does not know, count 2 x steps x rows x (4H x (input + H)) per layer
+    (the gate matmuls)."""
+    lstm_flops = []
+
+    def lstm_hook(lstm, args, output):
+        steps = args[0].shape[1] if lstm.batch_first else args[0].shape[0]
+        rows = args[0].shape[0] if lstm.batch_first else args[0].shape[1]
+        for name, w in lstm.named_parameters():
+            if name.startswith("weight_"):  # weight_ih_l*, weight_hh_l*: (4H, in) and (4H, H)
+                lstm_flops.append(2 * steps * rows * w.numel())
+
+    handles = [m.register_forward_hook(lstm_hook) for m in module.modules()
+               if isinstance(m, nn.LSTM)]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.get_total_flops() + sum(lstm_flops)
 
 
 def param_bytes(module: nn.Module) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import methods
-from methods.base import TrainOptions
+from methods.base import TrainOptions, match_targets
 
-from . import measure, models, split, tasks
+from . import measure, models, paper_models, rnn, split, submodels, tasks
 from .config import RunConfig, UsageError
 from .executors import launch, neurons, sequential
 from .provenance import now, provenance
@@ -23,6 +23,12 @@ from .records import RunFailed, RunRecord
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy; for one target per step (a language model) the mean over a
+    sample's steps; a step-by-step head's output is read at the last step where there is one
+    target per sequence."""
+    logits = match_targets(logits, y)
+    if y.dim() == 2:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
     return F.cross_entropy(logits, y, reduction="none")
 
 
@@ -96,15 +102,48 @@ def train_options(cfg: RunConfig) -> TrainOptions:
                         weight_decay=cfg.weight_decay)
 
 
+def threads_per_rank(cfg: RunConfig) -> int:
+    """CPU threads of each process: ``--threads``, else cores / ranks for a distributed run,
+    else torch's default."""
+    if cfg.threads:
+        return cfg.threads
+    if cfg.executor == "distributed":
+        return max(1, (os.cpu_count() or 1) // (cfg.groups * neurons.ranks_per_layer(cfg)))
+    return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def paper_cuts(model: str, groups: int) -> list[int]:
+    """The published cut points of ``model`` for ``groups`` layer groups."""
+    known = paper_models.PAPER_CUTS.get(model, {})
+    if groups not in known:
+        have = ", ".join(f"K={k}" for k in known) or "none"
+        raise UsageError(f"--split paper: no published cut points for {model} with K={groups} "
+                         f"(published: {have})")
+    return known[groups]
+
+
 def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | None = None):
     """The model split into ``cfg.groups`` layer groups (width-grouped for GN-DGL), at
     ``cuts`` where given (a distributed rank takes those its launcher resolved)."""
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
+    if cuts is None and cfg.cuts is None and cfg.split == "paper":
+        cuts = paper_cuts(cfg.model, cfg.groups)
     timed = lambda shape: local_seconds(cfg, shape, classes)  # noqa: E731
-    cuts = split.resolve_cuts(model, cfg.groups, input_shape=input_shape, by=cfg.split,
-                              cuts=cfg.cuts if cuts is None else cuts,
-                              batch_size=cfg.batch_size, local_seconds=timed)
+    with torch_threads(threads_per_rank(cfg)):  # time the blocks as the ranks will run them
+        cuts = split.resolve_cuts(model, cfg.groups, input_shape=input_shape, by=cfg.split,
+                                  cuts=cfg.cuts if cuts is None else cuts,
+                                  batch_size=cfg.batch_size, local_seconds=timed)
     if cfg.method == "gn":
         torch.manual_seed(cfg.seed)
         model = models.build_model(cfg.model, input_shape, classes, width=cfg.width,
@@ -153,10 +192,34 @@ def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | 
                                limit_test=cfg.limit_test).to(device)
     except tasks.DataUnavailable as e:
         raise UsageError(str(e)) from None
-    if task.train_x.shape[0] < cfg.batch_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the "
-                         f"{task.train_x.shape[0]} training samples")
+    if task.steps(cfg.batch_size) < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} leaves no whole training batch "
+                         f"in {cfg.task}")
     return Prepared(cfg, task, device, cuts, shapes, parameters, stages)
+
+
+def eval_batch_size(cfg: RunConfig, task) -> int:
+    """The test batch size: the run's, else the task's (a language model's test streams)."""
+    return cfg.eval_batch_size or task.eval_batch_size
+
+
+def static_rows(prep: Prepared) -> dict:
+    """FLOPs and parameters of every group, local head and sub-model (epoch 1's rows)."""
+    return submodels.costs(prep.stages, tasks.TASKS[prep.cfg.task].input_shape)
+
+
+def wants_inference(prep: Prepared) -> bool:
+    """Whether progressive inference and ensembles apply: the rule has sub-models, there are
+    several groups, and the task one target per sample."""
+    per_step = len(prep.shapes[-1]) > 1  # the final output has a target per step
+    return methods.resolve(prep.cfg.method).has_submodels and len(prep.stages) > 1 and not per_step
+
+
+def inference(prep: Prepared, costs: dict) -> submodels.Inference | None:
+    """Progressive inference and ensembles, where they apply (``wants_inference``)."""
+    if not wants_inference(prep):
+        return None
+    return submodels.Inference(submodels.exit_flops(costs, prep.stages))
 
 
 def run_folder(cfg: RunConfig) -> Path:
@@ -198,16 +261,14 @@ def save_weights(folder: Path, label: str, stage: methods.Stage) -> None:
     os.replace(tmp, path)
 
 
-def batches(task: tasks.Task, batch_size: int, generator: torch.Generator):
-    """One epoch of augmented training batches, order and augmentation from ``generator``."""
-    for idx in tasks.iterate_batches(task.train_x.shape[0], batch_size, shuffle=True,
-                                     generator=generator, drop_last=True):
-        yield task.augment_batch(task.train_x[idx], generator), task.train_y[idx]
+def reset_states(stages, rows: int) -> None:
+    """Start every stateful layer (a language model's LSTMs) afresh for batches of ``rows``."""
+    for stage in stages:
+        for module in stage.modules():
+            rnn.reset_states(module, rows)
 
 
-def stage_label(stage: methods.Stage) -> str:
-    """Metrics of the last stage describe the whole network (empty stage column)."""
-    return "" if stage.last else str(stage.index + 1)
+stage_label = sequential.stage_label
 
 
 def memory_rows(stages, probes: list[measure.ActivationProbe]) -> dict:
@@ -247,16 +308,18 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
     """The epochs: train, measure, evaluate, write rows; RunFailed on divergence."""
     cfg, task, device = prep.cfg, prep.task, prep.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    steps = task.train_x.shape[0] // cfg.batch_size
+    steps = task.steps(cfg.batch_size)
     timers = [measure.PhaseTimer(device) for _ in prep.stages]
     for stage, timer in zip(prep.stages, timers):
         stage.phase = timer
     probes = [measure.ActivationProbe(stage) for stage in prep.stages]
+    costs = static_rows(prep)
     for epoch in range(1, cfg.epochs + 1):
         measure.reset_device_peaks(device)
+        reset_states(prep.stages, cfg.batch_size)
         seconds = sequential.train_epoch(
-            prep.stages, batches(task, cfg.batch_size, generator), device=device, total=steps,
-            progress=progress, desc=f"epoch {epoch}/{cfg.epochs}",
+            prep.stages, task.train_batches(cfg.batch_size, generator), device=device,
+            total=steps, progress=progress, desc=f"epoch {epoch}/{cfg.epochs}",
             first_batch=(lambda: measure.probing(probes)) if epoch == 1 else nullcontext)
         rows = {}
         for stage in prep.stages:
@@ -267,13 +330,13 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
         rows.update(time_rows(prep.stages, timers, steps))
         if epoch == 1:
             rows.update(memory_rows(prep.stages, probes))
+            rows.update(costs)
         rows.update({("", k): v for k, v in measure.device_memory(device, "train").items()})
         measure.reset_device_peaks(device)
-        results = sequential.evaluate(prep.stages, task.test_x, task.test_y,
-                                      classification_loss, cfg.eval_batch_size)
-        for label, values in results.items():
-            for metric, value in values.items():
-                rows[label, metric] = value
+        size = eval_batch_size(cfg, task)
+        reset_states(prep.stages, size)
+        rows.update(sequential.evaluate(prep.stages, task.test_batches(size),
+                                        classification_loss, inference(prep, costs)))
         if device.type == "cuda":
             rows.update({("", k): v for k, v in measure.device_memory(device, "eval").items()})
         record.add(epoch, rows)
@@ -293,8 +356,8 @@ def execute(prep: Prepared, *, progress: bool = True) -> RunRecord:
     """Run a prepared config to completion, keeping run.json's status true throughout."""
     if prep.cfg.executor == "distributed":
         check_writable(prep.cfg)
-        return launch.run(prep.cfg, run_folder(prep.cfg), ranks=ranks(prep), cuts=prep.cuts,
-                          progress=progress)
+        return launch.run(prep.cfg, run_folder(prep.cfg), ranks=ranks(prep),
+                          threads=threads_per_rank(prep.cfg), cuts=prep.cuts, progress=progress)
     record = open_record(prep)
     if prep.cfg.threads:
         torch.set_num_threads(prep.cfg.threads)

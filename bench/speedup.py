@@ -75,8 +75,9 @@ def run_speedups(*, model: str = "resnet20", groups: int = 2, batch_size: int = 
 def format_table(rows) -> str:
     lines = ["Model parallelism: K ranks x 1 thread against BP in 1 process x 1 thread "
              "(speedup limit here: ~1.88 for K=2)",
-             f"{'method':<9}{'ranks':>6}{'samples/s':>11}{'speedup':>9}{'wall/model':>12}"]
+             f"{'model':<10}{'method':<9}{'ranks':>6}{'samples/s':>11}{'speedup':>9}"
+             f"{'wall/model':>12}"]
     for r in rows:
-        lines.append(f"{r['method']:<9}{r['ranks']:>6}{r['samples_per_s']:>11.1f}"
+        lines.append(f"{r['model']:<10}{r['method']:<9}{r['ranks']:>6}{r['samples_per_s']:>11.1f}"
                      f"{r['speedup']:>9.2f}{r['wall_over_modelled']:>12.2f}")
     return "\n".join(lines)

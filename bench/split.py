@@ -20,9 +20,15 @@ class SplitError(ValueError):
     """A model cannot be cut as asked."""
 
 
-def _dummy_input(model: nn.Module, input_shape, batch_size: int) -> torch.Tensor:
+def dummy_input(model: nn.Module, input_shape, batch_size: int, device=None) -> torch.Tensor:
+    """A random batch for ``model`` (on its device unless ``device`` is given): word ids where
+    it starts with an embedding, else Gaussian values of its parameters' type."""
     ref = next(model.parameters(), None)
-    device, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
+    device = device or (ref.device if ref is not None else None)
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if isinstance(first, nn.Embedding):
+        return torch.randint(first.num_embeddings, (batch_size, *input_shape), device=device)
+    dtype = ref.dtype if ref is not None else None
     return torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
 
 
@@ -36,12 +42,12 @@ def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_s
     if by == "params":
         return [float(sum(p.numel() for p in block.parameters())) for block in model]
     work = copy.deepcopy(model).train()
-    x = _dummy_input(work, input_shape, batch_size)
+    x = dummy_input(work, input_shape, batch_size)
     costs = []
     for block in work:
         x = x.detach()
         if by == "time":
-            costs.append(seconds(lambda: block(x.requires_grad_()).sum().backward()))
+            costs.append(seconds(lambda: block(x.requires_grad_(x.is_floating_point())).sum().backward()))
             with torch.no_grad():
                 x = block(x)
         elif by == "flops":
@@ -147,7 +153,7 @@ def group_output_shapes(groups: Sequence[nn.Module], input_shape) -> list[tuple[
     if not groups:
         return []
     modes = [(m, m.training) for g in groups for m in g.modules()]
-    x = _dummy_input(groups[0], input_shape, 1)
+    x = dummy_input(groups[0], input_shape, 1)
     shapes = []
     try:
         with torch.no_grad():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -35,7 +36,10 @@ class DataUnavailable(Exception):
 
 @dataclass
 class Task:
-    """A data set as tensors: x normalised float (N, *input_shape), y int64."""
+    """A data set as tensors: x normalised float (N, *input_shape), or stored raw (uint8) with
+    the per-channel ``scale`` (mean, std) applied batch by batch; y int64. Every task offers
+    ``steps``, ``test_size``, ``train_batches``, ``test_batches``, ``eval_batch_size`` and
+    ``to`` (see also ``text.TokenTask``, ``imagenet.FolderTask``)."""
 
     name: str
     input_shape: tuple[int, ...]
@@ -46,16 +50,54 @@ class Task:
     test_y: torch.Tensor
     default_model: str
     augment: str
+    scale: tuple[torch.Tensor, torch.Tensor] | None = None
+    eval_batch_size: int = 1000
+
+    @property
+    def n_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def n_test(self) -> int:
+        return self.test_x.shape[0]
+
+    def steps(self, batch_size: int) -> int:
+        """Training batches per epoch (the last partial batch is dropped)."""
+        return self.n_train // batch_size
+
+    def test_size(self, batch_size: int) -> int:
+        """Test samples (all of them, whatever the batch size)."""
+        return self.n_test
 
     def to(self, device, dtype=torch.float32) -> Task:
-        """Copy with x moved to `device` and cast to `dtype`, y moved."""
+        """Copy with x moved to `device` and cast to `dtype` (raw x keeps its type), y moved."""
+        cast = (lambda x: x.to(device)) if self.scale else (lambda x: x.to(device, dtype))
         return replace(
             self,
-            train_x=self.train_x.to(device, dtype),
+            train_x=cast(self.train_x),
             train_y=self.train_y.to(device),
-            test_x=self.test_x.to(device, dtype),
+            test_x=cast(self.test_x),
             test_y=self.test_y.to(device),
+            scale=self.scale and tuple(t.to(device, dtype) for t in self.scale),
         )
+
+    def _ready(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return x
+        mean, std = self.scale
+        return (x.to(mean.dtype) - mean) / std
+
+    def train_batches(self, batch_size: int, generator: torch.Generator):
+        """One epoch of shuffled, augmented (x, y) batches of ``batch_size`` (the last partial
+        one dropped); order and augmentation from ``generator``."""
+        for idx in iterate_batches(self.n_train, batch_size, shuffle=True, generator=generator,
+                                   drop_last=True):
+            yield self.augment_batch(self._ready(self.train_x[idx]), generator), self.train_y[idx]
+
+    def test_batches(self, batch_size: int):
+        """The test split in order, in batches of at most ``batch_size``."""
+        for i in range(0, self.n_test, batch_size):
+            yield self._ready(self.test_x[i:i + batch_size]), self.test_y[i:i + batch_size]
 
     def augment_batch(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """This task's training augmentation of batch `x`, all randomness from `generator` (on x.device)."""
@@ -83,13 +125,16 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> 
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """What is known about a task without loading it; `load(root)` gives raw (N, C, H, W) splits."""
+    """What is known about a task without loading it. Either `load(root)` gives raw
+    (N, C, H, W) splits, normalised here and shaped to `input_shape`, or `build(root,
+    limit_train=, limit_test=)` gives the task itself (text, ImageNet)."""
 
     input_shape: tuple[int, ...]
     num_classes: int
     default_model: str
     augment: str
-    load: Callable[[Path], Splits]
+    load: Callable[[Path], Splits] | None = None
+    build: Callable[..., object] | None = None
 
 
 def cache_dir() -> Path:
@@ -190,8 +235,18 @@ def _load_synthetic(root: Path) -> Splits:
     return x[:8192], y[:8192], x[8192:], y[8192:]
 
 
+def _build(module: str, function: str):
+    """A task builder of ``bench.<module>`` (imported when used: those modules import this one)."""
+    def build(root: Path, **limits):
+        return getattr(importlib.import_module(f"bench.{module}"), function)(root, **limits)
+
+    return build
+
+
 TASKS: dict[str, TaskInfo] = {
     "fashion-mnist": TaskInfo((1, 28, 28), 10, "small-cnn", "none", _load_fashion_mnist),
+    # the same images read by an LSTM row by row: 28 steps of 28 pixels
+    "seq-fashion-mnist": TaskInfo((28, 28), 10, "lstm", "none", _load_fashion_mnist),
     "digits": TaskInfo((1, 8, 8), 10, "small-cnn", "none", _load_digits),
     "synthetic": TaskInfo((3, 32, 32), 10, "resnet20", "none", _load_synthetic),
     "cifar10": TaskInfo(
@@ -204,6 +259,12 @@ TASKS: dict[str, TaskInfo] = {
         _cifar_loader(torchvision.datasets.CIFAR100, "cifar100",
                       "cifar-100-python.tar.gz or its extracted cifar-100-python/"),
     ),
+    "imagenet32": TaskInfo((3, 32, 32), 1000, "resnet32x2", "crop-flip",
+                           build=_build("imagenet", "build_imagenet32")),
+    "imagenet": TaskInfo((3, 224, 224), 1000, "tv-vgg13-bn", "torchvision",
+                         build=_build("imagenet", "build_imagenet")),
+    # word-level language model: windows of 35 words, 10,000 words of vocabulary
+    "ptb": TaskInfo((35,), 10000, "lstm-lm", "none", build=_build("text", "build_ptb")),
 }
 
 
@@ -231,15 +292,17 @@ def load_task(
         raise ValueError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
     info = TASKS[name]
     root = Path(data_dir or os.environ.get("LCBENCH_DATA") or cache_dir() / "data").expanduser()
+    if info.build is not None:
+        return info.build(root, limit_train=limit_train, limit_test=limit_test)
     train_x, train_y, test_x, test_y = info.load(root)
     train_x, test_x = _normalise(train_x, test_x)
     return Task(
         name=name,
         input_shape=info.input_shape,
         num_classes=info.num_classes,
-        train_x=_head(train_x, limit_train),
+        train_x=_head(train_x, limit_train).view(-1, *info.input_shape),
         train_y=_head(train_y, limit_train),
-        test_x=_head(test_x, limit_test),
+        test_x=_head(test_x, limit_test).view(-1, *info.input_shape),
         test_y=_head(test_y, limit_test),
         default_model=info.default_model,
         augment=info.augment,

@@ -37,6 +37,17 @@ class TrainOptions:
     weight_decay: float = 5e-4
 
 
+def match_targets(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logits shaped like the targets: a step-by-step head's output (B, T, C) for one target
+    per sequence (B,) is read at the last step."""
+    return logits[:, -1] if logits.dim() == y.dim() + 2 else logits
+
+
+def correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(number of right predictions, number of targets): per sample, or per step (LM)."""
+    return (match_targets(logits, y).argmax(-1) == y).sum(), y.numel()
+
+
 def sgd(params, opts: TrainOptions) -> torch.optim.SGD:
     """The main network's optimizer: SGD with (Nesterov) momentum and weight decay."""
     return torch.optim.SGD(
@@ -149,10 +160,9 @@ class Stage:
 
     def record(self, logits: torch.Tensor, y: torch.Tensor, per_sample: torch.Tensor) -> None:
         """Tally this batch's training loss and accuracy of the group's (local) output."""
-        means = {"train_loss": per_sample.mean()}
-        if logits.dim() == 2:
-            means["train_acc"] = (logits.argmax(1) == y).to(per_sample.dtype).mean()
-        self.tally(y.shape[0], **means)
+        right, targets = correct(logits, y)
+        self.tally(y.shape[0], train_loss=per_sample.mean(),
+                   train_acc=right.to(per_sample.dtype) / targets)
 
     def tally(self, n: int, **means: torch.Tensor) -> None:
         """Accumulate batch means weighted by ``n`` samples, on the device (no sync)."""

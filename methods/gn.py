@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import modules
-from .base import Stage, sgd
+from .base import Stage, match_targets, sgd
 
 
 @dataclass
@@ -33,6 +33,8 @@ def diversity(logits: list[torch.Tensor], y: torch.Tensor, temperature: float) -
     (softmax at ``temperature``, true class removed, renormalised, L2-normalised)."""
     if len(logits) < 2:
         return logits[0].new_zeros(())
+    logits = [match_targets(z, y).reshape(-1, z.shape[-1]) for z in logits]  # rows: targets
+    y = y.reshape(-1)
     keep = ~F.one_hot(y, logits[0].shape[1]).bool()
     q = []
     for z in logits:
@@ -51,8 +53,9 @@ class GNStage(Stage):
         self.options = options
         self.heads = None
         if not self.last:
-            if shape[0] % options.neuron_groups:
-                raise ValueError(f"{shape[0]} channels do not split into "
+            channels = shape[-1] if len(shape) == 2 else shape[0]
+            if channels % options.neuron_groups:
+                raise ValueError(f"{channels} channels do not split into "
                                  f"{options.neuron_groups} neuron groups")
             build = {"group": lambda: modules.group_head(shape, classes, hidden=options.head_hidden),
                      "mlp-sr": lambda: modules.auxiliary(shape, classes)}
@@ -67,10 +70,12 @@ class GNStage(Stage):
             return None, None
         with self.phase("forward"):
             h = self.group(x)
-            chunks = h.chunk(self.options.neuron_groups, dim=1)
+            # neuron groups are channel slices: dim 1 of conv features, the last of sequences
+            chunks = h.chunk(self.options.neuron_groups, dim=-1 if h.dim() == 3 else 1)
             logits, losses = [], []
             for g, head in enumerate(self.heads):
-                seen = torch.cat([c if j == g else c.detach() for j, c in enumerate(chunks)], 1)
+                seen = torch.cat([c if j == g else c.detach() for j, c in enumerate(chunks)],
+                             -1 if h.dim() == 3 else 1)
                 logits.append(head(seen))
                 losses.append(self.criterion(logits[-1], y))
             div = diversity(logits, y, self.options.temperature)

@@ -1,7 +1,9 @@
 """The rules' local modules, with the published defaults (see DESIGN.md).
 
 Each builder takes the per-sample shape of the features it reads: ``(C, H, W)`` for conv
-features, ``(D,)`` for vectors.
+features, ``(D,)`` for vectors, ``(T, D)`` for sequences. On sequences a module works at
+every step (``nn.Linear`` acts on the last dimension); where the targets are one per
+sequence, the loss reads its last step (``methods.base.match_targets``).
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ def _conv_relu(cin: int, cout: int, kernel: int) -> list[nn.Module]:
 
 def critic(shape, classes: int, *, filters: int = 128, layers: int = 1) -> nn.Module:
     """LC critic: ``layers`` 3x3 convs of ``filters`` + ReLU, then a linear output layer."""
-    if len(shape) == 1:
+    if len(shape) <= 2:  # vectors, or sequences step by step
         body = []
-        width = shape[0]
+        width = shape[-1]
         for _ in range(layers):
             body += [nn.Linear(width, filters), nn.ReLU()]
             width = filters
@@ -37,6 +39,10 @@ def auxiliary(shape, classes: int, *, channels: int | None = None) -> nn.Module:
     if len(shape) == 1:
         width = channels or shape[0]
         return _mlp(shape[0], width, classes)
+    if len(shape) == 2:  # sequences: the 3-layer MLP at every step, without BatchNorm
+        width = channels or shape[1]
+        return nn.Sequential(nn.Linear(shape[1], width), nn.ReLU(), nn.Linear(width, width),
+                             nn.ReLU(), nn.Linear(width, classes))
     c, h, _ = shape
     width = channels or c
     convs = []
@@ -57,41 +63,50 @@ def _mlp(cin: int, width: int, classes: int) -> nn.Sequential:
 class Synthesizer(nn.Module):
     """DNI gradient model M(h[, y]): three 5x5 convs of 128 filters with BN+ReLU between
     them, the last zero-initialised; cDNI adds a linear embedding of the one-hot label to
-    the first layer's output, broadcast over space."""
+    the first layer's output, broadcast over space (on sequences: over the steps, or step by
+    step for one label per step). Vectors take linear layers; sequences linear layers at
+    every step, without BatchNorm."""
 
     def __init__(self, shape, classes: int, *, conditioned: bool, filters: int = 128,
                  kernel: int = 5):
         super().__init__()
-        conv = len(shape) == 3
-        cin = shape[0]
+        conv, sequence = len(shape) == 3, len(shape) == 2
+        width = shape[0] if conv else shape[-1]
 
         def layer(a, b):
             return nn.Conv2d(a, b, kernel, padding=kernel // 2) if conv else nn.Linear(a, b)
 
         def norm(n):
+            if sequence:
+                return nn.Identity()
             return nn.BatchNorm2d(n) if conv else nn.BatchNorm1d(n)
 
-        self.first = layer(cin, filters)
+        self.first = layer(width, filters)
         self.label = nn.Linear(classes, filters, bias=False) if conditioned else None
         self.rest = nn.Sequential(norm(filters), nn.ReLU(), layer(filters, filters),
-                                  norm(filters), nn.ReLU(), layer(filters, cin))
+                                  norm(filters), nn.ReLU(), layer(filters, width))
         nn.init.zeros_(self.rest[-1].weight)
         nn.init.zeros_(self.rest[-1].bias)
-        self.classes = classes
+        self.conv = conv
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         z = self.first(h)
         if self.label is not None:
-            e = self.label(nn.functional.one_hot(y, self.classes).to(h.dtype))
-            z = z + e.view(*e.shape, *([1] * (z.dim() - 2)))
+            # the linear map of the one-hot label, read as a lookup: (B, F), or (B, T, F)
+            e = nn.functional.embedding(y, self.label.weight.t())
+            if self.conv:
+                e = e[:, :, None, None]
+            elif z.dim() == 3 and e.dim() == 2:
+                e = e[:, None]
+            z = z + e
         return self.rest(z)
 
 
 def group_head(shape, classes: int, *, hidden: int = 128) -> nn.Module:
     """GN-DGL head: 3x3 stride-2 conv to twice the channels, BN, ReLU, global average
     pool, linear to ``hidden``, ReLU, linear to the classes."""
-    if len(shape) == 1:
-        return nn.Sequential(nn.Linear(shape[0], hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    if len(shape) <= 2:  # vectors, or sequences step by step
+        return nn.Sequential(nn.Linear(shape[-1], hidden), nn.ReLU(), nn.Linear(hidden, classes))
     c = shape[0]
     return nn.Sequential(
         nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(),

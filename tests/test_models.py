@@ -4,6 +4,8 @@ import torch
 from bench.models import MODELS, build_model, model_names
 
 PUBLISHED_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet56": 0.85e6, "resnet110": 1.7e6}
+# torchvision's documented parameter counts (1000 classes)
+TORCHVISION_PARAMS = {"tv-vgg13-bn": 133_053_736, "tv-vgg19-bn": 143_678_248, "tv-resnet152": 60_192_808}
 
 
 def n_params(model):
@@ -29,14 +31,27 @@ def test_small_cnn_param_count_by_hand(shape):
 
 def test_model_names():
     assert model_names() == list(MODELS)
-    assert set(model_names()) == {"mlp", "small-cnn", "resnet8", "resnet20", "resnet32", "resnet56", "resnet110"}
+    assert set(model_names()) == {
+        "mlp", "small-cnn", "resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "resnet32x2",
+        "resnet50", "resnet101", "resnet152", "lc-vgg", "tv-vgg13-bn", "tv-vgg19-bn", "tv-resnet152",
+        "lstm", "lstm-lm"}
 
 
-@pytest.mark.parametrize("name, shape", [(n, (3, 32, 32)) for n in MODELS] + [("small-cnn", (1, 28, 28)),
-                                                                              ("small-cnn", (1, 8, 8))])
+IMAGE_MODELS = [n for n in MODELS if not n.startswith("lstm")]
+
+
+@pytest.mark.parametrize("name, shape", [(n, (3, 32, 32)) for n in IMAGE_MODELS] + [("small-cnn", (1, 28, 28)),
+                                                                                    ("small-cnn", (1, 8, 8))])
 def test_forward_shape(name, shape):
     model = build_model(name, shape, 7)
     assert model(torch.randn(2, *shape)).shape == (2, 7)
+
+
+def test_lstm_models_forward_shapes():
+    assert build_model("lstm", (28, 28), 10)(torch.randn(3, 28, 28)).shape == (3, 10)
+    lm = build_model("lstm-lm", (35,), 50, width=0.1)
+    assert lm(torch.randint(50, (4, 35))).shape == (4, 35, 50)
+    assert len(lm) == 4  # embedding, two LSTM layers, decoder: split by LSTM layers
 
 
 @pytest.mark.parametrize("name, blocks", [("small-cnn", 5), ("resnet8", 5), ("resnet20", 11), ("resnet110", 56)])
@@ -104,3 +119,107 @@ def test_neuron_groups_small_cnn():
     model = build_model("small-cnn", (1, 28, 28), 10, neuron_groups=2, mix_at={2})
     assert slice_dependence(model[1], (16, 28, 28)) == {(0, 0): True, (0, 1): False, (1, 0): False, (1, 1): True}
     assert all(slice_dependence(model[2], (16, 14, 14)).values())
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
+def test_torchvision_models_have_their_published_parameter_counts(name):
+    assert n_params(build_model(name, (3, 224, 224), 1000)) == TORCHVISION_PARAMS[name]
+
+
+def preact_bottleneck_params(cin, planes, projection):
+    bn = 2  # weight and bias per channel
+    count = bn * cin + cin * planes + bn * planes + 9 * planes * planes + bn * planes + planes * 4 * planes
+    return count + (cin * 4 * planes if projection else 0)
+
+
+@pytest.mark.parametrize("depth, stages", [(50, (3, 4, 6, 3)), (101, (3, 4, 23, 3))])
+def test_preact_resnet_parameter_count_by_hand(depth, stages):
+    expected, cin = 9 * 3 * 64, 64  # the stem: a bias-free 3x3 conv
+    for stage, count in enumerate(stages):
+        planes = 64 * 2 ** stage
+        for j in range(count):
+            expected += preact_bottleneck_params(cin, planes, projection=j == 0)
+            cin = 4 * planes
+    expected += 2 * 2048 + 2048 * 10 + 10  # final BN, linear layer
+    model = build_model(f"resnet{depth}", (3, 32, 32), 10)
+    assert n_params(model) == expected
+    assert len(model) == 1 + sum(stages) + 1
+    if depth == 101:
+        assert expected == pytest.approx(42.5e6, rel=0.01)  # the usual figure for CIFAR ResNet-101
+
+
+def test_lc_vgg_is_about_7_9_million_parameters_counted_by_hand():
+    convs = [(3, 128), (128, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+             (256, 512), (512, 512), (512, 512)]
+    expected = sum(9 * a * b + 2 * b for a, b in convs) + (512 * 512 + 512) + (512 * 10 + 10)
+    model = build_model("lc-vgg", (3, 32, 32), 10)
+    assert n_params(model) == expected == pytest.approx(7.9e6, rel=0.01)
+    assert len(model) == 10
+
+
+@pytest.mark.parametrize("name, k, cuts", [("resnet101", 2, [18]), ("resnet101", 4, [8, 16, 24]),
+                                           ("lc-vgg", 6, [2, 3, 5, 6, 8]),
+                                           ("tv-vgg13-bn", 10, list(range(1, 10)))])
+def test_paper_cut_points_split_the_model(name, k, cuts):
+    from bench.runner import paper_cuts
+    from bench.split import split_model
+    model = build_model(name, (3, 32, 32), 10)
+    groups = split_model(model, k, input_shape=(3, 32, 32), cuts=paper_cuts(name, k))
+    assert [len(g) for g in groups[:-1]] == [b - a for a, b in zip([0, *cuts], cuts)]
+    if name == "resnet101" and k == 2:  # stem, stages 1-2 (3 + 4 blocks), 10 blocks of stage 3
+        assert len(groups[0]) == 1 + 3 + 4 + 10
+    if name == "tv-vgg13-bn":  # layer-wise: one conv per group, the last with the classifier
+        assert all(sum(isinstance(m, torch.nn.Conv2d) for m in g.modules()) == 1 for g in groups)
+
+
+def test_resnet32x2_is_resnet32_at_twice_the_width():
+    a, b = build_model("resnet32x2", (3, 32, 32), 10), build_model("resnet32", (3, 32, 32), 10, width=2)
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    assert n_params(a) == pytest.approx(4 * n_params(build_model("resnet32", (3, 32, 32), 10)), rel=0.02)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, shape, block", [("resnet101", (3, 32, 32), 2), ("lc-vgg", (3, 32, 32), 1)])
+def test_paper_models_isolate_neuron_groups(name, shape, block):
+    model = build_model(name, shape, 10, neuron_groups=2, mix_at={0})
+    x = torch.randn(2, *shape)
+    h = model[:block](x)
+    assert slice_dependence(model[block], tuple(h.shape[1:])) == {
+        (0, 0): True, (0, 1): False, (1, 0): False, (1, 1): True}
+
+
+@torch.no_grad()
+def test_grouped_lstm_isolates_neuron_groups():
+    from bench.rnn import LSTMLayer
+    layer = LSTMLayer(8, 8, groups=2, mix=False)
+    x = torch.randn(2, 5, 8)
+    base = layer(x)
+    bumped = x.clone()
+    bumped[..., :4] += 1
+    out = layer(bumped)
+    assert not torch.equal(out[..., :4], base[..., :4]) and torch.equal(out[..., 4:], base[..., 4:])
+
+
+def test_stateful_lstm_carries_its_state_across_windows_and_micro_batches():
+    from bench.rnn import LSTMLayer, reset_states
+    torch.manual_seed(0)
+    layer = LSTMLayer(3, 4, stateful=True)
+    x = torch.randn(4, 10, 3)
+    whole = layer.cells[0](x)[0]
+    reset_states(layer, 4)
+    windows = torch.cat([layer(x[:, :5]), layer(x[:, 5:])], 1)  # truncated BPTT: state carried
+    torch.testing.assert_close(windows, whole)
+    reset_states(layer, 4)
+    chunks = [layer(x[:2, :5]), layer(x[2:, :5]), layer(x[:2, 5:]), layer(x[2:, 5:])]
+    torch.testing.assert_close(torch.cat([torch.cat(chunks[:2]), torch.cat(chunks[2:])], 1), whole)
+
+
+def test_list_models_reports_parameter_counts(capsys):
+    from bench.cli import main
+    with pytest.raises(SystemExit):
+        main(["list", "--models"])
+    out = capsys.readouterr().out
+    for name, count in [("resnet101", "42,505,290"), ("lc-vgg", "7,944,330"),
+                        ("tv-vgg13-bn", "133,053,736"), ("resnet32", "466,906")]:
+        line = next(line for line in out.splitlines() if line.split()[0] == name)
+        assert count in line

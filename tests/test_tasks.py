@@ -256,7 +256,8 @@ def test_iterate_batches_in_order_without_shuffle():
 
 
 def test_task_registry():
-    assert set(TASKS) == {"fashion-mnist", "digits", "synthetic", "cifar10", "cifar100"}
+    assert set(TASKS) == {"fashion-mnist", "seq-fashion-mnist", "digits", "synthetic", "cifar10", "cifar100",
+                          "imagenet32", "imagenet", "ptb"}
     assert TASKS["cifar100"].num_classes == 100 and TASKS["fashion-mnist"].input_shape == (1, 28, 28)
 
 

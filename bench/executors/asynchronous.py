@@ -83,9 +83,9 @@ class Upstream:
     """Messages from the rank above, received by a thread as they come into an inbox that
     keeps the newest ``size`` (older ones are counted in ``discarded``)."""
 
-    def __init__(self, links, *, shape: tuple, dtype, device, size: int):
+    def __init__(self, links, *, shape: tuple, y_shape: tuple, dtype, device, size: int):
         self.links, self.src = links, links.rank - 1
-        self.shape, self.dtype, self.device = shape, dtype, device
+        self.shape, self.y_shape, self.dtype, self.device = shape, y_shape, dtype, device
         self.inbox: queue.Queue = queue.Queue(size)
         self.ended = False
         self.received = self.discarded = 0
@@ -111,7 +111,7 @@ class Upstream:
                 self._put(None)
                 return
             h = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            y = torch.empty(self.shape[:1], dtype=torch.int64, device=self.device)
+            y = torch.empty(self.y_shape, dtype=torch.int64, device=self.device)
             dist.recv(h, src=self.src)
             dist.recv(y, src=self.src)
             self.received += 1
@@ -136,11 +136,12 @@ class Upstream:
 
 
 def train_epoch(stage: ADGLStage, links, *, batches, steps: int, batch_size: int,
-                in_shape: tuple, device, dtype, probe=None) -> dict[str, float]:
+                in_shape: tuple, y_shape: tuple, device, dtype, probe=None) -> dict[str, float]:
     """One asynchronous epoch of this rank; returns its counts."""
     rank, world = links.rank, links.world
     down = Downstream(links, device) if rank < world - 1 else None
-    up = None if rank == 0 else Upstream(links, shape=(batch_size, *in_shape), dtype=dtype,
+    up = None if rank == 0 else Upstream(links, shape=(batch_size, *in_shape),
+                                         y_shape=(batch_size, *y_shape), dtype=dtype,
                                          device=device, size=stage.buffer.size)
     done = 0
 

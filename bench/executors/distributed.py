@@ -32,8 +32,10 @@ from methods.adgl import ADGLStage
 from methods.pipebp import PipeBPStage
 
 from . import asynchronous, neurons, pipeline
+from methods.base import match_targets
+
 from .links import Links, Part
-from .sequential import synchronize
+from .sequential import Scores, stage_label, synchronize
 
 def upstream_shape(stage, h_shape: tuple) -> tuple | None:
     """Shape of the message this stage receives from the stage below, per batch."""
@@ -43,7 +45,7 @@ def upstream_shape(stage, h_shape: tuple) -> tuple | None:
 
 
 def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
-                in_shape: tuple, out_shape: tuple, device, dtype, probe=None,
+                in_shape: tuple, y_shape: tuple, out_shape: tuple, device, dtype, probe=None,
                 progress: bool = False) -> None:
     """One epoch of stage ``stage`` on its rank; ``batches`` yields data on rank 0 only.
     ``probe`` (a context manager) is entered around the first two iterations, which hold
@@ -66,7 +68,7 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
                 x, y = next(batches)
             else:
                 x = links.recv((batch_size, *in_shape), dtype, device, k - 1)
-                y = links.recv((batch_size,), torch.int64, device, k - 1)
+                y = links.recv((batch_size, *y_shape), torch.int64, device, k - 1)
             h, up = stage.forward(t, x, y)
             if h is not None:
                 links.send(h, k + 1)
@@ -84,12 +86,12 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
 
 
 def trainer(stage, links: Links, *, batch_size: int, steps: int, in_shape: tuple,
-            out_shape: tuple, device, dtype, timer, progress: bool):
+            y_shape: tuple, out_shape: tuple, device, dtype, timer, progress: bool):
     """``epoch(batches, probe) -> counts``: one training epoch of this rank under its rule
     (pipelined BP on a pipeline schedule, asynchronous DGL without waiting, the others
     with late upstream messages). ``probe`` is entered around the first batch(es)."""
     if isinstance(stage, PipeBPStage):
-        pipe = pipeline.Pipeline(stage, links, device=device, batch_size=batch_size)
+        pipe = pipeline.Pipeline(stage, links, device=device, y_shape=(batch_size, *y_shape))
         pipeline.time_phases(stage, timer)
 
         def epoch(batches, probe):
@@ -104,44 +106,53 @@ def trainer(stage, links: Links, *, batch_size: int, steps: int, in_shape: tuple
         def epoch(batches, probe):
             return asynchronous.train_epoch(stage, links, batches=batches, steps=steps,
                                             batch_size=batch_size, in_shape=in_shape,
-                                            device=device, dtype=dtype, probe=probe)
+                                            y_shape=y_shape, device=device, dtype=dtype,
+                                            probe=probe)
     else:
         def epoch(batches, probe):
             train_epoch(stage, links, batches=batches, steps=steps, batch_size=batch_size,
-                        in_shape=in_shape, out_shape=out_shape, device=device, dtype=dtype,
-                        probe=probe, progress=progress)
+                        in_shape=in_shape, y_shape=y_shape, out_shape=out_shape, device=device,
+                        dtype=dtype, probe=probe, progress=progress)
             return {}
     return epoch
 
 
 @torch.no_grad()
-def evaluate(stage, links: Links, *, test, n_test: int, batch_size: int, in_shape, device, dtype,
-             criterion) -> dict:
-    """Pipelined evaluation: test batches flow down; each rank scores its own sub-model."""
-    k = links.rank
+def evaluate(stage, links: Links, *, batches, sizes: list[int], in_shape, y_shape, device,
+             dtype, criterion, inference=None) -> dict:
+    """Pipelined evaluation: test batches flow down (``batches`` on rank 0; ``sizes`` their
+    sizes); each rank scores its own sub-model. With ``inference`` (rank 0's
+    ``submodels.Inference``; on the other ranks any true value) every scoring rank also sends
+    its logits of each batch to rank 0, which gathers progressive inference and ensembles."""
+    k, world = links.rank, links.world
     stage.train(False)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    scored = False
-    for i in range(0, n_test, batch_size):
-        n = min(batch_size, n_test - i)
+    scores = Scores()
+    label = stage_label(stage)
+    for n in sizes:
         if k == 0:
-            x, y = test[0][i:i + n], test[1][i:i + n]
+            x, y = next(batches)
         else:
             x = links.recv((n, *in_shape), dtype, device, k - 1)
-            y = links.recv((n,), torch.int64, device, k - 1)
+            y = links.recv((n, *y_shape), torch.int64, device, k - 1)
         h = stage.group(x)
         logits = h if stage.last else stage.predict(h)
         if not stage.last:
             links.send(h, k + 1)
             links.send(y, k + 1)
-        if logits is not None:
-            scored = True
-            sums += torch.stack([criterion(logits, y).sum().double(),
-                                 (logits.argmax(1) == y).sum().double()])
+        if logits is None:
+            continue
+        scores.add(label, logits, y, criterion)
+        if inference and k > 0:
+            links.send(match_targets(logits, y), 0)
+        elif inference:
+            classes = logits.shape[-1]
+            inference.add([match_targets(logits, y)] + [
+                links.recv((n, classes), dtype, device, r) for r in range(1, world)], y)
     links.flush()
-    if scored:
-        return {"test_loss": float(sums[0]) / n_test, "test_acc": float(sums[1]) / n_test}
-    return {}
+    rows = scores.rows()
+    if inference and k == 0:
+        rows.update(inference.rows())
+    return rows
 
 
 def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
@@ -151,22 +162,21 @@ def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def stage_part(prep: runner.Prepared, links: Links, *, steps: int, device, dtype, timer,
-               progress: bool) -> Part:
+def stage_part(prep: runner.Prepared, links: Links, *, steps: int, y_shape: tuple, device,
+               dtype, timer, progress: bool, inference=None) -> Part:
     """Rank k trains stage k (one layer group)."""
     cfg, rank = prep.cfg, links.rank
     stage = prep.stages[rank]
     in_shape = tuple(runner.tasks.TASKS[cfg.task].input_shape) if rank == 0 else prep.shapes[rank - 1]
 
-    def evaluate_part(test, n_test):
-        scores = evaluate(stage, links, test=test, n_test=n_test, batch_size=cfg.eval_batch_size,
-                          in_shape=in_shape, device=device, dtype=dtype,
-                          criterion=runner.classification_loss)
-        return {(runner.stage_label(stage), m): v for m, v in scores.items()}
+    def evaluate_part(batches, sizes):
+        return evaluate(stage, links, batches=batches, sizes=sizes, in_shape=in_shape,
+                        y_shape=y_shape, device=device, dtype=dtype,
+                        criterion=runner.classification_loss, inference=inference)
 
     epoch = trainer(stage, links, batch_size=cfg.batch_size, steps=steps, in_shape=in_shape,
-                    out_shape=prep.shapes[rank], device=device, dtype=dtype, timer=timer,
-                    progress=progress)
+                    y_shape=y_shape, out_shape=prep.shapes[rank], device=device, dtype=dtype,
+                    timer=timer, progress=progress)
     return Part(stage, str(rank + 1), rank, in_shape, epoch, evaluate_part)
 
 
@@ -179,17 +189,24 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     prep = runner.prepare(cfg, stage=rank // per_layer, device=device, data=rank == 0, cuts=cuts)
     cfg = prep.cfg
     record = runner.open_record(prep) if rank == 0 else None
-    counts = torch.tensor([prep.task.train_x.shape[0], prep.task.test_x.shape[0]]
-                          if rank == 0 else [0, 0])
+    task = prep.task
+    counts = torch.tensor([task.steps(cfg.batch_size), task.test_size(runner.eval_batch_size(cfg, task)),
+                           runner.eval_batch_size(cfg, task)] if rank == 0 else [0, 0, 0])
     dist.broadcast(counts, src=0)
-    n_train, n_test = (int(c) for c in counts)
-    steps = n_train // cfg.batch_size
+    steps, n_test, test_batch = (int(c) for c in counts)
+    sizes = [min(test_batch, n_test - i) for i in range(0, n_test, test_batch)]
+    y_shape = tuple(prep.shapes[-1][:-1])  # one target per sample, or per step (T,)
     dtype = torch.float32
     timer = measure.PhaseTimer(device)
     links = Links(rank, world)
-    build = neurons.part if per_layer > 1 else stage_part
-    part = build(prep, links, steps=steps, device=device, dtype=dtype, timer=timer,
-                 progress=progress and rank == 0)
+    costs = runner.static_rows(prep) if rank == 0 else {}
+    if per_layer > 1:
+        part = neurons.part(prep, links, steps=steps, device=device, dtype=dtype, timer=timer,
+                            progress=progress and rank == 0)
+    else:
+        wanted = runner.inference(prep, costs) if rank == 0 else runner.wants_inference(prep)
+        part = stage_part(prep, links, steps=steps, y_shape=y_shape, device=device, dtype=dtype,
+                          timer=timer, progress=progress and rank == 0, inference=wanted)
     prep.stages = None  # the other stages live on other ranks
     stage = part.stage
     stage.phase = timer
@@ -197,7 +214,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     for epoch in range(1, cfg.epochs + 1):
         stage.train(True)
-        data = runner.batches(prep.task, cfg.batch_size, generator) if rank == 0 else None
+        runner.reset_states([stage], cfg.batch_size)
+        data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
         measure.reset_device_peaks(device)
         dist.barrier()
         synchronize(device)
@@ -215,9 +233,10 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         rows[label, "wall_time_s"] = seconds
         if epoch == 1:
             rows.update({(label, m): v for (_, m), v in runner.memory_rows([stage], [probe]).items()})
+            rows.update(costs)
         rows.update({(label, m): v for m, v in measure.device_memory(device, "train").items()})
-        test = (prep.task.test_x, prep.task.test_y) if rank == 0 else None
-        rows.update(part.evaluate(test, n_test))
+        runner.reset_states([stage], test_batch)
+        rows.update(part.evaluate(task.test_batches(test_batch) if rank == 0 else None, sizes))
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((part.layer, label, rows), gathered, dst=0)
         if rank == 0:
@@ -250,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    torch.set_num_threads(runner.threads_per_rank(cfg))
     try:
         worker(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
     except BaseException as e:

@@ -84,16 +84,17 @@ def write_config(path: Path, cfg: RunConfig, cuts: list[int]) -> None:
     write_atomic(Path(path), json.dumps({"config": asdict(cfg), "cuts": cuts}, indent=2) + "\n")
 
 
-def run(cfg: RunConfig, folder: Path, *, ranks: int, cuts: list[int], progress: bool) -> RunRecord:
-    """Run ``cfg`` on ``ranks`` local processes, the model cut at ``cuts``; return the record
-    rank 0 wrote."""
+def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[int],
+        progress: bool) -> RunRecord:
+    """Run ``cfg`` on ``ranks`` local processes of ``threads`` CPU threads, the model cut at
+    ``cuts``; return the record rank 0 wrote."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lcbench-") as tmp:
         config_path = Path(tmp) / "config.json"
         write_config(config_path, cfg, cuts)
         log_path = Path(tmp) / "workers.log"
         env = {**os.environ, "LCBENCH_PROGRESS": "1" if progress else "0",
-               "OMP_NUM_THREADS": str(cfg.threads or max(1, (os.cpu_count() or 1) // ranks))}
+               "OMP_NUM_THREADS": str(threads)}
         with open(log_path, "w") as log:
             proc = subprocess.Popen(torchrun_command(cfg, config_path, ranks), stdout=None,
                                     stderr=log, env=env, start_new_session=True)

@@ -55,4 +55,4 @@ class Part:
     layer: int  # its layer group: the busy times of one layer group's ranks are one worker
     in_shape: tuple  # per-sample shape of its input
     epoch: Callable  # (batches, probe) -> counts
-    evaluate: Callable  # (test, n_test) -> {(stage, metric): value}
+    evaluate: Callable  # (test batches on rank 0, their sizes) -> {(stage, metric): value}

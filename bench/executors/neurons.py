@@ -27,6 +27,7 @@ from methods.base import Stage, sgd
 from methods.gn import GNStage, diversity
 
 from .links import Part
+from .sequential import Scores
 
 
 def ranks_per_layer(cfg: RunConfig) -> int:
@@ -147,22 +148,16 @@ def part(prep: runner.Prepared, links, *, steps: int, device, dtype, timer, prog
         links.flush()
         return {}
 
-    def evaluate(test, n_test):
+    def evaluate(batches, sizes):
         stage.train(False)
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for i in range(0, n_test, cfg.eval_batch_size):
-            n = min(cfg.eval_batch_size, n_test - i)
-            x, y = inputs(n, *((test[0][i:i + n], test[1][i:i + n]) if rank == 0 else (None, None)))
+        scores = Scores()
+        for n in sizes:
+            x, y = inputs(n, *(next(batches) if rank == 0 else (None, None)))
             h, logits = stage.predict_full(x)
             if h is not None:
                 send(h, y)
-            sums += torch.stack([runner.classification_loss(logits, y).sum().double(),
-                                 (logits.argmax(1) == y).sum().double()])
+            scores.add(runner.stage_label(stage), logits, y, runner.classification_loss)
         links.flush()
-        if g:
-            return {}
-        label = runner.stage_label(stage)
-        return {(label, "test_loss"): float(sums[0]) / n_test,
-                (label, "test_acc"): float(sums[1]) / n_test}
+        return {} if g else scores.rows()
 
     return Part(stage, f"{k + 1}.{g + 1}", k, in_shape, epoch, evaluate)

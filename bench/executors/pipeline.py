@@ -39,10 +39,10 @@ def time_phases(stage: PipeBPStage, timer) -> list:
 class Pipeline:
     """One rank's part of the pipeline schedule."""
 
-    def __init__(self, stage: PipeBPStage, links, *, device: torch.device, batch_size: int):
+    def __init__(self, stage: PipeBPStage, links, *, device: torch.device, y_shape: tuple):
         self.stage, self.links = stage, links
         self.rank, self.world = links.rank, links.world
-        self.batch_size = batch_size
+        self.y_shape = y_shape  # of a batch's labels
         pipe_stage = PipelineStage(stage.group, self.rank, self.world, device)
         self.schedule = SCHEDULES[stage.schedule](
             pipe_stage, n_microbatches=stage.microbatches,
@@ -55,7 +55,7 @@ class Pipeline:
         if self.world > 1 and self.rank == 0:
             self.links.send(y, self.world - 1)
         elif self.world > 1 and last:
-            y = self.links.recv((self.batch_size,), torch.int64, self.device, 0)
+            y = self.links.recv(self.y_shape, torch.int64, self.device, 0)
         if self.rank == 0:
             out = self.schedule.step(x, target=y if last else None)
         else:

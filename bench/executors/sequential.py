@@ -2,6 +2,7 @@
 messages of that same batch. Deterministic for a seed."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Sequence
@@ -10,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from methods import Stage
+from methods.base import correct
 
 
 def train_step(stages: Sequence[Stage], batch: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -50,25 +52,55 @@ def train_epoch(stages: Sequence[Stage], batches, *, device: torch.device, total
     return time.perf_counter() - start
 
 
+class Scores:
+    """Test loss and accuracy of each output, summed over batches: per sample, or per step
+    for a language model (which also gets its perplexity)."""
+
+    def __init__(self):
+        self.sums: dict[str, list[float]] = {}  # label -> [loss x targets, right, targets]
+        self.per_step = False
+
+    def add(self, label: str, logits: torch.Tensor, y: torch.Tensor, criterion) -> None:
+        right, targets = correct(logits, y)
+        steps = targets // y.shape[0]  # targets per sample
+        self.per_step |= steps > 1
+        total = self.sums.setdefault(label, [0.0, 0.0, 0])
+        total[0] += float(criterion(logits, y).double().sum()) * steps
+        total[1] += float(right)
+        total[2] += targets
+
+    def rows(self) -> dict[tuple[str, str], float]:
+        out = {}
+        for label, (loss, right, targets) in self.sums.items():
+            out[label, "test_loss"] = loss / targets
+            out[label, "test_acc"] = right / targets
+            if self.per_step:
+                out[label, "test_ppl"] = math.exp(min(loss / targets, 700.0))
+        return out
+
+
 @torch.no_grad()
-def evaluate(stages: Sequence[Stage], x: torch.Tensor, y: torch.Tensor,
-             criterion: Callable, batch_size: int) -> dict[str, dict[str, float]]:
-    """Test loss and accuracy of the final output ("") and of every sub-model ("1".."K-1")."""
+def evaluate(stages: Sequence[Stage], batches, criterion: Callable,
+             inference=None) -> dict[tuple[str, str], float]:
+    """``{(stage, metric): value}`` over the test ``batches``: loss and accuracy of the final
+    output ("") and of every sub-model ("1".."K-1"), and (``inference``, a
+    ``submodels.Inference``) progressive inference and ensembles."""
     for stage in stages:
         stage.train(False)
-    sums: dict[str, torch.Tensor] = {}
-    for i in range(0, x.shape[0], batch_size):
-        h, target = x[i:i + batch_size], y[i:i + batch_size]
+    scores = Scores()
+    for h, target in batches:
+        outputs = []
         for stage in stages:
             h = stage.group(h)
             logits = h if stage.last else stage.predict(h)
-            if logits is None:
-                continue
-            label = "" if stage.last else str(stage.index + 1)
-            loss = criterion(logits, target).sum()
-            correct = (logits.argmax(1) == target).sum()
-            total = sums.get(label, torch.zeros(2, dtype=torch.float64, device=x.device))
-            sums[label] = total + torch.stack([loss.double(), correct.double()])
-    n = x.shape[0]
-    return {label: {"test_loss": float(v[0]) / n, "test_acc": float(v[1]) / n}
-            for label, v in sums.items()}
+            if logits is not None:
+                scores.add(stage_label(stage), logits, target, criterion)
+                outputs.append(logits)
+        if inference is not None:
+            inference.add(outputs, target)
+    return {**scores.rows(), **(inference.rows() if inference is not None else {})}
+
+
+def stage_label(stage: Stage) -> str:
+    """Figures of the last stage describe the whole network (empty stage column)."""
+    return "" if stage.last else str(stage.index + 1)

@@ -1,0 +1,127 @@
+"""What the sub-models of the local rules (LC, DGL, GN-DGL) are worth at inference.
+
+Sub-model k is f_1..f_k followed by the local head of stage k; the final output is the whole
+network. Beside each one's accuracy (``evaluate`` in the executors) this module gives:
+
+- costs: forward FLOPs per sample (``torch.utils.flop_counter``) and parameters of every
+  group, every local head and every sub-model;
+- progressive inference (Lee & Lee): each test sample goes through sub-model 1, 2, ... and
+  stops at the first whose largest softmax probability reaches the threshold (the final
+  output otherwise); its accuracy and its mean FLOPs per sample, which count every group
+  and head evaluated on the way;
+- ensembles: the sum of the sub-models' logits (as in the official local-critic code), with
+  and without the final output.
+
+Only for one target per sample (classification); a language model has none of these.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from methods.base import match_targets
+
+from .profile import count_flops
+from .split import dummy_input
+
+THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)
+
+
+def head_of(stage) -> nn.Module | None:
+    """The module that turns stage k's output into sub-model k's logits, if any."""
+    if stage.last:
+        return None
+    heads = getattr(stage, "heads", None)
+    return heads if heads is not None else stage.head()
+
+
+def costs(stages, input_shape) -> dict[tuple[str, str], float]:
+    """``{(stage, metric): value}``: ``group_flops``, ``group_params``, ``local_flops``,
+    ``local_params``, ``submodel_flops``, ``submodel_params`` per stage ("1".."K"; the local
+    ones where there is a head), and ``model_flops``, ``model_params`` of the whole network.
+    FLOPs of one forward pass per sample, measured on CPU copies in eval mode."""
+    rows = {}
+    x = dummy_input(stages[0].group, input_shape, 1, device="cpu")
+    flops_so_far = params_so_far = 0.0
+    for stage in stages:
+        label = str(stage.index + 1)
+        group = copy.deepcopy(stage.group).cpu().eval()
+        group_flops = count_flops(group, x)
+        params = sum(p.numel() for p in group.parameters())
+        with torch.no_grad():
+            x = group(x)
+        flops_so_far += group_flops
+        params_so_far += params
+        rows[label, "group_flops"], rows[label, "group_params"] = group_flops, params
+        head = head_of(stage)
+        if head is not None:
+            local = copy.deepcopy(head).cpu().eval()
+            local_flops = _head_flops(local, x)
+            local_params = sum(p.numel() for p in local.parameters())
+            rows[label, "local_flops"], rows[label, "local_params"] = local_flops, local_params
+            rows[label, "submodel_flops"] = flops_so_far + local_flops
+            rows[label, "submodel_params"] = params_so_far + local_params
+    rows["", "model_flops"], rows["", "model_params"] = flops_so_far, params_so_far
+    return rows
+
+
+def _head_flops(head: nn.Module, h: torch.Tensor) -> float:
+    """FLOPs of a head (or of every neuron-group head, for GN-DGL) on features ``h``."""
+    if isinstance(head, nn.ModuleList):
+        return sum(count_flops(m, h) for m in head)
+    return count_flops(head, h)
+
+
+def exit_flops(rows: dict, stages) -> list[float]:
+    """Cumulative FLOPs per sample to reach each exit of progressive inference: every group
+    and every head evaluated up to it (the final exit after all heads have said no)."""
+    out, total = [], 0.0
+    for stage in stages:
+        label = str(stage.index + 1)
+        total += rows[label, "group_flops"] + rows.get((label, "local_flops"), 0.0)
+        out.append(total)
+    return out
+
+
+class Inference:
+    """Progressive inference and ensembles, accumulated batch by batch over the test set."""
+
+    def __init__(self, flops: list[float], thresholds=THRESHOLDS):
+        self.flops = torch.tensor(flops, dtype=torch.float64)
+        self.thresholds = thresholds
+        self.n = 0
+        self.sums: dict[str, float] = {}
+
+    def _add(self, name: str, value) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(value)
+
+    @torch.no_grad()
+    def add(self, logits: list[torch.Tensor], y: torch.Tensor) -> None:
+        """``logits``: sub-model 1, 2, ... then the final output, for one test batch."""
+        logits = [match_targets(z, y).float() for z in logits]
+        right = torch.stack([z.argmax(-1) == y for z in logits])  # (exits, n)
+        confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits])
+        self.n += y.numel()
+        flops = self.flops.to(y.device)
+        for t in self.thresholds:
+            passes = confidence >= t
+            passes[-1] = True  # the final output always answers
+            exit_at = passes.to(torch.int8).argmax(0)  # the first exit that answers
+            self._add(f"t{t}_acc", right.gather(0, exit_at[None]).sum())
+            self._add(f"t{t}_flops", flops[exit_at].sum())
+        subs = torch.stack(logits[:-1]).sum(0)
+        self._add("ensemble_sub", (subs.argmax(-1) == y).sum())
+        self._add("ensemble_all", ((subs + logits[-1]).argmax(-1) == y).sum())
+
+    def rows(self) -> dict[tuple[str, str], float]:
+        out = {}
+        for t in self.thresholds:
+            tag = f"{round(t * 100):02d}"
+            out["", f"progressive_acc_t{tag}"] = self.sums[f"t{t}_acc"] / self.n
+            out["", f"progressive_flops_t{tag}"] = self.sums[f"t{t}_flops"] / self.n
+        out["", "ensemble_submodels_acc"] = self.sums["ensemble_sub"] / self.n
+        out["", "ensemble_all_acc"] = self.sums["ensemble_all"] / self.n
+        return out
