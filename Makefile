@@ -6,13 +6,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RESULTS ?= results
+PRESET  ?= paper
 
-.PHONY: help setup data test test-all learning-check bench clean
+.PHONY: help setup data test test-all learning-check reproduce-table2 plot bench clean
 
 help:
 	@echo "make setup           create .venv and install lcbench (+ test tools)"
 	@echo "make test            the test suite (what CI runs; < 10 min on 2 CPU cores)"
 	@echo "make test-all        also the slow tests"
+	@echo "make reproduce-table2 [PRESET=paper|smoke]  the method-comparison table beside the"
+	@echo "                     published numbers, and the figures (resumable; smoke: minutes, offline)"
+	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
 	@echo "make bench           step time: lcbench BP vs a plain PyTorch loop; every method vs BP (~10 min)"
 
@@ -40,6 +44,16 @@ learning-check: $(STAMP) data
 	  $(BIN)/lcbench run --method $$m --groups 2 --task fashion-mnist --epochs 3 \
 	    --experiment learning-check --out $(RESULTS) || exit 1; \
 	done
+
+# A sweep exits with 1 when some runs failed: they are recorded, and the table shows what ran.
+reproduce-table2: $(STAMP) data
+	$(BIN)/lcbench sweep bench/experiments/table2.toml --preset $(PRESET) --out $(RESULTS)/$(PRESET) \
+	  || test $$? -eq 1
+	$(BIN)/lcbench table table2 $(RESULTS)/$(PRESET)
+	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures
+
+plot: $(STAMP)
+	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.benchmark

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -34,13 +35,14 @@ def parse_options(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-def parse_cuts(text: str | None) -> list[int] | None:
+def parse_ints(text: str | None, option: str) -> list[int] | None:
+    """Comma-separated integers (cut points, milestones)."""
     if text is None:
         return None
     try:
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise UsageError(f"--cuts expects comma-separated block indices, got '{text}'") from None
+        raise UsageError(f"{option} expects comma-separated integers, got '{text}'") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -58,10 +60,17 @@ def cli():
 @click.option("--model", default=None, help="Model (default: the task's). See `lcbench list`.")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier.")
 @click.option("--epochs", "-e", type=int, default=3, show_default=True)
+@click.option("--iterations", type=int, default=None,
+              help="Total training batches (overrides --epochs; the last epoch is cut short).")
 @click.option("--batch-size", "-b", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=0.02, show_default=True,
               help="Learning rate of the main network (SGD, Nesterov momentum 0.9).")
+@click.option("--lr-milestones", default=None, metavar="I1,I2,...",
+              help="Iterations at which the SGD rate is multiplied by --lr-gamma.")
+@click.option("--lr-gamma", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--clip-grad", type=float, default=None,
+              help="Clip each stage's gradient norm (per optimizer) to this value.")
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
 @click.option("--split", default="flops", show_default=True,
               help="Balance the layer groups by flops, params, activations or measured time "
@@ -93,7 +102,8 @@ def cli():
 @click.option("--save-weights", is_flag=True,
               help="Also write the trained stages' state dicts to RUN/weights/stageK.pt.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def run(method, groups, task, model, width, epochs, batch_size, lr, weight_decay, seed, split,
+def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, lr_milestones,
+        lr_gamma, weight_decay, clip_grad, seed, split,
         cuts, neuron_groups, option_pairs, executor, placement, threads, device, limit_train, limit_test,
         data_dir, experiment, out, emit_config, save_weights, quiet):
     """Train one network with one learning rule; write metrics.csv and run.json."""
@@ -101,8 +111,10 @@ def run(method, groups, task, model, width, epochs, batch_size, lr, weight_decay
     if neuron_groups is not None:
         options["neuron_groups"] = neuron_groups
     cfg = RunConfig(method=method, groups=groups, task=task, model=model, width=width,
-                    epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                    seed=seed, split=split, cuts=parse_cuts(cuts), options=options,
+                    epochs=epochs, iterations=iterations, batch_size=batch_size, lr=lr,
+                    lr_milestones=parse_ints(lr_milestones, "--lr-milestones"),
+                    lr_gamma=lr_gamma, weight_decay=weight_decay, clip_grad=clip_grad,
+                    seed=seed, split=split, cuts=parse_ints(cuts, "--cuts"), options=options,
                     executor=executor, placement=placement, threads=threads, device=device,
                     limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
                     experiment=experiment, out=out, save_weights=save_weights)
@@ -179,6 +191,49 @@ def sweep(ctx, spec, preset, out, data_dir, quiet):
         ctx.exit(e.exit_code)
     click.echo(f"sweep {cfgs[0].experiment}: {tally.line()}")
     ctx.exit(1 if tally.failed else 0)
+
+
+@cli.command()
+@click.argument("name", metavar="NAME")
+@click.argument("results", metavar="RESULTS_DIR", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Where NAME.md, NAME.tex and NAME.csv go (default: RESULTS_DIR).")
+def table(name, results, out):
+    """Our runs beside the published numbers (bench/references/NAME.csv), with the delta,
+    time per epoch, speedup against BP and peak memory per device, as Markdown (printed),
+    LaTeX and CSV. Runs are read from RESULTS_DIR/NAME/ (or RESULTS_DIR)."""
+    from . import table as tables
+    if not (tables.REFERENCES / f"{name}.csv").is_file():
+        known = ", ".join(p.stem for p in sorted(tables.REFERENCES.glob("*.csv")))
+        raise UsageError(f"no table '{name}' (choose from {known})")
+    if not Path(results).is_dir():
+        raise UsageError(f"no results folder {results}")
+    try:
+        md, paths = tables.write(name, Path(results), Path(out) if out else None)
+    except OSError as e:
+        raise UsageError(f"cannot write the table: {e.strerror or e}") from None
+    click.echo(md)
+    click.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@cli.command()
+@click.argument("results", metavar="RESULTS_DIR", type=click.Path(file_okay=False))
+@click.option("--out", default="figures", show_default=True, type=click.Path(file_okay=False),
+              help="Where the figures go (PNG and PDF).")
+def plot(results, out):
+    """Paper-style figures of the runs under RESULTS_DIR: accuracy against epoch, time per
+    epoch and speedup, memory per device and per stage, accuracy against speedup, sub-model
+    accuracy and progressive inference."""
+    from . import plots
+    if not Path(results).is_dir():
+        raise UsageError(f"no results folder {results}")
+    try:
+        paths = plots.plot_all(Path(results), Path(out))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write the figures: {e.strerror or e}") from None
+    click.echo(f"wrote {len(paths)} files to {out}: " + ", ".join(p.name for p in paths))
 
 
 @cli.command(name="list")

@@ -27,11 +27,15 @@ class RunConfig:
     model: str | None = None
     width: float = 1.0
     epochs: int = 3
+    iterations: int | None = None  # total training batches; overrides epochs (last one cut short)
     batch_size: int = 128
     lr: float = 0.02
+    lr_milestones: list[int] | None = None  # iterations at which the SGD rate is multiplied by
+    lr_gamma: float = 0.1                   # lr_gamma (Adam-trained local modules keep theirs)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    clip_grad: float | None = None  # gradient-norm clipping, per stage and optimizer
     seed: int = 0
     split: str = "flops"
     cuts: list[int] | None = None
@@ -64,6 +68,11 @@ class RunConfig:
             (self.epochs >= 0, f"--epochs must not be negative (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.iterations is None or self.iterations >= 1,
+             f"--iterations must be at least 1 (got {self.iterations})"),
+            (self.clip_grad is None or self.clip_grad > 0,
+             f"--clip-grad must be positive (got {self.clip_grad})"),
+            (0 < self.lr_gamma, f"lr_gamma must be positive (got {self.lr_gamma})"),
             (self.width > 0, f"--width must be positive (got {self.width})"),
             (self.threads is None or self.threads >= 1,
              f"--threads must be at least 1 (got {self.threads})"),

@@ -1,6 +1,8 @@
 """One run: config -> task, model, split, stages -> executor -> records."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import time
@@ -99,7 +101,39 @@ def local_seconds(cfg: RunConfig, shape: tuple, classes: int) -> float:
 
 def train_options(cfg: RunConfig) -> TrainOptions:
     return TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                        weight_decay=cfg.weight_decay)
+                        weight_decay=cfg.weight_decay, clip=cfg.clip_grad)
+
+
+def epoch_steps(cfg: RunConfig, steps: int) -> list[int]:
+    """Training batches of each epoch: ``steps`` each, or up to ``iterations`` in all."""
+    if cfg.iterations is None:
+        return [steps] * cfg.epochs
+    full, rest = divmod(cfg.iterations, steps)
+    return [steps] * full + ([rest] if rest else [])
+
+
+class LRSchedule:
+    """Step decay: the SGD rate of iteration i is lr x gamma^(milestones <= i)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.milestones = sorted(cfg.lr_milestones or [])
+        self.gamma = cfg.lr_gamma
+        self.factor = 1.0
+
+    def apply(self, stages, iteration: int) -> None:
+        """Set ``stages``' rates for ``iteration`` (a no-op unless a milestone was passed)."""
+        factor = self.gamma ** bisect.bisect_right(self.milestones, iteration)
+        if factor != self.factor:
+            for stage in stages:
+                stage.scale_lr(factor)
+            self.factor = factor
+
+
+def scheduled(batches, stages, schedule: LRSchedule, first: int, count: int):
+    """``count`` of ``batches``, the rates set for each one's iteration (``first`` + i)."""
+    for i, batch in enumerate(itertools.islice(batches, count)):
+        schedule.apply(stages, first + i)
+        yield batch
 
 
 def threads_per_rank(cfg: RunConfig) -> int:
@@ -314,12 +348,15 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
         stage.phase = timer
     probes = [measure.ActivationProbe(stage) for stage in prep.stages]
     costs = static_rows(prep)
-    for epoch in range(1, cfg.epochs + 1):
+    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
+    for epoch, steps in enumerate(plan, 1):
         measure.reset_device_peaks(device)
         reset_states(prep.stages, cfg.batch_size)
+        batches = scheduled(task.train_batches(cfg.batch_size, generator), prep.stages, schedule,
+                            sum(plan[:epoch - 1]), steps)
         seconds = sequential.train_epoch(
-            prep.stages, task.train_batches(cfg.batch_size, generator), device=device,
-            total=steps, progress=progress, desc=f"epoch {epoch}/{cfg.epochs}",
+            prep.stages, batches, device=device, total=steps, progress=progress,
+            desc=f"epoch {epoch}/{len(plan)}",
             first_batch=(lambda: measure.probing(probes)) if epoch == 1 else nullcontext)
         rows = {}
         for stage in prep.stages:

@@ -61,52 +61,54 @@ def expand(spec: dict, preset: str | None, default_name: str, *, out: str,
     presets = table(spec, "presets", "")
     layers = {name: parse_layer(table(presets, name, "presets."), f"presets.{name}.")
               for name in presets}
-    experiment, fixed, axes = parse_layer({k: v for k, v in spec.items() if k != "presets"}, "")
+    experiment, fixed, grids, _ = parse_layer({k: v for k, v in spec.items() if k != "presets"}, "")
     if preset is not None:
         if preset not in layers:
             choices = ", ".join(layers) or "none defined"
             raise UsageError(f"unknown preset '{preset}' (choose from {choices})")
-        p_experiment, p_fixed, p_axes = layers[preset]
+        p_experiment, p_fixed, p_grids, p_replaces = layers[preset]
         experiment.update(p_experiment)
+        if p_replaces:  # [[presets.NAME.grid]]: the preset's grids instead of the spec's
+            grids = p_grids
         for key, value in p_fixed.items():  # a preset's value replaces the base's, grid or not
-            axes.pop(key, None)
+            for axes in grids:
+                axes.pop(key, None)
             fixed[key] = value
-        for key, values in p_axes.items():
+        for key, values in (p_grids[0].items() if p_grids and not p_replaces else ()):
             fixed.pop(key, None)
-            axes[key] = values
+            for axes in grids:
+                axes[key] = values
     name = experiment.get("name", default_name)
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise UsageError(f"[experiment] name must be a plain folder name (got '{name}')")
-    if not axes:
+    if not grids or not all(grids):
         raise UsageError("empty grid: [grid] needs at least one key with a list of values")
-    if "method" not in fixed and "method" not in axes:
+    if any("method" not in fixed and "method" not in axes for axes in grids):
         raise UsageError("no method: set method = [...] in [grid]")
 
     runs: dict[str, RunConfig] = {}
-    for combo in itertools.product(*axes.values()):
-        values = {**fixed, **dict(zip(axes, combo))}
-        method = canonical_method(values["method"], "method")
-        options = {k[1]: v for k, v in values.items() if isinstance(k, tuple) and k[0] == method}
-        settings = {k: v for k, v in values.items() if isinstance(k, str)}
-        cfg = runner.resolve(RunConfig(**settings, options=options, experiment=name, out=out,
-                                       data_dir=data_dir))
-        runs.setdefault(cfg.run_id, cfg)
+    for axes in grids:
+        for combo in itertools.product(*axes.values()):
+            values = {**fixed, **dict(zip(axes, combo))}
+            method = canonical_method(values["method"], "method")
+            options = {k[1]: v for k, v in values.items() if isinstance(k, tuple) and k[0] == method}
+            settings = {k: v for k, v in values.items() if isinstance(k, str)}
+            cfg = runner.resolve(RunConfig(**settings, options=options, experiment=name, out=out,
+                                           data_dir=data_dir))
+            runs.setdefault(cfg.run_id, cfg)
     return list(runs.values())
 
 
-def parse_layer(layer: dict, where: str) -> tuple[dict, dict, dict]:
-    """One layer (the spec or a preset): its ``[experiment]`` table, its fixed values and its
-    grid axes, both keyed by RunConfig field or (method, option) and type-checked."""
+def parse_layer(layer: dict, where: str) -> tuple[dict, dict, list[dict], bool]:
+    """One layer (the spec or a preset): its ``[experiment]`` table, its fixed values, its
+    grids (one ``[grid]`` or several ``[[grid]]``: axes keyed by RunConfig field or (method,
+    option), type-checked) and whether it gave a list of grids."""
     check_keys(layer, LAYER, f"[{where[:-1]}]" if where else "the spec's top level")
     experiment = table(layer, "experiment", where)
     check_keys(experiment, EXPERIMENT_KEYS, f"[{where}experiment]")
     for key, value in experiment.items():
         if not isinstance(value, str):
             raise UsageError(f"[{where}experiment] {key} must be a string, got {value!r}")
-    grid = dict(table(layer, "grid", where))
-    grid_options = table(grid, "options", f"{where}grid.")
-    grid.pop("options", None)
-
     fixed = {}
     settings = {**table(layer, "settings", where),
                 **option_items(table(layer, "options", where), f"{where}options")}
@@ -114,20 +116,37 @@ def parse_layer(layer: dict, where: str) -> tuple[dict, dict, dict]:
         label = f"{where}settings" if isinstance(key, str) else f"{where}options.{key[0]}"
         hint = checked_key(key, label)
         fixed[key] = typed(key, value, hint, label)
+    listed = isinstance(layer.get("grid"), list)
+    raw = layer["grid"] if listed else ([table(layer, "grid", where)] if "grid" in layer else [])
+    grids = []
+    for i, grid in enumerate(raw):
+        label = f"{where}grid" + (f"[{i}]" if listed else "")
+        if not isinstance(grid, dict):
+            raise UsageError(f"[{label}] must be a table, got {grid!r}")
+        axes = parse_grid(grid, label)
+        clash = [key for key in fixed if key in axes]
+        if clash:
+            raise UsageError(f"'{name_of(clash[0])}' is both a grid axis and a fixed value"
+                             f"{' in [' + where[:-1] + ']' if where else ''}")
+        grids.append(axes)
+    return experiment, fixed, grids, listed
+
+
+def parse_grid(grid: dict, where: str) -> dict:
+    """The axes of one grid table: ``KEY = [values]`` and ``[options.METHOD]`` axes."""
+    grid = dict(grid)
+    grid_options = table(grid, "options", f"{where}.")
+    grid.pop("options", None)
     axes = {}
-    for key, values in {**grid, **option_items(grid_options, f"{where}grid.options")}.items():
-        label = f"{where}grid" if isinstance(key, str) else f"{where}grid.options.{key[0]}"
+    for key, values in {**grid, **option_items(grid_options, f"{where}.options")}.items():
+        label = where if isinstance(key, str) else f"{where}.options.{key[0]}"
         hint = checked_key(key, label)
         if not isinstance(values, list):
             raise UsageError(f"[{label}] {name_of(key)} must be a list of values, got {values!r}")
         if not values:
             raise UsageError(f"[{label}] {name_of(key)} is an empty list")
         axes[key] = [typed(key, v, hint, label) for v in values]
-    clash = [key for key in fixed if key in axes]
-    if clash:
-        raise UsageError(f"'{name_of(clash[0])}' is both a grid axis and a fixed value"
-                         f"{' in [' + where[:-1] + ']' if where else ''}")
-    return experiment, fixed, axes
+    return axes
 
 
 def option_items(tables: dict, where: str) -> dict:

@@ -35,6 +35,7 @@ class TrainOptions:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    clip: float | None = None  # largest gradient norm of each optimizer's parameters
 
 
 def match_targets(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -136,6 +137,10 @@ class Stage:
     def step(self, *optimizers: torch.optim.Optimizer) -> None:
         with self.phase("update"):
             for optimizer in optimizers:
+                if self.train_options.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for group in optimizer.param_groups for p in group["params"]],
+                        self.train_options.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 

@@ -369,3 +369,29 @@ def test_replay_buffer_keeps_the_newest_and_counts_evictions():
         buffer.push(torch.tensor([i]), torch.tensor([i]))
     assert [int(e[0]) for e in buffer.entries] == [2, 3]
     assert buffer.pop_discarded() == 2 and buffer.unused == 2
+
+
+def test_step_decay_scales_sgd_rates_and_leaves_adam_critics_alone():
+    from bench.config import RunConfig
+    from bench.runner import LRSchedule, epoch_steps
+    stages = stages_for("lc", mlp_groups(2))
+    schedule = LRSchedule(RunConfig(method="lc", lr_milestones=[3, 5], lr_gamma=0.1))
+    rates = []
+    for i in range(7):
+        schedule.apply(stages, i)
+        rates.append(stages[0].optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.1] * 3 + [0.01] * 2 + [0.001] * 2)
+    assert stages[0].critic_optimizer.param_groups[0]["lr"] == 1e-4
+    assert epoch_steps(RunConfig(method="lc", epochs=2), 5) == [5, 5]
+    assert epoch_steps(RunConfig(method="lc", epochs=2, iterations=12), 5) == [5, 5, 2]
+
+
+def test_clip_bounds_each_optimizers_gradient_norm():
+    groups = mlp_groups(1)
+    stage = methods.build_stages("bp", groups, [(CLASSES,)], CLASSES, per_sample_ce,
+                                 TrainOptions(lr=1.0, momentum=0.0, weight_decay=0.0, clip=1e-3))[0]
+    before = params(groups[0])
+    x, y = data()
+    train_step([stage], 0, x * 100, y)
+    moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(params(groups[0]), before)))
+    assert moved == pytest.approx(1e-3, rel=1e-6)  # plain SGD at lr 1: the step is the clipped gradient

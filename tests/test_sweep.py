@@ -248,3 +248,26 @@ def test_unknown_preset_and_missing_file(tmp_path, capsys):
     assert code == 2 and "unknown preset 'paper'" in err and err.count("\n") == 1
     code, _, err = call(["sweep", str(tmp_path / "nope.toml")], capsys)
     assert code == 2 and "nope.toml" in err and err.count("\n") == 1
+
+
+def test_several_grids_are_a_union_and_a_preset_can_replace_them(tmp_path):
+    spec = write(tmp_path, """
+[[grid]]
+method = ["bp", "lc"]
+groups = [2]
+[[grid]]
+method = ["lc"]
+groups = [4]
+[settings]
+task = "digits"
+[presets.quick]
+settings = { epochs = 1 }
+[[presets.other.grid]]
+method = ["dgl"]
+groups = [3]
+""")
+    cells = [(c.method, c.groups, c.epochs) for c in sweep.load_spec(spec)]
+    assert cells == [("bp", 2, 3), ("lc", 2, 3), ("lc", 4, 3)]
+    assert [(c.method, c.groups, c.epochs) for c in sweep.load_spec(spec, "quick")] == [
+        ("bp", 2, 1), ("lc", 2, 1), ("lc", 4, 1)]
+    assert [(c.method, c.groups) for c in sweep.load_spec(spec, "other")] == [("dgl", 3)]

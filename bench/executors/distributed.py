@@ -46,7 +46,7 @@ def upstream_shape(stage, h_shape: tuple) -> tuple | None:
 
 def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
                 in_shape: tuple, y_shape: tuple, out_shape: tuple, device, dtype, probe=None,
-                progress: bool = False) -> None:
+                on_step=lambda t: None, progress: bool = False) -> None:
     """One epoch of stage ``stage`` on its rank; ``batches`` yields data on rank 0 only.
     ``probe`` (a context manager) is entered around the first two iterations, which hold
     the first forward and the first upstream update."""
@@ -63,6 +63,7 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
             links.send(reply, k - 1)
 
     for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch", file=sys.stdout):
+        on_step(t)
         with probe if probe is not None and t < 2 else nullcontext():
             if k == 0:
                 x, y = next(batches)
@@ -85,34 +86,37 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
     links.flush()
 
 
-def trainer(stage, links: Links, *, batch_size: int, steps: int, in_shape: tuple,
-            y_shape: tuple, out_shape: tuple, device, dtype, timer, progress: bool):
-    """``epoch(batches, probe) -> counts``: one training epoch of this rank under its rule
-    (pipelined BP on a pipeline schedule, asynchronous DGL without waiting, the others
-    with late upstream messages). ``probe`` is entered around the first batch(es)."""
+def trainer(stage, links: Links, *, batch_size: int, in_shape: tuple, y_shape: tuple,
+            out_shape: tuple, device, dtype, timer, progress: bool):
+    """``epoch(batches, probe, steps, on_step) -> counts``: one training epoch of ``steps``
+    batches of this rank under its rule (pipelined BP on a pipeline schedule, asynchronous DGL
+    without waiting, the others with late upstream messages); ``probe`` is entered around the
+    first batch(es), ``on_step(t)`` called before batch t (the learning-rate schedule)."""
     if isinstance(stage, PipeBPStage):
         pipe = pipeline.Pipeline(stage, links, device=device, y_shape=(batch_size, *y_shape))
         pipeline.time_phases(stage, timer)
 
-        def epoch(batches, probe):
+        def epoch(batches, probe, steps, on_step):
             for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch",
                           file=sys.stdout):
+                on_step(t)
                 x, y = next(batches) if links.rank == 0 else (None, None)
                 with probe if probe is not None and t == 0 else nullcontext():
                     pipe.step(x, y)
             links.flush()
             return {}
     elif isinstance(stage, ADGLStage):
-        def epoch(batches, probe):
+        def epoch(batches, probe, steps, on_step):
+            on_step(0)  # ranks below the first run their own number of steps: one rate an epoch
             return asynchronous.train_epoch(stage, links, batches=batches, steps=steps,
                                             batch_size=batch_size, in_shape=in_shape,
                                             y_shape=y_shape, device=device, dtype=dtype,
                                             probe=probe)
     else:
-        def epoch(batches, probe):
+        def epoch(batches, probe, steps, on_step):
             train_epoch(stage, links, batches=batches, steps=steps, batch_size=batch_size,
                         in_shape=in_shape, y_shape=y_shape, out_shape=out_shape, device=device,
-                        dtype=dtype, probe=probe, progress=progress)
+                        dtype=dtype, probe=probe, on_step=on_step, progress=progress)
             return {}
     return epoch
 
@@ -162,8 +166,8 @@ def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def stage_part(prep: runner.Prepared, links: Links, *, steps: int, y_shape: tuple, device,
-               dtype, timer, progress: bool, inference=None) -> Part:
+def stage_part(prep: runner.Prepared, links: Links, *, y_shape: tuple, device, dtype, timer,
+               progress: bool, inference=None) -> Part:
     """Rank k trains stage k (one layer group)."""
     cfg, rank = prep.cfg, links.rank
     stage = prep.stages[rank]
@@ -174,7 +178,7 @@ def stage_part(prep: runner.Prepared, links: Links, *, steps: int, y_shape: tupl
                         y_shape=y_shape, device=device, dtype=dtype,
                         criterion=runner.classification_loss, inference=inference)
 
-    epoch = trainer(stage, links, batch_size=cfg.batch_size, steps=steps, in_shape=in_shape,
+    epoch = trainer(stage, links, batch_size=cfg.batch_size, in_shape=in_shape,
                     y_shape=y_shape, out_shape=prep.shapes[rank], device=device, dtype=dtype,
                     timer=timer, progress=progress)
     return Part(stage, str(rank + 1), rank, in_shape, epoch, evaluate_part)
@@ -201,26 +205,29 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     links = Links(rank, world)
     costs = runner.static_rows(prep) if rank == 0 else {}
     if per_layer > 1:
-        part = neurons.part(prep, links, steps=steps, device=device, dtype=dtype, timer=timer,
+        part = neurons.part(prep, links, device=device, dtype=dtype, timer=timer,
                             progress=progress and rank == 0)
     else:
         wanted = runner.inference(prep, costs) if rank == 0 else runner.wants_inference(prep)
-        part = stage_part(prep, links, steps=steps, y_shape=y_shape, device=device, dtype=dtype,
-                          timer=timer, progress=progress and rank == 0, inference=wanted)
+        part = stage_part(prep, links, y_shape=y_shape, device=device, dtype=dtype, timer=timer,
+                          progress=progress and rank == 0, inference=wanted)
     prep.stages = None  # the other stages live on other ranks
     stage = part.stage
     stage.phase = timer
     probe = measure.ActivationProbe(stage)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    for epoch in range(1, cfg.epochs + 1):
+    schedule, plan = runner.LRSchedule(cfg), runner.epoch_steps(cfg, steps)
+    for epoch, steps in enumerate(plan, 1):
         stage.train(True)
         runner.reset_states([stage], cfg.batch_size)
         data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
         measure.reset_device_peaks(device)
+        first = sum(plan[:epoch - 1])
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()
-        counts = part.epoch(data, probe if epoch == 1 else None)
+        counts = part.epoch(data, probe if epoch == 1 else None, steps,
+                            lambda t: schedule.apply([stage], first + t))
         synchronize(device)
         seconds = time.perf_counter() - start
         label = part.label

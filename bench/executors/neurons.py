@@ -100,7 +100,7 @@ class NeuronGroupStage(Stage):
         return [self.optimizer] + ([self.head_optimizer] if self.head_optimizer else [])
 
 
-def part(prep: runner.Prepared, links, *, steps: int, device, dtype, timer, progress: bool):
+def part(prep: runner.Prepared, links, *, device, dtype, timer, progress: bool):
     """Rank k*G + g trains neuron group g of layer group k (see the module docstring)."""
     cfg, rank = prep.cfg, links.rank
     G = ranks_per_layer(cfg)
@@ -134,9 +134,10 @@ def part(prep: runner.Prepared, links, *, steps: int, device, dtype, timer, prog
         links.send(h, rank + G)
         links.send(y, rank + G)
 
-    def epoch(batches, probe):
+    def epoch(batches, probe, steps, on_step):
         for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch",
                       file=sys.stdout):
+            on_step(t)
             x, y = inputs(cfg.batch_size, *(next(batches) if rank == 0 else (None, None)))
             if probe is not None and t == 0:
                 with probe:

@@ -1,0 +1,228 @@
+"""`lcbench plot RESULTS_DIR`: paper-style figures (PNG and PDF) of the runs under a folder.
+
+- accuracy: test accuracy (a language model: perplexity) against epoch, per method;
+- time: time per epoch and speedup against BP, per method and K;
+- memory: peak memory per device (the largest stage) and per stage;
+- tradeoff: accuracy against speedup, the trade-off every reader asks about;
+- submodels: accuracy of every sub-model, and progressive inference (accuracy against mean
+  FLOPs per sample as the confidence threshold moves).
+
+One colour per method across all figures; seeds are averaged (bands: ± one std).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .table import cells, load_runs, method_label, run_summary  # noqa: E402
+
+METHODS = ["bp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn"]
+COLOURS = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS))))
+NAMES = {"bp": "BP", "pipe-bp": "pipelined BP", "dgl": "DGL", "adgl": "async DGL", "lc": "LC",
+         "dni": "DNI", "cdni": "cDNI", "gn": "GN-DGL"}
+
+
+def save(fig, out: Path, name: str) -> list[Path]:
+    """``name``.png and .pdf in ``out``, each written to a temporary name then renamed."""
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out / f"{name}.{ext}"
+        tmp = out / f".{name}.{os.getpid()}.tmp.{ext}"
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        os.replace(tmp, path)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def legend(fig, axes) -> None:
+    handles, labels = {}, []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+        if ax.get_legend():
+            ax.get_legend().remove()
+    fig.legend([handles[label] for label in labels], labels, loc="upper center",
+               ncol=min(len(labels), 6), bbox_to_anchor=(0.5, 1.12), frameon=False)
+
+
+def title(task: str, model: str) -> str:
+    return f"{task}, {model}"
+
+
+def accuracy(rows: pd.DataFrame, out: Path) -> list[Path]:
+    whole = rows[(rows["stage"] == "") & rows["metric"].isin(["test_acc", "test_ppl"])].copy()
+    whole = whole[~((whole["metric"] == "test_acc") & whole["run_id"].isin(
+        whole[whole["metric"] == "test_ppl"]["run_id"]))]  # a language model: perplexity only
+    whole.loc[whole["metric"] == "test_acc", "value"] *= 100
+    keys = facets(whole)
+    fig, axes = grid(1, len(keys), width=4.8)
+    axes = list(axes[0])
+    for ax, (task, model) in zip(axes, keys):
+        part = whole[(whole["task"] == task) & (whole["model"] == model)]
+        order = sorted(part.groupby(["method", "groups"]),
+                       key=lambda item: (METHODS.index(item[0][0]) if item[0][0] in METHODS else 99,
+                                         item[0][1]))
+        for (method, groups), runs in order:
+            stats = runs.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0)
+            label = f"{NAMES.get(method, method)} (K={groups})"
+            line, = ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=label,
+                            color=COLOURS.get(method), linestyle="-" if groups <= 2 else "--")
+            ax.fill_between(stats.index, stats["mean"] - stats["std"],
+                            stats["mean"] + stats["std"], color=line.get_color(), alpha=0.15)
+        perplexity = (part["metric"] == "test_ppl").any()
+        ax.set(title=title(task, model), xlabel="epoch",
+               ylabel="test perplexity" if perplexity else "test accuracy (%)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    legend(fig, axes)
+    return save(fig, out, "accuracy")
+
+
+def label_of(method, groups, microbatches=None, neuron_groups=None) -> str:
+    return f"{method_label(method, int(groups), microbatches, neuron_groups)}, K={int(groups)}"
+
+
+def bars(ax, table: pd.DataFrame, column: str, ylabel: str) -> None:
+    labels = [label_of(*row) for row in zip(table["method"], table["groups"],
+                                            table["microbatches"], table["neuron_groups"])]
+    ax.bar(range(len(table)), table[column], color=[COLOURS.get(m) for m in table["method"]])
+    ax.set_xticks(range(len(table)), labels, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def facets(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (task, model) pairs: one column of panels each."""
+    return sorted(set(zip(table["task"], table["model"])))
+
+
+def grid(rows: int, columns: int, width: float = 5.0, height: float = 3.4):
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    return fig, axes
+
+
+def time_and_speedup(table: pd.DataFrame, out: Path) -> list[Path]:
+    keys = facets(table)
+    fig, axes = grid(2, len(keys))
+    for col, (task, model) in enumerate(keys):
+        part = table[(table["task"] == task) & (table["model"] == model)]
+        bars(axes[0][col], part, "time_s", "time per epoch (s)")
+        axes[0][col].set_title(title(task, model))
+        bars(axes[1][col], part, "speedup", "speedup against BP")
+        axes[1][col].axhline(1.0, color="grey", lw=0.8, ls=":")
+    fig.suptitle("Time per training epoch on K workers (modelled for the sequential executor, "
+                 "measured for the distributed one) and speedup against BP", y=1.0)
+    fig.tight_layout()
+    return save(fig, out, "time")
+
+
+def memory(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
+    stages = rows[(rows["metric"] == "peak_mem_bytes") & (rows["epoch"] == 1)
+                  & (rows["stage"] != "")].copy()
+    stages["MiB"] = stages["value"] / 2**20
+    keys = facets(table)
+    fig, axes = grid(2, len(keys))
+    for col, (task, model) in enumerate(keys):
+        part = table[(table["task"] == task) & (table["model"] == model)]
+        bars(axes[0][col], part, "peak_mem_mib", "peak memory per device (MiB)")
+        axes[0][col].set_title(f"{title(task, model)}: per device (the largest stage)")
+        per_stage = stages[(stages["task"] == task) & (stages["model"] == model)].copy()
+        per_stage["rule"] = [label_of(m, k) for m, k in zip(per_stage["method"], per_stage["groups"])]
+        order = [label_of(m, k) for m, k in zip(part["method"], part["groups"])]
+        sns.barplot(data=per_stage, x="rule", y="MiB", hue="stage", order=list(dict.fromkeys(order)),
+                    ax=axes[1][col], errorbar=None, palette="Greys")
+        axes[1][col].set(title="per stage", xlabel="", ylabel="peak memory (MiB)")
+        axes[1][col].tick_params(axis="x", rotation=40, labelsize=8)
+        for label in axes[1][col].get_xticklabels():
+            label.set_horizontalalignment("right")
+        axes[1][col].grid(axis="y", alpha=0.3)
+    fig.suptitle("Peak memory: parameters, gradients, optimizer state and saved activations",
+                 y=1.0)
+    fig.tight_layout()
+    return save(fig, out, "memory")
+
+
+def tradeoff(table: pd.DataFrame, out: Path) -> list[Path]:
+    keys = facets(table)
+    fig, axes = grid(1, len(keys), width=5.2, height=4.0)
+    for ax, (task, model) in zip(axes[0], keys):
+        part = table[(table["task"] == task) & (table["model"] == model)]
+        for _, r in part.iterrows():
+            ax.scatter(r["speedup"], r["mean"], color=COLOURS.get(r["method"]), s=55,
+                       marker="o" if r["groups"] <= 2 else "s", edgecolor="black", linewidth=0.4,
+                       label=NAMES.get(r["method"], r["method"]))
+            ax.annotate(f"K={int(r['groups'])}", (r["speedup"], r["mean"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="speedup against BP", ylabel=part["metric"].iloc[0],
+               title=title(task, model))
+        ax.grid(alpha=0.3)
+    legend(fig, axes[0])
+    fig.suptitle("Accuracy against speedup", y=1.2)
+    return save(fig, out, "tradeoff")
+
+
+def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
+    final = rows[rows.groupby("run_id")["epoch"].transform("max") == rows["epoch"]]
+    with_subs = final[final["metric"].str.startswith("progressive_acc")]["run_id"].unique()
+    final = final[final["run_id"].isin(with_subs)]
+    if final.empty:  # no rule with sub-models ran: say so rather than draw nothing
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.text(0.5, 0.5, "no run of a rule with sub-models (LC, DGL, GN-DGL)",
+                ha="center", va="center")
+        ax.set_axis_off()
+        return save(fig, out, "submodels")
+    keys = facets(final)
+    fig, axes = grid(2, len(keys))
+    for col, (task, model) in enumerate(keys):
+        part = final[(final["task"] == task) & (final["model"] == model)]
+        subs = part[part["metric"] == "test_acc"].copy()
+        subs["sub-model"] = subs["stage"].replace("", "final")
+        subs["value"] *= 100
+        subs["rule"] = [label_of(m, k) for m, k in zip(subs["method"], subs["groups"])]
+        hue = sorted(set(subs["sub-model"]) - {"final"}, key=int) + ["final"]
+        sns.barplot(data=subs, x="rule", y="value", hue="sub-model", hue_order=hue,
+                    ax=axes[0][col], errorbar="sd", palette="Blues")
+        axes[0][col].set(title=f"{title(task, model)}: every sub-model", xlabel="",
+                         ylabel="test accuracy (%)")
+        axes[0][col].grid(axis="y", alpha=0.3)
+        prog = part[part["metric"].str.startswith("progressive_")].copy()
+        prog["threshold"] = prog["metric"].str.rsplit("_t", n=1).str[1]
+        prog["kind"] = prog["metric"].str.split("_").str[1]
+        wide = prog.pivot_table(index=["method", "groups", "threshold"], columns="kind",
+                                values="value").reset_index()
+        ax = axes[1][col]
+        for (method, groups), curve in wide.groupby(["method", "groups"]):
+            curve = curve.sort_values("flops")
+            ax.plot(curve["flops"] / 1e6, 100 * curve["acc"], marker="o", ms=3,
+                    color=COLOURS.get(method), ls="-" if groups <= 2 else "--",
+                    label=f"{NAMES.get(method, method)}, K={groups}")
+        ax.set(title="progressive inference (confidence 0.5 .. 0.99)",
+               xlabel="mean MFLOPs per sample", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, out, "submodels")
+
+
+def plot_all(results: Path, out: Path) -> list[Path]:
+    """Every figure of the runs under ``results`` into ``out``."""
+    rows = load_runs(results)
+    if rows.empty:
+        raise ValueError(f"no finished run under {results}")
+    out.mkdir(parents=True, exist_ok=True)
+    sns.set_theme(style="ticks", context="paper")
+    table = cells(run_summary(rows))
+    return [*accuracy(rows, out), *time_and_speedup(table, out), *memory(rows, table, out),
+            *tradeoff(table, out), *submodels(rows, out)]

@@ -1,0 +1,126 @@
+"""`lcbench table` and `lcbench plot` on the results of real (tiny) runs, and the table2 spec."""
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torchvision.datasets.cifar
+
+from bench import sweep
+from bench.cli import main
+from tests.test_tasks import _fake_cifar
+
+SPEC = Path(__file__).parents[1] / "bench" / "experiments" / "table2.toml"
+RUNS = [("bp", "2"), ("lc", "2"), ("dgl", "2")]
+
+
+def call(args, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """BP, LC(1) and DGL on the VGG-like net, on CIFAR-10 files written here, cut at the
+    published point: results/table2/<run>/."""
+    root = tmp_path_factory.mktemp("table")
+    _fake_cifar(root / "data", 10, {f"data_batch_{i}": 4 for i in range(1, 6)} | {"test_batch": 6})
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torchvision.datasets.cifar, "check_integrity",
+               lambda fpath, md5=None: os.path.isfile(fpath))
+    try:
+        for method, groups in RUNS:
+            with pytest.raises(SystemExit) as done:
+                main(["run", "--method", method, "--groups", groups, "--model", "lc-vgg",
+                      "--task", "cifar10", "--split", "paper", "--epochs", "2", "--batch-size",
+                      "8", "--data-dir", str(root / "data"), "--experiment", "table2",
+                      "--out", str(root / "results"), "--quiet"])
+            assert done.value.code == 0
+    finally:
+        mp.undo()
+    return root / "results"
+
+
+def rows_of(markdown: str) -> list[dict]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def ours(results: Path, method: str) -> float:
+    (path,) = [p for p in results.glob("table2/*/metrics.csv") if p.parent.name.startswith(f"{method}-")]
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["stage"] == "" and r["metric"] == "test_acc"]
+    return 100 * float(max(rows, key=lambda r: int(r["epoch"]))["value"])
+
+
+def test_table_puts_the_published_numbers_beside_ours_in_the_right_cells(results, capsys):
+    code, out, err = call(["table", "table2", str(results)], capsys)
+    assert code == 0, err
+    table = {(r["task"], r["model"], r["method"], r["K"]): r for r in rows_of(out)}
+    lc = table["cifar10", "lc-vgg", "LC(1)", "2"]
+    assert lc["published"] == "92.06 ± 0.20"
+    assert lc["ours (seeds)"] == f"{ours(results, 'lc'):.2f} (1)"
+    assert float(lc["Δ"]) == pytest.approx(ours(results, "lc") - 92.06, abs=0.006)
+    assert "Table 1, row LC(1), column CIFAR-10" in lc["source"]
+    bp = table["cifar10", "lc-vgg", "BP", "2"]
+    assert bp["published"] == "93.93 ± 0.20" and bp["speedup vs BP"] == "1.00x"
+    assert table["cifar10", "lc-vgg", "DGL", "2"]["published"] == "no published number"
+    for cell in [("cifar10", "lc-vgg", "LC(3)", "4"), ("cifar100", "lc-vgg", "DNI(3)", "4")]:
+        assert table[cell]["ours (seeds)"] == "not run"  # published, not run here
+    assert table["cifar100", "lc-vgg", "LC(5)", "6"]["published"] == "63.53 ± 0.24"
+    dgl_paper = [r for r in rows_of(out) if r["model"] == "dgl-3layer-cnn"]
+    assert {r["published"] for r in dgl_paper} == {"84.47", "64.74", "80.86", "85.05"}
+    assert all(r["ours (seeds)"].startswith("not in lcbench") for r in dgl_paper)
+    assert float(lc["speedup vs BP"].rstrip("x")) > 0 and float(lc["peak mem/device (MiB)"]) > 0
+    for ext in ("md", "tex", "csv"):
+        assert (results / f"table2.{ext}").stat().st_size > 0
+    with open(results / "table2.csv") as f:
+        numbers = list(csv.DictReader(f))
+    lc_numbers = [r for r in numbers if r["method"] == "lc" and r["task"] == "cifar10" and r["mean"]]
+    assert float(lc_numbers[0]["published"]) == 92.06
+    assert "\\begin{tabular}" in (results / "table2.tex").read_text()
+
+
+def test_every_figure_is_written_and_not_empty(results, tmp_path, capsys):
+    out = tmp_path / "figures"
+    code, stdout, err = call(["plot", str(results / "table2"), "--out", str(out)], capsys)
+    assert code == 0, err
+    names = {"accuracy", "time", "memory", "tradeoff", "submodels"}
+    assert {p.name for p in out.iterdir()} == {f"{n}.{e}" for n in names for e in ("png", "pdf")}
+    for path in out.iterdir():
+        head = path.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG" if path.suffix == ".png" else b"%PDF")
+        assert path.stat().st_size > 2000
+
+
+@pytest.mark.parametrize("args, words", [
+    (["table", "table9", "."], "no table 'table9'"),
+    (["table", "table2", "/nonexistent/results"], "no results folder"),
+    (["plot", "/nonexistent/results"], "no results folder"),
+])
+def test_bad_table_or_plot_input_is_one_line_and_exit_2(args, words, capsys):
+    code, _, err = call(args, capsys)
+    assert code == 2 and words in err and err.count("\n") == 1
+
+
+def test_plot_of_a_folder_without_runs_is_a_usage_error(tmp_path, capsys):
+    code, _, err = call(["plot", str(tmp_path)], capsys)
+    assert code == 2 and "no finished run" in err
+
+
+def test_table2_spec_paper_protocol_and_offline_smoke_preset():
+    paper = sweep.load_spec(SPEC, "paper")
+    cifar = [c for c in paper if c.task.startswith("cifar")]
+    assert {(c.iterations, c.batch_size, c.lr, tuple(c.lr_milestones), c.momentum, c.weight_decay)
+            for c in cifar} == {(80000, 128, 0.1, (40000, 60000), 0.9, 5e-4)}
+    assert {c.seed for c in paper} == set(range(5)) and {c.split for c in cifar} == {"paper"}
+    assert {c.options["critic_lr"] for c in paper if c.method == "lc"} == {1e-4}
+    assert {(c.method, c.groups) for c in cifar} >= {("lc", 2), ("lc", 4), ("bp", 2), ("pipe-bp", 4),
+                                                     ("dni", 4), ("cdni", 4), ("dgl", 2), ("gn", 4)}
+    assert {c.model for c in cifar} == {"lc-vgg", "resnet101"} and any(c.task == "ptb" for c in paper)
+    smoke = sweep.load_spec(SPEC, "smoke")
+    assert {c.task for c in smoke} == {"fashion-mnist", "seq-fashion-mnist"} and {c.seed for c in smoke} == {0}
+    assert {c.method for c in smoke} == {"bp", "pipe-bp", "dni", "cdni", "dgl", "lc", "gn"}
