@@ -18,7 +18,8 @@ help:
 	@echo "                     published numbers, and the figures (resumable; smoke: minutes, offline)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
-	@echo "make bench           step time: lcbench BP vs a plain PyTorch loop; every method vs BP (~10 min)"
+	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
+	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process (~15 min)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

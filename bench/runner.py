@@ -1,8 +1,6 @@
 """One run: config -> task, model, split, stages -> executor -> records."""
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 import os
 import time
@@ -18,6 +16,7 @@ import methods
 from methods.base import TrainOptions, match_targets
 
 from . import measure, models, paper_models, rnn, split, submodels, tasks
+from .schedule import LRSchedule, epoch_steps, scheduled
 from .config import RunConfig, UsageError
 from .executors import launch, neurons, sequential
 from .provenance import now, provenance
@@ -102,38 +101,6 @@ def local_seconds(cfg: RunConfig, shape: tuple, classes: int) -> float:
 def train_options(cfg: RunConfig) -> TrainOptions:
     return TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                         weight_decay=cfg.weight_decay, clip=cfg.clip_grad)
-
-
-def epoch_steps(cfg: RunConfig, steps: int) -> list[int]:
-    """Training batches of each epoch: ``steps`` each, or up to ``iterations`` in all."""
-    if cfg.iterations is None:
-        return [steps] * cfg.epochs
-    full, rest = divmod(cfg.iterations, steps)
-    return [steps] * full + ([rest] if rest else [])
-
-
-class LRSchedule:
-    """Step decay: the SGD rate of iteration i is lr x gamma^(milestones <= i)."""
-
-    def __init__(self, cfg: RunConfig):
-        self.milestones = sorted(cfg.lr_milestones or [])
-        self.gamma = cfg.lr_gamma
-        self.factor = 1.0
-
-    def apply(self, stages, iteration: int) -> None:
-        """Set ``stages``' rates for ``iteration`` (a no-op unless a milestone was passed)."""
-        factor = self.gamma ** bisect.bisect_right(self.milestones, iteration)
-        if factor != self.factor:
-            for stage in stages:
-                stage.scale_lr(factor)
-            self.factor = factor
-
-
-def scheduled(batches, stages, schedule: LRSchedule, first: int, count: int):
-    """``count`` of ``batches``, the rates set for each one's iteration (``first`` + i)."""
-    for i, batch in enumerate(itertools.islice(batches, count)):
-        schedule.apply(stages, first + i)
-        yield batch
 
 
 def threads_per_rank(cfg: RunConfig) -> int:

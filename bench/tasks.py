@@ -151,16 +151,21 @@ def _splits(cls, root: Path) -> tuple:
     return cls(root, train=True), cls(root, train=False)
 
 
+def unavailable(name: str, root: Path, error: Exception, expected: str,
+                folder: Path | None = None) -> DataUnavailable:
+    """The one-line error for data that is neither here nor downloadable: what to put where."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return DataUnavailable(
+        f"{name}: not found in {root.resolve()} and download failed ({reason}); "
+        f"put {expected} in {(folder or root).resolve()} (or pass --data-dir / set LCBENCH_DATA)")
+
+
 def _download(cls, root: Path, name: str, expected: str) -> tuple:
     """Train and test splits downloaded into `root`, or DataUnavailable saying where to put them."""
     try:
         return cls(root, train=True, download=True), cls(root, train=False, download=True)
     except (OSError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataUnavailable(
-            f"{name}: not found in {root.resolve()} and download failed ({reason}); "
-            f"put {expected} in {root.resolve()} (or pass --data-dir / set LCBENCH_DATA)"
-        ) from e
+        raise unavailable(name, root, e, expected) from e
 
 
 def _gunzip(src: Path, dst: Path) -> None:

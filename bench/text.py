@@ -77,18 +77,14 @@ def find_ptb(root: Path) -> Path | None:
 
 
 def download_ptb(root: Path) -> Path:
-    from .tasks import DataUnavailable
+    from .tasks import unavailable
 
     target = root / "ptb"
     try:
         for name in FILES:
             download_url(URL + name, str(target), name)
     except (OSError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataUnavailable(
-            f"ptb: not found in {root.resolve()} and download failed ({reason}); put "
-            f"{', '.join(FILES)} in {target.resolve()} (or pass --data-dir / set LCBENCH_DATA)"
-        ) from e
+        raise unavailable("ptb", root, e, ", ".join(FILES), target) from e
     return target
 
 

@@ -3,7 +3,6 @@ import csv
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,10 +63,7 @@ def test_unwritable_out_is_one_line_and_exit_2(tmp_path, capsys):
     assert blocker.read_text() == "not a folder"
 
 
-def test_missing_data_offline_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
-    def offline(*a, **k):
-        raise urllib.error.URLError("offline")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+def test_missing_data_offline_is_one_line_and_exit_2(tmp_path, capsys, offline):
     empty = tmp_path / "data"
     empty.mkdir()
     out = tmp_path / "out"

@@ -1,8 +1,5 @@
 """The PTB and ImageNet32 loaders on small files written in the real formats, and the
 sequential Fashion-MNIST view."""
-import urllib.error
-import urllib.request
-
 import numpy as np
 import pytest
 import torch
@@ -16,22 +13,7 @@ PTB_LINES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("LCBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LCBENCH_DATA", raising=False)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    attempts = []
-
-    def refuse(request, *args, **kwargs):
-        attempts.append(getattr(request, "full_url", request))
-        raise urllib.error.URLError("network unreachable")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return attempts
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 def write_ptb(folder, repeat=1):

@@ -14,13 +14,7 @@ from methods.gn import diversity
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """The rules are compared in float64; other test modules keep the default."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # the rules are compared in float64
 
 CLASSES, DIM, BATCH = 3, 6, 8
 OPTS = TrainOptions(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -70,11 +64,14 @@ def assert_all_close(actual, expected, **kw):
         torch.testing.assert_close(a, e, **kw)
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
-def test_bp_split_equals_unsplit_autograd(k):
+@pytest.mark.parametrize("method, k, options", [
+    ("bp", 2, {}), ("bp", 3, {}), ("bp", 4, {}),
+    # micro-batches change nothing but rounding where no layer mixes samples
+    ("pipe-bp", 2, {"microbatches": 2}), ("pipe-bp", 3, {"microbatches": 4})])
+def test_bp_split_equals_unsplit_autograd(method, k, options):
     groups = mlp_groups(k)
     whole = copy.deepcopy(nn.Sequential(*groups))
-    stages = stages_for("bp", groups)
+    stages = stages_for(method, groups, **options)
     reference = torch.optim.SGD(whole.parameters(), lr=OPTS.lr, momentum=OPTS.momentum,
                                 nesterov=True, weight_decay=OPTS.weight_decay)
     for step in range(5):
@@ -297,24 +294,6 @@ def test_unknown_option_is_rejected():
         stages_for("lc", mlp_groups(2), critic_size=3)
 
 
-@pytest.mark.parametrize("k, microbatches", [(2, 2), (3, 4)])
-def test_pipelined_bp_equals_unsplit_autograd_without_batchnorm(k, microbatches):
-    """Micro-batches change nothing but rounding where no layer mixes samples."""
-    groups = mlp_groups(k)
-    whole = copy.deepcopy(nn.Sequential(*groups))
-    stages = stages_for("pipe-bp", groups, microbatches=microbatches)
-    reference = torch.optim.SGD(whole.parameters(), lr=OPTS.lr, momentum=OPTS.momentum,
-                                nesterov=True, weight_decay=OPTS.weight_decay)
-    for step in range(4):
-        x, y = data(seed=step)
-        train_step(stages, step, x, y)
-        reference.zero_grad()
-        F.cross_entropy(whole(x), y).backward()
-        reference.step()
-    assert_all_close(params(nn.Sequential(*groups)), params(whole), rtol=1e-12, atol=1e-12)
-    assert all(not s.kept for s in stages)
-
-
 def test_pipelined_bp_normalises_each_micro_batch_on_its_own():
     """With BatchNorm the update is the mean over micro-batches of each one's own gradient."""
     torch.manual_seed(0)
@@ -373,7 +352,7 @@ def test_replay_buffer_keeps_the_newest_and_counts_evictions():
 
 def test_step_decay_scales_sgd_rates_and_leaves_adam_critics_alone():
     from bench.config import RunConfig
-    from bench.runner import LRSchedule, epoch_steps
+    from bench.schedule import LRSchedule, epoch_steps
     stages = stages_for("lc", mlp_groups(2))
     schedule = LRSchedule(RunConfig(method="lc", lr_milestones=[3, 5], lr_gamma=0.1))
     rates = []

@@ -25,12 +25,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 VOCAB, T, B = 30, 6, 4
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def lm_groups(k=2, seed=0):

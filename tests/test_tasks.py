@@ -2,8 +2,6 @@ import gzip
 import os
 import pickle
 import struct
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +14,7 @@ from bench.tasks import TASKS, DataUnavailable, Task, iterate_batches, load_task
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    """Keep every test away from the user's cache and data settings."""
-    monkeypatch.setenv("LCBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LCBENCH_DATA", raising=False)
-    monkeypatch.delenv("LCBENCH_SYSTEM_DATA", raising=False)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Make every urllib request fail as it does without a network; returns the attempted URLs."""
-    attempts = []
-
-    def refuse(request, *args, **kwargs):
-        attempts.append(getattr(request, "full_url", request))
-        raise urllib.error.URLError("network unreachable")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return attempts
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 @pytest.fixture

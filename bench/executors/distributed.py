@@ -28,6 +28,7 @@ from tqdm import tqdm
 from bench import measure, runner
 from bench.config import RunConfig
 from bench.provenance import now
+from bench.schedule import LRSchedule, epoch_steps
 from methods.adgl import ADGLStage
 from methods.pipebp import PipeBPStage
 
@@ -181,7 +182,7 @@ def stage_part(prep: runner.Prepared, links: Links, *, y_shape: tuple, device, d
     epoch = trainer(stage, links, batch_size=cfg.batch_size, in_shape=in_shape,
                     y_shape=y_shape, out_shape=prep.shapes[rank], device=device, dtype=dtype,
                     timer=timer, progress=progress)
-    return Part(stage, str(rank + 1), rank, in_shape, epoch, evaluate_part)
+    return Part(stage, str(rank + 1), rank, epoch, evaluate_part)
 
 
 def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
@@ -216,7 +217,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     stage.phase = timer
     probe = measure.ActivationProbe(stage)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    schedule, plan = runner.LRSchedule(cfg), runner.epoch_steps(cfg, steps)
+    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
     for epoch, steps in enumerate(plan, 1):
         stage.train(True)
         runner.reset_states([stage], cfg.batch_size)

@@ -53,6 +53,5 @@ class Part:
     stage: object
     label: str  # the ``stage`` column of the rank's own figures (time, memory, counts)
     layer: int  # its layer group: the busy times of one layer group's ranks are one worker
-    in_shape: tuple  # per-sample shape of its input
     epoch: Callable  # (batches, probe, steps, on_step) -> counts
     evaluate: Callable  # (test batches on rank 0, their sizes) -> {(stage, metric): value}

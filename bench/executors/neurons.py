@@ -161,4 +161,4 @@ def part(prep: runner.Prepared, links, *, device, dtype, timer, progress: bool):
         links.flush()
         return {} if g else scores.rows()
 
-    return Part(stage, f"{k + 1}.{g + 1}", k, in_shape, epoch, evaluate)
+    return Part(stage, f"{k + 1}.{g + 1}", k, epoch, evaluate)
