@@ -174,6 +174,9 @@ def neuron_slice(module: nn.Module, index: int, groups: int) -> nn.Module:
 
 
 def _slice_children(parent: nn.Module, index: int, groups: int) -> None:
+    if isinstance(parent, paper_models.PreActBottleneck):
+        raise ValueError("a pre-activation block normalises its whole input: it cannot be cut "
+                         "into neuron groups on ranks of their own")
     if isinstance(parent, BasicBlock) and parent.body[0].groups == 1 and isinstance(
             parent.shortcut, nn.Identity):
         parent.shortcut = ChannelSlice(index, groups)
@@ -184,6 +187,9 @@ def _slice_children(parent: nn.Module, index: int, groups: int) -> None:
             setattr(parent, name, _slice_norm(child, index, groups))
         elif isinstance(child, nn.Linear):
             raise ValueError("a linear layer mixes every channel: it cannot be cut into neuron groups")
+        elif list(child.parameters(recurse=False)):
+            raise ValueError(f"{type(child).__name__} layers cannot be cut into neuron groups "
+                             f"on ranks of their own")
         else:
             _slice_children(child, index, groups)
 

@@ -171,6 +171,10 @@ def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | 
         torch.manual_seed(cfg.seed)
         stages = methods.build_stages(cfg.method, groups, shapes, info.num_classes,
                                       classification_loss, train_options(cfg), cfg.options)
+        if cfg.placement == "neuron" and stage is None:  # can each layer group be sliced?
+            for group in groups:
+                body = list(group)[:-1] if group is groups[-1] else list(group)
+                models.neuron_slice(nn.Sequential(*body), 0, neurons.ranks_per_layer(cfg))
     except ValueError as e:  # SplitError, channel/neuron-group mismatch, bad option value
         raise UsageError(str(e)) from None
     ranks = len(stages) * neurons.ranks_per_layer(cfg)

@@ -153,11 +153,22 @@ def test_neuron_groups_on_ranks_of_their_own_match_sequential(tmp_path):
     assert dist[2, "", "modelled_time_s"] == pytest.approx(max(busy))  # K=1: one step of the slowest
 
 
-def test_neuron_placement_needs_gn_and_distributed(capsys):
+@pytest.mark.parametrize("args, words", [
+    (["--method", "lc"], "--placement neuron needs"),
+    (["--method", "gn", "--task", "seq-fashion-mnist"], "LSTM layers cannot be cut"),
+    (["--method", "gn", "--task", "cifar10", "--model", "resnet50"], "pre-activation block"),
+])
+def test_neuron_placement_is_checked_before_anything_runs(args, words, capsys, tmp_path,
+                                                          monkeypatch):
+    import bench.tasks
     from bench.cli import main
+    monkeypatch.setattr(bench.tasks, "load_task", lambda *a, **k: pytest.fail("data loaded"))
     with pytest.raises(SystemExit) as e:
-        main(["run", "--method", "lc", "--placement", "neuron", "--executor", "distributed"])
-    assert e.value.code == 2 and "--placement neuron needs" in capsys.readouterr().err
+        main(["run", *args, "--placement", "neuron", "--executor", "distributed",
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 FAULT = """
