@@ -273,9 +273,6 @@ def reset_states(stages, rows: int) -> None:
             rnn.reset_states(module, rows)
 
 
-stage_label = sequential.stage_label
-
-
 def memory_rows(stages, probes: list[measure.ActivationProbe]) -> dict:
     """Per-stage bytes: parameters, gradients, optimizer state, activations saved for
     backward by the group (times the batches or micro-batches it holds at once) and by its
@@ -332,7 +329,7 @@ def train(prep: Prepared, record: RunRecord, *, progress: bool = True) -> None:
         rows = {}
         for stage in prep.stages:
             for metric, value in stage.pop_metrics().items():
-                rows[stage_label(stage), metric] = value
+                rows[sequential.stage_label(stage), metric] = value
         rows["", "epoch_time_s"] = seconds
         rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
         rows.update(time_rows(prep.stages, timers, steps))

@@ -122,7 +122,9 @@ def resolve_cuts(model: nn.Sequential, k: int, *, input_shape, by: str = "flops"
     """The k-1 cut indices: ``cuts`` validated, or balanced by ``by`` (see ``block_costs``). By
     time, a group that is not the last also costs ``local_seconds(shape)``: the measured seconds
     of the rule's local work on its output of per-sample ``shape`` (critic, auxiliary net,
-    synthesizer), since the slowest stage, local module included, bounds a decoupled pipeline."""
+    synthesizer), since the slowest stage, local module included, bounds a decoupled pipeline.
+    The timing runs where the model is built, on the CPU: on a GPU the relative costs of the
+    blocks may differ."""
     _check_k(len(model), k)
     if cuts is not None:
         return _check_cuts(cuts, len(model), k)

@@ -95,8 +95,9 @@ class Inference:
         self.n = 0
         self.sums: dict[str, float] = {}
 
-    def _add(self, name: str, value) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + float(value)
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        """Sums stay on the device until ``rows`` reads them."""
+        self.sums[name] = self.sums.get(name, 0.0) + value.double()
 
     @torch.no_grad()
     def add(self, logits: list[torch.Tensor], y: torch.Tensor) -> None:
@@ -105,7 +106,7 @@ class Inference:
         right = torch.stack([z.argmax(-1) == y for z in logits])  # (exits, n)
         confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits])
         self.n += y.numel()
-        flops = self.flops.to(y.device)
+        self.flops = flops = self.flops.to(y.device)
         for t in self.thresholds:
             passes = confidence >= t
             passes[-1] = True  # the final output always answers
@@ -120,8 +121,8 @@ class Inference:
         out = {}
         for t in self.thresholds:
             tag = f"{round(t * 100):02d}"
-            out["", f"progressive_acc_t{tag}"] = self.sums[f"t{t}_acc"] / self.n
-            out["", f"progressive_flops_t{tag}"] = self.sums[f"t{t}_flops"] / self.n
-        out["", "ensemble_submodels_acc"] = self.sums["ensemble_sub"] / self.n
-        out["", "ensemble_all_acc"] = self.sums["ensemble_all"] / self.n
+            out["", f"progressive_acc_t{tag}"] = float(self.sums[f"t{t}_acc"]) / self.n
+            out["", f"progressive_flops_t{tag}"] = float(self.sums[f"t{t}_flops"]) / self.n
+        out["", "ensemble_submodels_acc"] = float(self.sums["ensemble_sub"]) / self.n
+        out["", "ensemble_all_acc"] = float(self.sums["ensemble_all"]) / self.n
         return out

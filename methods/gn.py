@@ -71,11 +71,12 @@ class GNStage(Stage):
         with self.phase("forward"):
             h = self.group(x)
             # neuron groups are channel slices: dim 1 of conv features, the last of sequences
-            chunks = h.chunk(self.options.neuron_groups, dim=-1 if h.dim() == 3 else 1)
+            channels = -1 if h.dim() == 3 else 1
+            chunks = h.chunk(self.options.neuron_groups, dim=channels)
             logits, losses = [], []
             for g, head in enumerate(self.heads):
                 seen = torch.cat([c if j == g else c.detach() for j, c in enumerate(chunks)],
-                             -1 if h.dim() == 3 else 1)
+                                 channels)
                 logits.append(head(seen))
                 losses.append(self.criterion(logits[-1], y))
             div = diversity(logits, y, self.options.temperature)

@@ -232,7 +232,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         synchronize(device)
         seconds = time.perf_counter() - start
         label = part.label
-        rows = {(runner.stage_label(stage), m): v for m, v in stage.pop_metrics().items()}
+        rows = {(stage_label(stage), m): v for m, v in stage.pop_metrics().items()}
         rows.update({(label, m): v for m, v in counts.items()})
         phases = timer.pop()
         rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})

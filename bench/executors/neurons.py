@@ -27,7 +27,7 @@ from methods.base import Stage, sgd
 from methods.gn import GNStage, diversity
 
 from .links import Part
-from .sequential import Scores
+from .sequential import Scores, stage_label
 
 
 def ranks_per_layer(cfg: RunConfig) -> int:
@@ -157,7 +157,7 @@ def part(prep: runner.Prepared, links, *, device, dtype, timer, progress: bool):
             h, logits = stage.predict_full(x)
             if h is not None:
                 send(h, y)
-            scores.add(runner.stage_label(stage), logits, y, runner.classification_loss)
+            scores.add(stage_label(stage), logits, y, runner.classification_loss)
         links.flush()
         return {} if g else scores.rows()
 

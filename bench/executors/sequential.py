@@ -53,25 +53,27 @@ def train_epoch(stages: Sequence[Stage], batches, *, device: torch.device, total
 
 
 class Scores:
-    """Test loss and accuracy of each output, summed over batches: per sample, or per step
-    for a language model (which also gets its perplexity)."""
+    """Test loss and accuracy of each output, summed over batches on the device (read once,
+    by ``rows``): per sample, or per step for a language model (which also gets its
+    perplexity)."""
 
     def __init__(self):
-        self.sums: dict[str, list[float]] = {}  # label -> [loss x targets, right, targets]
+        self.sums: dict[str, list] = {}  # label -> [loss x targets, right, targets]
         self.per_step = False
 
     def add(self, label: str, logits: torch.Tensor, y: torch.Tensor, criterion) -> None:
         right, targets = correct(logits, y)
         steps = targets // y.shape[0]  # targets per sample
         self.per_step |= steps > 1
-        total = self.sums.setdefault(label, [0.0, 0.0, 0])
-        total[0] += float(criterion(logits, y).double().sum()) * steps
-        total[1] += float(right)
+        total = self.sums.setdefault(label, [0.0, 0, 0])
+        total[0] = total[0] + criterion(logits, y).double().sum() * steps
+        total[1] = total[1] + right
         total[2] += targets
 
     def rows(self) -> dict[tuple[str, str], float]:
         out = {}
         for label, (loss, right, targets) in self.sums.items():
+            loss, right = float(loss), float(right)
             out[label, "test_loss"] = loss / targets
             out[label, "test_acc"] = right / targets
             if self.per_step:
