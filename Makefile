@@ -57,7 +57,7 @@ plot: $(STAMP)
 	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.benchmark
+	$(BIN)/python -m bench.perf.benchmark
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

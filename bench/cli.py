@@ -8,9 +8,11 @@ import click
 
 import methods
 
-from . import models, runner, sweep as sweeps, tasks
-from .executors import launch
+from . import models, prepare, runner, sweep as sweeps
 from .config import RunConfig, UsageError
+from .data import tasks
+from .executors import launch
+from .records import RunFailed
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
@@ -118,13 +120,13 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
                     executor=executor, placement=placement, threads=threads, device=device,
                     limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
                     experiment=experiment, out=out, save_weights=save_weights)
-    prep = runner.prepare(cfg)
+    prep = prepare.prepare(cfg)
     if emit_config:
         try:
             launch.write_config(emit_config, prep.cfg, prep.cuts)
         except OSError as e:
             raise UsageError(f"cannot write --emit-config {emit_config}: {e.strerror or e}") from None
-        click.echo(f"wrote {emit_config}: {runner.ranks(prep)} ranks")
+        click.echo(f"wrote {emit_config}: {prepare.ranks(prep)} ranks")
         return
     record = runner.execute(prep, progress=not quiet)
     if not quiet:
@@ -202,7 +204,7 @@ def table(name, results, out):
     """Our runs beside the published numbers (bench/references/NAME.csv), with the delta,
     time per epoch, speedup against BP and peak memory per device, as Markdown (printed),
     LaTeX and CSV. Runs are read from RESULTS_DIR/NAME/ (or RESULTS_DIR)."""
-    from . import table as tables
+    from .report import table as tables
     if not (tables.REFERENCES / f"{name}.csv").is_file():
         known = ", ".join(p.stem for p in sorted(tables.REFERENCES.glob("*.csv")))
         raise UsageError(f"no table '{name}' (choose from {known})")
@@ -224,7 +226,7 @@ def plot(results, out):
     """Paper-style figures of the runs under RESULTS_DIR: accuracy against epoch, time per
     epoch and speedup, memory per device and per stage, accuracy against speedup, sub-model
     accuracy and progressive inference."""
-    from . import plots
+    from .report import plots
     if not Path(results).is_dir():
         raise UsageError(f"no results folder {results}")
     try:
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"lcbench: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except runner.RunFailed as e:
+    except RunFailed as e:
         click.echo(f"lcbench: {e}", err=True)
         sys.exit(1)
     except (click.Abort, KeyboardInterrupt):

@@ -106,3 +106,8 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def ranks_per_layer(cfg: RunConfig) -> int:
+    """G ranks per layer group where neuron groups are placed on ranks of their own, else 1."""
+    return cfg.options["neuron_groups"] if cfg.placement == "neuron" else 1

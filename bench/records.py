@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 UMASK = os.umask(0)
 os.umask(UMASK)
 
@@ -91,3 +93,13 @@ class RunRecord:
     def update(self, **fields) -> None:
         self.info.update(fields)
         write_atomic(self.folder / "run.json", json.dumps(self.info, indent=2, default=str) + "\n")
+
+
+def save_weights(folder: Path, label: str, stage) -> None:
+    """The state dicts of a stage's modules (group first) to ``folder/weights/stage{label}.pt``,
+    written atomically."""
+    path = folder / "weights" / f"stage{label}.pt"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save([module.state_dict() for module in stage.modules()], tmp)
+    os.replace(tmp, path)

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 import methods
 
-from . import runner
+from . import prepare, runner
 from .config import RunConfig, UsageError
-from .provenance import now
-from .records import RunRecord, read_json
+from .measure.provenance import now
+from .records import RunFailed, RunRecord, read_json
 
 LAYER = ("experiment", "grid", "settings", "options")  # what the spec and each preset may set
 EXPERIMENT_KEYS = ("name", "description")
@@ -93,7 +93,7 @@ def expand(spec: dict, preset: str | None, default_name: str, *, out: str,
             method = canonical_method(values["method"], "method")
             options = {k[1]: v for k, v in values.items() if isinstance(k, tuple) and k[0] == method}
             settings = {k: v for k, v in values.items() if isinstance(k, str)}
-            cfg = runner.resolve(RunConfig(**settings, options=options, experiment=name, out=out,
+            cfg = prepare.resolve(RunConfig(**settings, options=options, experiment=name, out=out,
                                            data_dir=data_dir))
             runs.setdefault(cfg.run_id, cfg)
     return list(runs.values())
@@ -288,7 +288,7 @@ def stop_on_signals():
 
 
 def status_of(cfg: RunConfig) -> str | None:
-    info = read_json(runner.run_folder(cfg) / "run.json")
+    info = read_json(prepare.run_folder(cfg) / "run.json")
     return info.get("status") if isinstance(info, dict) else None
 
 
@@ -299,7 +299,7 @@ def run_sweep(cfgs: list[RunConfig], *, progress: bool = True) -> Tally:
     tally = Tally()
     with stop_on_signals():
         try:
-            cfgs = [runner.resolve(cfg) for cfg in cfgs]
+            cfgs = [prepare.resolve(cfg) for cfg in cfgs]
             todo = [cfg for cfg in cfgs if status_of(cfg) != "ok"]
             tally.skipped = len(cfgs) - len(todo)
             tqdm.write(f"{len(cfgs)} runs: {tally.skipped} already ok, {len(todo)} to run",
@@ -325,15 +325,15 @@ def run_sweep(cfgs: list[RunConfig], *, progress: bool = True) -> Tally:
 def run_one(cfg: RunConfig, *, progress: bool) -> tuple[str, str]:
     """Prepare and execute one run; return its final status and a short detail."""
     try:
-        prep = runner.prepare(cfg)
+        prep = prepare.prepare(cfg)
     except Exception as e:  # an invalid cell (UsageError) or a bug building it
         error = str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
         record_invalid(cfg, error)
         return "failed", error
     try:
         record = runner.execute(prep, progress=progress)
-    except runner.RunFailed as e:
-        info = read_json(runner.run_folder(cfg) / "run.json") or {}
+    except RunFailed as e:
+        info = read_json(prepare.run_folder(cfg) / "run.json") or {}
         return info.get("status", "failed"), info.get("error") or str(e)
     acc = [r["value"] for r in record.rows if r["metric"] == "test_acc" and r["stage"] == ""]
     detail = f"{record.info.get('wall_time_s', 0):.1f} s"
@@ -344,7 +344,7 @@ def record_invalid(cfg: RunConfig, error: str) -> None:
     """A run folder for a cell that could not even be prepared: status failed, its error."""
     info = {"run_id": cfg.run_id, "experiment": cfg.experiment, "status": "failed",
             "error": error, "config": asdict(cfg), "started": now(), "ended": None}
-    record = RunRecord(runner.run_folder(cfg), {**asdict(cfg), "run_id": cfg.run_id}, info)
+    record = RunRecord(prepare.run_folder(cfg), {**asdict(cfg), "run_id": cfg.run_id}, info)
     try:
         record.start()
         record.update(status="failed", error=error, ended=now())

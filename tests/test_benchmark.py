@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import methods
-from bench import benchmark
+from bench.perf import benchmark
 
 TINY = dict(model_names=["resnet8"], batch_size=8, warmup=1, steps=1, rounds=2,
             overhead_steps=1, overhead_rounds=2, input_shape=(3, 16, 16),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.tasks import DataUnavailable, load_task
+from bench.data.tasks import DataUnavailable, load_task
 
 PTB_LINES = {
     "train": [" the cat sat on the mat ", " a dog <unk> N years ago ", " the dog sat "],

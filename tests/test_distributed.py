@@ -160,9 +160,9 @@ def test_neuron_groups_on_ranks_of_their_own_match_sequential(tmp_path):
 ])
 def test_neuron_placement_is_checked_before_anything_runs(args, words, capsys, tmp_path,
                                                           monkeypatch):
-    import bench.tasks
+    import bench.data.tasks
     from bench.cli import main
-    monkeypatch.setattr(bench.tasks, "load_task", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(bench.data.tasks, "load_task", lambda *a, **k: pytest.fail("data loaded"))
     with pytest.raises(SystemExit) as e:
         main(["run", *args, "--placement", "neuron", "--executor", "distributed",
               "--out", str(tmp_path / "out")])

@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import methods
-from bench import measure
+from bench.measure import memory, timing
 from bench.executors.sequential import train_step
 from bench.models import build_model
-from bench.split import resolve_cuts, split_model
+from bench.models.split import resolve_cuts, split_model
 from methods.base import TrainOptions
 
 B, D_IN, HIDDEN, CLASSES = 4, 5, 7, 3
@@ -30,13 +30,13 @@ def test_tiny_stage_memory_by_hand():
               nn.Sequential(nn.Linear(HIDDEN, CLASSES))]
     stages = methods.build_stages("lc", groups, [(HIDDEN,), (CLASSES,)], CLASSES, ce,
                                   TrainOptions(), {"critic_filters": 6})
-    probes = [measure.ActivationProbe(s) for s in stages]
+    probes = [memory.ActivationProbe(s) for s in stages]
     x, y = torch.randn(B, D_IN), torch.randint(0, CLASSES, (B,))
-    with measure.probing(probes):
+    with memory.probing(probes):
         train_step(stages, 0, x, y)
     group_params = D_IN * HIDDEN + HIDDEN
     critic_params = HIDDEN * 6 + 6 + 6 * CLASSES + CLASSES
-    first = measure.static_memory(stages[0])
+    first = memory.static_memory(stages[0])
     assert first["param_bytes"] == FLOAT * (group_params + critic_params)
     assert first["grad_bytes"] == FLOAT * (group_params + critic_params)
     # SGD momentum: one buffer per group parameter; Adam: two moments per critic
@@ -55,16 +55,16 @@ def test_tiny_stage_memory_by_hand():
 def test_modelled_time_by_hand():
     # 3 stages at 2, 5, 1 s per batch over 10 batches
     totals = [20.0, 50.0, 10.0]
-    assert measure.modelled_time(totals, 10, decoupled=True) == pytest.approx(8 + 9 * 5)
-    assert measure.modelled_time(totals, 10, decoupled=False) == pytest.approx(10 * 8)
+    assert timing.modelled_time(totals, 10, decoupled=True) == pytest.approx(8 + 9 * 5)
+    assert timing.modelled_time(totals, 10, decoupled=False) == pytest.approx(10 * 8)
 
 
 def activation_bytes_per_stage(model, cuts, shape):
     groups = split_model(model, len(cuts) + 1, input_shape=shape, cuts=cuts)
     stages = methods.build_stages("bp", groups, [None] * len(groups), 10, ce, TrainOptions())
-    probes = [measure.ActivationProbe(s) for s in stages]
+    probes = [memory.ActivationProbe(s) for s in stages]
     x, y = torch.randn(2, *shape), torch.randint(0, 10, (2,))
-    with measure.probing(probes):
+    with memory.probing(probes):
         train_step(stages, 0, x, y)
     return [p.group_bytes for p in probes]
 

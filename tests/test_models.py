@@ -161,8 +161,8 @@ def test_lc_vgg_is_about_7_9_million_parameters_counted_by_hand():
                                            ("lc-vgg", 6, [2, 3, 5, 6, 8]),
                                            ("tv-vgg13-bn", 10, list(range(1, 10)))])
 def test_paper_cut_points_split_the_model(name, k, cuts):
-    from bench.runner import paper_cuts
-    from bench.split import split_model
+    from bench.prepare import paper_cuts
+    from bench.models.split import split_model
     model = build_model(name, (3, 32, 32), 10)
     groups = split_model(model, k, input_shape=(3, 32, 32), cuts=paper_cuts(name, k))
     assert [len(g) for g in groups[:-1]] == [b - a for a, b in zip([0, *cuts], cuts)]
@@ -190,7 +190,7 @@ def test_paper_models_isolate_neuron_groups(name, shape, block):
 
 @torch.no_grad()
 def test_grouped_lstm_isolates_neuron_groups():
-    from bench.rnn import LSTMLayer
+    from bench.models.rnn import LSTMLayer
     layer = LSTMLayer(8, 8, groups=2, mix=False)
     x = torch.randn(2, 5, 8)
     base = layer(x)
@@ -201,7 +201,7 @@ def test_grouped_lstm_isolates_neuron_groups():
 
 
 def test_stateful_lstm_carries_its_state_across_windows_and_micro_batches():
-    from bench.rnn import LSTMLayer, reset_states
+    from bench.models.rnn import LSTMLayer, reset_states
     torch.manual_seed(0)
     layer = LSTMLayer(3, 4, stateful=True)
     x = torch.randn(4, 10, 3)

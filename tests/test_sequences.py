@@ -14,9 +14,9 @@ from torch import nn
 import methods
 from bench.executors.sequential import train_step
 from bench.models import build_model
-from bench.rnn import reset_states
-from bench.runner import classification_loss
-from bench.split import group_output_shapes, split_model
+from bench.models.rnn import reset_states
+from bench.prepare import classification_loss
+from bench.models.split import group_output_shapes, split_model
 from methods.base import TrainOptions
 from tests.test_datasets import write_ptb
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from bench.models import build_model
-from bench.profile import SavedTensorMeter, count_flops, grad_bytes, optimizer_state_bytes, param_bytes
-from bench.split import (SplitError, balanced_cuts, block_costs, group_output_shapes, resolve_cuts,
+from bench.measure.profile import SavedTensorMeter, count_flops, grad_bytes, optimizer_state_bytes, param_bytes
+from bench.models.split import (SplitError, balanced_cuts, block_costs, group_output_shapes, resolve_cuts,
                          split_model)
 
 CIFAR = (3, 32, 32)
@@ -122,7 +122,7 @@ def test_block_costs_activations_leave_model_untouched():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-# --- bench.profile ---
+# --- bench.measure.profile ---
 
 @pytest.mark.parametrize("input_grad", [False, True])
 def test_saved_tensor_meter_mlp(input_grad):
@@ -181,7 +181,7 @@ def test_split_by_measured_time_charges_the_local_module(monkeypatch):
     """Equal block times; a local module that is dear after the first stage's blocks moves the
     cut so that the stage carrying it gets fewer blocks."""
     model = build_model("resnet8", CIFAR, 10)
-    monkeypatch.setattr("bench.split.seconds", lambda work: 1.0)
+    monkeypatch.setattr("bench.models.split.seconds", lambda work: 1.0)
     shapes = {}
     cuts = resolve_cuts(model, 2, input_shape=CIFAR, by="time",
                         local_seconds=lambda shape: shapes.setdefault(shape, 3.0))

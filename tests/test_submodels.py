@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import methods
-from bench import submodels
+from bench.measure import submodels
 from bench.executors.sequential import evaluate
-from bench.runner import classification_loss
+from bench.prepare import classification_loss
 from methods.base import TrainOptions
 
 

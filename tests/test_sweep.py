@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import runner, sweep
+from bench import sweep
+from bench.executors import sequential
 from bench.cli import main
 from bench.records import COLUMNS
 
@@ -145,14 +146,14 @@ batch_size = 32
 limit_train = 192
 limit_test = 128
 """)
-    real_train = runner.train
+    real_train = sequential.train
 
     def train(prep, record, **kw):  # lc breaks at run time
         if prep.cfg.method == "lc":
             raise RuntimeError("boom")
         return real_train(prep, record, **kw)
 
-    monkeypatch.setattr(runner, "train", train)
+    monkeypatch.setattr(sequential, "train", train)
     out = tmp_path / "out"
     code, stdout, err = call(["sweep", str(spec), "--out", str(out), "-q"], capsys)
     assert code == 1 and "1 ok, 0 skipped, 7 failed (1 diverged)" in stdout, err
@@ -173,14 +174,14 @@ limit_test = 128
 
 def test_sigterm_stops_cleanly_and_marks_the_run_interrupted(tmp_path, capsys, monkeypatch):
     spec = write(tmp_path, TINY.replace("epochs = 2", "epochs = 1"))
-    real_train = runner.train
+    real_train = sequential.train
 
     def train(prep, record, **kw):  # the second run is terminated while it trains
         if prep.cfg.method == "bp" and prep.cfg.seed == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_train(prep, record, **kw)
 
-    monkeypatch.setattr(runner, "train", train)
+    monkeypatch.setattr(sequential, "train", train)
     handler = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out"
     code, _, err = call(["sweep", str(spec), "--out", str(out), "-q"], capsys)

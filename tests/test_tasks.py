@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 
-from bench.tasks import TASKS, DataUnavailable, Task, iterate_batches, load_task
+from bench.data.tasks import TASKS, DataUnavailable, Task, iterate_batches, load_task
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

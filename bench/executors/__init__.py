@@ -1,1 +1,4 @@
-"""Ways to run the same stage objects: sequential (reference) and, later, distributed."""
+"""Ways to run the same stage objects: ``sequential`` (the reference, one process),
+``distributed`` (one process per stage on torch.distributed, started by ``launch``), with
+``pipeline`` (pipelined BP), ``asynchronous`` (DGL from a replay buffer) and ``neurons``
+(GN-DGL neuron groups on ranks of their own); ``links`` carries their messages."""

@@ -25,9 +25,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from bench import measure, runner
-from bench.config import RunConfig
-from bench.provenance import now
+from bench import prepare
+from bench.config import RunConfig, ranks_per_layer
+from bench.data import tasks
+from bench.measure import memory, timing
+from bench.measure.provenance import now
+from bench.records import RunFailed, save_weights
 from bench.schedule import LRSchedule, epoch_steps
 from methods.adgl import ADGLStage
 from methods.pipebp import PipeBPStage
@@ -167,17 +170,17 @@ def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def stage_part(prep: runner.Prepared, links: Links, *, y_shape: tuple, device, dtype, timer,
+def stage_part(prep: prepare.Prepared, links: Links, *, y_shape: tuple, device, dtype, timer,
                progress: bool, inference=None) -> Part:
     """Rank k trains stage k (one layer group)."""
     cfg, rank = prep.cfg, links.rank
     stage = prep.stages[rank]
-    in_shape = tuple(runner.tasks.TASKS[cfg.task].input_shape) if rank == 0 else prep.shapes[rank - 1]
+    in_shape = tuple(tasks.TASKS[cfg.task].input_shape) if rank == 0 else prep.shapes[rank - 1]
 
     def evaluate_part(batches, sizes):
         return evaluate(stage, links, batches=batches, sizes=sizes, in_shape=in_shape,
                         y_shape=y_shape, device=device, dtype=dtype,
-                        criterion=runner.classification_loss, inference=inference)
+                        criterion=prepare.classification_loss, inference=inference)
 
     epoch = trainer(stage, links, batch_size=cfg.batch_size, in_shape=in_shape,
                     y_shape=y_shape, out_shape=prep.shapes[rank], device=device, dtype=dtype,
@@ -189,40 +192,40 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     """The body of one rank: build its part, train, gather rows on rank 0."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device_for(int(os.environ.get("LOCAL_RANK", rank)), cfg)
-    cfg = runner.resolve(cfg)
-    per_layer = neurons.ranks_per_layer(cfg)
-    prep = runner.prepare(cfg, stage=rank // per_layer, device=device, data=rank == 0, cuts=cuts)
+    cfg = prepare.resolve(cfg)
+    per_layer = ranks_per_layer(cfg)
+    prep = prepare.prepare(cfg, stage=rank // per_layer, device=device, data=rank == 0, cuts=cuts)
     cfg = prep.cfg
-    record = runner.open_record(prep) if rank == 0 else None
+    record = prepare.open_record(prep) if rank == 0 else None
     task = prep.task
-    counts = torch.tensor([task.steps(cfg.batch_size), task.test_size(runner.eval_batch_size(cfg, task)),
-                           runner.eval_batch_size(cfg, task)] if rank == 0 else [0, 0, 0])
+    counts = torch.tensor([task.steps(cfg.batch_size), task.test_size(prepare.eval_batch_size(cfg, task)),
+                           prepare.eval_batch_size(cfg, task)] if rank == 0 else [0, 0, 0])
     dist.broadcast(counts, src=0)
     steps, n_test, test_batch = (int(c) for c in counts)
     sizes = [min(test_batch, n_test - i) for i in range(0, n_test, test_batch)]
     y_shape = tuple(prep.shapes[-1][:-1])  # one target per sample, or per step (T,)
     dtype = torch.float32
-    timer = measure.PhaseTimer(device)
+    timer = timing.PhaseTimer(device)
     links = Links(rank, world)
-    costs = runner.static_rows(prep) if rank == 0 else {}
+    costs = prepare.static_rows(prep) if rank == 0 else {}
     if per_layer > 1:
         part = neurons.part(prep, links, device=device, dtype=dtype, timer=timer,
                             progress=progress and rank == 0)
     else:
-        wanted = runner.inference(prep, costs) if rank == 0 else runner.wants_inference(prep)
+        wanted = prepare.inference(prep, costs) if rank == 0 else prepare.wants_inference(prep)
         part = stage_part(prep, links, y_shape=y_shape, device=device, dtype=dtype, timer=timer,
                           progress=progress and rank == 0, inference=wanted)
     prep.stages = None  # the other stages live on other ranks
     stage = part.stage
     stage.phase = timer
-    probe = measure.ActivationProbe(stage)
+    probe = memory.ActivationProbe(stage)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
     for epoch, steps in enumerate(plan, 1):
         stage.train(True)
-        runner.reset_states([stage], cfg.batch_size)
+        prepare.reset_states([stage], cfg.batch_size)
         data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
-        measure.reset_device_peaks(device)
+        memory.reset_device_peaks(device)
         first = sum(plan[:epoch - 1])
         dist.barrier()
         synchronize(device)
@@ -240,10 +243,10 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         rows[label, "idle_time_s"] = links.pop_idle()
         rows[label, "wall_time_s"] = seconds
         if epoch == 1:
-            rows.update({(label, m): v for (_, m), v in runner.memory_rows([stage], [probe]).items()})
+            rows.update({(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()})
             rows.update(costs)
-        rows.update({(label, m): v for m, v in measure.device_memory(device, "train").items()})
-        runner.reset_states([stage], test_batch)
+        rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
+        prepare.reset_states([stage], test_batch)
         rows.update(part.evaluate(task.test_batches(test_batch) if rank == 0 else None, sizes))
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((part.layer, label, rows), gathered, dst=0)
@@ -255,15 +258,15 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             wall = max(part_rows[rank_label, "wall_time_s"] for _, rank_label, part_rows in gathered)
             merged["", "epoch_time_s"] = wall
             merged["", "samples_per_s"] = steps * cfg.batch_size / wall
-            merged["", "modelled_time_s"] = runner.modelled_time(stage, busy, steps)
+            merged["", "modelled_time_s"] = timing.stage_modelled_time(stage, busy, steps)
             merged["", "wall_over_modelled"] = wall / merged["", "modelled_time_s"]
             record.add(epoch, merged)
             if not math.isfinite(merged["", "train_loss"]):
                 record.update(status="diverged", ended=now(),
                               error=f"non-finite training loss at epoch {epoch}")
-                raise runner.RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+                raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
     if cfg.save_weights:
-        runner.save_weights(runner.run_folder(cfg), part.label, stage)
+        save_weights(prepare.run_folder(cfg), part.label, stage)
     dist.barrier()
     if rank == 0:
         record.update(status="ok", ended=now())
@@ -277,12 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
-    torch.set_num_threads(runner.threads_per_rank(cfg))
+    torch.set_num_threads(prepare.threads_per_rank(cfg))
     try:
         worker(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        folder = runner.run_folder(runner.resolve(cfg))
+        folder = prepare.run_folder(prepare.resolve(cfg))
         if folder.exists():
             (folder / f".rank{rank}.error").write_text(f"{time.time()} {reason.splitlines()[0]}\n")
         traceback.print_exc()

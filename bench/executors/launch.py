@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.config import RunConfig
-from bench.provenance import now
+from bench.measure.provenance import now
 from bench.records import RunFailed, RunRecord, read_json, write_atomic
 
 FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)

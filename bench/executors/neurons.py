@@ -1,7 +1,7 @@
 """GN-DGL with each neuron group on a rank of its own: K layer groups x G neuron groups.
 
 Rank k*G + g holds neuron group g of layer group k: a copy of that group's slice of the
-width-grouped layer group (``models.neuron_slice``) and its auxiliary head (the last layer
+width-grouped layer group (``models.slicing.neuron_slice``) and its auxiliary head (the last layer
 group: the classifier instead). Per batch it computes its channel slice from the full
 input, all-gathers the slices of its layer group's G ranks (torch.distributed collectives
 on that layer group's process group), and trains on the full width with the other slices
@@ -21,18 +21,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from bench import models, runner
-from bench.config import RunConfig
+from bench import prepare
+from bench.config import ranks_per_layer
+from bench.data import tasks
+from bench.models.slicing import neuron_slice
 from methods.base import Stage, sgd
 from methods.gn import GNStage, diversity
 
 from .links import Part
 from .sequential import Scores, stage_label
-
-
-def ranks_per_layer(cfg: RunConfig) -> int:
-    """G ranks per layer group where neuron groups are placed on ranks of their own, else 1."""
-    return cfg.options["neuron_groups"] if cfg.placement == "neuron" else 1
 
 
 class NeuronGroupStage(Stage):
@@ -44,7 +41,7 @@ class NeuronGroupStage(Stage):
         self.options = stage.options
         blocks = list(stage.group)
         body = nn.Sequential(*(blocks[:-1] if stage.last else blocks))
-        self.slice = models.neuron_slice(body, g, self.neurons)
+        self.slice = neuron_slice(body, g, self.neurons)
         self.top = blocks[-1] if stage.last else stage.heads[g]  # classifier or head g
         network = nn.Sequential(self.slice, self.top) if stage.last else self.slice
         super().__init__(stage.index, stage.count, network, stage.criterion, stage.train_options)
@@ -100,7 +97,7 @@ class NeuronGroupStage(Stage):
         return [self.optimizer] + ([self.head_optimizer] if self.head_optimizer else [])
 
 
-def part(prep: runner.Prepared, links, *, device, dtype, timer, progress: bool):
+def part(prep: prepare.Prepared, links, *, device, dtype, timer, progress: bool):
     """Rank k*G + g trains neuron group g of layer group k (see the module docstring)."""
     cfg, rank = prep.cfg, links.rank
     G = ranks_per_layer(cfg)
@@ -116,7 +113,7 @@ def part(prep: runner.Prepared, links, *, device, dtype, timer, progress: bool):
     stage = NeuronGroupStage(prep.stages[k], g, gather)
     for module in stage.modules():
         module.to(device)
-    in_shape = tuple(runner.tasks.TASKS[cfg.task].input_shape) if k == 0 else prep.shapes[k - 1]
+    in_shape = tuple(tasks.TASKS[cfg.task].input_shape) if k == 0 else prep.shapes[k - 1]
 
     def inputs(n: int, x=None, y=None):
         """This rank's (x, y): broadcast in layer group 0, received from above elsewhere."""
@@ -157,7 +154,7 @@ def part(prep: runner.Prepared, links, *, device, dtype, timer, progress: bool):
             h, logits = stage.predict_full(x)
             if h is not None:
                 send(h, y)
-            scores.add(stage_label(stage), logits, y, runner.classification_loss)
+            scores.add(stage_label(stage), logits, y, prepare.classification_loss)
         links.flush()
         return {} if g else scores.rows()
 

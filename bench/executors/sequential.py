@@ -10,6 +10,11 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from tqdm import tqdm
 
+from bench import prepare
+from bench.measure import memory, timing
+from bench.measure.provenance import now
+from bench.records import RunFailed, RunRecord
+from bench.schedule import LRSchedule, epoch_steps, scheduled
 from methods import Stage
 from methods.base import correct
 
@@ -106,3 +111,48 @@ def evaluate(stages: Sequence[Stage], batches, criterion: Callable,
 def stage_label(stage: Stage) -> str:
     """Figures of the last stage describe the whole network (empty stage column)."""
     return "" if stage.last else str(stage.index + 1)
+
+
+def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True) -> None:
+    """The epochs: train, measure, evaluate, write rows; RunFailed on divergence."""
+    cfg, task, device = prep.cfg, prep.task, prep.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    steps = task.steps(cfg.batch_size)
+    timers = [timing.PhaseTimer(device) for _ in prep.stages]
+    for stage, timer in zip(prep.stages, timers):
+        stage.phase = timer
+    probes = [memory.ActivationProbe(stage) for stage in prep.stages]
+    costs = prepare.static_rows(prep)
+    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
+    for epoch, steps in enumerate(plan, 1):
+        memory.reset_device_peaks(device)
+        prepare.reset_states(prep.stages, cfg.batch_size)
+        batches = scheduled(task.train_batches(cfg.batch_size, generator), prep.stages, schedule,
+                            sum(plan[:epoch - 1]), steps)
+        seconds = train_epoch(
+            prep.stages, batches, device=device, total=steps, progress=progress,
+            desc=f"epoch {epoch}/{len(plan)}",
+            first_batch=(lambda: memory.probing(probes)) if epoch == 1 else nullcontext)
+        rows = {}
+        for stage in prep.stages:
+            for metric, value in stage.pop_metrics().items():
+                rows[stage_label(stage), metric] = value
+        rows["", "epoch_time_s"] = seconds
+        rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
+        rows.update(timing.time_rows(prep.stages, timers, steps))
+        if epoch == 1:
+            rows.update(memory.memory_rows(prep.stages, probes))
+            rows.update(costs)
+        rows.update({("", k): v for k, v in memory.device_memory(device, "train").items()})
+        memory.reset_device_peaks(device)
+        size = prepare.eval_batch_size(cfg, task)
+        prepare.reset_states(prep.stages, size)
+        rows.update(evaluate(prep.stages, task.test_batches(size),
+                                        prepare.classification_loss, prepare.inference(prep, costs)))
+        if device.type == "cuda":
+            rows.update({("", k): v for k, v in memory.device_memory(device, "eval").items()})
+        record.add(epoch, rows)
+        if not math.isfinite(rows["", "train_loss"]):
+            record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",
+                          ended=now())
+            raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")

@@ -2,7 +2,7 @@
 
 BP in one process with one thread is the baseline; each decoupled rule (and the pipelined-BP
 baseline) runs on K ranks of one thread each (``lcbench run --executor distributed``), the
-same model, batch and data. Each contender is a real run (``runner.prepare`` /
+same model, batch and data. Each contender is a real run (``prepare.prepare`` /
 ``runner.execute``) of ``epochs`` epochs over ``batches`` batches; its figures are those of
 its last epoch (the first one warms up). Rounds interleave the contenders so that drift in
 the machine's load hits them alike; a contender's figure is the median over rounds.
@@ -18,8 +18,8 @@ import statistics
 import tempfile
 from dataclasses import replace
 
-from . import runner
-from .config import RunConfig
+from bench import prepare, runner
+from bench.config import RunConfig
 
 CONTENDERS = (("lc", {}), ("dgl", {}), ("dni", {}), ("pipe-bp", {"microbatches": 4}))
 
@@ -31,7 +31,7 @@ def last_epoch(record) -> dict[str, float]:
 
 
 def measure_run(cfg: RunConfig) -> dict[str, float]:
-    prep = runner.prepare(cfg)
+    prep = prepare.prepare(cfg)
     return last_epoch(runner.execute(prep, progress=False))
 
 

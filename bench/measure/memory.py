@@ -1,18 +1,14 @@
-"""Time and memory per stage and per device (see DESIGN.md, "Measurement").
+"""Memory per stage and per device (see DESIGN.md, "Measurement").
 
-- ``PhaseTimer``: a stage's busy time split into forward / backward / update; CUDA events
-  on a GPU (read after one synchronisation per epoch), perf_counter on the CPU.
 - ``ActivationProbe``: bytes autograd saves for backward in each of a stage's modules,
   for one batch (saved-tensor hooks; off the hot path the rest of the time).
 - ``static_memory``: bytes of parameters, gradients and optimizer state.
-- ``modelled_time``: the critical path of a K-worker pipeline built from per-stage times.
-- ``process_memory``: peak RSS, and on CUDA max allocated/reserved and NVML used memory.
+- ``device_memory``: peak RSS, and on CUDA max allocated/reserved and NVML used memory.
 """
 from __future__ import annotations
 
 import resource
 import sys
-import time
 from contextlib import ExitStack, contextmanager
 from typing import Sequence
 
@@ -22,50 +18,6 @@ from torch import nn
 from methods import Stage
 
 from .profile import SavedTensorMeter, optimizer_state_bytes, param_bytes
-
-PHASES = ("forward", "backward", "update")
-
-
-class PhaseTimer:
-    """Accumulates one stage's busy seconds per phase; install with ``stage.phase = timer``."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-
-    def start(self, name: str):
-        """Begin timing phase ``name``; pass the token returned to ``stop``."""
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return name, event
-        return name, time.perf_counter()
-
-    def stop(self, token) -> None:
-        name, begun = token
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((name, begun, end))
-        else:
-            self.seconds[name] += time.perf_counter() - begun
-
-    @contextmanager
-    def __call__(self, name: str):
-        token = self.start(name)
-        yield
-        self.stop(token)
-
-    def pop(self) -> dict[str, float]:
-        """Seconds per phase since the last call (synchronises CUDA once)."""
-        if self._events:
-            torch.cuda.synchronize()
-            for name, start, end in self._events:
-                self.seconds[name] += start.elapsed_time(end) / 1000
-            self._events.clear()
-        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
-        return out
 
 
 def _metered(module: nn.Module) -> list[nn.Module]:
@@ -137,20 +89,6 @@ def static_memory(stage: Stage) -> dict[str, int]:
     }
 
 
-def modelled_time(stage_seconds: Sequence[float], batches: int, *, decoupled: bool,
-                  microbatches: int = 1) -> float:
-    """Critical path of K workers over ``batches`` batches from the per-stage busy seconds
-    (totals over those batches). Decoupled rules pipeline, so the slowest stage bounds
-    the rate: sum_k t_k + (N-1) max_k t_k; BP without pipelining: N sum_k t_k; BP
-    pipelined over M micro-batches (GPipe, 1F1B): N (M+K-1) max_k t_k / M."""
-    per_batch = [s / batches for s in stage_seconds]
-    if decoupled:
-        return sum(per_batch) + (batches - 1) * max(per_batch)
-    if microbatches > 1:
-        return batches * (microbatches + len(per_batch) - 1) * max(per_batch) / microbatches
-    return batches * sum(per_batch)
-
-
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -188,3 +126,17 @@ def device_memory(device: torch.device, phase: str) -> dict[str, int]:
     if used is not None:
         out[f"{phase}_nvml_used_bytes"] = used
     return out
+
+
+def memory_rows(stages, probes: list[ActivationProbe]) -> dict:
+    """Per-stage bytes: parameters, gradients, optimizer state, activations saved for
+    backward by the group (times the batches or micro-batches it holds at once) and by its
+    local modules, and their sum (the stage's peak)."""
+    rows = {}
+    for stage, probe in zip(stages, probes):
+        figures = {**static_memory(stage),
+                   "activation_bytes": probe.group_bytes * stage.in_flight,
+                   "local_activation_bytes": probe.local_bytes}
+        figures["peak_mem_bytes"] = sum(figures.values())
+        rows.update({(str(stage.index + 1), k): v for k, v in figures.items()})
+    return rows

@@ -24,8 +24,7 @@ from torch.nn import functional as F
 
 from methods.base import match_targets
 
-from .profile import count_flops
-from .split import dummy_input
+from .profile import count_flops, dummy_input
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)
 

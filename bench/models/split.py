@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bench.profile import SavedTensorMeter, count_flops
+from bench.measure.profile import SavedTensorMeter, count_flops, dummy_input
 
 COST_KINDS = ("flops", "params", "activations", "time")
 REPEATS = 3  # timed repetitions per block or local module (after one warm-up); the median counts
@@ -18,18 +18,6 @@ REPEATS = 3  # timed repetitions per block or local module (after one warm-up); 
 
 class SplitError(ValueError):
     """A model cannot be cut as asked."""
-
-
-def dummy_input(model: nn.Module, input_shape, batch_size: int, device=None) -> torch.Tensor:
-    """A random batch for ``model`` (on its device unless ``device`` is given): word ids where
-    it starts with an embedding, else Gaussian values of its parameters' type."""
-    ref = next(model.parameters(), None)
-    device = device or (ref.device if ref is not None else None)
-    first = next((m for m in model.modules() if not list(m.children())), None)
-    if isinstance(first, nn.Embedding):
-        return torch.randint(first.num_embeddings, (batch_size, *input_shape), device=device)
-    dtype = ref.dtype if ref is not None else None
-    return torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
 
 
 def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_size: int = 2) -> list[float]:

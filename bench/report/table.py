@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .records import read_json
+from bench.records import read_json
 
-REFERENCES = Path(__file__).parent / "references"
+REFERENCES = Path(__file__).parents[1] / "references"
 CELL = ["task", "model", "method", "groups", "executor"]
 
 
@@ -189,7 +189,7 @@ def build(name: str, results: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def write(name: str, results: Path, out: Path | None = None) -> tuple[str, list[Path]]:
     """Write NAME.md, NAME.tex and NAME.csv (into ``out``, default ``results``); return the
     Markdown and the paths."""
-    from .records import write_atomic
+    from bench.records import write_atomic
 
     numbers, text = build(name, results)
     out = Path(out or results)

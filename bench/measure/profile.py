@@ -8,6 +8,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def dummy_input(model: nn.Module, input_shape, batch_size: int, device=None) -> torch.Tensor:
+    """A random batch for ``model`` (on its device unless ``device`` is given): word ids where
+    it starts with an embedding, else Gaussian values of its parameters' type."""
+    ref = next(model.parameters(), None)
+    device = device or (ref.device if ref is not None else None)
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if isinstance(first, nn.Embedding):
+        return torch.randint(first.num_embeddings, (batch_size, *input_shape), device=device)
+    dtype = ref.dtype if ref is not None else None
+    return torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

@@ -243,7 +243,7 @@ def _load_synthetic(root: Path) -> Splits:
 def _build(module: str, function: str):
     """A task builder of ``bench.<module>`` (imported when used: those modules import this one)."""
     def build(root: Path, **limits):
-        return getattr(importlib.import_module(f"bench.{module}"), function)(root, **limits)
+        return getattr(importlib.import_module(f"bench.data.{module}"), function)(root, **limits)
 
     return build
 

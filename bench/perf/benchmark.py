@@ -32,10 +32,13 @@ from torch.nn import functional as F
 import methods
 from methods.base import TrainOptions
 
-from . import models, runner, speedup, split
-from .config import RunConfig
-from .executors import sequential
-from .provenance import cpu_name
+from bench import models, prepare
+from bench.models import split
+from bench.config import RunConfig
+from bench.executors import sequential
+from bench.measure.provenance import cpu_name
+
+from . import speedup
 
 INPUT_SHAPE, CLASSES = (3, 32, 32), 10
 OUT = Path("results/bench/bench.csv")
@@ -85,7 +88,7 @@ class Contender:
 def plain_step(model_name: str, train: TrainOptions, device: torch.device, *, seed: int = 0,
                input_shape=INPUT_SHAPE) -> Step:
     """The hand-written loop: model(x) -> cross-entropy -> backward -> SGD step."""
-    torch.manual_seed(seed)  # the same initial weights as runner.build_groups
+    torch.manual_seed(seed)  # the same initial weights as prepare.build_groups
     model = models.build_model(model_name, input_shape, CLASSES).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
                                 nesterov=train.nesterov, weight_decay=train.weight_decay)
@@ -100,14 +103,14 @@ def plain_step(model_name: str, train: TrainOptions, device: torch.device, *, se
 
 def lcbench_step(model_name: str, method: str, groups: int, device: torch.device, *,
                  seed: int = 0, input_shape=INPUT_SHAPE) -> Step:
-    """Stages built as a run builds them (``runner.build_groups`` and ``methods.build_stages``),
+    """Stages built as a run builds them (``prepare.build_groups`` and ``methods.build_stages``),
     stepped by the sequential executor."""
     cfg = RunConfig(method=method, groups=groups, model=model_name, seed=seed).validated()
-    parts, _ = runner.build_groups(cfg, input_shape, CLASSES)
+    parts, _ = prepare.build_groups(cfg, input_shape, CLASSES)
     shapes = split.group_output_shapes(parts, input_shape)
     torch.manual_seed(seed)
     stages = methods.build_stages(cfg.method, [g.to(device) for g in parts], shapes, CLASSES,
-                                  runner.classification_loss, runner.train_options(cfg), cfg.options)
+                                  prepare.classification_loss, prepare.train_options(cfg), cfg.options)
     for stage in stages:
         for module in stage.modules():
             module.to(device)
@@ -179,7 +182,7 @@ def run_benchmark(*, model_names: Sequence[str] = ("resnet20",), groups: Sequenc
     """Both comparisons for every model; one row per contender (see COLUMNS). A ``budget``
     in seconds (0: none) is shared out between the comparisons, 1:2 (overhead:methods)."""
     rules = ["bp", *[methods.resolve(m).name for m in rules if methods.resolve(m).name != "bp"]]
-    train = runner.train_options(RunConfig(method="bp").validated())
+    train = prepare.train_options(RunConfig(method="bp").validated())
     info = machine(device)
     say = progress or (lambda _: None)
     end = time.perf_counter() + budget if budget else None
@@ -245,7 +248,7 @@ def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str] = COLUMNS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.benchmark", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.perf.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--models", nargs="+", default=["resnet20"])
     p.add_argument("--groups", nargs="+", type=int, default=[2, 4], help="values of K")
@@ -290,7 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(models.MODELS)})")
     try:
         args.methods = [methods.resolve(m).name for m in args.methods]
-        args.device = runner.resolve_device(args.device)
+        args.device = prepare.resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
     return args

@@ -18,7 +18,7 @@ published cut points.
   (K=10), VGG-19 at its pooling stages (K=4); ResNet-152 with K=2 takes the default split.
 - ``resnet32x2``: the CIFAR ResNet-32 at twice the width (neuron-groups paper).
 
-Width-grouped variants (GN-DGL) follow ``bench.models``: block 0, the classifier and the
+Width-grouped variants (GN-DGL) follow ``bench.models.cnn``: block 0, the classifier and the
 blocks in ``mix_at`` mix all channels; the other convs are grouped.
 """
 from __future__ import annotations

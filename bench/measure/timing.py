@@ -1,0 +1,93 @@
+"""Busy time per stage and the modelled K-worker time (see DESIGN.md, "Measurement").
+
+- ``PhaseTimer``: a stage's busy time split into forward / backward / update; CUDA events
+  on a GPU (read after one synchronisation per epoch), perf_counter on the CPU.
+- ``modelled_time``: the critical path of a K-worker pipeline built from per-stage times.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+from methods import Stage
+
+PHASES = ("forward", "backward", "update")
+
+
+class PhaseTimer:
+    """Accumulates one stage's busy seconds per phase; install with ``stage.phase = timer``."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self, name: str):
+        """Begin timing phase ``name``; pass the token returned to ``stop``."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return name, event
+        return name, time.perf_counter()
+
+    def stop(self, token) -> None:
+        name, begun = token
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((name, begun, end))
+        else:
+            self.seconds[name] += time.perf_counter() - begun
+
+    @contextmanager
+    def __call__(self, name: str):
+        token = self.start(name)
+        yield
+        self.stop(token)
+
+    def pop(self) -> dict[str, float]:
+        """Seconds per phase since the last call (synchronises CUDA once)."""
+        if self._events:
+            torch.cuda.synchronize()
+            for name, start, end in self._events:
+                self.seconds[name] += start.elapsed_time(end) / 1000
+            self._events.clear()
+        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+def modelled_time(stage_seconds: Sequence[float], batches: int, *, decoupled: bool,
+                  microbatches: int = 1) -> float:
+    """Critical path of K workers over ``batches`` batches from the per-stage busy seconds
+    (totals over those batches). Decoupled rules pipeline, so the slowest stage bounds
+    the rate: sum_k t_k + (N-1) max_k t_k; BP without pipelining: N sum_k t_k; BP
+    pipelined over M micro-batches (GPipe, 1F1B): N (M+K-1) max_k t_k / M."""
+    per_batch = [s / batches for s in stage_seconds]
+    if decoupled:
+        return sum(per_batch) + (batches - 1) * max(per_batch)
+    if microbatches > 1:
+        return batches * (microbatches + len(per_batch) - 1) * max(per_batch) / microbatches
+    return batches * sum(per_batch)
+
+
+
+
+def stage_modelled_time(stage: Stage, busy: list[float], steps: int) -> float:
+    """The K-worker time of ``stage``'s rule from the per-stage busy seconds."""
+    return modelled_time(busy, steps, decoupled=stage.decoupled, microbatches=stage.microbatches)
+
+
+def time_rows(stages, timers: list[PhaseTimer], steps: int) -> dict:
+    """Per-stage busy seconds by phase, and the modelled K-worker time of the epoch."""
+    rows, busy = {}, []
+    for stage, timer in zip(stages, timers):
+        phases = timer.pop()
+        busy.append(sum(phases.values()))
+        label = str(stage.index + 1)
+        rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})
+        rows[label, "busy_time_s"] = busy[-1]
+    rows["", "modelled_time_s"] = stage_modelled_time(stages[0], busy, steps)
+    return rows

@@ -1,0 +1,270 @@
+"""A run made ready: config -> task, model, split, stages, all built and checked before
+anything is written; then its record opened. Shared by every executor."""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import methods
+from methods.base import TrainOptions, match_targets
+
+from . import models
+from .config import RunConfig, UsageError, ranks_per_layer
+from .data import tasks
+from .measure import submodels
+from .measure.provenance import now, provenance
+from .models import paper, rnn, slicing, split
+from .records import RunRecord
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy; for one target per step (a language model) the mean over a
+    sample's steps; a step-by-step head's output is read at the last step where there is one
+    target per sequence."""
+    logits = match_targets(logits, y)
+    if y.dim() == 2:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before anything is written."""
+
+    cfg: RunConfig
+    task: tasks.Task | None  # None on the ranks of a distributed run that get no data
+    device: torch.device
+    cuts: list[int]
+    shapes: list[tuple]  # per-sample output shape of each group
+    stage_params: list[int]  # parameters of each group
+    stages: list[methods.Stage]  # every stage; a distributed rank uses its own only
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Validated config with the task's default model filled in (no data loaded)."""
+    cfg = cfg.validated()
+    if cfg.task not in tasks.TASKS:
+        raise UsageError(f"unknown task '{cfg.task}' (choose from {', '.join(tasks.TASKS)})")
+    model = cfg.model or tasks.TASKS[cfg.task].default_model
+    if model not in models.MODELS:
+        raise UsageError(f"unknown model '{model}' (choose from {', '.join(models.MODELS)})")
+    return replace(cfg, model=model)
+
+
+class _PassThrough(nn.Module):
+    """A layer group that does nothing (one parameter, so that it has an optimizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def local_seconds(cfg: RunConfig, shape: tuple, classes: int) -> float:
+    """Measured seconds of one batch of the rule's local work on features of per-sample
+    ``shape``: a stage of a do-nothing group and the rule's local module, through its
+    forward and (with a random message) its upstream update."""
+    last = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
+    stage = methods.build_stages(cfg.method, [_PassThrough(), last], [shape, (classes,)], classes,
+                                 classification_loss, train_options(cfg), cfg.options)[0]
+    x = torch.randn(cfg.batch_size, *shape)
+    y = torch.randint(classes, (cfg.batch_size,))
+    message = {"gradient": x, "loss": y.float(), None: None}[stage.upstream]
+    batch = iter(range(1 << 30))
+
+    def work():
+        t = next(batch)
+        h, _ = stage.forward(t, *stage.input(t, x, y))
+        if message is not None:
+            stage.receive(t, message)
+
+    return split.seconds(work)
+
+
+def train_options(cfg: RunConfig) -> TrainOptions:
+    return TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                        weight_decay=cfg.weight_decay, clip=cfg.clip_grad)
+
+
+def threads_per_rank(cfg: RunConfig) -> int:
+    """CPU threads of each process: ``--threads``, else cores / ranks for a distributed run,
+    else torch's default."""
+    if cfg.threads:
+        return cfg.threads
+    if cfg.executor == "distributed":
+        return max(1, (os.cpu_count() or 1) // (cfg.groups * ranks_per_layer(cfg)))
+    return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def paper_cuts(model: str, groups: int) -> list[int]:
+    """The published cut points of ``model`` for ``groups`` layer groups."""
+    known = paper.PAPER_CUTS.get(model, {})
+    if groups not in known:
+        have = ", ".join(f"K={k}" for k in known) or "none"
+        raise UsageError(f"--split paper: no published cut points for {model} with K={groups} "
+                         f"(published: {have})")
+    return known[groups]
+
+
+def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | None = None):
+    """The model split into ``cfg.groups`` layer groups (width-grouped for GN-DGL), at
+    ``cuts`` where given (a distributed rank takes those its launcher resolved)."""
+    torch.manual_seed(cfg.seed)
+    model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
+    if cuts is None and cfg.cuts is None and cfg.split == "paper":
+        cuts = paper_cuts(cfg.model, cfg.groups)
+    timed = lambda shape: local_seconds(cfg, shape, classes)  # noqa: E731
+    with torch_threads(threads_per_rank(cfg)):  # time the blocks as the ranks will run them
+        cuts = split.resolve_cuts(model, cfg.groups, input_shape=input_shape, by=cfg.split,
+                                  cuts=cfg.cuts if cuts is None else cuts,
+                                  batch_size=cfg.batch_size, local_seconds=timed)
+    if cfg.method == "gn":
+        torch.manual_seed(cfg.seed)
+        model = models.build_model(cfg.model, input_shape, classes, width=cfg.width,
+                                   neuron_groups=cfg.options["neuron_groups"],
+                                   mix_at=[0, *cuts])
+    groups = split.split_model(model, cfg.groups, input_shape=input_shape, cuts=cuts)
+    return groups, cuts
+
+
+def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | None = None,
+            data: bool = True, cuts: list[int] | None = None) -> Prepared:
+    """Resolve, load and build; any bad input raises UsageError before a file is written.
+
+    A rank of a distributed run moves only its ``stage`` to ``device``, only rank 0 loads
+    the ``data`` (the others receive activations and labels), and every rank takes the
+    ``cuts`` its launcher resolved (a split by measured time differs from one measure to
+    the next)."""
+    cfg = resolve(cfg)
+    device = device or resolve_device(cfg.device)
+    info = tasks.TASKS[cfg.task]
+    try:
+        groups, cuts = build_groups(cfg, info.input_shape, info.num_classes, cuts)
+        shapes = split.group_output_shapes(groups, info.input_shape)
+        torch.manual_seed(cfg.seed)
+        stages = methods.build_stages(cfg.method, groups, shapes, info.num_classes,
+                                      classification_loss, train_options(cfg), cfg.options)
+        if cfg.placement == "neuron" and stage is None:  # can each layer group be sliced?
+            for group in groups:
+                body = list(group)[:-1] if group is groups[-1] else list(group)
+                slicing.neuron_slice(nn.Sequential(*body), 0, ranks_per_layer(cfg))
+    except ValueError as e:  # SplitError, channel/neuron-group mismatch, bad option value
+        raise UsageError(str(e)) from None
+    ranks = len(stages) * ranks_per_layer(cfg)
+    if (cfg.executor == "distributed" and stage is None and device.type == "cuda"
+            and torch.cuda.device_count() < ranks):
+        raise UsageError(f"--executor distributed on CUDA gives each of the {ranks} ranks a GPU "
+                         f"of its own, and this machine has {torch.cuda.device_count()}: "
+                         f"add --device cpu (gloo) or use fewer --groups")
+    if cfg.batch_size % stages[0].microbatches:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split into "
+                         f"{stages[0].microbatches} micro-batches")
+    for placed in stages if stage is None else [stages[stage]]:
+        for module in placed.modules():
+            module.to(device)
+    parameters = [sum(p.numel() for p in g.parameters()) for g in groups]
+    if not data:
+        return Prepared(cfg, None, device, cuts, shapes, parameters, stages)
+    try:
+        task = tasks.load_task(cfg.task, cfg.data_dir, limit_train=cfg.limit_train,
+                               limit_test=cfg.limit_test).to(device)
+    except tasks.DataUnavailable as e:
+        raise UsageError(str(e)) from None
+    if task.steps(cfg.batch_size) < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} leaves no whole training batch "
+                         f"in {cfg.task}")
+    return Prepared(cfg, task, device, cuts, shapes, parameters, stages)
+
+
+def eval_batch_size(cfg: RunConfig, task) -> int:
+    """The test batch size: the run's, else the task's (a language model's test streams)."""
+    return cfg.eval_batch_size or task.eval_batch_size
+
+
+def static_rows(prep: Prepared) -> dict:
+    """FLOPs and parameters of every group, local head and sub-model (epoch 1's rows)."""
+    return submodels.costs(prep.stages, tasks.TASKS[prep.cfg.task].input_shape)
+
+
+def wants_inference(prep: Prepared) -> bool:
+    """Whether progressive inference and ensembles apply: the rule has sub-models, there are
+    several groups, and the task one target per sample."""
+    per_step = len(prep.shapes[-1]) > 1  # the final output has a target per step
+    return methods.resolve(prep.cfg.method).has_submodels and len(prep.stages) > 1 and not per_step
+
+
+def inference(prep: Prepared, costs: dict) -> submodels.Inference | None:
+    """Progressive inference and ensembles, where they apply (``wants_inference``)."""
+    if not wants_inference(prep):
+        return None
+    return submodels.Inference(submodels.exit_flops(costs, prep.stages))
+
+
+def run_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.out) / cfg.experiment / cfg.run_id
+
+
+def check_writable(cfg: RunConfig) -> None:
+    """UsageError unless the run's folder can be created (it is left in place)."""
+    try:
+        run_folder(cfg).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
+
+
+def open_record(prep: Prepared) -> RunRecord:
+    """Create the run folder (UsageError if it cannot be written) and its files."""
+    cfg = prep.cfg
+    folder = run_folder(cfg)
+    info = {"run_id": cfg.run_id, "experiment": cfg.experiment, "status": "running",
+            "error": None, "config": asdict(cfg), "started": now(), "ended": None,
+            "split": {"by": cfg.split if cfg.cuts is None else "explicit", "cuts": prep.cuts},
+            "parameters_per_stage": prep.stage_params,
+            "provenance": provenance(prep.device)}
+    record = RunRecord(folder, {**asdict(cfg), "run_id": cfg.run_id}, info)
+    try:
+        record.start()
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
+    return record
+
+
+def ranks(prep: Prepared) -> int:
+    """Processes of a distributed run: one per layer group (per neuron group with
+    ``--placement neuron``)."""
+    return len(prep.stages) * ranks_per_layer(prep.cfg)
+
+
+def reset_states(stages, rows: int) -> None:
+    """Start every stateful layer (a language model's LSTMs) afresh for batches of ``rows``."""
+    for stage in stages:
+        for module in stage.modules():
+            rnn.reset_states(module, rows)
