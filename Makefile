@@ -7,8 +7,10 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RESULTS ?= results
 PRESET  ?= paper
+CIFAR10_ZIP ?= ../shared/data/cifar10-jpeg.zip
+CIFAR10_DIR ?= $(HOME)/.cache/lcbench/cifar10-jpeg
 
-.PHONY: help setup data test test-all learning-check reproduce-table2 plot bench clean
+.PHONY: help setup data test test-all learning-check fidelity-check reproduce-table2 plot bench clean
 
 help:
 	@echo "make setup           create .venv and install lcbench (+ test tools)"
@@ -18,6 +20,8 @@ help:
 	@echo "                     published numbers, and the figures (resumable; smoke: minutes, offline)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
+	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3), DGL(3) on lc-vgg and a CIFAR-10 slice, with"
+	@echo "                     the local-signal diagnostics, beside the published ordering (~30 min)"
 	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
 	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process (~15 min)"
 
@@ -45,6 +49,17 @@ learning-check: $(STAMP) data
 	  $(BIN)/lcbench run --method $$m --groups 2 --task fashion-mnist --epochs 3 \
 	    --experiment learning-check --out $(RESULTS) || exit 1; \
 	done
+
+# The shared JPEG copy of CIFAR-10, unpacked once; skipped with one line where it is absent.
+fidelity-check: $(STAMP)
+	@if [ ! -f $(CIFAR10_ZIP) ]; then echo "fidelity-check: skipped, $(CIFAR10_ZIP) is absent"; exit 0; fi; \
+	set -e; \
+	if [ ! -d $(CIFAR10_DIR)/cifar10 ]; then \
+	  rm -rf $(CIFAR10_DIR).tmp && $(BIN)/python -m zipfile -e $(CIFAR10_ZIP) $(CIFAR10_DIR).tmp && \
+	  mkdir -p $(CIFAR10_DIR) && mv $(CIFAR10_DIR).tmp/cifar10 $(CIFAR10_DIR)/ && rm -rf $(CIFAR10_DIR).tmp; fi; \
+	$(BIN)/lcbench sweep bench/experiments/fidelity.toml --out $(RESULTS) --data-dir $(CIFAR10_DIR) || test $$? -eq 1; \
+	$(BIN)/lcbench table fidelity $(RESULTS); \
+	$(BIN)/lcbench plot $(RESULTS)/fidelity --out figures/fidelity
 
 # A sweep exits with 1 when some runs failed: they are recorded, and the table shows what ran.
 reproduce-table2: $(STAMP) data

@@ -1,15 +1,17 @@
 """Decoupled neural interfaces: synthetic gradients, bootstrapped from the stage below.
 
 Scale convention: synthesizers predict the gradient of the *summed* batch loss (B times
-dL/dh of the mean loss), so their regression targets are O(1) and Adam's epsilon does not
-swamp them; the group is stepped on M(h)/B, which is the rule's dL/dh exactly.
+dL/dh of the mean loss); the group is stepped on M(h)/B, the rule's estimate of dL/dh. Per
+element those targets are still tiny on wide feature maps (~1e-4 on lc-vgg's), so each
+synthesizer regresses on its targets divided by their running RMS
+(``modules.Synthesizer.fit_loss``) and scales its output back: the fit does not depend on
+the gradients' scale (see DESIGN.md, DNI).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from . import modules
 from .base import Stage
@@ -45,6 +47,11 @@ class DNIStage(Stage):
     def _synthetic(self, h, y):
         return self.synth(h, y if self.conditioned else None)
 
+    @torch.no_grad()
+    def synthetic_gradient(self, h, y):
+        """The rule's estimate of dL/dh of the mean batch loss (what the group steps on)."""
+        return self._synthetic(h, y) / y.shape[0]
+
     def forward(self, batch, x, y):
         n = y.shape[0]
         keep_input = self.index > 0
@@ -65,7 +72,7 @@ class DNIStage(Stage):
     def receive(self, batch, message):
         h, y = self.kept.pop(batch)
         with self.phase("forward"):
-            loss = F.mse_loss(self._synthetic(h, y), message)
+            loss = self.synth.fit_loss(h, y if self.conditioned else None, message)
         self.backward(loss)
         self.step(self.synth_optimizer)
         self.tally(y.shape[0], synth_loss=loss)

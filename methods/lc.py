@@ -57,6 +57,11 @@ class LCStage(Stage):
         self.step(self.critic_optimizer)
         self.tally(y.shape[0], critic_loss=loss)
 
+    @torch.no_grad()
+    def critic_loss(self, h, y):
+        """Per-sample loss of the critic on ``h``: the rule's estimate of the true loss."""
+        return self.criterion(self.critic(h), y)
+
     def head(self):
         return self.critic
 

@@ -65,7 +65,17 @@ class Synthesizer(nn.Module):
     them, the last zero-initialised; cDNI adds a linear embedding of the one-hot label to
     the first layer's output, broadcast over space (on sequences: over the steps, or step by
     step for one label per step). Vectors take linear layers; sequences linear layers at
-    every step, without BatchNorm."""
+    every step, without BatchNorm.
+
+    Scale: the network regresses on targets divided by ``scale``, a running RMS (per element)
+    of the targets it has been fitted to, and ``M(h)`` is its output times ``scale``. So the
+    regression targets are O(1) per element whatever the gradients' scale: Adam moves the
+    zero-initialised output layer by about its learning rate per step whatever the target's
+    scale, and raw targets of ~1e-4 per element (wide conv feature maps) are overshot a
+    hundredfold (see DESIGN.md, DNI)."""
+
+    #: weight of the newest batch in the running RMS of the targets
+    SCALE_MOMENTUM = 0.01
 
     def __init__(self, shape, classes: int, *, conditioned: bool, filters: int = 128,
                  kernel: int = 5):
@@ -88,8 +98,23 @@ class Synthesizer(nn.Module):
         nn.init.zeros_(self.rest[-1].weight)
         nn.init.zeros_(self.rest[-1].bias)
         self.conv = conv
+        self.register_buffer("scale", torch.zeros(()))  # 0: no target seen yet
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The predicted gradient M(h[, y]), in the units of the targets."""
+        return self.normalised(h, y) * self.scale
+
+    def fit_loss(self, h: torch.Tensor, y: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+        """The L2 regression loss toward ``target``, both divided by the running RMS of the
+        targets (updated with this one first)."""
+        rms = target.detach().pow(2).mean().sqrt()
+        with torch.no_grad():  # the first nonzero target sets the scale
+            self.scale.copy_(torch.where(self.scale > 0, self.scale + self.SCALE_MOMENTUM * (rms - self.scale),
+                                         rms))
+        return nn.functional.mse_loss(self.normalised(h, y), target / self.scale.clamp_min(1e-30))
+
+    def normalised(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's own output: the gradient divided by ``scale``."""
         z = self.first(h)
         if self.label is not None:
             # the linear map of the one-hot label, read as a lookup: (B, F), or (B, T, F)

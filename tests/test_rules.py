@@ -158,9 +158,12 @@ def test_lc_critic_untouched_by_its_own_loss_before_the_message():
 
 
 def _randomise(module, seed):
+    """Random weights (and, for a synthesizer, a target scale as if it had been fitted)."""
     torch.manual_seed(seed)
     for p in module.parameters():
         p.data.normal_(0, 0.5)
+    if isinstance(module, methods.modules.Synthesizer):
+        module.scale.fill_(1.7)
 
 
 @pytest.mark.parametrize("method", ["dni", "cdni"])
@@ -200,6 +203,65 @@ def test_dni_group_steps_on_synthetic_gradient():
     expected = [sgd_first_step(p.detach(), g) for p, g in zip(f.parameters(), grads)]
     train_step(stages, 0, x, y)
     assert_all_close(params(groups[0]), expected)
+
+
+def test_dni_synthesizer_fits_targets_divided_by_their_running_rms():
+    """M(h) = scale * net(h); net regresses (L2, Adam) on target / scale, where scale is the
+    RMS of the first target, then moves 1% of the way to each new target's RMS."""
+    x, y = data()
+    stage = stages_for("dni", mlp_groups(2), synth_lr=1e-3)[0]
+    _randomise(stage.synth, 5)
+    stage.synth.scale.zero_()  # nothing fitted yet
+    net = copy.deepcopy(stage.synth)
+    net.scale.fill_(1.0)  # the network's own output
+    stage.forward(0, x, y)
+    h = stage.kept[0][0].clone()
+    g = torch.Generator().manual_seed(6)
+    message = 1e-4 * torch.randn(h.shape, generator=g)
+    rms = message.pow(2).mean().sqrt()
+    loss = F.mse_loss(net(h), message / rms)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    expected = [adam_first_step(p.detach(), gr, 1e-3) for p, gr in zip(net.parameters(), grads)]
+    stage.receive(0, message)
+    assert_all_close(params(stage.synth), expected)
+    torch.testing.assert_close(stage.synth.scale, rms)
+    stage.forward(1, x, y)
+    stage.receive(1, 3 * message)
+    torch.testing.assert_close(stage.synth.scale, rms + 0.01 * (3 * rms - rms))
+    torch.testing.assert_close(stage.synthetic_gradient(h, y),
+                               stage.synth.scale * stage.synth.normalised(h) / BATCH)
+
+
+def test_dni_synthesizer_scale_is_set_by_the_first_nonzero_target():
+    """A bootstrapped target is exactly zero while the synthesizer below the next stage is
+    still zero: it must not fix the scale."""
+    synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=4)
+    h = torch.randn(BATCH, DIM)
+    assert synth.fit_loss(h, None, torch.zeros(BATCH, DIM)) == 0 and synth.scale == 0
+    target = torch.full((BATCH, DIM), -3e-5)
+    synth.fit_loss(h, None, target)
+    torch.testing.assert_close(synth.scale, torch.tensor(3e-5))
+
+
+def test_dni_synthesizer_fit_does_not_depend_on_the_targets_scale():
+    """Targets c times smaller give predictions exactly c times smaller: Adam, which moves
+    weights by about its rate whatever the gradient's scale, cannot overshoot small targets."""
+    torch.manual_seed(7)
+    h = torch.randn(BATCH, DIM)
+    target = torch.randn(BATCH, DIM)
+    predictions = []
+    for c in (1.0, 1e-5):
+        synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=16)
+        _randomise(synth, 8)
+        synth.scale.zero_()
+        opt = torch.optim.Adam(synth.parameters(), lr=1e-3)
+        for _ in range(20):
+            loss = synth.fit_loss(h, None, c * target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        predictions.append(synth(h).detach() / c)
+    torch.testing.assert_close(predictions[1], predictions[0])
 
 
 def test_cdni_synthesizer_sees_labels_dni_does_not():

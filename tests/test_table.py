@@ -88,7 +88,7 @@ def test_every_figure_is_written_and_not_empty(results, tmp_path, capsys):
     out = tmp_path / "figures"
     code, stdout, err = call(["plot", str(results / "table2"), "--out", str(out)], capsys)
     assert code == 0, err
-    names = {"accuracy", "time", "memory", "tradeoff", "submodels"}
+    names = {"accuracy", "time", "memory", "tradeoff", "submodels", "signals"}
     assert {p.name for p in out.iterdir()} == {f"{n}.{e}" for n in names for e in ("png", "pdf")}
     for path in out.iterdir():
         head = path.read_bytes()[:8]
@@ -124,3 +124,18 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     smoke = sweep.load_spec(SPEC, "smoke")
     assert {c.task for c in smoke} == {"fashion-mnist", "seq-fashion-mnist"} and {c.seed for c in smoke} == {0}
     assert {c.method for c in smoke} == {"bp", "pipe-bp", "dni", "cdni", "dgl", "lc", "gn"}
+
+
+def test_ordering_ranks_ours_and_the_published_cells_and_counts_pairs_ranked_alike():
+    import pandas as pd
+    from bench.report.table import orderings
+    numbers = pd.DataFrame({
+        "task": "cifar10", "model": "lc-vgg", "metric": "test accuracy (%)",
+        "method": ["bp", "lc", "dni", "dgl"], "groups": [4, 4, 4, 4],
+        "microbatches": None, "neuron_groups": None,
+        "mean": [80.0, 70.0, 75.0, 60.0], "published": [93.9, 92.4, 64.9, float("nan")]})
+    assert orderings(numbers) == [
+        "cifar10, lc-vgg: ours BP > DNI(3) > LC(3); published BP > LC(3) > DNI(3); "
+        "2 of 3 pairs ranked alike"]
+    perplexity = numbers.assign(metric="test perplexity", task="ptb", model="lstm-lm")
+    assert orderings(perplexity)[0].startswith("ptb, lstm-lm: ours LC(3) > DNI(3) > BP;")

@@ -247,3 +247,82 @@ def test_synthetic_task_is_fixed_and_has_every_class():
     assert a.train_x.shape == (8192, 3, 32, 32) and a.test_x.shape == (1024, 3, 32, 32)
     counts = torch.bincount(a.train_y, minlength=10)
     assert counts.min() > 8192 / 10 / 3  # every class present in a fair share
+
+
+CIFAR10_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"]
+
+
+def _write_image_folders(root, classes, per_class, suffix=".png"):
+    """Random images saved as ``root/<split>/<class>/<i><suffix>``; returns, per split, the
+    written images (C, H, W) with the class name of each."""
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    written = {}
+    for split, n in per_class.items():
+        written[split] = []
+        for name in reversed(classes):  # creation order must not matter
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                x = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(x).save(root / split / name / f"{i:04d}{suffix}")
+                written[split].append((torch.from_numpy(x).permute(2, 0, 1), name))
+    return written
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_cifar10_reads_image_folders_with_cifar_labels(tmp_path, offline, nested, monkeypatch):
+    from bench.data import tasks
+    root = tmp_path / "data"
+    written = _write_image_folders(root / "cifar10" if nested else root, CIFAR10_NAMES,
+                                   {"train": 3, "test": 2})
+    train_x, train_y, test_x, test_y = tasks.TASKS["cifar10"].load(root)
+    for (x, y), pairs in ((((train_x, train_y)), written["train"]), ((test_x, test_y), written["test"])):
+        assert x.dtype == torch.uint8 and x.shape == (len(pairs), 3, 32, 32)
+        assert sorted(y.tolist()) == sorted(CIFAR10_NAMES.index(name) for _, name in pairs)
+        by_image = {bytes(image.numpy()): CIFAR10_NAMES.index(name) for image, name in pairs}
+        assert [by_image[bytes(image.numpy())] for image in x] == y.tolist()  # PNG: lossless
+    assert train_y[:10].tolist() != sorted(train_y[:10].tolist())  # shuffled: a slice has every class
+    task = load_task("cifar10", root, limit_train=7)
+    assert task.train_x.shape == (7, 3, 32, 32) and task.test_y.shape == (20,)
+    monkeypatch.setattr(tasks, "_decode_folder", lambda *a: pytest.fail("decoded twice"))
+    again = load_task("cifar10", root, limit_train=7)  # from the cache
+    assert torch.equal(again.train_x, task.train_x) and torch.equal(again.test_y, task.test_y)
+
+
+def test_image_folders_with_other_classes_are_refused_in_one_line(tmp_path, offline):
+    names = [*CIFAR10_NAMES[:-1], "lorry"]
+    _write_image_folders(tmp_path, names, {"train": 1, "test": 1})
+    with pytest.raises(DataUnavailable) as err:
+        load_task("cifar10", tmp_path)
+    assert "lorry" in str(err.value) and "truck" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cifar100_image_folders_take_the_alphabetical_fine_label_order(tmp_path, offline):
+    names = [f"class{i:03d}" for i in range(100)]
+    written = _write_image_folders(tmp_path, names, {"train": 1, "test": 1})
+    task = load_task("cifar100", tmp_path)
+    assert task.num_classes == 100 and sorted(task.train_y.tolist()) == list(range(100))
+    assert len(written["test"]) == task.test_y.numel() == 100
+
+
+@pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason=f"{CIFAR10_ZIP} is absent")
+def test_the_shared_cifar10_jpeg_copy_decodes_with_cifar_labels(tmp_path, offline):
+    """A slice of the public JPEG copy (cifar10/{train,test}/<class>/NNNN.jpg): each image
+    decodes as PIL decodes it, under its class's CIFAR label."""
+    import zipfile
+    from PIL import Image
+    with zipfile.ZipFile(CIFAR10_ZIP) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".jpg")]
+        chosen = [n for split in ("train", "test") for c in CIFAR10_NAMES
+                  for n in [m for m in names if m.startswith(f"cifar10/{split}/{c}/")][:2]]
+        archive.extractall(tmp_path, chosen)
+    train_x, train_y, test_x, test_y = TASKS["cifar10"].load(tmp_path)
+    assert train_x.shape == (20, 3, 32, 32) and test_x.shape == (20, 3, 32, 32)
+    expected = {}
+    for name in chosen:
+        image = torch.from_numpy(np.array(Image.open(tmp_path / name).convert("RGB"))).permute(2, 0, 1)
+        expected[bytes(image.contiguous().numpy())] = CIFAR10_NAMES.index(name.split("/")[2])
+    for x, y in ((train_x, train_y), (test_x, test_y)):
+        assert [expected[bytes(image.numpy())] for image in x] == y.tolist()

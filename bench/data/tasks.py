@@ -207,12 +207,67 @@ def _load_fashion_mnist(root: Path) -> Splits:
     return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets
 
 
-def _cifar_loader(cls, name: str, expected: str) -> Callable[[Path], Splits]:
+#: CIFAR-10's label order (CIFAR-100's fine labels are in alphabetical order)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
+
+def _image_folder_root(root: Path, name: str) -> Path | None:
+    """Where ``train/<class>/*`` and ``test/<class>/*`` are: ``root`` or ``root/<name>``."""
+    for candidate in (root, root / name):
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    return None
+
+
+def _decode_folder(folder: Path, classes: tuple[str, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``folder/<class>/*`` (PNG or JPEG, read by torchvision's ImageFolder) as
+    uint8 (N, C, H, W) and labels in CIFAR's class order, shuffled by a fixed permutation so
+    that the first N samples (``--limit-train``) hold every class."""
+    data = torchvision.datasets.ImageFolder(folder)
+    if classes is not None and tuple(data.classes) != tuple(sorted(classes)):
+        raise DataUnavailable(f"{folder}: class folders {', '.join(data.classes)} are not "
+                              f"CIFAR's ({', '.join(classes)})")
+    order = {c: (classes.index(c) if classes else i) for i, c in enumerate(data.classes)}
+    images, labels = [], []
+    for path, index in data.samples:
+        images.append(torchvision.transforms.functional.pil_to_tensor(data.loader(path)))
+        labels.append(order[data.classes[index]])
+    x, y = torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[perm], y[perm]
+
+
+def _load_image_folders(root: Path, name: str, classes: tuple[str, ...] | None) -> Splits:
+    """A copy laid out as ``train/<class>/*`` and ``test/<class>/*``, decoded once into a
+    cache file (keyed by the folder, its file count and newest change)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    stamp = repr((str(root.resolve()), len(files), max((p.stat().st_mtime_ns for p in files), default=0)))
+    cached = cache_dir() / f"{name}-folders-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    splits = (*_decode_folder(root / "train", classes), *_decode_folder(root / "test", classes))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(splits, tmp)
+        os.replace(tmp, cached)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return splits
+
+
+def _cifar_loader(cls, name: str, expected: str,
+                  classes: tuple[str, ...] | None) -> Callable[[Path], Splits]:
+    """torchvision's CIFAR files under ``root``, else image folders, else a download."""
     def load(root: Path) -> Splits:
         try:
             train, test = _splits(cls, root)
         except RuntimeError:
-            train, test = _download(cls, root, name, expected)
+            folders = _image_folder_root(root, name)
+            if folders is not None:
+                return _load_image_folders(folders, name, classes)
+            train, test = _download(cls, root, name, expected + " or train/<class>/, test/<class>/ image folders")
         x = [torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous() for d in (train, test)]
         y = [torch.tensor(d.targets, dtype=torch.int64) for d in (train, test)]
         return x[0], y[0], x[1], y[1]
@@ -257,12 +312,13 @@ TASKS: dict[str, TaskInfo] = {
     "cifar10": TaskInfo(
         (3, 32, 32), 10, "resnet20", "crop-flip",
         _cifar_loader(torchvision.datasets.CIFAR10, "cifar10",
-                      "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/"),
+                      "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/",
+                      CIFAR10_CLASSES),
     ),
     "cifar100": TaskInfo(
         (3, 32, 32), 100, "resnet20", "crop-flip",
         _cifar_loader(torchvision.datasets.CIFAR100, "cifar100",
-                      "cifar-100-python.tar.gz or its extracted cifar-100-python/"),
+                      "cifar-100-python.tar.gz or its extracted cifar-100-python/", None),
     ),
     "imagenet32": TaskInfo((3, 32, 32), 1000, "resnet32x2", "crop-flip",
                            build=_build("imagenet", "build_imagenet32")),

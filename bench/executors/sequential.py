@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from bench import prepare
-from bench.measure import memory, timing
+from bench.measure import diagnostics, memory, timing
 from bench.measure.provenance import now
 from bench.records import RunFailed, RunRecord
 from bench.schedule import LRSchedule, epoch_steps, scheduled
@@ -123,6 +123,7 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True) -
         stage.phase = timer
     probes = [memory.ActivationProbe(stage) for stage in prep.stages]
     costs = prepare.static_rows(prep)
+    probe = next(iter(task.test_batches(cfg.batch_size))) if diagnostics.wanted(prep.stages) else None
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
     for epoch, steps in enumerate(plan, 1):
         memory.reset_device_peaks(device)
@@ -151,6 +152,9 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True) -
                                         prepare.classification_loss, prepare.inference(prep, costs)))
         if device.type == "cuda":
             rows.update({("", k): v for k, v in memory.device_memory(device, "eval").items()})
+        if probe is not None:
+            prepare.reset_states(prep.stages, probe[1].shape[0])
+            rows.update(diagnostics.probe_rows(prep.stages, *probe, prepare.classification_loss))
         record.add(epoch, rows)
         if not math.isfinite(rows["", "train_loss"]):
             record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",

@@ -5,7 +5,9 @@
 - memory: peak memory per device (the largest stage) and per stage;
 - tradeoff: accuracy against speedup, the trade-off every reader asks about;
 - submodels: accuracy of every sub-model, and progressive inference (accuracy against mean
-  FLOPs per sample as the confidence threshold moves).
+  FLOPs per sample as the confidence threshold moves);
+- signals: how good the local signals are, per stage against epoch: the cosine between DNI's
+  synthetic and the true gradient, the correlation between LC's critic losses and the true loss.
 
 One colour per method across all figures; seeds are averaged (bands: ± one std).
 """
@@ -216,6 +218,39 @@ def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
     return save(fig, out, "submodels")
 
 
+SIGNALS = {"synth_cosine": "synthetic vs true gradient: cosine",
+           "critic_corr": "critic loss vs true loss: correlation"}
+
+
+def signals(rows: pd.DataFrame, out: Path) -> list[Path]:
+    part = rows[rows["metric"].isin(list(SIGNALS))]
+    if part.empty:  # no DNI or LC run: say so rather than draw nothing
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.text(0.5, 0.5, "no run of a rule with a local signal to check (LC, DNI, cDNI)",
+                ha="center", va="center")
+        ax.set_axis_off()
+        return save(fig, out, "signals")
+    keys = sorted(set(zip(part["task"], part["model"], part["metric"])))
+    fig, axes = grid(1, len(keys), width=4.8)
+    axes = list(axes[0])
+    for ax, (task, model, metric) in zip(axes, keys):
+        cell = part[(part["task"] == task) & (part["model"] == model) & (part["metric"] == metric)]
+        for (method, groups, stage), runs in cell.groupby(["method", "groups", "stage"]):
+            stats = runs.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0)
+            line, = ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=COLOURS.get(method),
+                            alpha=0.4 + 0.6 * int(stage) / int(groups),
+                            label=f"{NAMES.get(method, method)} (K={groups}), stage {stage}")
+            ax.fill_between(stats.index, stats["mean"] - stats["std"],
+                            stats["mean"] + stats["std"], color=line.get_color(), alpha=0.1)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=f"{title(task, model)}", xlabel="epoch", ylabel=SIGNALS[metric], ylim=(-1, 1))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, out, "signals")
+
+
 def plot_all(results: Path, out: Path) -> list[Path]:
     """Every figure of the runs under ``results`` into ``out``."""
     rows = load_runs(results)
@@ -225,4 +260,4 @@ def plot_all(results: Path, out: Path) -> list[Path]:
     sns.set_theme(style="ticks", context="paper")
     table = cells(run_summary(rows))
     return [*accuracy(rows, out), *time_and_speedup(table, out), *memory(rows, table, out),
-            *tradeoff(table, out), *submodels(rows, out)]
+            *tradeoff(table, out), *submodels(rows, out), *signals(rows, out)]

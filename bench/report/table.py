@@ -169,6 +169,28 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def orderings(numbers: pd.DataFrame) -> list[str]:
+    """Per task and model: the cells ranked by our score and by the published one, best
+    first, and how many pairs of the cells that have both are ranked alike."""
+    lines = []
+    both = numbers[numbers.get("mean", pd.Series(dtype=float)).notna() & numbers["published"].notna()]
+    for (task, model), part in both.groupby(["task", "model"], sort=False):
+        lower_better = part["metric"].iloc[0] == "test perplexity"
+        labels = [method_label(m, int(k), mb, ng) for m, k, mb, ng in zip(
+            part["method"], part["groups"], part["microbatches"], part["neuron_groups"])]
+        ours = dict(zip(labels, part["mean"]))
+        published = dict(zip(labels, part["published"]))
+
+        def ranked(scores):
+            return sorted(scores, key=scores.get, reverse=not lower_better)
+
+        pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+        alike = sum((ours[a] - ours[b]) * (published[a] - published[b]) > 0 for a, b in pairs)
+        lines.append(f"{task}, {model}: ours {' > '.join(ranked(ours))}; published "
+                     f"{' > '.join(ranked(published))}; {alike} of {len(pairs)} pairs ranked alike")
+    return lines
+
+
 def markdown(frame: pd.DataFrame) -> str:
     head = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
@@ -194,7 +216,9 @@ def write(name: str, results: Path, out: Path | None = None) -> tuple[str, list[
     numbers, text = build(name, results)
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(text)
+    ranks = orderings(numbers)
+    md = markdown(text) + ("\n\nOrdering (best first):\n\n" + "\n".join(f"- {line}" for line in ranks)
+                           if ranks else "")
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
     write_atomic(paths[0], md + "\n")
     write_atomic(paths[1], text.to_latex(index=False, escape=True))

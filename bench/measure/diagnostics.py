@@ -1,0 +1,74 @@
+"""How good each stage's local signal is, on a fixed probe batch, off the clock.
+
+- DNI / cDNI: the synthetic gradient M_k(h_k) against the true gradient dL/dh_k of the whole
+  network's mean loss at that point: their cosine (``synth_cosine``), the relative error
+  ||M - g|| / ||g|| (``synth_rel_error``) and the norm ratio ||M|| / ||g|| (``synth_norm_ratio``);
+- LC: the per-sample Pearson correlation between critic k's loss and the true loss
+  (``critic_corr``).
+
+The probe changes nothing: modules keep their mode, BatchNorm statistics and the random
+number generators are restored, and no parameter gradient is left behind.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch.nn import functional as F
+
+
+def wanted(stages) -> bool:
+    """Whether any stage has a local signal to check."""
+    return any(hasattr(s, "synthetic_gradient") or hasattr(s, "critic_loss")
+               for s in stages if not s.last)
+
+
+@contextmanager
+def untouched(stages, device: torch.device):
+    """Train mode for the probe; buffers, modes and RNG states as they were afterwards."""
+    modules = [m for s in stages for m in s.modules()]
+    modes = [(m, m.training) for top in modules for m in top.modules()]
+    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for stage in stages:
+            stage.train(True)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, mode in modes:
+                m.training = mode
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
+    """``{(stage, metric): value}`` of every stage's local signal on the batch ``(x, y)``."""
+    device = x.device
+    rows = {}
+    with untouched(stages, device):
+        hs, h = [], x
+        for stage in stages:
+            h = stage.group(h)
+            if not stage.last:
+                hs.append(h)
+        per_sample = criterion(h, y)
+        grads = torch.autograd.grad(per_sample.mean(), hs)
+        for stage, h, g in zip(stages, hs, grads):
+            label = str(stage.index + 1)
+            if hasattr(stage, "synthetic_gradient"):
+                s = stage.synthetic_gradient(h.detach(), y).flatten().double()
+                g = g.flatten().double()
+                norm = g.norm().clamp_min(1e-30)
+                rows[label, "synth_cosine"] = float(F.cosine_similarity(s, g, dim=0, eps=1e-30))
+                rows[label, "synth_rel_error"] = float((s - g).norm() / norm)
+                rows[label, "synth_norm_ratio"] = float(s.norm() / norm)
+            elif hasattr(stage, "critic_loss"):
+                rows[label, "critic_corr"] = pearson(stage.critic_loss(h.detach(), y),
+                                                     per_sample.detach())
+    return rows
