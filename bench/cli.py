@@ -103,12 +103,22 @@ def cli():
                    "`torchrun ... -m bench.executors.distributed FILE` takes on several nodes.")
 @click.option("--save-weights", is_flag=True,
               help="Also write the trained stages' state dicts to RUN/weights/stageK.pt.")
+@click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
+              help="Write a checkpoint (RUN/checkpoints/) every N epochs; the same command "
+                   "run again continues from the last one. Removed when the run ends ok.")
+@click.option("--no-checkpoint", is_flag=True,
+              help="Neither write nor continue from checkpoints (the run starts over).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, lr_milestones,
         lr_gamma, weight_decay, clip_grad, seed, split,
         cuts, neuron_groups, option_pairs, executor, placement, threads, device, limit_train, limit_test,
-        data_dir, experiment, out, emit_config, save_weights, quiet):
-    """Train one network with one learning rule; write metrics.csv and run.json."""
+        data_dir, experiment, out, emit_config, save_weights, checkpoint_every, no_checkpoint,
+        quiet):
+    """Train one network with one learning rule; write metrics.csv and run.json.
+
+    A run killed or stopped (SIGTERM, Ctrl-C) continues from its last checkpoint when the
+    same command is run again: no epoch repeated, the same numbers as an uninterrupted run
+    on the sequential executor. A checkpoint that is not this run's is refused."""
     options = parse_options(option_pairs)
     if neuron_groups is not None:
         options["neuron_groups"] = neuron_groups
@@ -119,7 +129,8 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
                     seed=seed, split=split, cuts=parse_ints(cuts, "--cuts"), options=options,
                     executor=executor, placement=placement, threads=threads, device=device,
                     limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
-                    experiment=experiment, out=out, save_weights=save_weights)
+                    experiment=experiment, out=out, save_weights=save_weights,
+                    checkpoint_every=0 if no_checkpoint else checkpoint_every)
     prep = prepare.prepare(cfg)
     if emit_config:
         try:
@@ -128,7 +139,15 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
             raise UsageError(f"cannot write --emit-config {emit_config}: {e.strerror or e}") from None
         click.echo(f"wrote {emit_config}: {prepare.ranks(prep)} ranks")
         return
-    record = runner.execute(prep, progress=not quiet)
+    try:
+        with sweeps.stop_on_signals():
+            record = runner.execute(prep, progress=not quiet)
+    except sweeps.Interrupted as e:
+        again = ("continue from its last checkpoint" if prep.cfg.checkpoint_every
+                 else "start it over")
+        click.echo(f"lcbench: run stopped by {e}; run the same command again to {again}",
+                   err=True)
+        sys.exit(e.exit_code)
     if not quiet:
         click.echo(summary(record))
     click.echo(f"wrote {record.folder}")
@@ -182,7 +201,8 @@ def sweep(ctx, spec, preset, out, data_dir, quiet):
 
     A failed, diverged or invalid run is recorded (run.json) and the sweep goes on; the
     exit status is then 1. Ctrl-C / SIGTERM stop it cleanly (exit 130 / 143); run the
-    same command again to resume. A malformed spec: one line and exit 2, nothing run.
+    same command again to resume (a stopped run continues from its last checkpoint).
+    A malformed spec: one line and exit 2, nothing run.
     """
     cfgs = sweeps.load_spec(spec, preset, out=out, data_dir=data_dir)
     try:

@@ -48,12 +48,15 @@ class RunConfig:
     limit_test: int | None = None
     eval_batch_size: int | None = None  # default: the task's (1000; a language model: 10)
     save_weights: bool = False  # the trained stages' state dicts to RUN/weights/stageK.pt
+    checkpoint_every: int = 1  # epochs between checkpoints (RUN/checkpoints/); 0: none
     experiment: str = "adhoc"
     out: str = "results"
     data_dir: str | None = None
 
     #: fields that do not change what is computed (where, how it is reported)
     OUTPUT_FIELDS = ("experiment", "out", "data_dir")
+    #: ... nor how often its state is saved: none of them is part of the run's key
+    UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every")
 
     def validated(self) -> "RunConfig":
         """Canonical method name and option defaults filled in; raise UsageError on bad values."""
@@ -74,6 +77,8 @@ class RunConfig:
              f"--clip-grad must be positive (got {self.clip_grad})"),
             (0 < self.lr_gamma, f"lr_gamma must be positive (got {self.lr_gamma})"),
             (self.width > 0, f"--width must be positive (got {self.width})"),
+            (self.checkpoint_every >= 0,
+             f"--checkpoint-every must not be negative (got {self.checkpoint_every})"),
             (self.threads is None or self.threads >= 1,
              f"--threads must be at least 1 (got {self.threads})"),
             (self.split in SPLITS, f"unknown split '{self.split}' (choose from {', '.join(SPLITS)})"),
@@ -94,8 +99,9 @@ class RunConfig:
         return RunConfig(**values)
 
     def key(self) -> dict:
-        """The fields that determine the results (where they go excluded)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.OUTPUT_FIELDS}
+        """The fields that determine the results (where they go, how often they are saved
+        excluded)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.UNKEYED_FIELDS}
 
     @property
     def run_id(self) -> str:

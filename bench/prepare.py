@@ -15,13 +15,13 @@ from torch.nn import functional as F
 import methods
 from methods.base import TrainOptions, match_targets
 
-from . import models
+from . import checkpoint, models
 from .config import RunConfig, UsageError, ranks_per_layer
 from .data import tasks
 from .measure import submodels
 from .measure.provenance import now, provenance
 from .models import paper, rnn, slicing, split
-from .records import RunRecord
+from .records import RunRecord, read_json
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -166,6 +166,8 @@ def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | 
     cfg = resolve(cfg)
     device = device or resolve_device(cfg.device)
     info = tasks.TASKS[cfg.task]
+    if cuts is None and cfg.cuts is None and cfg.split == "time" and cfg.checkpoint_every:
+        cuts = checkpoint.saved_cuts(run_folder(cfg))  # resumed on the split it was trained on
     try:
         groups, cuts = build_groups(cfg, info.input_shape, info.num_classes, cuts)
         shapes = split.group_output_shapes(groups, info.input_shape)
@@ -240,16 +242,25 @@ def check_writable(cfg: RunConfig) -> None:
         raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
 
 
-def open_record(prep: Prepared) -> RunRecord:
-    """Create the run folder (UsageError if it cannot be written) and its files."""
+def open_record(prep: Prepared, resumed: dict | None = None) -> RunRecord:
+    """Create the run folder (UsageError if it cannot be written) and its files. A run
+    ``resumed`` from a checkpoint (its ``epoch`` and ``rows``) keeps its run.json, the
+    resume noted in ``resumes``, and the rows written up to that epoch."""
     cfg = prep.cfg
     folder = run_folder(cfg)
+    machine = provenance(prep.device)
     info = {"run_id": cfg.run_id, "experiment": cfg.experiment, "status": "running",
             "error": None, "config": asdict(cfg), "started": now(), "ended": None,
             "split": {"by": cfg.split if cfg.cuts is None else "explicit", "cuts": prep.cuts},
-            "parameters_per_stage": prep.stage_params,
-            "provenance": provenance(prep.device)}
+            "parameters_per_stage": prep.stage_params, "provenance": machine}
     record = RunRecord(folder, {**asdict(cfg), "run_id": cfg.run_id}, info)
+    if resumed is not None:
+        before = read_json(folder / "run.json")
+        if isinstance(before, dict) and before.get("run_id") == cfg.run_id:
+            info.update({k: before[k] for k in ("started", "resumes") if k in before})
+        info["resumes"] = [*info.get("resumes", []), {
+            "epoch": resumed["epoch"], "at": now(), "host": machine["hostname"]}]
+        record.rows = list(resumed["rows"])
     try:
         record.start()
     except OSError as e:

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -27,11 +28,16 @@ class RunFailed(RuntimeError):
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename (fsynced first)."""
+    replace_atomic(path, lambda f: f.write(text.encode()))
+
+
+def replace_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace ``path`` with what ``write(file)`` writes, in one rename (fsynced first)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes files private; results are shared
@@ -100,6 +106,4 @@ def save_weights(folder: Path, label: str, stage) -> None:
     written atomically."""
     path = folder / "weights" / f"stage{label}.pt"
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save([module.state_dict() for module in stage.modules()], tmp)
-    os.replace(tmp, path)
+    replace_atomic(path, lambda f: torch.save([module.state_dict() for module in stage.modules()], f))

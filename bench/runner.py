@@ -1,39 +1,51 @@
 """One run to completion: a prepared config handed to its executor, run.json's status kept
-true throughout (``running``, then ``ok``, ``failed`` or ``diverged``)."""
+true throughout (``running``, then ``ok``, ``failed`` or ``diverged``), continued from its
+last checkpoint where an earlier attempt left one."""
 from __future__ import annotations
 
 import time
 
 import torch
 
-from . import prepare
+from . import checkpoint, prepare
 from .executors import launch, sequential
 from .measure.provenance import now
 from .records import RunFailed, RunRecord, save_weights
 
 
 def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
-    """Run a prepared config to completion, keeping run.json's status true throughout."""
-    if prep.cfg.executor == "distributed":
-        prepare.check_writable(prep.cfg)
-        return launch.run(prep.cfg, prepare.run_folder(prep.cfg), ranks=prepare.ranks(prep),
-                          threads=prepare.threads_per_rank(prep.cfg), cuts=prep.cuts, progress=progress)
-    record = prepare.open_record(prep)
-    if prep.cfg.threads:
-        torch.set_num_threads(prep.cfg.threads)
+    """Run a prepared config to completion, keeping run.json's status true throughout.
+    A checkpoint that is not this run's raises checkpoint.Mismatch before anything is
+    written."""
+    cfg = prep.cfg
+    store = checkpoint.Checkpoints(prepare.run_folder(cfg),
+                                   checkpoint.fingerprint(cfg, prep.stages, prep.cuts))
+    epoch = store.latest() if cfg.checkpoint_every else None
+    if cfg.executor == "distributed":  # the ranks load their own parts
+        prepare.check_writable(cfg)
+        return launch.run(cfg, prepare.run_folder(cfg), ranks=prepare.ranks(prep),
+                          threads=prepare.threads_per_rank(cfg), cuts=prep.cuts, progress=progress)
+    resumed = store.load(epoch, prep.device) if epoch else None
+    if resumed is None:
+        store.remove()  # what an earlier attempt left is not continued
+    record = prepare.open_record(prep, resumed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     try:
-        sequential.train(prep, record, progress=progress)
+        sequential.train(prep, record, progress=progress, resumed=resumed,
+                         store=store if cfg.checkpoint_every else None)
     except RunFailed:
         raise
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         record.update(status="failed", error=reason, ended=now())
         if isinstance(e, Exception):
-            raise RunFailed(f"run {prep.cfg.run_id} failed: {reason}") from e
+            raise RunFailed(f"run {cfg.run_id} failed: {reason}") from e
         raise
-    if prep.cfg.save_weights:
+    if cfg.save_weights:
         for stage in prep.stages:
             save_weights(record.folder, str(stage.index + 1), stage)
     record.update(status="ok", ended=now(), wall_time_s=time.perf_counter() - start)
+    store.remove()
     return record

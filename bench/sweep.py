@@ -1,6 +1,7 @@
 """Sweeps: a TOML spec -> the grid of RunConfigs -> runs, resumable.
 
-A run whose ``run.json`` says ``ok`` is skipped, so running a sweep again resumes it.
+A run whose ``run.json`` says ``ok`` is skipped, so running a sweep again resumes it; a
+run that was stopped continues from its last checkpoint.
 A run that fails, diverges or is invalid for its cell is recorded and the sweep goes on.
 SIGINT / SIGTERM stop it cleanly: the current run is recorded ``failed`` ("interrupted").
 The spec format is described in ``bench/experiments/example.toml``.
@@ -332,6 +333,8 @@ def run_one(cfg: RunConfig, *, progress: bool) -> tuple[str, str]:
         return "failed", error
     try:
         record = runner.execute(prep, progress=progress)
+    except UsageError as e:  # a checkpoint that is not this run's: left as it is
+        return "failed", str(e)
     except RunFailed as e:
         info = read_json(prepare.run_folder(cfg) / "run.json") or {}
         return info.get("status", "failed"), info.get("error") or str(e)

@@ -60,6 +60,15 @@ class ReplayBuffer:
         """Entries never drawn yet."""
         return sum(e[2] == 0 for e in self.entries)
 
+    def state_dict(self) -> dict:
+        return {"entries": self.entries, "discarded": self.discarded,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.entries = [list(entry) for entry in state["entries"]]
+        self.discarded = state["discarded"]
+        self.generator.set_state(state["generator"].cpu())
+
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A uniformly drawn entry and how many times it has now been used; it leaves the
         buffer on its ``max_reuse``-th use."""
@@ -92,6 +101,15 @@ class ADGLStage(DGLStage):
         x, y, uses = self.buffer.draw()
         self.tally(y.shape[0], reuse_frac=torch.tensor(float(uses > 1)))
         return x, y
+
+    def state_dict(self):
+        return {**super().state_dict(),
+                "buffer": None if self.buffer is None else self.buffer.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if self.buffer is not None:
+            self.buffer.load_state_dict(state["buffer"])
 
     def forward(self, batch, x, y):
         if self.delay:

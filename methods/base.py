@@ -126,6 +126,21 @@ class Stage:
         for module in self.modules():
             module.train(mode)
 
+    def state_dict(self) -> dict:
+        """What carries the stage from one batch to the next: its modules' and optimizers'
+        states, what it keeps for batches in flight and its running tallies."""
+        return {"modules": [module.state_dict() for module in self.modules()],
+                "optimizers": [optimizer.state_dict() for optimizer in self.optimizers()],
+                "kept": self.kept, "tallies": self._sums}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s ``state``."""
+        for module, saved in zip(self.modules(), state["modules"], strict=True):
+            module.load_state_dict(saved)
+        for optimizer, saved in zip(self.optimizers(), state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.kept, self._sums = dict(state["kept"]), dict(state["tallies"])
+
     def scale_lr(self, factor: float) -> None:
         """Set the SGD optimizers (main network and modules sharing its settings) to
         ``factor`` times the base rate; Adam-trained critics/synthesizers keep theirs."""

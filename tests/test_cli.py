@@ -123,3 +123,4 @@ def test_list_names_every_method_model_and_task(capsys):
 def test_help_documents_run_options(capsys):
     code, out, _ = call(["run", "--help"], capsys)
     assert code == 0 and "--groups" in out and "--neuron-groups" in out
+    assert "--checkpoint-every" in out and "--no-checkpoint" in out

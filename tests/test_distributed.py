@@ -1,5 +1,6 @@
 """The distributed executor on 2 CPU ranks (gloo, torchrun): learning as in the sequential
-executor, exact pipelined backprop, asynchronous DGL, neuron groups on ranks, faults."""
+executor, exact pipelined backprop, asynchronous DGL, neuron groups on ranks, faults and
+continuing from a checkpoint."""
 import csv
 import json
 import os
@@ -179,7 +180,7 @@ if os.environ.get("RANK") == "1":
     original = base.Stage.tally
     def tally(self, n, **means):
         calls.append(n)
-        if len(calls) == 3:
+        if len(calls) == 6:  # batch 2 of epoch 2 (4 batches an epoch)
             raise RuntimeError("injected fault")
         return original(self, n, **means)
     base.Stage.tally = tally
@@ -199,14 +200,29 @@ def check_failed(out: Path, result, words: str, started: float) -> None:
     assert not leftover_ranks()
 
 
-def test_a_rank_that_raises_fails_the_run_naming_it(tmp_path):
+def test_a_rank_that_raises_fails_the_run_which_then_continues_from_its_last_epoch(tmp_path):
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAULT)
+    out = tmp_path / "out"
+    args = ["--method", "lc", *DIGITS, "--epochs", "2", "--limit-train", "256",
+            "--executor", "distributed", "--out", str(out)]
     started = time.monotonic()
-    result = lcbench("--method", "lc", *DIGITS, "--epochs", "2", "--executor", "distributed",
-                     "--out", str(tmp_path / "out"),
-                     env={"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.getcwd()}"})
-    check_failed(tmp_path / "out", result, "rank 1 failed: RuntimeError: injected fault", started)
+    result = lcbench(*args, env={"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.getcwd()}"})
+    check_failed(out, result, "rank 1 failed: RuntimeError: injected fault", started)
+    folder = run_folder(out)
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [
+        "epoch1.json", "epoch1.rank0.pt", "epoch1.rank1.pt"]
+    epoch1 = metrics(out)
+
+    again = lcbench(*args)  # every rank continues from epoch 1's checkpoint
+    assert again.returncode == 0, again.stderr
+    info = json.loads((folder / "run.json").read_text())
+    assert info["status"] == "ok" and [r["epoch"] for r in info["resumes"]] == [1]
+    with open(folder / "metrics.csv") as f:
+        keys = [(r["epoch"], r["stage"], r["metric"]) for r in csv.DictReader(f)]
+    assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {"1", "2"}
+    assert {k: v for k, v in metrics(out).items() if k[0] == 1} == epoch1
+    assert not (folder / "checkpoints").exists()
 
 
 def test_a_rank_killed_fails_the_run_naming_it(tmp_path):

@@ -1,12 +1,13 @@
 """The package's shape: imports flow one way (cli -> sweep -> runner -> executors -> prepare ->
-data, models, measurement, records -> methods) and no module imports one that imports it back."""
+data, models, measurement, records, checkpoints -> methods) and no module imports one that imports it back."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; a module may import only from its own layer or below
     ["methods"],
-    ["bench.config", "bench.records", "bench.schedule", "bench.data", "bench.models", "bench.measure"],
+    ["bench.config", "bench.records", "bench.checkpoint", "bench.schedule", "bench.data",
+     "bench.models", "bench.measure"],
     ["bench.prepare"],
     ["bench.executors"],
     ["bench.runner"],
@@ -98,5 +99,5 @@ def test_imports_flow_down_the_layers():
 
 def test_every_bench_module_sits_in_a_sub_package_or_the_top_few():
     top = {p.stem for p in (ROOT / "bench").glob("*.py")}
-    assert top == {"__init__", "__main__", "cli", "config", "prepare", "records", "runner",
-                   "schedule", "sweep"}
+    assert top == {"__init__", "__main__", "checkpoint", "cli", "config", "prepare", "records",
+                   "runner", "schedule", "sweep"}

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import sweep
 from bench.executors import sequential
@@ -63,9 +64,13 @@ def rows(out: Path) -> list[tuple]:
 
 
 def check_complete(out: Path) -> None:
-    """Every visible file is a whole run.json or metrics.csv (hidden *.tmp may remain)."""
+    """Every visible file is a whole run.json, metrics.csv or checkpoint (hidden *.tmp may
+    remain)."""
     for path in out.rglob("*"):
         if path.is_dir() or path.name.startswith("."):
+            continue
+        if path.parent.name == "checkpoints":
+            json.loads(path.read_text()) if path.suffix == ".json" else torch.load(path)
             continue
         assert path.name in ("run.json", "metrics.csv"), path
         text = path.read_text()
@@ -272,3 +277,26 @@ groups = [3]
     assert [(c.method, c.groups, c.epochs) for c in sweep.load_spec(spec, "quick")] == [
         ("bp", 2, 1), ("lc", 2, 1), ("lc", 4, 1)]
     assert [(c.method, c.groups) for c in sweep.load_spec(spec, "other")] == [("dgl", 3)]
+
+
+def test_a_stopped_run_continues_from_its_checkpoint_when_the_sweep_runs_again(tmp_path,
+                                                                               monkeypatch):
+    spec = write(tmp_path, TINY.replace('["bp", "lc"]', '["lc"]').replace("[0, 1]", "[0]"))
+    cfgs = sweep.load_spec(spec, out=str(tmp_path / "out"))
+    step, starts = sequential.train_step, []
+
+    def train_step(stages, batch, x, y):  # stopped in the middle of epoch 2
+        starts.append(batch == 0)
+        step(stages, batch, x, y)
+        if sum(starts) == 2 and batch == 1:
+            raise RuntimeError("stopped")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sequential, "train_step", train_step)
+        assert sweep.run_sweep(cfgs, progress=False).failed == 1
+    tally = sweep.run_sweep(cfgs, progress=False)
+    assert (tally.ok, tally.failed) == (1, 0)
+    (info,) = runs(tmp_path / "out").values()
+    assert info["status"] == "ok" and [r["epoch"] for r in info["resumes"]] == [1]
+    found = rows(tmp_path / "out")
+    assert len(found) == len(set(found)) and {r[1] for r in found} == {"1", "2"}

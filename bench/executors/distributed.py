@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from bench import prepare
+from bench import checkpoint, prepare
 from bench.config import RunConfig, ranks_per_layer
 from bench.data import tasks
 from bench.measure import memory, timing
@@ -188,15 +188,30 @@ def stage_part(prep: prepare.Prepared, links: Links, *, y_shape: tuple, device, 
     return Part(stage, str(rank + 1), rank, epoch, evaluate_part)
 
 
+def resume_point(store: checkpoint.Checkpoints, cfg: RunConfig, device) -> dict | None:
+    """This rank's state at the newest epoch rank 0 found complete (every rank loads the
+    same epoch), or None: then the files an earlier attempt left are removed."""
+    found = store.latest() if dist.get_rank() == 0 and cfg.checkpoint_every else None
+    epoch = torch.tensor([found or 0])
+    dist.broadcast(epoch, src=0)
+    if epoch.item():
+        return store.load(int(epoch), device)
+    store.remove()
+    return None
+
+
 def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
-    """The body of one rank: build its part, train, gather rows on rank 0."""
+    """The body of one rank: build its part, train, gather rows on rank 0, checkpoint."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device_for(int(os.environ.get("LOCAL_RANK", rank)), cfg)
     cfg = prepare.resolve(cfg)
     per_layer = ranks_per_layer(cfg)
     prep = prepare.prepare(cfg, stage=rank // per_layer, device=device, data=rank == 0, cuts=cuts)
     cfg = prep.cfg
-    record = prepare.open_record(prep) if rank == 0 else None
+    store = checkpoint.Checkpoints(prepare.run_folder(cfg),
+                                   checkpoint.fingerprint(cfg, prep.stages, prep.cuts), rank)
+    resumed = resume_point(store, cfg, device)
+    record = prepare.open_record(prep, resumed) if rank == 0 else None
     task = prep.task
     counts = torch.tensor([task.steps(cfg.batch_size), task.test_size(prepare.eval_batch_size(cfg, task)),
                            prepare.eval_batch_size(cfg, task)] if rank == 0 else [0, 0, 0])
@@ -221,7 +236,12 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     probe = memory.ActivationProbe(stage)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
-    for epoch, steps in enumerate(plan, 1):
+    done = 0
+    if resumed is not None:
+        done = resumed["epoch"]
+        stage.load_state_dict(resumed["stages"][0])
+        checkpoint.set_rng_state(resumed["rng"], device, generator)
+    for epoch, steps in enumerate(plan[done:], done + 1):
         stage.train(True)
         prepare.reset_states([stage], cfg.batch_size)
         data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
@@ -265,11 +285,19 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
                 record.update(status="diverged", ended=now(),
                               error=f"non-finite training loss at epoch {epoch}")
                 raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+        if checkpoint.due(cfg.checkpoint_every, epoch):
+            store.save(epoch, {"stages": [stage.state_dict()],
+                               "rng": checkpoint.rng_state(device, generator),
+                               "rows": record.rows if rank == 0 else None})
+            dist.barrier()  # every rank's part is written: rank 0 marks the epoch complete
+            store.commit(epoch)
     if cfg.save_weights:
         save_weights(prepare.run_folder(cfg), part.label, stage)
     dist.barrier()
     if rank == 0:
         record.update(status="ok", ended=now())
+    dist.barrier()
+    store.remove()
 
 
 def main(argv: list[str] | None = None) -> None:

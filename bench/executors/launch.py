@@ -89,6 +89,8 @@ def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[in
     """Run ``cfg`` on ``ranks`` local processes of ``threads`` CPU threads, the model cut at
     ``cuts``; return the record rank 0 wrote."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".rank*.error"):  # an earlier attempt's, not this one's
+        stale.unlink()
     with tempfile.TemporaryDirectory(prefix="lcbench-") as tmp:
         config_path = Path(tmp) / "config.json"
         write_config(config_path, cfg, cuts)

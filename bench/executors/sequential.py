@@ -10,7 +10,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from tqdm import tqdm
 
-from bench import prepare
+from bench import checkpoint, prepare
 from bench.measure import diagnostics, memory, timing
 from bench.measure.provenance import now
 from bench.records import RunFailed, RunRecord
@@ -113,8 +113,12 @@ def stage_label(stage: Stage) -> str:
     return "" if stage.last else str(stage.index + 1)
 
 
-def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True) -> None:
-    """The epochs: train, measure, evaluate, write rows; RunFailed on divergence."""
+def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
+          resumed: dict | None = None, store: checkpoint.Checkpoints | None = None) -> None:
+    """The epochs: train, measure, evaluate, write rows, checkpoint (to ``store``, when
+    due); RunFailed on divergence. A run ``resumed`` from a checkpoint continues after its
+    epoch as if it had never stopped: at an epoch's end no batch is in flight, so the
+    stages, the RNG states and the rows are all there is."""
     cfg, task, device = prep.cfg, prep.task, prep.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     steps = task.steps(cfg.batch_size)
@@ -125,7 +129,13 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True) -
     costs = prepare.static_rows(prep)
     probe = next(iter(task.test_batches(cfg.batch_size))) if diagnostics.wanted(prep.stages) else None
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
-    for epoch, steps in enumerate(plan, 1):
+    done = 0
+    if resumed is not None:
+        done = resumed["epoch"]
+        for stage, state in zip(prep.stages, resumed["stages"], strict=True):
+            stage.load_state_dict(state)
+        checkpoint.set_rng_state(resumed["rng"], device, generator)
+    for epoch, steps in enumerate(plan[done:], done + 1):
         memory.reset_device_peaks(device)
         prepare.reset_states(prep.stages, cfg.batch_size)
         batches = scheduled(task.train_batches(cfg.batch_size, generator), prep.stages, schedule,
@@ -148,8 +158,8 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True) -
         memory.reset_device_peaks(device)
         size = prepare.eval_batch_size(cfg, task)
         prepare.reset_states(prep.stages, size)
-        rows.update(evaluate(prep.stages, task.test_batches(size),
-                                        prepare.classification_loss, prepare.inference(prep, costs)))
+        rows.update(evaluate(prep.stages, task.test_batches(size), prepare.classification_loss,
+                             prepare.inference(prep, costs)))
         if device.type == "cuda":
             rows.update({("", k): v for k, v in memory.device_memory(device, "eval").items()})
         if probe is not None:
@@ -160,3 +170,8 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True) -
             record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",
                           ended=now())
             raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+        if store is not None and checkpoint.due(cfg.checkpoint_every, epoch):
+            store.save(epoch, {"stages": [stage.state_dict() for stage in prep.stages],
+                               "rng": checkpoint.rng_state(device, generator),
+                               "rows": record.rows})
+            store.commit(epoch)

@@ -47,14 +47,17 @@ def driver_version() -> str | None:
         return None
 
 
+def lcbench_version() -> str | None:
+    try:
+        return metadata.version("lcbench")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def provenance(device: torch.device) -> dict:
     cuda = device.type == "cuda"
-    try:
-        version = metadata.version("lcbench")
-    except metadata.PackageNotFoundError:
-        version = None
     return {
-        "lcbench_version": version,
+        "lcbench_version": lcbench_version(),
         "git_sha": git_sha(),
         "python": platform.python_version(),
         "torch": torch.__version__,

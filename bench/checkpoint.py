@@ -1,0 +1,178 @@
+"""Checkpoints: a run's state at the end of an epoch, from which it continues exactly.
+
+``RUN/checkpoints/`` holds, for each checkpointed epoch E, the state of the stages
+(``epochE.pt``, or one ``epochE.rankR.pt`` per rank of a distributed run: modules,
+optimizers, in-flight state, replay buffers), the RNG states, and with the run-level part
+(the sequential file, rank 0's) the rows written so far; then, written last,
+``epochE.json``: the run's fingerprint. An epoch without its ``.json`` is incomplete and
+never read. Every file is written atomically; the newest ``KEEP`` epochs are kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, UsageError
+from .measure.provenance import lcbench_version, now
+from .records import read_json, replace_atomic, write_atomic
+
+FOLDER = "checkpoints"
+KEEP = 2
+MARKER = re.compile(r"^\.?epoch(\d+)\.json(\..+\.tmp)?$")
+
+
+class Mismatch(UsageError):
+    """A checkpoint written by another run or another version of a rule: never loaded."""
+
+
+def fingerprint(cfg: RunConfig, stages, cuts: list[int]) -> dict:
+    """What a checkpoint must match to be continued: the run's key (every field that
+    changes results), its cut points, lcbench's version, each rule's class and the source
+    of the modules that define it, and the shapes of every stage's state."""
+    classes = {c for stage in stages for c in type(stage).__mro__
+               if c.__module__.split(".")[0] == "methods"}
+    source = hashlib.sha1()
+    for path in sorted({sys.modules[c.__module__].__file__ for c in classes}):
+        source.update(Path(path).read_bytes())
+    shapes = [[name, list(t.shape)] for stage in stages for module in stage.modules()
+              for name, t in module.state_dict().items()]
+    found = {"config": cfg.key(), "cuts": cuts, "lcbench": lcbench_version(),
+             "rules": sorted({f"{type(s).__module__}.{type(s).__qualname__}" for s in stages}),
+             "rule_source": source.hexdigest()[:12],
+             "shapes": hashlib.sha1(json.dumps(shapes).encode()).hexdigest()[:12],
+             "run_id": cfg.run_id}
+    return json.loads(json.dumps(found))  # as read back from a marker
+
+
+def differences(saved, current: dict) -> str:
+    """What differs between a saved fingerprint (whatever was read) and ``current``, briefly."""
+    saved = saved if isinstance(saved, dict) else {}
+    out = []
+    for key, value in current.items():
+        if key == "config" and isinstance(saved.get(key), dict):
+            out += [f"{field} {saved[key].get(field)!r} there, {v!r} here"
+                    for field, v in value.items() if saved[key].get(field) != v]
+        elif saved.get(key) != value and (key != "run_id" or not out):  # else said above
+            out.append(f"{key} {saved.get(key)!r} there, {value!r} here")
+    return "; ".join(out[:3]) or "unreadable"
+
+
+def due(every: int, epoch: int) -> bool:
+    """Whether epoch ``epoch`` ends with a checkpoint (``every`` 0: never)."""
+    return every > 0 and epoch % every == 0
+
+
+def rng_state(device: torch.device, generator: torch.Generator) -> dict:
+    """torch's global RNG (CPU, and the device's on CUDA) and the data order's generator."""
+    return {"cpu": torch.get_rng_state(), "data": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    generator.set_state(state["data"].cpu())
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+class Checkpoints:
+    """The checkpoints of one run as one process writes them: the sequential executor's
+    (``rank`` None) or one rank's of a distributed run (rank 0 keeps the markers)."""
+
+    def __init__(self, run_folder: Path, fingerprint: dict, rank: int | None = None):
+        self.folder = Path(run_folder) / FOLDER
+        self.fingerprint, self.rank = fingerprint, rank
+        suffix = "" if rank is None else rf"\.rank{rank}"
+        self.own = re.compile(rf"^\.?epoch(\d+){suffix}\.pt(\..+\.tmp)?$")
+        self.marks = rank in (None, 0)
+
+    def part(self, epoch: int) -> Path:
+        """This process's file of ``epoch``."""
+        rank = "" if self.rank is None else f".rank{self.rank}"
+        return self.folder / f"epoch{epoch}{rank}.pt"
+
+    def marker(self, epoch: int) -> Path:
+        return self.folder / f"epoch{epoch}.json"
+
+    def epochs(self) -> list[int]:
+        """The complete (marked) epochs, oldest first."""
+        found = [MARKER.match(p.name) for p in self.folder.glob("epoch*.json")]
+        return sorted(int(m[1]) for m in found if m and not m[2])
+
+    def check(self, saved, path: Path) -> None:
+        if saved != self.fingerprint:
+            raise Mismatch(f"checkpoint {path} is not this run's "
+                           f"({differences(saved, self.fingerprint)}): "
+                           f"remove {self.folder} to start the run over")
+
+    def latest(self) -> int | None:
+        """The newest complete epoch, its fingerprint checked (Mismatch), or None."""
+        epochs = self.epochs()
+        if not epochs:
+            return None
+        marker = self.marker(epochs[-1])
+        self.check((read_json(marker) or {}).get("fingerprint"), marker)
+        return epochs[-1]
+
+    def load(self, epoch: int, device: torch.device) -> dict:
+        """This process's state at the end of ``epoch`` (tensors on ``device``)."""
+        path = self.part(epoch)
+        if not path.is_file():
+            raise Mismatch(f"checkpoint {path} is missing: remove {self.folder} to start the "
+                           f"run over")
+        state = torch.load(path, map_location=device, weights_only=True)
+        self.check(state.get("fingerprint"), path)
+        return state
+
+    def save(self, epoch: int, state: dict) -> None:
+        """Write this process's part of ``epoch`` (not yet complete: see ``commit``)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {**state, "epoch": epoch, "fingerprint": self.fingerprint}
+        replace_atomic(self.part(epoch), lambda f: torch.save(state, f))
+
+    def commit(self, epoch: int) -> None:
+        """Once every part of ``epoch`` is saved: mark it complete (the marking process) and
+        keep only this process's files of the newest ``KEEP`` epochs up to ``epoch`` (later
+        ones are what an earlier attempt left unfinished)."""
+        if self.marks:
+            marker = {"epoch": epoch, "written": now(), "fingerprint": self.fingerprint}
+            write_atomic(self.marker(epoch), json.dumps(marker, indent=2) + "\n")
+        self.prune(KEEP, upto=epoch)
+
+    def remove(self) -> None:
+        """Remove the run's checkpoints (the marking process) or this rank's files."""
+        if self.marks:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            self.prune(0)
+
+    def prune(self, keep: int, upto: float = math.inf) -> None:
+        """Keep this process's files of its newest ``keep`` epochs up to ``upto``; remove the
+        rest and any temporary file a killed write left."""
+        try:
+            names = [p.name for p in self.folder.iterdir()]
+        except FileNotFoundError:
+            return
+        for pattern in [self.own] + ([MARKER] if self.marks else []):
+            files = [(self.folder / name, pattern.match(name)) for name in names]
+            files = [(p, int(m[1]), bool(m[2])) for p, m in files if m]
+            epochs = sorted({e for _, e, temporary in files if not temporary and e <= upto})
+            kept = epochs[max(0, len(epochs) - keep):]
+            for path, epoch, temporary in files:
+                if temporary or epoch not in kept:
+                    path.unlink(missing_ok=True)
+
+
+def saved_cuts(run_folder: Path) -> list[int] | None:
+    """The cut points of the newest complete checkpoint of the run in ``run_folder``."""
+    store = Checkpoints(run_folder, {})
+    epochs = store.epochs()
+    info = read_json(store.marker(epochs[-1])) if epochs else None
+    return ((info or {}).get("fingerprint") or {}).get("cuts")
