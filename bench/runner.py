@@ -7,6 +7,7 @@ import time
 import torch
 
 from . import prepare
+from .config import LAUNCHED, ranks
 from .executors import launch, sequential
 from .measure.provenance import now
 from .records import RunFailed, RunRecord, save_weights
@@ -14,9 +15,9 @@ from .records import RunFailed, RunRecord, save_weights
 
 def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
     """Run a prepared config to completion, keeping run.json's status true throughout."""
-    if prep.cfg.executor == "distributed":
+    if prep.cfg.executor in LAUNCHED:
         prepare.check_writable(prep.cfg)
-        return launch.run(prep.cfg, prepare.run_folder(prep.cfg), ranks=prepare.ranks(prep),
+        return launch.run(prep.cfg, prepare.run_folder(prep.cfg), ranks=ranks(prep.cfg),
                           threads=prepare.threads_per_rank(prep.cfg), cuts=prep.cuts, progress=progress)
     record = prepare.open_record(prep)
     if prep.cfg.threads:

@@ -272,17 +272,20 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         record.update(status="ok", ended=now())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, executor: str = "distributed", body=worker) -> None:
+    """One rank of ``executor``: read the config, join the process group and run
+    ``body(cfg, cuts, progress)``; a rank that raises leaves its error in the run folder
+    (``.rankN.error``, read by the launcher) and exits at once."""
     argv = sys.argv[1:] if argv is None else argv
     config = json.loads(Path(argv[0]).read_text())
     cfg = RunConfig(**config.get("config", config))
-    cfg = replace(cfg, executor="distributed")
+    cfg = replace(cfg, executor=executor)
     backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
     torch.set_num_threads(prepare.threads_per_rank(cfg))
     try:
-        worker(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
+        body(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         folder = prepare.run_folder(prepare.resolve(cfg))
