@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.executors.launch import ENTRY
+
 pytestmark = pytest.mark.dist
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -40,14 +42,14 @@ def weights(out: Path) -> list[dict]:
 
 
 def leftover_ranks() -> list[str]:
-    """Command lines of torchrun agents or ranks of lcbench still alive."""
+    """Command lines of torchrun agents or ranks of lcbench (either executor) still alive."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "bench.executors.distributed" in cmd:
+        if any(entry in cmd for entry in ENTRY.values()):
             found.append(cmd)
     return found
 
