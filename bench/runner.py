@@ -19,9 +19,9 @@ def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
         prepare.check_writable(prep.cfg)
         return launch.run(prep.cfg, prepare.run_folder(prep.cfg), ranks=ranks(prep.cfg),
                           threads=prepare.threads_per_rank(prep.cfg), cuts=prep.cuts, progress=progress)
-    record = prepare.open_record(prep)
     if prep.cfg.threads:
-        torch.set_num_threads(prep.cfg.threads)
+        torch.set_num_threads(prep.cfg.threads)  # before the record: its provenance says so
+    record = prepare.open_record(prep)
     start = time.perf_counter()
     try:
         sequential.train(prep, record, progress=progress)
