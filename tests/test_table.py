@@ -117,7 +117,8 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     cifar = [c for c in paper if c.task.startswith("cifar")]
     assert {(c.iterations, c.batch_size, c.lr, tuple(c.lr_milestones), c.momentum, c.weight_decay)
             for c in cifar} == {(80000, 128, 0.1, (40000, 60000), 0.9, 5e-4)}
-    assert {c.seed for c in paper} == set(range(5)) and {c.split for c in cifar} == {"paper"}
+    assert {c.seed for c in paper} == set(range(5))
+    assert {c.split for c in cifar if c.executor != "ddp"} == {"paper"}
     assert {c.options["critic_lr"] for c in paper if c.method == "lc"} == {1e-4}
     assert {(c.method, c.groups) for c in cifar} >= {("lc", 2), ("lc", 4), ("bp", 2), ("pipe-bp", 4),
                                                      ("dni", 4), ("cdni", 4), ("dgl", 2), ("gn", 4)}
@@ -125,6 +126,12 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     smoke = sweep.load_spec(SPEC, "smoke")
     assert {c.task for c in smoke} == {"fashion-mnist", "seq-fashion-mnist"} and {c.seed for c in smoke} == {0}
     assert {c.method for c in smoke} == {"bp", "pipe-bp", "dni", "cdni", "dgl", "lc", "gn"}
+    for spec in (paper, smoke):  # DDP beside BP, and decoupled rules on as many ranks
+        ddp = {(c.task, c.model, c.workers) for c in spec if c.executor == "ddp"}
+        bp = {(c.task, c.model) for c in spec if c.method == "bp" and c.executor == "sequential"}
+        assert {(task, model) for task, model, _ in ddp} == bp
+        ranks = {(c.task, c.model, c.groups) for c in spec if c.executor == "distributed"}
+        assert ranks and ranks <= ddp
 
 
 def fake_run(results: Path, *, times: tuple, mem_mib: list, device_mib: float = 4096,
