@@ -19,7 +19,8 @@ help:
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
 	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
-	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process (~15 min)"
+	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process and vs"
+	@echo "                     data-parallel BP (DDP) on the same 2 ranks (~15 min)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -211,8 +211,9 @@ def sweep(ctx, spec, preset, out, data_dir, quiet):
               help="Where NAME.md, NAME.tex and NAME.csv go (default: RESULTS_DIR).")
 def table(name, results, out):
     """Our runs beside the published numbers (bench/references/NAME.csv), with the delta,
-    time per epoch, speedup against BP and peak memory per device, as Markdown (printed),
-    LaTeX and CSV. Runs are read from RESULTS_DIR/NAME/ (or RESULTS_DIR)."""
+    time per epoch, speedup against BP on one worker and against data-parallel BP (DDP) on the
+    same ranks, and peak memory per device beside BP's and DDP's, as Markdown (printed), LaTeX
+    and CSV. Runs are read from RESULTS_DIR/NAME/ (or RESULTS_DIR)."""
     from .report import table as tables
     if not (tables.REFERENCES / f"{name}.csv").is_file():
         known = ", ".join(p.stem for p in sorted(tables.REFERENCES.glob("*.csv")))
