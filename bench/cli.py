@@ -112,9 +112,8 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, lr_milestones,
         lr_gamma, weight_decay, clip_grad, seed, split,
-        cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device, limit_train,
-        limit_test,
-        data_dir, experiment, out, emit_config, save_weights, quiet):
+        cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device,
+        limit_train, limit_test, data_dir, experiment, out, emit_config, save_weights, quiet):
     """Train one network with one learning rule; write metrics.csv and run.json."""
     options = parse_options(option_pairs)
     if neuron_groups is not None:
@@ -125,8 +124,7 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
                     lr_gamma=lr_gamma, weight_decay=weight_decay, clip_grad=clip_grad,
                     seed=seed, split=split, cuts=parse_ints(cuts, "--cuts"), options=options,
                     executor=executor, workers=workers, placement=placement, threads=threads,
-                    device=device,
-                    limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
+                    device=device, limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
                     experiment=experiment, out=out, save_weights=save_weights)
     prep = prepare.prepare(cfg)
     if emit_config:

@@ -46,7 +46,7 @@ class RunConfig:
     placement: str = "stage"  # distributed GN-DGL: "neuron" puts each neuron group on a rank
     workers: int | None = None  # data-parallel ranks of --executor ddp
     device: str = "auto"
-    threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (distributed)
+    threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (on ranks)
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int | None = None  # default: the task's (1000; a language model: 10)

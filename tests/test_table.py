@@ -4,6 +4,7 @@ import math
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torchvision.datasets.cifar
 
@@ -182,12 +183,13 @@ def test_speedups_against_bp_on_one_worker_and_ddp_on_the_same_ranks(equal_resou
     from bench.report import table as tables
     numbers, text = tables.build("table2", equal_resources)
     ran = numbers[numbers["mean"].notna()]
-    cell = {(r.model, r.method, r.executor, r.threads): r for r in ran.itertuples()}
+    cell = {(r.model, r.method, r.executor, None if pd.isna(r.threads) else r.threads): r
+            for r in ran.itertuples()}  # threads per rank: of runs on ranks only
     lc = cell["resnet20", "lc", "distributed", 1]
     assert lc.speedup == pytest.approx(11 / 6)  # BP's measured one-process time
     assert lc.speedup_ddp == pytest.approx(8 / 6)  # DDP, 2 ranks of 1 thread: not of 2
     assert (lc.bp_mem_mib, lc.ddp_mem_mib, lc.peak_mem_mib) == (500, 400, 300)
-    modelled = cell["resnet20", "lc", "sequential", 1]
+    modelled = cell["resnet20", "lc", "sequential", None]
     assert modelled.speedup == pytest.approx(10 / 5) and math.isnan(modelled.speedup_ddp)
     ddp = cell["resnet20", "bp", "ddp", 1]
     assert ddp.speedup == pytest.approx(11 / 8) and ddp.speedup_ddp == pytest.approx(1)

@@ -54,7 +54,8 @@ def load_runs(folder: Path) -> pd.DataFrame:
         frame["microbatches"] = config.get("options", {}).get("microbatches")
         frame["neuron_groups"] = config.get("options", {}).get("neuron_groups")
         frame["workers"] = workers(config)
-        frame["threads"] = config.get("threads") or provenance.get("cpu_threads")
+        measured = config.get("executor") in MEASURED  # threads per rank matter to its time
+        frame["threads"] = (config.get("threads") or provenance.get("cpu_threads")) if measured else None
         frame["device_mem_mib"] = (provenance.get("device_memory_bytes") or math.nan) / 2**20
         frames.append(frame)
     if not frames:
