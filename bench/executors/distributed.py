@@ -164,10 +164,13 @@ def evaluate(stage, links: Links, *, batches, sizes: list[int], in_shape, y_shap
 
 
 def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
-    """One GPU per rank where there are several (round-robin), else the CPU."""
+    """One GPU per rank where there are several (round-robin), made the current device (NCCL's
+    object collectives, such as gather_object, use it), else the CPU."""
     if cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def stage_part(prep: prepare.Prepared, links: Links, *, y_shape: tuple, device, dtype, timer,
