@@ -23,7 +23,8 @@ help:
 	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3), DGL(3) on lc-vgg and a CIFAR-10 slice, with"
 	@echo "                     the local-signal diagnostics, beside the published ordering (~30 min)"
 	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
-	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process (~15 min)"
+	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process and vs"
+	@echo "                     data-parallel BP (DDP) on the same 2 ranks (~15 min)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

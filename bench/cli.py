@@ -9,7 +9,7 @@ import click
 import methods
 
 from . import models, prepare, runner, sweep as sweeps
-from .config import RunConfig, UsageError
+from .config import RunConfig, UsageError, ranks
 from .data import tasks
 from .executors import launch
 from .records import RunFailed
@@ -55,8 +55,9 @@ def cli():
 
 @cli.command()
 @click.option("--method", "-m", required=True, help="Learning rule: " + ", ".join(methods.METHODS))
-@click.option("--groups", "-k", type=int, default=2, show_default=True,
-              help="Number of layer groups K (LC with K groups has K-1 critics).")
+@click.option("--groups", "-k", type=int, default=None,
+              help="Number of layer groups K (LC with K groups has K-1 critics)  [default: 2; "
+                   "ddp: 1]")
 @click.option("--task", "-t", default="fashion-mnist", show_default=True,
               help="Task: " + ", ".join(tasks.TASKS))
 @click.option("--model", default=None, help="Model (default: the task's). See `lcbench list`.")
@@ -83,13 +84,17 @@ def cli():
 @click.option("--option", "-o", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="Option of the rule's local module, e.g. critic_lr=1e-3 (see `lcbench list`).")
 @click.option("--executor", default="sequential", show_default=True,
-              help="sequential (one process, reference semantics) or distributed "
-                   "(one process per stage on torch.distributed, started with torchrun).")
+              help="sequential (one process, reference semantics), distributed (one process "
+                   "per stage on torch.distributed, started with torchrun) or ddp (--method bp "
+                   "only: data-parallel BP, the whole net on each of --workers ranks with "
+                   "DistributedDataParallel, each on its slice of the global --batch-size).")
+@click.option("--workers", type=int, default=None,
+              help="ddp: the data-parallel ranks K (--batch-size must divide by K).")
 @click.option("--placement", default="stage", show_default=True,
               help="distributed GN-DGL: stage (one rank per layer group) or neuron "
                    "(one rank per neuron group of each layer group: K x G ranks).")
 @click.option("--threads", type=int, default=None,
-              help="CPU threads per process (default: torch's; distributed: cores / ranks).")
+              help="CPU threads per process (default: torch's; distributed, ddp: cores / ranks).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--limit-train", type=int, default=None, help="Use only the first N training samples.")
 @click.option("--limit-test", type=int, default=None, help="Use only the first N test samples.")
@@ -100,7 +105,8 @@ def cli():
 @click.option("--out", default="results", show_default=True, help="Results folder.")
 @click.option("--emit-config", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the resolved run (config and cut points) to this file and stop: what "
-                   "`torchrun ... -m bench.executors.distributed FILE` takes on several nodes.")
+                   "`torchrun ... -m bench.executors.distributed FILE` (ddp: bench.executors.ddp) "
+                   "takes on several nodes.")
 @click.option("--save-weights", is_flag=True,
               help="Also write the trained stages' state dicts to RUN/weights/stageK.pt.")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
@@ -111,9 +117,9 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, lr_milestones,
         lr_gamma, weight_decay, clip_grad, seed, split,
-        cuts, neuron_groups, option_pairs, executor, placement, threads, device, limit_train, limit_test,
-        data_dir, experiment, out, emit_config, save_weights, checkpoint_every, no_checkpoint,
-        quiet):
+        cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device,
+        limit_train, limit_test, data_dir, experiment, out, emit_config, save_weights,
+        checkpoint_every, no_checkpoint, quiet):
     """Train one network with one learning rule; write metrics.csv and run.json.
 
     A run killed or stopped (SIGTERM, Ctrl-C) continues from its last checkpoint when the
@@ -127,8 +133,8 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
                     lr_milestones=parse_ints(lr_milestones, "--lr-milestones"),
                     lr_gamma=lr_gamma, weight_decay=weight_decay, clip_grad=clip_grad,
                     seed=seed, split=split, cuts=parse_ints(cuts, "--cuts"), options=options,
-                    executor=executor, placement=placement, threads=threads, device=device,
-                    limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
+                    executor=executor, workers=workers, placement=placement, threads=threads,
+                    device=device, limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
                     experiment=experiment, out=out, save_weights=save_weights,
                     checkpoint_every=0 if no_checkpoint else checkpoint_every)
     prep = prepare.prepare(cfg)
@@ -137,7 +143,8 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
             launch.write_config(emit_config, prep.cfg, prep.cuts)
         except OSError as e:
             raise UsageError(f"cannot write --emit-config {emit_config}: {e.strerror or e}") from None
-        click.echo(f"wrote {emit_config}: {prepare.ranks(prep)} ranks")
+        entry = launch.ENTRY.get(prep.cfg.executor)
+        click.echo(f"wrote {emit_config}: {ranks(prep.cfg)} ranks" + (f" of -m {entry}" if entry else ""))
         return
     try:
         with sweeps.stop_on_signals():
@@ -222,8 +229,9 @@ def sweep(ctx, spec, preset, out, data_dir, quiet):
               help="Where NAME.md, NAME.tex and NAME.csv go (default: RESULTS_DIR).")
 def table(name, results, out):
     """Our runs beside the published numbers (bench/references/NAME.csv), with the delta,
-    time per epoch, speedup against BP and peak memory per device, as Markdown (printed),
-    LaTeX and CSV. Runs are read from RESULTS_DIR/NAME/ (or RESULTS_DIR)."""
+    time per epoch, speedup against BP on one worker and against data-parallel BP (DDP) on the
+    same ranks, and peak memory per device beside BP's and DDP's, as Markdown (printed), LaTeX
+    and CSV. Runs are read from RESULTS_DIR/NAME/ (or RESULTS_DIR)."""
     from .report import table as tables
     if not (tables.REFERENCES / f"{name}.csv").is_file():
         known = ", ".join(p.stem for p in sorted(tables.REFERENCES.glob("*.csv")))

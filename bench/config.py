@@ -12,7 +12,9 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
-EXECUTORS = ("sequential", "distributed")
+EXECUTORS = ("sequential", "distributed", "ddp")
+#: executors whose ranks are processes started by torchrun
+LAUNCHED = ("distributed", "ddp")
 PLACEMENTS = ("stage", "neuron")
 SPLITS = ("flops", "params", "activations", "time", "paper")
 
@@ -22,7 +24,7 @@ class RunConfig:
     """Everything that determines a run (plus where it is written)."""
 
     method: str
-    groups: int = 2
+    groups: int | None = None  # layer groups; default 2 (ddp: 1, the whole net on every rank)
     task: str = "fashion-mnist"
     model: str | None = None
     width: float = 1.0
@@ -42,8 +44,9 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     executor: str = "sequential"
     placement: str = "stage"  # distributed GN-DGL: "neuron" puts each neuron group on a rank
+    workers: int | None = None  # data-parallel ranks of --executor ddp
     device: str = "auto"
-    threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (distributed)
+    threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (on ranks)
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int | None = None  # default: the task's (1000; a language model: 10)
@@ -57,6 +60,9 @@ class RunConfig:
     OUTPUT_FIELDS = ("experiment", "out", "data_dir")
     #: ... nor how often its state is saved: none of them is part of the run's key
     UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every")
+    #: fields added after runs were recorded: left out of the key at these defaults, so that
+    #: the ids of earlier runs stay the same (and their sweeps resume)
+    LATER_FIELDS = {"workers": None}
 
     def validated(self) -> "RunConfig":
         """Canonical method name and option defaults filled in; raise UsageError on bad values."""
@@ -66,8 +72,10 @@ class RunConfig:
             methods.base.options_from(method.options, options, method.name)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        ddp = self.executor == "ddp"
+        groups = self.groups if self.groups is not None else 1 if ddp else 2
         checks = [
-            (self.groups >= 1, f"--groups must be at least 1 (got {self.groups})"),
+            (groups >= 1, f"--groups must be at least 1 (got {groups})"),
             (self.epochs >= 0, f"--epochs must not be negative (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
@@ -90,18 +98,32 @@ class RunConfig:
              f"unknown placement '{self.placement}' (choose from {', '.join(PLACEMENTS)})"),
             (self.placement == "stage" or (method.name == "gn" and self.executor == "distributed"),
              "--placement neuron needs --method gn and --executor distributed"),
+            (not ddp or method.name == "bp",
+             f"--executor ddp trains BP (data-parallel backprop), not --method {method.name}"),
+            (not ddp or groups == 1,
+             f"--executor ddp puts the whole net on every rank: --groups must be 1 (got {groups})"),
+            (not ddp or self.workers is not None, "--executor ddp needs --workers K (its ranks)"),
+            (ddp or self.workers is None,
+             "--workers is for --executor ddp (the distributed executor has a rank per layer group)"),
+            (self.workers is None or self.workers >= 1,
+             f"--workers must be at least 1 (got {self.workers})"),
+            (not ddp or not self.workers or self.batch_size % self.workers == 0,
+             f"--batch-size {self.batch_size} does not split into {self.workers} equal shards "
+             f"(--workers {self.workers})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
         values = asdict(self)
-        values.update(method=method.name, options=options)
+        values.update(method=method.name, groups=groups, options=options)
         return RunConfig(**values)
 
     def key(self) -> dict:
-        """The fields that determine the results (where they go, how often they are saved
-        excluded)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.UNKEYED_FIELDS}
+    #: ... nor how often its state is saved: none of them is part of the run's key
+    UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every")
+    #: fields added after runs were recorded: left out of the key at these defaults, so that
+    #: the ids of earlier runs stay the same (and their sweeps resume)
+    LATER_FIELDS = {"workers": None}
 
     @property
     def run_id(self) -> str:
@@ -112,6 +134,14 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def ranks(cfg: RunConfig) -> int:
+    """Processes of a run: one (sequential), one per layer group (distributed; per neuron
+    group with ``--placement neuron``), ``--workers`` (ddp)."""
+    if cfg.executor == "ddp":
+        return cfg.workers
+    return cfg.groups * ranks_per_layer(cfg) if cfg.executor == "distributed" else 1
 
 
 def ranks_per_layer(cfg: RunConfig) -> int:

@@ -16,7 +16,7 @@ import methods
 from methods.base import TrainOptions, match_targets
 
 from . import checkpoint, models
-from .config import RunConfig, UsageError, ranks_per_layer
+from .config import LAUNCHED, RunConfig, UsageError, ranks, ranks_per_layer
 from .data import tasks
 from .measure import submodels
 from .measure.provenance import now, provenance
@@ -105,12 +105,12 @@ def train_options(cfg: RunConfig) -> TrainOptions:
 
 
 def threads_per_rank(cfg: RunConfig) -> int:
-    """CPU threads of each process: ``--threads``, else cores / ranks for a distributed run,
-    else torch's default."""
+    """CPU threads of each process: ``--threads``, else cores / ranks for a run on ranks
+    (distributed, ddp), else torch's default."""
     if cfg.threads:
         return cfg.threads
-    if cfg.executor == "distributed":
-        return max(1, (os.cpu_count() or 1) // (cfg.groups * ranks_per_layer(cfg)))
+    if cfg.executor in LAUNCHED:
+        return max(1, (os.cpu_count() or 1) // ranks(cfg))
     return torch.get_num_threads()
 
 
@@ -139,7 +139,7 @@ def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | No
     ``cuts`` where given (a distributed rank takes those its launcher resolved)."""
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
-    if cuts is None and cfg.cuts is None and cfg.split == "paper":
+    if cuts is None and cfg.cuts is None and cfg.split == "paper" and cfg.groups > 1:
         cuts = paper_cuts(cfg.model, cfg.groups)
     timed = lambda shape: local_seconds(cfg, shape, classes)  # noqa: E731
     with torch_threads(threads_per_rank(cfg)):  # time the blocks as the ranks will run them
@@ -180,12 +180,12 @@ def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | 
                 slicing.neuron_slice(nn.Sequential(*body), 0, ranks_per_layer(cfg))
     except ValueError as e:  # SplitError, channel/neuron-group mismatch, bad option value
         raise UsageError(str(e)) from None
-    ranks = len(stages) * ranks_per_layer(cfg)
-    if (cfg.executor == "distributed" and stage is None and device.type == "cuda"
-            and torch.cuda.device_count() < ranks):
-        raise UsageError(f"--executor distributed on CUDA gives each of the {ranks} ranks a GPU "
-                         f"of its own, and this machine has {torch.cuda.device_count()}: "
-                         f"add --device cpu (gloo) or use fewer --groups")
+    if (cfg.executor in LAUNCHED and stage is None and device.type == "cuda"
+            and torch.cuda.device_count() < ranks(cfg)):
+        fewer = "--workers" if cfg.executor == "ddp" else "--groups"
+        raise UsageError(f"--executor {cfg.executor} on CUDA gives each of the {ranks(cfg)} ranks "
+                         f"a GPU of its own, and this machine has {torch.cuda.device_count()}: "
+                         f"add --device cpu (gloo) or use fewer {fewer}")
     if cfg.batch_size % stages[0].microbatches:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split into "
                          f"{stages[0].microbatches} micro-batches")
@@ -267,11 +267,6 @@ def open_record(prep: Prepared, resumed: dict | None = None) -> RunRecord:
         raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
     return record
 
-
-def ranks(prep: Prepared) -> int:
-    """Processes of a distributed run: one per layer group (per neuron group with
-    ``--placement neuron``)."""
-    return len(prep.stages) * ranks_per_layer(prep.cfg)
 
 
 def reset_states(stages, rows: int) -> None:

@@ -8,6 +8,7 @@ import time
 import torch
 
 from . import checkpoint, prepare
+from .config import LAUNCHED, ranks
 from .executors import launch, sequential
 from .measure.provenance import now
 from .records import RunFailed, RunRecord, save_weights
@@ -21,16 +22,16 @@ def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
     store = checkpoint.Checkpoints(prepare.run_folder(cfg),
                                    checkpoint.fingerprint(cfg, prep.stages, prep.cuts))
     epoch = store.latest() if cfg.checkpoint_every else None
-    if cfg.executor == "distributed":  # the ranks load their own parts
+    if cfg.executor in LAUNCHED:  # the ranks load their own parts
         prepare.check_writable(cfg)
-        return launch.run(cfg, prepare.run_folder(cfg), ranks=prepare.ranks(prep),
+        return launch.run(cfg, prepare.run_folder(cfg), ranks=ranks(cfg),
                           threads=prepare.threads_per_rank(cfg), cuts=prep.cuts, progress=progress)
     resumed = store.load(epoch, prep.device) if epoch else None
     if resumed is None:
         store.remove()  # what an earlier attempt left is not continued
-    record = prepare.open_record(prep, resumed)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.threads)  # before the record: its provenance says so
+    record = prepare.open_record(prep, resumed)
     start = time.perf_counter()
     try:
         sequential.train(prep, record, progress=progress, resumed=resumed,

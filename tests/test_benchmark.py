@@ -1,6 +1,7 @@
 """`make bench` smoke test: the structure of its figures and CSV, never their values."""
 import csv
 import math
+import statistics
 
 import pytest
 import torch
@@ -65,3 +66,30 @@ def test_interleave_is_round_robin_and_stops_at_the_deadline():
     assert order[:3] == list("abc")  # warm-up
     assert "".join(order[3:]) == "aabbcc" "bbccaa" "ccaabb"
     assert all(len(c.times) == 2 * benchmark.MIN_ROUNDS for c in contenders)
+
+
+def test_speedups_against_bp_in_one_process_and_ddp_on_the_same_ranks(monkeypatch):
+    """Real runs replaced by figures per contender and round: the contenders, their configs,
+    and the speedups as medians of the per-round ratios to either baseline."""
+    from bench.perf import speedup
+    seen = []
+    rate = {"bp": 100.0, "ddp": 150.0, "lc": 180.0}
+
+    def measure_run(cfg):
+        seen.append(cfg)
+        name = "ddp" if cfg.executor == "ddp" else cfg.method
+        faster = 2 if name == "lc" and cfg.experiment.endswith("-1") else 1  # round 2
+        return {"samples_per_s": rate[name] * faster, "wall_over_modelled": 1.1}
+
+    monkeypatch.setattr(speedup, "measure_run", measure_run)
+    rows = speedup.run_speedups(contenders=[("lc", {})], rounds=2, progress=lambda _: None)
+    ddp = [c for c in seen if c.executor == "ddp"]
+    assert {(c.workers, c.groups, c.threads, c.batch_size) for c in ddp} == {(2, 1, 1, 128)}
+    got = {r["method"]: r for r in rows}
+    assert list(got) == ["bp", "ddp", "lc"] and got["ddp"]["ranks"] == got["lc"]["ranks"] == 2
+    assert got["bp"]["speedup"] == 1.0 and got["ddp"]["speedup_ddp"] == 1.0
+    assert got["ddp"]["speedup"] == pytest.approx(1.5)
+    assert got["lc"]["speedup"] == pytest.approx(statistics.median([1.8, 3.6]))
+    assert got["lc"]["speedup_ddp"] == pytest.approx(statistics.median([1.2, 2.4]))
+    table = speedup.format_table(rows)
+    assert "vs DDP" in table and len(table.splitlines()) == 3 + 3

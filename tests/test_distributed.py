@@ -13,15 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.executors.launch import ENTRY
+
 pytestmark = pytest.mark.dist
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DIGITS = ["--task", "digits", "--batch-size", "64", "--quiet"]
 
 
+def tagged(out) -> dict:
+    """The environment of a run writing under ``out``, tagged so that the torchrun agent and
+    ranks it starts (they inherit it) can be told from other test suites' on this machine."""
+    return {**os.environ, "LCBENCH_TEST_OUT": str(out)}
+
+
 def lcbench(*args, env=None, timeout=300):
+    out = args[args.index("--out") + 1] if "--out" in args else ""
     return subprocess.run([sys.executable, "-m", "bench", "run", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**tagged(out), **(env or {})})
 
 
 def run_folder(out: Path) -> Path:
@@ -40,17 +49,25 @@ def weights(out: Path) -> list[dict]:
     return [torch.load(p) for p in sorted((run_folder(out) / "weights").glob("stage*.pt"))]
 
 
-def leftover_ranks() -> list[str]:
-    """Command lines of torchrun agents or ranks of lcbench still alive."""
-    found = []
+def ranks_of(out: Path) -> dict[int, tuple[str, list[bytes]]]:
+    """pid -> (command line, environment) of the torchrun agent and ranks (either executor)
+    of the run under ``out``."""
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "bench.executors.distributed" in cmd:
-            found.append(cmd)
+        if (any(entry in cmd for entry in ENTRY.values())
+                and f"LCBENCH_TEST_OUT={out}".encode() in env):
+            found[int(proc.name)] = (cmd, env)
     return found
+
+
+def leftover_ranks(out: Path) -> list[str]:
+    """Command lines of the run's torchrun agent or ranks still alive."""
+    return [cmd for cmd, _ in ranks_of(out).values()]
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
@@ -195,9 +212,9 @@ def check_failed(out: Path, result, words: str, started: float) -> None:
     info = json.loads((run_folder(out) / "run.json").read_text())
     assert info["status"] == "failed" and words in info["error"]
     deadline = time.monotonic() + 10
-    while leftover_ranks() and time.monotonic() < deadline:
+    while leftover_ranks(out) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not leftover_ranks()
+    assert not leftover_ranks(out)
 
 
 def test_a_rank_that_raises_fails_the_run_which_then_continues_from_its_last_epoch(tmp_path):
@@ -230,13 +247,14 @@ def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--method", "lc", *DIGITS,
                              "--epochs", "500", "--executor", "distributed", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=tagged(out))
     victim = None
     while victim is None:
         assert proc.poll() is None and time.monotonic() - started < 60
         for metrics_file in out.glob("*/*/metrics.csv"):
             if metrics_file.read_text().count("\n") > 1:  # an epoch is done: training is on
-                victim = rank_pid(1)
+                victim = rank_pid(out, 1)
         time.sleep(0.1)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
@@ -245,15 +263,11 @@ def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
     check_failed(out, result, "rank 1 was killed by SIGKILL", killed)
 
 
-def rank_pid(rank: int) -> int | None:
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"bench.executors.distributed" in cmd and f"RANK={rank}".encode() in env:
-            return int(proc.name)
+def rank_pid(out: Path, rank: int) -> int | None:
+    """The pid of rank ``rank`` of the run under ``out``."""
+    for pid, (cmd, env) in ranks_of(out).items():
+        if f"RANK={rank}".encode() in env:
+            return pid
     return None
 
 

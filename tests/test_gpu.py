@@ -50,3 +50,14 @@ def test_distributed_on_one_gpu_with_two_ranks_is_a_usage_error(tmp_path):
         pytest.skip("this machine has a GPU per rank")
     assert result.returncode == 2 and "GPU of its own" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_ddp_runs_on_nccl_with_a_gpu_per_rank(tmp_path):
+    """As many ranks as GPUs (at least one): NCCL, the per-rank CUDA memory figures."""
+    workers = torch.cuda.device_count()
+    got = run(tmp_path, "--method", "bp", "--executor", "ddp", "--workers", str(workers),
+              "--batch-size", str(64 * workers))
+    for rank in range(1, workers + 1):
+        assert got[2, str(rank), "train_cuda_max_allocated_bytes"] >= got[1, str(rank), "param_bytes"]
+        assert got[2, str(rank), "busy_time_s"] > 0
+    assert 0 <= got[2, "", "test_acc"] <= 1 and got[2, "", "epoch_time_s"] > 0

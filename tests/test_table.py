@@ -1,8 +1,10 @@
 """`lcbench table` and `lcbench plot` on the results of real (tiny) runs, and the table2 spec."""
 import csv
+import math
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torchvision.datasets.cifar
 
@@ -66,7 +68,7 @@ def test_table_puts_the_published_numbers_beside_ours_in_the_right_cells(results
     assert float(lc["Δ"]) == pytest.approx(ours(results, "lc") - 92.06, abs=0.006)
     assert "Table 1, row LC(1), column CIFAR-10" in lc["source"]
     bp = table["cifar10", "lc-vgg", "BP", "2"]
-    assert bp["published"] == "93.93 ± 0.20" and bp["speedup vs BP"] == "1.00x"
+    assert bp["published"] == "93.93 ± 0.20" and bp["speedup vs BP (1 worker)"] == "1.00x"
     assert table["cifar10", "lc-vgg", "DGL", "2"]["published"] == "no published number"
     for cell in [("cifar10", "lc-vgg", "LC(3)", "4"), ("cifar100", "lc-vgg", "DNI(3)", "4")]:
         assert table[cell]["ours (seeds)"] == "not run"  # published, not run here
@@ -74,7 +76,7 @@ def test_table_puts_the_published_numbers_beside_ours_in_the_right_cells(results
     dgl_paper = [r for r in rows_of(out) if r["model"] == "dgl-3layer-cnn"]
     assert {r["published"] for r in dgl_paper} == {"84.47", "64.74", "80.86", "85.05"}
     assert all(r["ours (seeds)"].startswith("not in lcbench") for r in dgl_paper)
-    assert float(lc["speedup vs BP"].rstrip("x")) > 0 and float(lc["peak mem/device (MiB)"]) > 0
+    assert float(lc["speedup vs BP (1 worker)"].rstrip("x")) > 0 and float(lc["peak mem/device (MiB)"]) > 0
     for ext in ("md", "tex", "csv"):
         assert (results / f"table2.{ext}").stat().st_size > 0
     with open(results / "table2.csv") as f:
@@ -116,7 +118,8 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     cifar = [c for c in paper if c.task.startswith("cifar")]
     assert {(c.iterations, c.batch_size, c.lr, tuple(c.lr_milestones), c.momentum, c.weight_decay)
             for c in cifar} == {(80000, 128, 0.1, (40000, 60000), 0.9, 5e-4)}
-    assert {c.seed for c in paper} == set(range(5)) and {c.split for c in cifar} == {"paper"}
+    assert {c.seed for c in paper} == set(range(5))
+    assert {c.split for c in cifar if c.executor != "ddp"} == {"paper"}
     assert {c.options["critic_lr"] for c in paper if c.method == "lc"} == {1e-4}
     assert {(c.method, c.groups) for c in cifar} >= {("lc", 2), ("lc", 4), ("bp", 2), ("pipe-bp", 4),
                                                      ("dni", 4), ("cdni", 4), ("dgl", 2), ("gn", 4)}
@@ -124,6 +127,91 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     smoke = sweep.load_spec(SPEC, "smoke")
     assert {c.task for c in smoke} == {"fashion-mnist", "seq-fashion-mnist"} and {c.seed for c in smoke} == {0}
     assert {c.method for c in smoke} == {"bp", "pipe-bp", "dni", "cdni", "dgl", "lc", "gn"}
+    for spec in (paper, smoke):  # DDP beside BP, and decoupled rules on as many ranks
+        ddp = {(c.task, c.model, c.workers) for c in spec if c.executor == "ddp"}
+        bp = {(c.task, c.model) for c in spec if c.method == "bp" and c.executor == "sequential"}
+        assert {(task, model) for task, model, _ in ddp} == bp
+        ranks = {(c.task, c.model, c.groups) for c in spec if c.executor == "distributed"}
+        assert ranks and ranks <= ddp
+
+
+def fake_run(results: Path, *, times: tuple, mem_mib: list, device_mib: float = 4096,
+             **config) -> None:
+    """A finished run's files, as a run writes them: ``times`` (modelled, wall-clock) seconds
+    per epoch and the peak memory of each stage (a ddp run: of each rank)."""
+    from dataclasses import asdict
+
+    from bench.config import RunConfig
+    from bench.records import RunRecord
+    cfg = RunConfig(task="cifar10", epochs=1, experiment="table2", out=str(results),
+                    **config).validated()
+    info = {"run_id": cfg.run_id, "status": "ok", "config": asdict(cfg),
+            "provenance": {"cpu_threads": 1, "device_memory_bytes": device_mib * 2**20}}
+    record = RunRecord(results / "table2" / cfg.run_id, {**asdict(cfg), "run_id": cfg.run_id}, info)
+    record.start()
+    modelled, wall = times
+    rows = {("", "test_acc"): 0.5, ("", "epoch_time_s"): wall}
+    if cfg.executor == "sequential":
+        rows["", "modelled_time_s"] = modelled
+    rows.update({(str(i + 1), "peak_mem_bytes"): mib * 2**20 for i, mib in enumerate(mem_mib)})
+    record.add(1, rows)
+    record.update(status="ok")
+
+
+@pytest.fixture
+def equal_resources(tmp_path):
+    """BP in one process, LC on 2 ranks and in one process (modelled), DDP on 2 ranks (with
+    1 and with 2 threads per rank); a second model whose whole net exceeds one device."""
+    runs = [dict(method="bp", model="resnet20", times=(10, 11), mem_mib=[300, 200]),
+            dict(method="lc", model="resnet20", times=(5, 12), mem_mib=[250, 210]),
+            dict(method="lc", model="resnet20", executor="distributed", threads=1,
+                 times=(None, 6), mem_mib=[300, 250]),
+            dict(method="bp", model="resnet20", executor="ddp", workers=2, threads=1,
+                 times=(None, 8), mem_mib=[400, 400]),
+            dict(method="bp", model="resnet20", executor="ddp", workers=2, threads=2,
+                 times=(None, 4), mem_mib=[400, 400]),
+            dict(method="bp", model="resnet101", executor="distributed", times=(None, 9),
+                 mem_mib=[800, 700], device_mib=1024),
+            dict(method="dgl", model="resnet101", executor="distributed", times=(None, 5),
+                 mem_mib=[900, 600], device_mib=1024)]
+    for run in runs:
+        fake_run(tmp_path, **run)
+    return tmp_path
+
+
+def test_speedups_against_bp_on_one_worker_and_ddp_on_the_same_ranks(equal_resources):
+    from bench.report import table as tables
+    numbers, text = tables.build("table2", equal_resources)
+    ran = numbers[numbers["mean"].notna()]
+    cell = {(r.model, r.method, r.executor, None if pd.isna(r.threads) else r.threads): r
+            for r in ran.itertuples()}  # threads per rank: of runs on ranks only
+    lc = cell["resnet20", "lc", "distributed", 1]
+    assert lc.speedup == pytest.approx(11 / 6)  # BP's measured one-process time
+    assert lc.speedup_ddp == pytest.approx(8 / 6)  # DDP, 2 ranks of 1 thread: not of 2
+    assert (lc.bp_mem_mib, lc.ddp_mem_mib, lc.peak_mem_mib) == (500, 400, 300)
+    modelled = cell["resnet20", "lc", "sequential", None]
+    assert modelled.speedup == pytest.approx(10 / 5) and math.isnan(modelled.speedup_ddp)
+    ddp = cell["resnet20", "bp", "ddp", 1]
+    assert ddp.speedup == pytest.approx(11 / 8) and ddp.speedup_ddp == pytest.approx(1)
+    assert not lc.note and "1500 MiB" in cell["resnet101", "dgl", "distributed", 1].note
+    rows = {(r["model"], r["method"], r["executor"], r["workers"]): r
+            for r in rows_of(tables.markdown(text))}
+    assert [k[1:] for k in rows if k[0] == "resnet20"] == [
+        ("BP", "sequential", "2 (modelled)"), ("BP (DDP)", "ddp", "2 × 1 thread"),
+        ("BP (DDP)", "ddp", "2 × 2 threads"), ("LC(1)", "distributed", "2 × 1 thread"),
+        ("LC(1)", "sequential", "2 (modelled)")]
+    shown = rows["resnet20", "LC(1)", "distributed", "2 × 1 thread"]
+    assert shown["speedup vs BP (1 worker)"] == "1.83x"
+    assert shown["speedup vs DDP (same ranks)"] == "1.33x"
+    assert shown["BP mem, 1 worker (MiB)"] == "500.0" and shown["DDP mem/rank (MiB)"] == "400.0"
+    assert "no BP on one worker, no DDP" in rows["resnet101", "DGL", "distributed", "2 × 1 thread"]["note"]
+
+
+def test_plots_show_the_ddp_cells(equal_resources, tmp_path, capsys):
+    code, _, err = call(["plot", str(equal_resources / "table2"), "--out", str(tmp_path / "f")],
+                        capsys)
+    assert code == 0, err
+    assert (tmp_path / "f" / "time.png").stat().st_size > 2000
 
 
 def test_ordering_ranks_ours_and_the_published_cells_and_counts_pairs_ranked_alike():

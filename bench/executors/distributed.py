@@ -164,10 +164,13 @@ def evaluate(stage, links: Links, *, batches, sizes: list[int], in_shape, y_shap
 
 
 def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
-    """One GPU per rank where there are several (round-robin), else the CPU."""
+    """One GPU per rank where there are several (round-robin), made the current device (NCCL's
+    object collectives, such as gather_object, use it), else the CPU."""
     if cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def stage_part(prep: prepare.Prepared, links: Links, *, y_shape: tuple, device, dtype, timer,
@@ -300,17 +303,20 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     store.remove()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, executor: str = "distributed", body=worker) -> None:
+    """One rank of ``executor``: read the config, join the process group and run
+    ``body(cfg, cuts, progress)``; a rank that raises leaves its error in the run folder
+    (``.rankN.error``, read by the launcher) and exits at once."""
     argv = sys.argv[1:] if argv is None else argv
     config = json.loads(Path(argv[0]).read_text())
     cfg = RunConfig(**config.get("config", config))
-    cfg = replace(cfg, executor="distributed")
+    cfg = replace(cfg, executor=executor)
     backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
     torch.set_num_threads(prepare.threads_per_rank(cfg))
     try:
-        worker(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
+        body(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         folder = prepare.run_folder(prepare.resolve(cfg))

@@ -1,4 +1,5 @@
-"""Starting a distributed run on this node: torchrun with one process per stage.
+"""Starting a run on ranks on this node: torchrun with one process per stage
+(``distributed``) or per data-parallel replica (``ddp``).
 
 The parent watches torchrun; when a rank raises or is killed, torchrun stops the others,
 and the parent records the run as failed with one line naming the first failed rank.
@@ -26,6 +27,10 @@ PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|remote (worker
                        r"connection refused|timed? ?out", re.I)
 
 
+#: the module each rank of an executor runs (``python -m MODULE CONFIG.json``)
+ENTRY = {"distributed": "bench.executors.distributed", "ddp": "bench.executors.ddp"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +41,7 @@ def torchrun_command(cfg: RunConfig, config_path: Path, ranks: int) -> list[str]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
             "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), "--monitor-interval", "0.5",
-            "-m", "bench.executors.distributed", str(config_path)]
+            "-m", ENTRY[cfg.executor], str(config_path)]
 
 
 def first_failure(folder: Path, log: str) -> str:

@@ -1,6 +1,7 @@
 """Where and with what a run was made: versions, devices, host."""
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -54,6 +55,17 @@ def lcbench_version() -> str | None:
         return None
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Memory of one device: the GPU's total, or the machine's RAM (which ranks on the CPU
+    share)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
 def provenance(device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {
@@ -65,6 +77,7 @@ def provenance(device: torch.device) -> dict:
         "driver": driver_version() if cuda else None,
         "device": str(device),
         "device_names": [torch.cuda.get_device_name(device)] if cuda else [cpu_name()],
+        "device_memory_bytes": device_memory_bytes(device),
         "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),

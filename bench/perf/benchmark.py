@@ -9,6 +9,9 @@ the start of the order rotating from round to round):
    weights, same batches and the same SGD settings; the goal is lcbench/plain <= 1.05.
 2. methods: every rule's step time at K groups relative to BP at the same K.
 
+Then (``speedup``) real runs on ranks: every decoupled rule on 2 ranks against BP in one
+process and against data-parallel BP (DDP) on the same 2 ranks.
+
 Figures are medians of the per-step times; ratios are ratios of those medians. A time budget
 ends the rounds early on a loaded machine (every contender keeps the same number of steps).
 The data are random CIFAR-shaped tensors (the data are not the point). The figures are
@@ -265,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, help="seconds for the timed part: rounds end early "
                    f"past it, after at least {MIN_ROUNDS} ({d['budget']}; 0: no limit)")
     p.add_argument("--speedup-rounds", type=int, help="rounds of the model-parallel comparison "
-                   f"(real runs on 2 ranks x 1 thread against BP in 1 process; "
+                   f"(real runs on 2 ranks x 1 thread against BP in 1 process and DDP on "
+                   f"2 ranks x 1 thread; "
                    f"{d['speedup_rounds']}; 0: skip it)")
     p.add_argument("--speedup-batches", type=int,
                    help=f"batches per epoch of those runs ({d['speedup_batches']})")
@@ -326,7 +330,7 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         parallel = []
         for name in args.speedup_models:
-            print(f"\nmodel parallelism: {name}, K=2, batch {args.batch_size}, "
+            print(f"\nmodel parallelism against BP and DDP: {name}, K=2, batch {args.batch_size}, "
                   f"{args.speedup_batches} batches x 2 epochs per run, {args.speedup_rounds} rounds",
                   flush=True)
             parallel += speedup.run_speedups(model=name, batch_size=args.batch_size,

@@ -1,15 +1,17 @@
 """`lcbench plot RESULTS_DIR`: paper-style figures (PNG and PDF) of the runs under a folder.
 
 - accuracy: test accuracy (a language model: perplexity) against epoch, per method;
-- time: time per epoch and speedup against BP, per method and K;
-- memory: peak memory per device (the largest stage) and per stage;
+- time: time per epoch, speedup against BP on one worker and against data-parallel BP (DDP)
+  on the same ranks, per method and K;
+- memory: peak memory per device (the largest stage, a DDP rank's replica) and per stage;
 - tradeoff: accuracy against speedup, the trade-off every reader asks about;
 - submodels: accuracy of every sub-model, and progressive inference (accuracy against mean
   FLOPs per sample as the confidence threshold moves);
 - signals: how good the local signals are, per stage against epoch: the cosine between DNI's
   synthetic and the true gradient, the correlation between LC's critic losses and the true loss.
 
-One colour per method across all figures; seeds are averaged (bands: ± one std).
+One colour per method (DDP its own) across all figures; seeds are averaged (bands: ± one
+std); runs on ranks (distributed, ddp) are labelled with their ranks.
 """
 from __future__ import annotations
 
@@ -24,12 +26,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .table import cells, load_runs, method_label, run_summary  # noqa: E402
+from .table import cells, load_runs, method_label, rule, run_summary  # noqa: E402
 
-METHODS = ["bp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn"]
+METHODS = ["bp", "ddp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn"]
 COLOURS = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS))))
-NAMES = {"bp": "BP", "pipe-bp": "pipelined BP", "dgl": "DGL", "adgl": "async DGL", "lc": "LC",
-         "dni": "DNI", "cdni": "cDNI", "gn": "GN-DGL"}
+NAMES = {"bp": "BP", "ddp": "BP (DDP)", "pipe-bp": "pipelined BP", "dgl": "DGL",
+         "adgl": "async DGL", "lc": "LC", "dni": "DNI", "cdni": "cDNI", "gn": "GN-DGL"}
 
 
 def save(fig, out: Path, name: str) -> list[Path]:
@@ -72,14 +74,16 @@ def accuracy(rows: pd.DataFrame, out: Path) -> list[Path]:
     axes = list(axes[0])
     for ax, (task, model) in zip(axes, keys):
         part = whole[(whole["task"] == task) & (whole["model"] == model)]
-        order = sorted(part.groupby(["method", "groups"]),
+        curves = part.assign(rule=[rule(m, e) for m, e in zip(part["method"], part["executor"])])
+        order = sorted(curves.groupby(["rule", "groups", "executor", "workers"]),
                        key=lambda item: (METHODS.index(item[0][0]) if item[0][0] in METHODS else 99,
-                                         item[0][1]))
-        for (method, groups), runs in order:
+                                         item[0][1:]))
+        for (name, groups, executor, workers), runs in order:
             stats = runs.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0)
-            label = f"{NAMES.get(method, method)} (K={groups})"
-            line, = ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=label,
-                            color=COLOURS.get(method), linestyle="-" if groups <= 2 else "--")
+            label = f"{NAMES.get(name, name)}, {placed(groups, executor, workers)}"
+            marker = "o" if executor == "sequential" else "s"  # modelled, or run on ranks
+            line, = ax.plot(stats.index, stats["mean"], marker=marker, ms=3, label=label,
+                            color=COLOURS.get(name), linestyle="-" if groups <= 2 else "--")
             ax.fill_between(stats.index, stats["mean"] - stats["std"],
                             stats["mean"] + stats["std"], color=line.get_color(), alpha=0.15)
         perplexity = (part["metric"] == "test_ppl").any()
@@ -91,15 +95,31 @@ def accuracy(rows: pd.DataFrame, out: Path) -> list[Path]:
     return save(fig, out, "accuracy")
 
 
-def label_of(method, groups, microbatches=None, neuron_groups=None) -> str:
-    return f"{method_label(method, int(groups), microbatches, neuron_groups)}, K={int(groups)}"
+def placed(groups, executor, workers) -> str:
+    """K for a split net (and its ranks where it ran on ranks); a DDP run's ranks."""
+    if executor == "ddp":
+        return f"{int(workers)} ranks"
+    return f"K={int(groups)}" + (f", {int(workers)} ranks" if executor == "distributed" else "")
+
+
+def label_of(method, groups, microbatches=None, neuron_groups=None, executor="sequential",
+             workers=None) -> str:
+    name = method_label(method, int(groups), microbatches, neuron_groups, executor)
+    return f"{name}, {placed(groups, executor, workers)}"
+
+
+def labels(table: pd.DataFrame) -> list[str]:
+    return [label_of(*row) for row in zip(table["method"], table["groups"], table["microbatches"],
+                                          table["neuron_groups"], table["executor"], table["workers"])]
+
+
+def colours(table: pd.DataFrame) -> list:
+    return [COLOURS.get(rule(m, e)) for m, e in zip(table["method"], table["executor"])]
 
 
 def bars(ax, table: pd.DataFrame, column: str, ylabel: str) -> None:
-    labels = [label_of(*row) for row in zip(table["method"], table["groups"],
-                                            table["microbatches"], table["neuron_groups"])]
-    ax.bar(range(len(table)), table[column], color=[COLOURS.get(m) for m in table["method"]])
-    ax.set_xticks(range(len(table)), labels, rotation=40, ha="right", fontsize=8)
+    ax.bar(range(len(table)), table[column], color=colours(table))
+    ax.set_xticks(range(len(table)), labels(table), rotation=40, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
 
@@ -116,15 +136,18 @@ def grid(rows: int, columns: int, width: float = 5.0, height: float = 3.4):
 
 def time_and_speedup(table: pd.DataFrame, out: Path) -> list[Path]:
     keys = facets(table)
-    fig, axes = grid(2, len(keys))
+    fig, axes = grid(3, len(keys))
     for col, (task, model) in enumerate(keys):
         part = table[(table["task"] == task) & (table["model"] == model)]
         bars(axes[0][col], part, "time_s", "time per epoch (s)")
         axes[0][col].set_title(title(task, model))
-        bars(axes[1][col], part, "speedup", "speedup against BP")
-        axes[1][col].axhline(1.0, color="grey", lw=0.8, ls=":")
+        bars(axes[1][col], part, "speedup", "speedup against BP (1 worker)")
+        bars(axes[2][col], part, "speedup_ddp", "speedup against DDP\n(same ranks, threads)")
+        for row in (1, 2):
+            axes[row][col].axhline(1.0, color="grey", lw=0.8, ls=":")
     fig.suptitle("Time per training epoch on K workers (modelled for the sequential executor, "
-                 "measured for the distributed one) and speedup against BP", y=1.0)
+                 "measured on ranks for distributed and ddp), speedup against BP on one worker "
+                 "and against DDP (measured runs)", y=1.0)
     fig.tight_layout()
     return save(fig, out, "time")
 
@@ -139,12 +162,20 @@ def memory(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
         part = table[(table["task"] == task) & (table["model"] == model)]
         bars(axes[0][col], part, "peak_mem_mib", "peak memory per device (MiB)")
         axes[0][col].set_title(f"{title(task, model)}: per device (the largest stage)")
+        one_worker = part["bp_mem_mib"].max()
+        if pd.notna(one_worker):
+            axes[0][col].axhline(one_worker, color=COLOURS["bp"], lw=1, ls="--")
+            axes[0][col].annotate("BP on one worker", (0, one_worker), xytext=(2, 2),
+                                  textcoords="offset points", fontsize=7, color=COLOURS["bp"],
+                                  xycoords=("axes fraction", "data"))
         per_stage = stages[(stages["task"] == task) & (stages["model"] == model)].copy()
-        per_stage["rule"] = [label_of(m, k) for m, k in zip(per_stage["method"], per_stage["groups"])]
-        order = [label_of(m, k) for m, k in zip(part["method"], part["groups"])]
+        per_stage["rule"] = [label_of(m, k, executor=e, workers=w) for m, k, e, w in zip(
+            per_stage["method"], per_stage["groups"], per_stage["executor"], per_stage["workers"])]
+        order = [label_of(m, k, executor=e, workers=w) for m, k, e, w in zip(
+            part["method"], part["groups"], part["executor"], part["workers"])]
         sns.barplot(data=per_stage, x="rule", y="MiB", hue="stage", order=list(dict.fromkeys(order)),
                     ax=axes[1][col], errorbar=None, palette="Greys")
-        axes[1][col].set(title="per stage", xlabel="", ylabel="peak memory (MiB)")
+        axes[1][col].set(title="per stage (DDP: per rank)", xlabel="", ylabel="peak memory (MiB)")
         axes[1][col].tick_params(axis="x", rotation=40, labelsize=8)
         for label in axes[1][col].get_xticklabels():
             label.set_horizontalalignment("right")
@@ -161,13 +192,14 @@ def tradeoff(table: pd.DataFrame, out: Path) -> list[Path]:
     for ax, (task, model) in zip(axes[0], keys):
         part = table[(table["task"] == task) & (table["model"] == model)]
         for _, r in part.iterrows():
-            ax.scatter(r["speedup"], r["mean"], color=COLOURS.get(r["method"]), s=55,
-                       marker="o" if r["groups"] <= 2 else "s", edgecolor="black", linewidth=0.4,
-                       label=NAMES.get(r["method"], r["method"]))
-            ax.annotate(f"K={int(r['groups'])}", (r["speedup"], r["mean"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+            name = rule(r["method"], r["executor"])
+            ax.scatter(r["speedup"], r["mean"], color=COLOURS.get(name), s=55,
+                       marker="o" if r["workers"] <= 2 else "s", edgecolor="black", linewidth=0.4,
+                       label=NAMES.get(name, name))
+            ax.annotate(placed(r["groups"], r["executor"], r["workers"]), (r["speedup"], r["mean"]),
+                        fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="speedup against BP", ylabel=part["metric"].iloc[0],
+        ax.set(xlabel="speedup against BP (1 worker)", ylabel=part["metric"].iloc[0],
                title=title(task, model))
         ax.grid(alpha=0.3)
     legend(fig, axes[0])
@@ -192,7 +224,8 @@ def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
         subs = part[part["metric"] == "test_acc"].copy()
         subs["sub-model"] = subs["stage"].replace("", "final")
         subs["value"] *= 100
-        subs["rule"] = [label_of(m, k) for m, k in zip(subs["method"], subs["groups"])]
+        subs["rule"] = [label_of(m, k, executor=e, workers=w) for m, k, e, w in zip(
+            subs["method"], subs["groups"], subs["executor"], subs["workers"])]
         hue = sorted(set(subs["sub-model"]) - {"final"}, key=int) + ["final"]
         sns.barplot(data=subs, x="rule", y="value", hue="sub-model", hue_order=hue,
                     ax=axes[0][col], errorbar="sd", palette="Blues")
@@ -202,14 +235,15 @@ def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
         prog = part[part["metric"].str.startswith("progressive_")].copy()
         prog["threshold"] = prog["metric"].str.rsplit("_t", n=1).str[1]
         prog["kind"] = prog["metric"].str.split("_").str[1]
-        wide = prog.pivot_table(index=["method", "groups", "threshold"], columns="kind",
+        run = ["method", "groups", "executor", "workers"]
+        wide = prog.pivot_table(index=[*run, "threshold"], columns="kind",
                                 values="value").reset_index()
         ax = axes[1][col]
-        for (method, groups), curve in wide.groupby(["method", "groups"]):
+        for (method, groups, executor, workers), curve in wide.groupby(run):
             curve = curve.sort_values("flops")
             ax.plot(curve["flops"] / 1e6, 100 * curve["acc"], marker="o", ms=3,
                     color=COLOURS.get(method), ls="-" if groups <= 2 else "--",
-                    label=f"{NAMES.get(method, method)}, K={groups}")
+                    label=f"{NAMES.get(method, method)}, {placed(groups, executor, workers)}")
         ax.set(title="progressive inference (confidence 0.5 .. 0.99)",
                xlabel="mean MFLOPs per sample", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)

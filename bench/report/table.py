@@ -1,17 +1,28 @@
 """`lcbench table NAME RESULTS_DIR`: our runs beside the published numbers, as Markdown,
 LaTeX and CSV.
 
-Per cell (task, model, method, K, executor; one row per cell, seeds aggregated):
+Per cell (task, model, method, K, executor, workers, threads per process; one row per cell,
+seeds aggregated):
 - the final test accuracy in % (a language model: test perplexity) as mean ± std over the
   seeds, and the number of seeds;
 - the published number of the same cell (``bench/references/NAME.csv``: paper, table, row,
   column) and the difference; a cell without one says so, and published cells that lcbench
   did not run are listed too;
+- workers: the K devices the cell stands for: modelled (the sequential executor: its K layer
+  groups) or real ranks (distributed: one per stage; ddp: ``--workers``) of so many threads;
 - time per epoch (training only): the modelled K-worker time for the sequential executor,
-  the measured wall-clock for the distributed one; the speedup against BP is the ratio of
-  BP's time to the method's, same task, model, executor (and K where there is one);
-- peak memory per device: the largest stage's bytes (parameters, gradients, optimizer state,
-  saved activations; device-independent, as every executor measures them).
+  the measured wall-clock (slowest rank) for the distributed and ddp ones;
+- speedup against BP on one worker: the time of BP in one process (the sequential executor,
+  same task and model, K where there is one) over the cell's; modelled against modelled,
+  measured (BP's wall-clock) against measured;
+- speedup against DDP: the time of data-parallel BP on the same number of ranks with the
+  same threads per rank over the cell's, for cells measured on ranks (a modelled time is
+  not set against a measured one);
+- peak memory per device (per rank): the largest stage's bytes (parameters, gradients,
+  optimizer state, saved activations; device-independent, as every executor measures them),
+  beside BP's on one worker (its stages summed: the whole net) and DDP's per rank (same K);
+- a note where BP's whole net needs more than one device's memory (the run's GPU, or the
+  machine's RAM): BP on one worker and DDP are then impossible, model parallelism is not.
 """
 from __future__ import annotations
 
@@ -20,10 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.config import RunConfig, ranks
 from bench.records import read_json
 
 REFERENCES = Path(__file__).parents[1] / "references"
-CELL = ["task", "model", "method", "groups", "executor"]
+CELL = ["task", "model", "method", "groups", "executor", "workers", "threads"]
+#: executors whose time is measured on real ranks (the sequential executor's is modelled)
+MEASURED = ("distributed", "ddp")
 
 
 def load_runs(folder: Path) -> pd.DataFrame:
@@ -36,12 +50,24 @@ def load_runs(folder: Path) -> pd.DataFrame:
         frame = pd.read_csv(path.parent / "metrics.csv", dtype={"stage": str, "run_id": str})
         frame["stage"] = frame["stage"].fillna("")
         config = info.get("config", {})
+        provenance = info.get("provenance", {})
         frame["microbatches"] = config.get("options", {}).get("microbatches")
         frame["neuron_groups"] = config.get("options", {}).get("neuron_groups")
+        frame["workers"] = workers(config)
+        measured = config.get("executor") in MEASURED  # threads per rank matter to its time
+        frame["threads"] = (config.get("threads") or provenance.get("cpu_threads")) if measured else None
+        frame["device_mem_mib"] = (provenance.get("device_memory_bytes") or math.nan) / 2**20
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=["run_id", *CELL, "seed", "epoch", "stage", "metric", "value"])
     return pd.concat(frames, ignore_index=True)
+
+
+def workers(config: dict) -> int:
+    """The K devices a run stands for: its ranks, or (sequential) its K layer groups."""
+    fields = {k: v for k, v in config.items() if k in RunConfig.field_names()}
+    cfg = RunConfig(**fields)
+    return cfg.groups if cfg.executor == "sequential" else ranks(cfg)
 
 
 def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
@@ -53,27 +79,39 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         perplexity = "test_ppl" in last
         score = last["test_ppl"] if perplexity else 100 * last.get("test_acc", math.nan)
         per_epoch = whole.pivot_table(index="epoch", columns="metric", values="value")
-        distributed = run["executor"].iloc[0] == "distributed"
-        time_metric = "epoch_time_s" if distributed else "modelled_time_s"
+        executor = run["executor"].iloc[0]
+        time_metric = "epoch_time_s" if executor in MEASURED else "modelled_time_s"
         peaks = run[(run["metric"] == "peak_mem_bytes") & (run["epoch"] == 1)]["value"]
-        out.append({**run.iloc[0][CELL + ["seed"]].to_dict(), "run_id": run_id,
-                    "microbatches": run["microbatches"].iloc[0],
-                    "neuron_groups": run["neuron_groups"].iloc[0],
+        # the whole net on one device: a ddp rank holds it all, the stages of a split hold parts
+        whole_net = peaks.max() if executor == "ddp" else peaks.sum()
+        first = run.iloc[0]
+        out.append({**first[CELL + ["seed"]].to_dict(), "run_id": run_id,
+                    **first[["microbatches", "neuron_groups", "threads", "device_mem_mib"]].to_dict(),
                     "metric": "test perplexity" if perplexity else "test accuracy (%)",
                     "score": score, "epochs": int(whole["epoch"].max()),
                     "time_s": per_epoch[time_metric].mean() if time_metric in per_epoch else math.nan,
-                    "peak_mem_mib": peaks.max() / 2**20 if len(peaks) else math.nan})
+                    "wall_s": per_epoch["epoch_time_s"].mean() if "epoch_time_s" in per_epoch else math.nan,
+                    "peak_mem_mib": peaks.max() / 2**20 if len(peaks) else math.nan,
+                    "whole_net_mib": whole_net / 2**20 if len(peaks) else math.nan})
     return pd.DataFrame(out)
 
 
-ORDER = ["bp", "pipe-bp", "dni", "cdni", "dgl", "adgl", "lc", "gn"]
+ORDER = ["bp", "ddp", "pipe-bp", "dni", "cdni", "dgl", "adgl", "lc", "gn"]
 
 
-def method_label(method: str, groups: int, microbatches=None, neuron_groups=None) -> str:
-    """The papers' names: LC(n) and DNI(n) with n = K-1 local modules."""
+def rule(method: str, executor: str) -> str:
+    """The contender: the method, or ``ddp`` for data-parallel BP."""
+    return "ddp" if executor == "ddp" else method
+
+
+def method_label(method: str, groups: int, microbatches=None, neuron_groups=None,
+                 executor: str | None = None) -> str:
+    """The papers' names: LC(n) and DNI(n) with n = K-1 local modules; BP (DDP)."""
     n = groups - 1
     microbatches = int(microbatches) if pd.notna(microbatches) else None
     neuron_groups = int(neuron_groups) if pd.notna(neuron_groups) else None
+    if executor == "ddp":
+        return "BP (DDP)"
     return {"bp": "BP", "lc": f"LC({n})", "dni": f"DNI({n})", "cdni": f"cDNI({n})",
             "dgl": "DGL", "adgl": "async DGL",
             "pipe-bp": "pipelined BP" + (f" (M={microbatches})" if microbatches else ""),
@@ -82,26 +120,60 @@ def method_label(method: str, groups: int, microbatches=None, neuron_groups=None
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """Seeds aggregated per cell, with the speedup against BP."""
+    """Seeds aggregated per cell, with the speedups against BP on one worker and against DDP,
+    their memory beside the cell's, and a note where BP's whole net exceeds one device."""
     if runs.empty:
         return pd.DataFrame()
     grouped = runs.groupby(CELL, dropna=False, sort=False)
     table = grouped.agg(mean=("score", "mean"), std=("score", "std"), seeds=("seed", "nunique"),
-                        time_s=("time_s", "mean"), peak_mem_mib=("peak_mem_mib", "max"),
+                        time_s=("time_s", "mean"), wall_s=("wall_s", "mean"),
+                        peak_mem_mib=("peak_mem_mib", "max"),
+                        whole_net_mib=("whole_net_mib", "max"),
+                        device_mem_mib=("device_mem_mib", "min"),
                         metric=("metric", "first"), microbatches=("microbatches", "first"),
                         neuron_groups=("neuron_groups", "first")).reset_index()
-    bp = table[table["method"] == "bp"]
+    bp = table[(table["method"] == "bp") & (table["executor"] != "ddp")]
+    ddp = table[table["executor"] == "ddp"]
 
-    def speedup(row) -> float:
+    def one_worker_bp(row) -> pd.Series | None:
+        """BP in one process (the sequential executor), K where there is one."""
         same = bp[(bp["task"] == row["task"]) & (bp["model"] == row["model"])
-                  & (bp["executor"] == row["executor"])]
+                  & (bp["executor"] == "sequential")]
         exact = same[same["groups"] == row["groups"]]
-        base = (exact if len(exact) else same)["time_s"]
-        return base.iloc[0] / row["time_s"] if len(base) else math.nan
+        base = exact if len(exact) else same
+        return base.iloc[0] if len(base) else None
 
-    table["speedup"] = table.apply(speedup, axis=1)
-    rank = table["method"].map(lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
-    return (table.assign(_rank=rank).sort_values(["task", "model", "_rank", "groups", "executor"])
+    def same_k_ddp(row, threads: bool) -> pd.Series | None:
+        """DDP on the cell's K workers (with the same threads per rank where asked)."""
+        same = ddp[(ddp["task"] == row["task"]) & (ddp["model"] == row["model"])
+                   & (ddp["workers"] == row["workers"])]
+        if threads:
+            same = same[(same["threads"] == row["threads"])
+                        | (same["threads"].isna() & pd.isna(row["threads"]))]
+        return same.iloc[0] if len(same) else None
+
+    def baselines(row) -> pd.Series:
+        measured = row["executor"] in MEASURED
+        base, data_parallel = one_worker_bp(row), same_k_ddp(row, threads=True)
+        sized = same_k_ddp(row, threads=False)
+        whole = bp[(bp["task"] == row["task"]) & (bp["model"] == row["model"])]["whole_net_mib"].max()
+        return pd.Series({
+            "speedup": (base["wall_s" if measured else "time_s"] / row["time_s"]
+                        if base is not None else math.nan),
+            "speedup_ddp": (data_parallel["time_s"] / row["time_s"]
+                            if measured and data_parallel is not None else math.nan),
+            "bp_mem_mib": base["whole_net_mib"] if base is not None else math.nan,
+            "ddp_mem_mib": sized["peak_mem_mib"] if sized is not None else math.nan,
+            "note": (f"the whole net needs {whole:.0f} MiB (BP's stages), one device has "
+                     f"{row['device_mem_mib']:.0f}: no BP on one worker, no DDP"
+                     if whole > row["device_mem_mib"] else ""),
+        })
+
+    table = table.join(table.apply(baselines, axis=1))
+    order = [rule(m, e) for m, e in zip(table["method"], table["executor"])]
+    rank = [ORDER.index(r) if r in ORDER else len(ORDER) for r in order]
+    return (table.assign(_rank=rank).sort_values(["task", "model", "_rank", "groups", "workers",
+                                                  "executor"])
             .drop(columns="_rank").reset_index(drop=True))
 
 
@@ -141,14 +213,32 @@ def _pm(mean, std, digits=2) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if pd.notna(std) else "")
 
 
+def _times(value) -> str:
+    return f"{value:.2f}x" if pd.notna(value) else ""
+
+
+def _mib(value) -> str:
+    return f"{value:.1f}" if pd.notna(value) else ""
+
+
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
     """The table as text, one row per cell, in the papers' vocabulary."""
     out = []
     for _, r in table.iterrows():
         ran = pd.notna(r.get("mean"))
         groups = int(r["groups"]) if pd.notna(r["groups"]) else None
-        label = (method_label(r["method"], groups, r.get("microbatches"), r.get("neuron_groups"))
+        label = (method_label(r["method"], groups, r.get("microbatches"), r.get("neuron_groups"),
+                              r.get("executor"))
                  if groups else r.get("published_row", r["method"]))
+        workers = r.get("workers")
+        if pd.isna(workers) or not ran:
+            workers = ""
+        elif r.get("executor") == "sequential":
+            workers = f"{int(workers)} (modelled)"
+        else:
+            threads = r.get("threads")
+            workers = f"{int(workers)}" + (f" × {int(threads)} thread{'s' * (threads > 1)}"
+                                           if pd.notna(threads) else "")
         if ran:
             ours = _pm(r["mean"], r["std"]) + f" ({int(r['seeds'])})"
         elif r["model"] == "dgl-3layer-cnn":
@@ -158,12 +248,17 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
         out.append({
             "task": r["task"], "model": r["model"], "method": label,
             "K": str(groups) if groups else "", "executor": r.get("executor") or "",
+            "workers": workers,
             "metric": r["metric"], "ours (seeds)": ours,
             "published": _pm(r["published"], r["published_std"]) or "no published number",
             "Δ": f"{r['delta']:+.2f}" if pd.notna(r.get("delta")) else "",
             "time/epoch (s)": f"{r['time_s']:.2f}" if pd.notna(r.get("time_s")) else "",
-            "speedup vs BP": f"{r['speedup']:.2f}x" if pd.notna(r.get("speedup")) else "",
-            "peak mem/device (MiB)": f"{r['peak_mem_mib']:.1f}" if pd.notna(r.get("peak_mem_mib")) else "",
+            "speedup vs BP (1 worker)": _times(r.get("speedup")),
+            "speedup vs DDP (same ranks)": _times(r.get("speedup_ddp")),
+            "peak mem/device (MiB)": _mib(r.get("peak_mem_mib")),
+            "BP mem, 1 worker (MiB)": _mib(r.get("bp_mem_mib")),
+            "DDP mem/rank (MiB)": _mib(r.get("ddp_mem_mib")),
+            "note": r.get("note") if isinstance(r.get("note"), str) else "",
             "source": r.get("source") or "",
         })
     return pd.DataFrame(out)

@@ -1,0 +1,131 @@
+"""Data-parallel BP, the baseline a user with K workers would otherwise run: the whole net on
+each of K ranks, wrapped in torch's DistributedDataParallel (gloo on CPU, NCCL on CUDA),
+launched by torchrun as the distributed executor is. Run as
+``python -m bench.executors.ddp CONFIG.json``.
+
+Every rank draws the same global batch of ``--batch-size`` from the same seeded generator
+(the batches one-process BP sees) and trains on its slice of batch_size / K samples. DDP
+averages the gradients over the ranks during the backward pass, which, with equal slices, is
+the gradient of the mean loss over the global batch; every rank then takes the same SGD step.
+BatchNorm layers normalise with their own slice's statistics, and rank 0's running statistics
+are the ones broadcast and evaluated (DDP's default), so a net with BatchNorm learns slightly
+differently from one-process BP.
+
+Records as the distributed executor's: per rank (``stage`` = rank 1..K) its busy time by
+phase (the all-reduce runs inside ``backward_time_s``), ``wall_time_s`` and memory; for the
+whole run the slowest rank's ``epoch_time_s``, the training loss and accuracy averaged over
+the ranks, and rank 0's test figures.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from bench import prepare
+from bench.config import RunConfig
+from bench.measure import memory, timing
+from bench.measure.provenance import now
+from bench.records import RunFailed, save_weights
+from bench.schedule import LRSchedule, epoch_steps, scheduled
+
+from . import distributed, sequential
+
+
+def shards(batches, rank: int, world: int):
+    """Rank ``rank``'s slice of each global ``(x, y)`` batch (``world`` equal slices)."""
+    for x, y in batches:
+        size = x.shape[0] // world
+        yield x[rank * size:(rank + 1) * size], y[rank * size:(rank + 1) * size]
+
+
+@contextmanager
+def unwrapped(stage):
+    """The stage with its plain group in place of the DDP replica (evaluation on one rank,
+    weights without DDP's ``module.`` prefix)."""
+    replica = stage.group
+    stage.group = replica.module
+    try:
+        yield stage
+    finally:
+        stage.group = replica
+
+
+def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
+    """The body of one rank: its replica trained on its slices, rows gathered on rank 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg.workers:
+        raise ValueError(f"torchrun started {world} ranks for --workers {cfg.workers}")
+    device = distributed.device_for(int(os.environ.get("LOCAL_RANK", rank)), cfg)
+    prep = prepare.prepare(cfg, stage=0, device=device, cuts=cuts)
+    cfg, task = prep.cfg, prep.task
+    record = prepare.open_record(prep) if rank == 0 else None
+    costs = prepare.static_rows(prep) if rank == 0 else {}
+    (stage,) = prep.stages
+    stage.group = DistributedDataParallel(
+        stage.group, device_ids=[device] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True)  # the gradients live in DDP's buckets, not beside them
+    timer = timing.PhaseTimer(device)
+    stage.phase = timer
+    probe = memory.ActivationProbe(stage)
+    label = str(rank + 1)
+    shard = cfg.batch_size // world
+    test_batch = prepare.eval_batch_size(cfg, task)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, task.steps(cfg.batch_size))
+    for epoch, steps in enumerate(plan, 1):
+        memory.reset_device_peaks(device)
+        prepare.reset_states([stage], shard)
+        batches = scheduled(shards(task.train_batches(cfg.batch_size, generator), rank, world),
+                            [stage], schedule, sum(plan[:epoch - 1]), steps)
+        dist.barrier()
+        seconds = sequential.train_epoch(
+            [stage], batches, device=device, total=steps, progress=progress and rank == 0,
+            desc=f"epoch {epoch}/{len(plan)}",
+            first_batch=(lambda: probe) if epoch == 1 else nullcontext)
+        phases = timer.pop()
+        rows = {(label, f"{name}_time_s"): v for name, v in phases.items()}
+        rows[label, "busy_time_s"] = sum(phases.values())
+        rows[label, "wall_time_s"] = seconds
+        if epoch == 1:
+            rows.update({(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()})
+            rows.update(costs)
+        rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
+        trained = stage.pop_metrics()  # of this rank's slices
+        if rank == 0:
+            prepare.reset_states([stage], test_batch)
+            with unwrapped(stage):
+                rows.update(sequential.evaluate([stage], task.test_batches(test_batch),
+                                                prepare.classification_loss))
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object((label, trained, rows), gathered, dst=0)
+        if rank == 0:
+            merged = {key: value for _, _, part in gathered for key, value in part.items()}
+            for metric in trained:  # equal slices: the global batch's mean is the ranks' mean
+                merged["", metric] = sum(t[metric] for _, t, _ in gathered) / world
+            wall = max(part[rank_label, "wall_time_s"] for rank_label, _, part in gathered)
+            merged["", "epoch_time_s"] = wall
+            merged["", "samples_per_s"] = steps * cfg.batch_size / wall
+            record.add(epoch, merged)
+            if not math.isfinite(merged["", "train_loss"]):
+                record.update(status="diverged", ended=now(),
+                              error=f"non-finite training loss at epoch {epoch}")
+                raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+    if cfg.save_weights and rank == 0:
+        with unwrapped(stage):
+            save_weights(prepare.run_folder(cfg), "1", stage)
+    dist.barrier()
+    if rank == 0:
+        record.update(status="ok", ended=now())
+
+
+def main(argv: list[str] | None = None) -> None:
+    distributed.main(argv, executor="ddp", body=worker)
+
+
+if __name__ == "__main__":
+    main()
