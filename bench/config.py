@@ -119,11 +119,10 @@ class RunConfig:
         return RunConfig(**values)
 
     def key(self) -> dict:
-    #: ... nor how often its state is saved: none of them is part of the run's key
-    UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every")
-    #: fields added after runs were recorded: left out of the key at these defaults, so that
-    #: the ids of earlier runs stay the same (and their sweeps resume)
-    LATER_FIELDS = {"workers": None}
+        """The fields that determine the results (where they go, how often they are saved,
+        and later fields at their defaults excluded)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.UNKEYED_FIELDS
+                and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])}
 
     @property
     def run_id(self) -> str:
