@@ -72,7 +72,7 @@ reproduce-table2: $(STAMP) data
 plot: $(STAMP)
 	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	$(BIN)/python -m bench.perf.benchmark
 
 clean:

@@ -18,7 +18,7 @@ from methods.base import TrainOptions, match_targets
 from . import checkpoint, models
 from .config import LAUNCHED, RunConfig, UsageError, ranks, ranks_per_layer
 from .data import tasks
-from .measure import submodels
+from .measure import profile, submodels
 from .measure.provenance import now, provenance
 from .models import paper, rnn, slicing, split
 from .records import RunRecord, read_json
@@ -78,15 +78,15 @@ class _PassThrough(nn.Module):
         return x * self.scale
 
 
-def local_seconds(cfg: RunConfig, shape: tuple, classes: int) -> float:
-    """Measured seconds of one batch of the rule's local work on features of per-sample
-    ``shape``: a stage of a do-nothing group and the rule's local module, through its
-    forward and (with a random message) its upstream update."""
+def local_work(cfg: RunConfig, shape: tuple, classes: int, batch_size: int):
+    """One batch of the rule's local work on features of per-sample ``shape``, as a callable:
+    a stage of a do-nothing group and the rule's local module, through its forward and
+    (with a random message) its upstream update, as the rule runs them."""
     last = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
     stage = methods.build_stages(cfg.method, [_PassThrough(), last], [shape, (classes,)], classes,
                                  classification_loss, train_options(cfg), cfg.options)[0]
-    x = torch.randn(cfg.batch_size, *shape)
-    y = torch.randint(classes, (cfg.batch_size,))
+    x = torch.randn(batch_size, *shape)
+    y = torch.randint(classes, (batch_size,))
     message = {"gradient": x, "loss": y.float(), None: None}[stage.upstream]
     batch = iter(range(1 << 30))
 
@@ -96,7 +96,17 @@ def local_seconds(cfg: RunConfig, shape: tuple, classes: int) -> float:
         if message is not None:
             stage.receive(t, message)
 
-    return split.seconds(work)
+    return work
+
+
+def local_cost(cfg: RunConfig, shape: tuple, classes: int) -> float:
+    """What the rule's local work on features of ``shape`` adds to a stage, in the units of
+    the split: training FLOPs per sample (forward and backward, counted as the rule runs
+    them) or measured seconds of a batch."""
+    if cfg.split == "time":
+        return split.seconds(local_work(cfg, shape, classes, cfg.batch_size))
+    batch = 2 * cfg.options.get("microbatches", 1)  # two samples (per micro-batch) suffice
+    return profile.count_work_flops(local_work(cfg, shape, classes, batch)) / batch
 
 
 def train_options(cfg: RunConfig) -> TrainOptions:
@@ -141,11 +151,11 @@ def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | No
     model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
     if cuts is None and cfg.cuts is None and cfg.split == "paper" and cfg.groups > 1:
         cuts = paper_cuts(cfg.model, cfg.groups)
-    timed = lambda shape: local_seconds(cfg, shape, classes)  # noqa: E731
+    local = lambda shape: local_cost(cfg, shape, classes)  # noqa: E731
     with torch_threads(threads_per_rank(cfg)):  # time the blocks as the ranks will run them
         cuts = split.resolve_cuts(model, cfg.groups, input_shape=input_shape, by=cfg.split,
                                   cuts=cfg.cuts if cuts is None else cuts,
-                                  batch_size=cfg.batch_size, local_seconds=timed)
+                                  batch_size=cfg.batch_size, local_cost=local)
     if cfg.method == "gn":
         torch.manual_seed(cfg.seed)
         model = models.build_model(cfg.model, input_shape, classes, width=cfg.width,

@@ -60,6 +60,18 @@ def sgd(params, opts: TrainOptions) -> torch.optim.SGD:
     )
 
 
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``module``'s parameters to run it with (``torch.func.functional_call``) when
+    the pass is kept for a later update: the module may step before that update comes."""
+    return {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
+
+
+def take_grads(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """The gradients found on ``snapshot`` copies, as ``module``'s own."""
+    for name, p in module.named_parameters():
+        p.grad = weights[name].grad
+
+
 class Stage:
     """Layer group ``index`` (0-based) of ``count`` under a learning rule."""
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call
 
 from . import modules
-from .base import Stage
+from .base import Stage, snapshot, take_grads
 
 
 @dataclass
@@ -28,7 +29,8 @@ class DNIOptions:
 
 class DNIStage(Stage):
     """f_k steps on h_k.backward(M_k(h_k)) at once; M_k regresses (L2) on the target
-    J_{k+1}^T M_{k+1}(h_{k+1}) (the true gradient for the last synthesizer)."""
+    J_{k+1}^T M_{k+1}(h_{k+1}) (the true gradient for the last synthesizer), from the same
+    forward pass, kept until the target comes."""
 
     upstream = "gradient"
     conditioned = False
@@ -44,13 +46,13 @@ class DNIStage(Stage):
             self.synth_optimizer = torch.optim.Adam(self.synth.parameters(),
                                                     lr=options.synth_lr)
 
-    def _synthetic(self, h, y):
-        return self.synth(h, y if self.conditioned else None)
+    def _label(self, y):
+        return y if self.conditioned else None
 
     @torch.no_grad()
     def synthetic_gradient(self, h, y):
         """The rule's estimate of dL/dh of the mean batch loss (what the group steps on)."""
-        return self._synthetic(h, y) / y.shape[0]
+        return self.synth.gradient(h, self._label(y)) / y.shape[0]
 
     def forward(self, batch, x, y):
         n = y.shape[0]
@@ -61,21 +63,20 @@ class DNIStage(Stage):
         x = x.requires_grad_() if keep_input else x
         with self.phase("forward"):
             h = self.group(x)
-            with torch.no_grad():
-                synthetic = self._synthetic(h.detach(), y)
-        self.backward(h, synthetic / n)
+            weights = snapshot(self.synth)  # the pass is kept for the synthesizer's update
+            output = functional_call(self.synth, weights, (h.detach(), self._label(y)))
+        self.backward(h, output.detach() * self.synth.scale / n)
         self.step(self.optimizer)
-        h = h.detach()
-        self.kept[batch] = (h, y)
-        return h, (x.grad * n if keep_input else None)
+        self.kept[batch] = (output, weights)
+        return h.detach(), (x.grad * n if keep_input else None)
 
     def receive(self, batch, message):
-        h, y = self.kept.pop(batch)
-        with self.phase("forward"):
-            loss = self.synth.fit_loss(h, y if self.conditioned else None, message)
-        self.backward(loss)
+        output, weights = self.kept.pop(batch)
+        loss = self.synth.fit_loss(output, message)
+        self.backward(loss, inputs=list(weights.values()))
+        take_grads(self.synth, weights)
         self.step(self.synth_optimizer)
-        self.tally(y.shape[0], synth_loss=loss)
+        self.tally(output.shape[0], synth_loss=loss)
 
     def modules(self):
         return [self.group] + ([self.synth] if self.synth is not None else [])

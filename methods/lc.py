@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call
 
 from . import modules
-from .base import Stage
+from .base import Stage, snapshot, take_grads
 
 
 @dataclass
@@ -20,7 +21,9 @@ class LCOptions:
 
 class LCStage(Stage):
     """f_k steps on dL_k/dθ_k only, L_k = CE(c_k(h_k), y); c_k steps on
-    mean |L_k - L_{k+1}| when L_{k+1} (per sample, detached) arrives from below."""
+    mean |L_k - L_{k+1}| when L_{k+1} (per sample, detached) arrives from below. The
+    critic's forward runs once per batch: its pass (on copies of its weights) is kept until
+    the message comes."""
 
     upstream = "loss"
 
@@ -40,22 +43,25 @@ class LCStage(Stage):
             return None, (per_sample if self.index > 0 else None)
         with self.phase("forward"):
             h = self.group(x)
-            logits = self.critic(h)
+            h_in = h.detach().requires_grad_()
+            weights = snapshot(self.critic)
+            logits = functional_call(self.critic, weights, (h_in,))
             per_sample = self.criterion(logits, y)
-        self.backward(per_sample.mean(), inputs=list(self.group.parameters()))
+        with self.phase("backward"):  # the critic's pass is kept for its own update
+            per_sample.mean().backward(inputs=[h_in], retain_graph=True)
+            h.backward(h_in.grad)
         self.step(self.optimizer)
         self.record(logits, y, per_sample)
-        h = h.detach()
-        self.kept[batch] = (h, y)
-        return h, (per_sample.detach() if self.index > 0 else None)
+        self.kept[batch] = (per_sample, weights)
+        return h.detach(), (per_sample.detach() if self.index > 0 else None)
 
     def receive(self, batch, message):
-        h, y = self.kept.pop(batch)
-        with self.phase("forward"):
-            loss = (self.criterion(self.critic(h), y) - message).abs().mean()
-        self.backward(loss)
+        per_sample, weights = self.kept.pop(batch)
+        loss = (per_sample - message).abs().mean()
+        self.backward(loss, inputs=list(weights.values()))
+        take_grads(self.critic, weights)
         self.step(self.critic_optimizer)
-        self.tally(y.shape[0], critic_loss=loss)
+        self.tally(per_sample.shape[0], critic_loss=loss)
 
     @torch.no_grad()
     def critic_loss(self, h, y):

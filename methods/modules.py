@@ -67,8 +67,9 @@ class Synthesizer(nn.Module):
     step for one label per step). Vectors take linear layers; sequences linear layers at
     every step, without BatchNorm.
 
-    Scale: the network regresses on targets divided by ``scale``, a running RMS (per element)
-    of the targets it has been fitted to, and ``M(h)`` is its output times ``scale``. So the
+    Scale: the network (``forward``) regresses on targets divided by ``scale``, a running RMS
+    (per element) of the targets it has been fitted to, and ``M(h)`` (``gradient``) is its
+    output times ``scale``. So the
     regression targets are O(1) per element whatever the gradients' scale: Adam moves the
     zero-initialised output layer by about its learning rate per step whatever the target's
     scale, and raw targets of ~1e-4 per element (wide conv feature maps) are overshot a
@@ -100,20 +101,20 @@ class Synthesizer(nn.Module):
         self.conv = conv
         self.register_buffer("scale", torch.zeros(()))  # 0: no target seen yet
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def gradient(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The predicted gradient M(h[, y]), in the units of the targets."""
-        return self.normalised(h, y) * self.scale
+        return self(h, y) * self.scale
 
-    def fit_loss(self, h: torch.Tensor, y: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
-        """The L2 regression loss toward ``target``, both divided by the running RMS of the
-        targets (updated with this one first)."""
+    def fit_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The L2 regression loss of the network's ``output`` (``forward``) toward ``target``
+        divided by the running RMS of the targets (updated with this one first)."""
         rms = target.detach().pow(2).mean().sqrt()
         with torch.no_grad():  # the first nonzero target sets the scale
             self.scale.copy_(torch.where(self.scale > 0, self.scale + self.SCALE_MOMENTUM * (rms - self.scale),
                                          rms))
-        return nn.functional.mse_loss(self.normalised(h, y), target / self.scale.clamp_min(1e-30))
+        return nn.functional.mse_loss(output, target / self.scale.clamp_min(1e-30))
 
-    def normalised(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The network's own output: the gradient divided by ``scale``."""
         z = self.first(h)
         if self.label is not None:

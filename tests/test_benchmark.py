@@ -79,7 +79,9 @@ def test_speedups_against_bp_in_one_process_and_ddp_on_the_same_ranks(monkeypatc
         seen.append(cfg)
         name = "ddp" if cfg.executor == "ddp" else cfg.method
         faster = 2 if name == "lc" and cfg.experiment.endswith("-1") else 1  # round 2
-        return {"samples_per_s": rate[name] * faster, "wall_over_modelled": 1.1}
+        busy = {"bp": 10.0, "ddp": 14.0, "lc": 12.0}[name]  # sum of the stages' busy seconds
+        return {"samples_per_s": rate[name] * faster, "wall_over_modelled": 1.1, "busy_s": busy,
+                "epoch_time_s": 1280 / (rate[name] * faster), "modelled_time_s": 5.0}
 
     monkeypatch.setattr(speedup, "measure_run", measure_run)
     rows = speedup.run_speedups(contenders=[("lc", {})], rounds=2, progress=lambda _: None)
@@ -91,5 +93,12 @@ def test_speedups_against_bp_in_one_process_and_ddp_on_the_same_ranks(monkeypatc
     assert got["ddp"]["speedup"] == pytest.approx(1.5)
     assert got["lc"]["speedup"] == pytest.approx(statistics.median([1.8, 3.6]))
     assert got["lc"]["speedup_ddp"] == pytest.approx(statistics.median([1.2, 2.4]))
+    assert {c.task for c in seen} == {"fashion-mnist"} and {c.split for c in seen if c.method == "lc"} == {"flops"}
+    assert got["lc"]["bound"] == pytest.approx(2 * 10 / 12)  # K T_BP / sum t_k
+    assert got["lc"]["efficiency"] == pytest.approx(got["lc"]["speedup"] / (20 / 12))
+    assert got["lc"]["speedup_modelled"] == pytest.approx(12.8 / 5.0)  # BP's time / modelled
+    assert speedup.bound("pipe-bp", {"microbatches": 4}, 2, 10.0, 10.0) == pytest.approx(2 * 4 / 5)
     table = speedup.format_table(rows)
-    assert "vs DDP" in table and len(table.splitlines()) == 3 + 3
+    assert "vs DDP" in table and "bound" in table and "effic." in table
+    assert "lc >= 0.9 x bound x 0.94 = 1.41x: 2.70x ok" in table
+    assert "LC >= 1.4x BP: 2.70x ok" in table

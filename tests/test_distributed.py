@@ -106,14 +106,16 @@ def test_records_keep_the_schema_with_figures_per_rank(tmp_path):
     assert info["status"] == "ok" and info["config"]["executor"] == "distributed"
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_pipelined_bp_ends_with_the_parameters_of_sequential_bp(schedule, tmp_path):
-    """torch.distributed.pipelining, 2 ranks, 4 micro-batches, against one-process BP on a
-    model without BatchNorm (micro-batches then change nothing but rounding)."""
+@pytest.mark.parametrize("method", [["pipe-bp", "-o", "schedule=gpipe"],
+                                    ["pipe-bp", "-o", "schedule=1f1b"], ["bp"]])
+def test_pipelined_and_plain_bp_on_ranks_end_with_the_parameters_of_sequential_bp(method, tmp_path):
+    """torch.distributed.pipelining, 2 ranks, 4 micro-batches, and BP on 2 ranks with each
+    next input received while a batch is computed, against one-process BP on a model without
+    BatchNorm (micro-batches then change nothing but rounding)."""
     args = ["--task", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
             "--limit-train", "384", "--save-weights", "--quiet"]
     assert lcbench("--method", "bp", *args, "--out", str(tmp_path / "bp")).returncode == 0
-    result = lcbench("--method", "pipe-bp", "-o", f"schedule={schedule}", *args,
+    result = lcbench("--method", *method, *args,
                      "--executor", "distributed", "--out", str(tmp_path / "pipe"))
     assert result.returncode == 0, result.stderr
     expected, actual = weights(tmp_path / "bp"), weights(tmp_path / "pipe")

@@ -146,6 +146,90 @@ def test_lc_group_and_critic_updates_equal_hand_computed():
     assert_all_close(params(stages[1].critic), expected["c1"])
 
 
+def _two_forward_reference(method, groups, locals_, batches, local_lr):
+    """The rule as it was written before the forward pass of the local module was kept:
+    the group steps on a pass of the local module, which runs again for its own update when
+    the message comes (plain torch: SGD for the groups, Adam for the local modules)."""
+    sgd = [torch.optim.SGD(g.parameters(), lr=OPTS.lr, momentum=OPTS.momentum, nesterov=True,
+                           weight_decay=OPTS.weight_decay) for g in groups]
+    adam = [torch.optim.Adam(m.parameters(), lr=local_lr) for m in locals_]
+    for x, y in batches:
+        hs, messages = [x], {}
+        for k, g in enumerate(groups[:-1]):
+            xin = hs[-1].detach().requires_grad_(k > 0)
+            h = g(xin)
+            if method == "lc":
+                per_sample = F.cross_entropy(locals_[k](h), y, reduction="none")
+                grads = torch.autograd.grad(per_sample.mean(), list(g.parameters()))
+                messages[k - 1] = per_sample.detach()
+            else:
+                synthetic = locals_[k].gradient(h.detach()).detach()
+                weights = list(g.parameters())
+                grads = torch.autograd.grad(h, weights + [xin] * (k > 0), grad_outputs=synthetic / BATCH)
+                if k > 0:
+                    messages[k - 1] = grads[-1] * BATCH
+                grads = grads[:len(weights)]
+            for p, gr in zip(g.parameters(), grads):
+                p.grad = gr
+            sgd[k].step()
+            sgd[k].zero_grad()
+            hs.append(h.detach())
+        h = hs[-1].detach().requires_grad_()
+        per_sample = F.cross_entropy(groups[-1](h), y, reduction="none")
+        per_sample.mean().backward()
+        messages[len(groups) - 2] = per_sample.detach() if method == "lc" else h.grad * BATCH
+        sgd[-1].step()
+        sgd[-1].zero_grad()
+        for k in reversed(range(len(groups) - 1)):
+            if method == "lc":
+                loss = (F.cross_entropy(locals_[k](hs[k + 1]), y, reduction="none")
+                        - messages[k]).abs().mean()
+            else:
+                loss = locals_[k].fit_loss(locals_[k](hs[k + 1]), messages[k])
+            loss.backward()
+            adam[k].step()
+            adam[k].zero_grad()
+
+
+@pytest.mark.parametrize("method", ["lc", "dni"])
+def test_one_forward_of_the_local_module_updates_as_two_did(method):
+    """LC's critic and DNI's synthesizer run forward once per batch, their own update using
+    that pass: over a few batches every weight equals the two-forward rule's."""
+    batches = [data(seed) for seed in (2, 3, 4)]
+    groups = mlp_groups(3)
+    stages = stages_for(method, groups, **{f"{'critic' if method == 'lc' else 'synth'}_lr": 1e-3})
+    locals_ = [s.critic if method == "lc" else s.synth for s in stages[:2]]
+    for m in locals_:
+        _randomise(m, 9)
+        if method == "dni":
+            m.scale.zero_()
+    ref_groups, ref_locals = copy.deepcopy(groups), copy.deepcopy(locals_)
+    for t, (x, y) in enumerate(batches):
+        train_step(stages, t, x, y)
+    _two_forward_reference(method, ref_groups, ref_locals, batches, 1e-3)
+    for mine, theirs in [*zip(groups, ref_groups), *zip(locals_, ref_locals)]:
+        assert_all_close(params(mine), params(theirs))
+    assert not any(s.kept for s in stages)
+
+
+@pytest.mark.parametrize("method", ["lc", "dni"])
+def test_a_kept_pass_survives_an_update_of_its_module_before_its_message(method):
+    """On ranks a stage runs batch t+1 before batch t's message comes, and batch t-1's
+    message steps the local module in between: the kept pass was run on copies of the weights."""
+    groups = mlp_groups(2)
+    stage = stages_for(method, groups)[0]
+    (x0, y0), (x1, y1) = data(2), data(3)
+    message = (lambda x, y: torch.rand(BATCH)) if method == "lc" else (lambda x, y: torch.randn(BATCH, DIM))
+    stage.forward(0, x0, y0)
+    stage.forward(1, x1, y1)
+    local = stage.critic if method == "lc" else stage.synth
+    before = params(local)
+    stage.receive(0, message(x0, y0))
+    assert any(not torch.equal(a, b) for a, b in zip(params(local), before))
+    stage.receive(1, message(x1, y1))  # its pass was run before the step above
+    assert not stage.kept
+
+
 def test_lc_critic_untouched_by_its_own_loss_before_the_message():
     x, y = data()
     groups = mlp_groups(2)
@@ -179,7 +263,7 @@ def test_dni_targets_are_bootstrapped_gradients(method):
     m1 = copy.deepcopy(stages[1].synth)
     h1 = f[0](x).detach().requires_grad_()
     h2 = f[1](h1)
-    synthetic = m1(h2.detach(), y if method == "cdni" else None).detach()
+    synthetic = m1.gradient(h2.detach(), y if method == "cdni" else None).detach()
     (target_0,) = torch.autograd.grad(h2, h1, grad_outputs=synthetic)
     h2 = h2.detach().requires_grad_()
     (target_1,) = torch.autograd.grad(F.cross_entropy(f[2](h2), y, reduction="sum"), h2)
@@ -199,7 +283,7 @@ def test_dni_group_steps_on_synthetic_gradient():
     _randomise(stages[0].synth, 3)
     f, m = copy.deepcopy(groups[0]), copy.deepcopy(stages[0].synth)
     h = f(x)
-    grads = torch.autograd.grad(h, list(f.parameters()), grad_outputs=m(h.detach()).detach() / BATCH)
+    grads = torch.autograd.grad(h, list(f.parameters()), grad_outputs=m.gradient(h.detach()).detach() / BATCH)
     expected = [sgd_first_step(p.detach(), g) for p, g in zip(f.parameters(), grads)]
     train_step(stages, 0, x, y)
     assert_all_close(params(groups[0]), expected)
@@ -213,9 +297,8 @@ def test_dni_synthesizer_fits_targets_divided_by_their_running_rms():
     _randomise(stage.synth, 5)
     stage.synth.scale.zero_()  # nothing fitted yet
     net = copy.deepcopy(stage.synth)
-    net.scale.fill_(1.0)  # the network's own output
+    h = copy.deepcopy(stage.group)(x).detach()
     stage.forward(0, x, y)
-    h = stage.kept[0][0].clone()
     g = torch.Generator().manual_seed(6)
     message = 1e-4 * torch.randn(h.shape, generator=g)
     rms = message.pow(2).mean().sqrt()
@@ -229,7 +312,7 @@ def test_dni_synthesizer_fits_targets_divided_by_their_running_rms():
     stage.receive(1, 3 * message)
     torch.testing.assert_close(stage.synth.scale, rms + 0.01 * (3 * rms - rms))
     torch.testing.assert_close(stage.synthetic_gradient(h, y),
-                               stage.synth.scale * stage.synth.normalised(h) / BATCH)
+                               stage.synth.scale * stage.synth(h) / BATCH)
 
 
 def test_dni_synthesizer_scale_is_set_by_the_first_nonzero_target():
@@ -237,9 +320,9 @@ def test_dni_synthesizer_scale_is_set_by_the_first_nonzero_target():
     still zero: it must not fix the scale."""
     synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=4)
     h = torch.randn(BATCH, DIM)
-    assert synth.fit_loss(h, None, torch.zeros(BATCH, DIM)) == 0 and synth.scale == 0
+    assert synth.fit_loss(synth(h), torch.zeros(BATCH, DIM)) == 0 and synth.scale == 0
     target = torch.full((BATCH, DIM), -3e-5)
-    synth.fit_loss(h, None, target)
+    synth.fit_loss(synth(h), target)
     torch.testing.assert_close(synth.scale, torch.tensor(3e-5))
 
 
@@ -256,11 +339,11 @@ def test_dni_synthesizer_fit_does_not_depend_on_the_targets_scale():
         synth.scale.zero_()
         opt = torch.optim.Adam(synth.parameters(), lr=1e-3)
         for _ in range(20):
-            loss = synth.fit_loss(h, None, c * target)
+            loss = synth.fit_loss(synth(h), c * target)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        predictions.append(synth(h).detach() / c)
+        predictions.append(synth.gradient(h).detach() / c)
     torch.testing.assert_close(predictions[1], predictions[0])
 
 
@@ -274,7 +357,7 @@ def test_cdni_synthesizer_sees_labels_dni_does_not():
         _randomise(stage.synth, 4)
         stage.synth.eval()
         with torch.no_grad():
-            outputs[method] = (stage._synthetic(h, y1), stage._synthetic(h, y2))
+            outputs[method] = (stage.synth.gradient(h, y1), stage.synth.gradient(h, y2))
     assert torch.equal(*outputs["dni"])
     assert not torch.allclose(*outputs["cdni"])
 

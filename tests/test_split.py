@@ -184,7 +184,39 @@ def test_split_by_measured_time_charges_the_local_module(monkeypatch):
     monkeypatch.setattr("bench.models.split.seconds", lambda work: 1.0)
     shapes = {}
     cuts = resolve_cuts(model, 2, input_shape=CIFAR, by="time",
-                        local_seconds=lambda shape: shapes.setdefault(shape, 3.0))
+                        local_cost=lambda shape: shapes.setdefault(shape, 3.0))
     assert cuts == [1]  # 1 block + 3 vs 4 blocks
-    assert set(shapes) == {(16, 32, 32), (32, 16, 16), (64, 8, 8), (10,)}
+    assert set(shapes) == {(16, 32, 32), (32, 16, 16), (64, 8, 8)}  # the classifier has none
     assert resolve_cuts(model, 2, input_shape=CIFAR, by="time") == [2]  # no local work: 2 | 3 blocks
+
+
+def test_split_by_flops_charges_each_stage_its_training_flops_and_local_work():
+    """A stage costs its blocks forward and backward (3x their forward FLOPs) plus, where it is
+    not the last, the rule's local work on its output: a dear local module after the early,
+    wide blocks pushes the cut to where it is cheaper."""
+    model = build_model("resnet8", CIFAR, 10)
+    forward = block_costs(model, CIFAR, "flops")
+    local = {(16, 32, 32): 10 * sum(forward), (32, 16, 16): 0.0, (64, 8, 8): 0.0}
+    cuts = resolve_cuts(model, 2, input_shape=CIFAR, local_cost=lambda shape: local[shape])
+    shapes = [tuple(s) for s in group_output_shapes(list(model), CIFAR)]
+    ends = [local.get(s, 0.0) for s in shapes[:-1]] + [0.0]
+    assert cuts == balanced_cuts([3 * c for c in forward], 2, ends) != resolve_cuts(model, 2, input_shape=CIFAR)
+    assert shapes[cuts[0] - 1] != (16, 32, 32)
+
+
+def test_local_cost_counts_the_rules_own_local_work():
+    """Training FLOPs per sample of the local module, as each rule runs it: LC's critic forward
+    once, backward to its input and to its weights (its linear layer's input gradient twice);
+    none for backprop."""
+    from bench.config import RunConfig
+    from bench.prepare import local_cost
+    shape = (16, 32, 32)
+    critic_forward = 2 * 9 * 16 * 128 * 32 * 32 + 2 * 128 * 32 * 32 * 10
+    linear_input_grad = 2 * 128 * 32 * 32 * 10
+    lc = local_cost(RunConfig(method="lc").validated(), shape, 10)
+    assert lc == 3 * critic_forward + linear_input_grad
+    for method in ("bp", "pipe-bp"):
+        assert local_cost(RunConfig(method=method).validated(), shape, 10) == 0
+    synth_forward = 2 * 25 * 128 * 32 * 32 * (16 + 128 + 16)
+    dni = local_cost(RunConfig(method="dni").validated(), shape, 10)
+    assert 2 * synth_forward < dni < 3 * synth_forward  # no input gradient into its first conv

@@ -39,6 +39,19 @@ def test_costs_count_each_group_head_and_sub_model_by_hand():
         + rows["3", "group_flops"]]
 
 
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_costs_count_the_synthesizer_as_a_local_module_without_a_sub_model(method):
+    torch.manual_seed(0)
+    groups = [nn.Sequential(nn.Linear(6, 5), nn.ReLU()), nn.Sequential(nn.Linear(5, 3))]
+    stages = methods.build_stages(method, groups, [(5,), (3,)], 3, classification_loss,
+                                  TrainOptions(), {"synth_filters": 7})
+    rows = submodels.costs(stages, (6,))
+    linear = lambda a, b: 2 * a * b  # noqa: E731
+    assert rows["1", "local_flops"] == linear(5, 7) + linear(7, 7) + linear(7, 5)  # the label: a lookup
+    assert rows["1", "local_params"] == sum(p.numel() for p in stages[0].synth.parameters())
+    assert ("1", "submodel_flops") not in rows and ("2", "local_flops") not in rows
+
+
 def logits_of(predictions, classes=3, confidence=5.0):
     """Logits whose argmax is ``predictions`` with a chosen margin."""
     z = torch.zeros(len(predictions), classes)

@@ -127,6 +127,7 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     smoke = sweep.load_spec(SPEC, "smoke")
     assert {c.task for c in smoke} == {"fashion-mnist", "seq-fashion-mnist"} and {c.seed for c in smoke} == {0}
     assert {c.method for c in smoke} == {"bp", "pipe-bp", "dni", "cdni", "dgl", "lc", "gn"}
+    assert {c.method for c in smoke if c.executor == "distributed"} == {"pipe-bp", "dni", "dgl", "lc"}
     for spec in (paper, smoke):  # DDP beside BP, and decoupled rules on as many ranks
         ddp = {(c.task, c.model, c.workers) for c in spec if c.executor == "ddp"}
         bp = {(c.task, c.model) for c in spec if c.method == "bp" and c.executor == "sequential"}
@@ -227,3 +228,44 @@ def test_ordering_ranks_ours_and_the_published_cells_and_counts_pairs_ranked_ali
         "2 of 3 pairs ranked alike"]
     perplexity = numbers.assign(metric="test perplexity", task="ptb", model="lstm-lm")
     assert orderings(perplexity)[0].startswith("ptb, lstm-lm: ours LC(3) > DNI(3) > BP;")
+
+
+def test_time_is_steady_and_each_parallel_rule_stands_beside_its_bound(tmp_path):
+    """The first epoch warms up and is left out; a decoupled cell's bound is K T_BP / sum t_k
+    from the busy times, pipelined BP's times the bubble M / (M + K - 1)."""
+    from dataclasses import asdict
+
+    from bench.config import RunConfig
+    from bench.records import RunRecord
+    from bench.report import table as tables
+
+    def run(epochs, **config):
+        cfg = RunConfig(task="cifar10", experiment="table2", out=str(tmp_path), **config).validated()
+        info = {"run_id": cfg.run_id, "status": "ok", "config": asdict(cfg), "provenance": {}}
+        record = RunRecord(tmp_path / "table2" / cfg.run_id, {**asdict(cfg), "run_id": cfg.run_id}, info)
+        record.start()
+        for epoch, (wall, modelled, busy) in enumerate(epochs, 1):
+            rows = {("", "test_acc"): 0.5, ("", "epoch_time_s"): wall, ("", "modelled_time_s"): modelled}
+            rows.update({(str(k + 1), "busy_time_s"): b for k, b in enumerate(busy)})
+            record.add(epoch, rows)
+        record.update(status="ok")
+
+    run([(60, 60, [30, 30]), (10, 10, [5, 5]), (12, 12, [6, 6]), (11, 11, [5.5, 5.5])],
+        method="bp", model="resnet20")
+    run([(50, 40, [20, 14]), (6, 6.5, [7, 5]), (6.2, 6.5, [7, 5])],
+        method="lc", model="resnet20", executor="distributed", threads=1)
+    run([(9, 9, [6, 6]), (8, 8, [6, 6])], method="pipe-bp", model="resnet20",
+        options={"microbatches": 4})
+    numbers, text = tables.build("table2", tmp_path)
+    cell = {r.method: r for r in numbers[numbers["mean"].notna()].itertuples()}
+    assert cell["bp"].time_s == 11 and cell["bp"].busy_s == 11  # median of epochs 2..4
+    lc = cell["lc"]
+    assert lc.time_s == pytest.approx(6.1) and lc.speedup == pytest.approx(11 / 6.1)
+    assert lc.speedup_modelled == pytest.approx(11 / 6.5)
+    assert lc.bound == pytest.approx(2 * 11 / 12) and lc.efficiency == pytest.approx((11 / 6.1) / (22 / 12))
+    assert cell["pipe-bp"].bound == pytest.approx(2 * 11 / 12 * 4 / 5)
+    assert math.isnan(cell["bp"].bound)
+    rows = {r["method"]: r for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"}
+    assert rows["LC(1)"]["time/epoch (s)"] == "6.10 measured"
+    assert rows["BP"]["time/epoch (s)"] == "11.00 modelled"
+    assert rows["LC(1)"]["bound"] == "1.83x" and rows["LC(1)"]["efficiency"] == "0.98"

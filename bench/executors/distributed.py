@@ -66,14 +66,21 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
         if reply is not None and k > 0:
             links.send(reply, k - 1)
 
+    def post_input():  # the next batch's input travels while this one is computed
+        return (links.irecv((batch_size, *in_shape), dtype, device, k - 1),
+                links.irecv((batch_size, *y_shape), torch.int64, device, k - 1))
+
+    ahead = post_input() if k > 0 and steps else None
     for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch", file=sys.stdout):
         on_step(t)
         with probe if probe is not None and t < 2 else nullcontext():
             if k == 0:
                 x, y = next(batches)
             else:
-                x = links.recv((batch_size, *in_shape), dtype, device, k - 1)
-                y = links.recv((batch_size, *y_shape), torch.int64, device, k - 1)
+                (x_work, x), (y_work, y) = ahead
+                ahead = post_input() if t + 1 < steps else None
+                links.wait(x_work)
+                links.wait(y_work)
             h, up = stage.forward(t, x, y)
             if h is not None:
                 links.send(h, k + 1)

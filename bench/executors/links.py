@@ -27,9 +27,14 @@ class Links:
         work.wait()
         self.idle += time.perf_counter() - start
 
-    def recv(self, shape, dtype, device, src: int) -> torch.Tensor:
+    def irecv(self, shape, dtype, device, src: int):
+        """``(work, buffer)``: a receive posted now, to be waited for (``wait``) later."""
         buf = torch.empty(shape, dtype=dtype, device=device)
-        self.wait(dist.irecv(buf, src=src))
+        return dist.irecv(buf, src=src), buf
+
+    def recv(self, shape, dtype, device, src: int) -> torch.Tensor:
+        work, buf = self.irecv(shape, dtype, device, src)
+        self.wait(work)
         return buf
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:

@@ -24,8 +24,8 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def count_flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass of ``module`` on ``x`` (a multiply-add counts 2; only ops that
+def count_flops(module: nn.Module, x: torch.Tensor, *args) -> int:
+    """FLOPs of one forward pass of ``module`` on ``x`` (and ``args``) (a multiply-add counts 2; only ops that
     ``FlopCounterMode`` knows, e.g. matmul and convolution, are counted). LSTMs, which run as
     fused kernels that it does not know, count 2 x steps x rows x (4H x (input + H)) per layer
     (the gate matmuls)."""
@@ -42,11 +42,19 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
                if isinstance(m, nn.LSTM)]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(x)
+            module(x, *args)
     finally:
         for handle in handles:
             handle.remove()
     return counter.get_total_flops() + sum(lstm_flops)
+
+
+def count_work_flops(work) -> int:
+    """FLOPs of ``work()``, forward and backward passes alike (the ops ``FlopCounterMode``
+    knows; a multiply-add counts 2)."""
+    with FlopCounterMode(display=False) as counter:
+        work()
+    return counter.get_total_flops()
 
 
 def param_bytes(module: nn.Module) -> int:

@@ -38,9 +38,10 @@ def head_of(stage) -> nn.Module | None:
 
 
 def costs(stages, input_shape) -> dict[tuple[str, str], float]:
-    """``{(stage, metric): value}``: ``group_flops``, ``group_params``, ``local_flops``,
-    ``local_params``, ``submodel_flops``, ``submodel_params`` per stage ("1".."K"; the local
-    ones where there is a head), and ``model_flops``, ``model_params`` of the whole network.
+    """``{(stage, metric): value}``: ``group_flops``, ``group_params`` per stage ("1".."K"),
+    ``local_flops``, ``local_params`` where the rule has a local module, ``submodel_flops``,
+    ``submodel_params`` where that module is a head, and ``model_flops``, ``model_params`` of
+    the whole network.
     FLOPs of one forward pass per sample, measured on CPU copies in eval mode."""
     rows = {}
     x = dummy_input(stages[0].group, input_shape, 1, device="cpu")
@@ -55,23 +56,26 @@ def costs(stages, input_shape) -> dict[tuple[str, str], float]:
         flops_so_far += group_flops
         params_so_far += params
         rows[label, "group_flops"], rows[label, "group_params"] = group_flops, params
-        head = head_of(stage)
-        if head is not None:
-            local = copy.deepcopy(head).cpu().eval()
-            local_flops = _head_flops(local, x)
-            local_params = sum(p.numel() for p in local.parameters())
+        locals_ = [copy.deepcopy(m).cpu().eval() for m in stage.modules()[1:]]
+        if locals_:  # critic, auxiliary net, neuron-group heads, synthesizer
+            local_flops = sum(_local_flops(m, x) for m in locals_)
+            local_params = sum(p.numel() for m in locals_ for p in m.parameters())
             rows[label, "local_flops"], rows[label, "local_params"] = local_flops, local_params
-            rows[label, "submodel_flops"] = flops_so_far + local_flops
-            rows[label, "submodel_params"] = params_so_far + local_params
+            if head_of(stage) is not None:
+                rows[label, "submodel_flops"] = flops_so_far + local_flops
+                rows[label, "submodel_params"] = params_so_far + local_params
     rows["", "model_flops"], rows["", "model_params"] = flops_so_far, params_so_far
     return rows
 
 
-def _head_flops(head: nn.Module, h: torch.Tensor) -> float:
-    """FLOPs of a head (or of every neuron-group head, for GN-DGL) on features ``h``."""
-    if isinstance(head, nn.ModuleList):
-        return sum(count_flops(m, h) for m in head)
-    return count_flops(head, h)
+def _local_flops(module: nn.Module, h: torch.Tensor) -> float:
+    """FLOPs of one forward pass of a local module on features ``h``: a head (or every
+    neuron-group head, for GN-DGL), or a synthesizer (cDNI's with a label)."""
+    if isinstance(module, nn.ModuleList):
+        return sum(count_flops(m, h) for m in module)
+    if getattr(module, "label", None) is not None:  # cDNI's synthesizer reads the label too
+        return count_flops(module, h, torch.zeros(h.shape[0], dtype=torch.long))
+    return count_flops(module, h)
 
 
 def exit_flops(rows: dict, stages) -> list[float]:

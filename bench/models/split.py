@@ -106,27 +106,30 @@ def _check_cuts(cuts: Sequence[int], n: int, k: int) -> list[int]:
 
 def resolve_cuts(model: nn.Sequential, k: int, *, input_shape, by: str = "flops",
                  cuts: Sequence[int] | None = None, batch_size: int = 2,
-                 local_seconds: Callable[[tuple], float] | None = None) -> list[int]:
-    """The k-1 cut indices: ``cuts`` validated, or balanced by ``by`` (see ``block_costs``). By
-    time, a group that is not the last also costs ``local_seconds(shape)``: the measured seconds
-    of the rule's local work on its output of per-sample ``shape`` (critic, auxiliary net,
-    synthesizer), since the slowest stage, local module included, bounds a decoupled pipeline.
-    The timing runs where the model is built, on the CPU: on a GPU the relative costs of the
-    blocks may differ."""
+                 local_cost: Callable[[tuple], float] | None = None) -> list[int]:
+    """The k-1 cut indices: ``cuts`` validated, or balanced by ``by`` (see ``block_costs``).
+    By FLOPs or time a stage costs what it trains: its blocks forward and backward (by FLOPs,
+    a block's backward taken as twice its forward) and, for a group that is not the last,
+    ``local_cost(shape)``, the rule's local work on its output of per-sample ``shape``
+    (critic, auxiliary net, synthesizer) in the same units, since the slowest stage, local
+    module included, bounds a decoupled pipeline. Timing runs where the model is built, on
+    the CPU: on a GPU the relative costs of the blocks may differ."""
     _check_k(len(model), k)
     if cuts is not None:
         return _check_cuts(cuts, len(model), k)
     if k == 1:
         return []
     costs = block_costs(model, input_shape, by, batch_size=batch_size if by == "time" else 2)
+    if by == "flops":
+        costs = [3 * c for c in costs]
     ends = None
-    if by == "time" and local_seconds is not None:
+    if by in ("flops", "time") and local_cost is not None:
         shapes = [tuple(s) for s in group_output_shapes(list(model), input_shape)]
         cache: dict[tuple, float] = {}
-        for shape in shapes:
+        for shape in shapes[:-1]:  # the last block ends the last group: no local module
             if shape not in cache:
-                cache[shape] = local_seconds(shape)
-        ends = [cache[shape] for shape in shapes]
+                cache[shape] = local_cost(shape)
+        ends = [cache[shape] for shape in shapes[:-1]] + [0.0]
     return balanced_cuts(costs, k, ends)
 
 

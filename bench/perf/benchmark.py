@@ -51,8 +51,7 @@ COLUMNS = ["benchmark", "model", "groups", "method", "baseline", "ratio", "ms_pe
 #: the default run: ~5 min on 2 idle CPU cores (ResNet-20 BP step ~0.35 s); on a loaded
 #: machine the time budget (seconds, 0 = none) ends the rounds early, after at least MIN_ROUNDS
 DEFAULTS = dict(batch_size=128, warmup=2, overhead_steps=3, overhead_rounds=30, steps=1, rounds=20,
-                budget=240, speedup_rounds=2, speedup_batches=6,
-                speedup_models=("resnet20", "resnet56"))
+                budget=240, speedup_rounds=3, speedup_batches=20, speedup_models=("resnet20",))
 QUICK = dict(batch_size=32, warmup=1, overhead_steps=1, overhead_rounds=3, steps=1, rounds=2,
              budget=0, speedup_rounds=0, speedup_batches=2, speedup_models=("resnet8",))
 MIN_ROUNDS = 3
@@ -275,6 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"batches per epoch of those runs ({d['speedup_batches']})")
     p.add_argument("--speedup-models", nargs="+",
                    help=f"models of those runs ({' '.join(d['speedup_models'])})")
+    p.add_argument("--speedup-only", action="store_true",
+                   help="only the model-parallel comparison (skip the step-time ones)")
     p.add_argument("--quick", action="store_true",
                    help="a fast smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, "
@@ -316,21 +317,22 @@ def main(argv=None) -> None:
           f"(round-robin, medians; budget {args.budget:g} s); load average {info['load_avg']}",
           flush=True)
     started = time.perf_counter()
-    rows = run_benchmark(model_names=args.models, groups=args.groups, rules=args.methods,
-                         batch_size=args.batch_size, device=device, warmup=args.warmup,
-                         overhead_steps=args.overhead_steps, overhead_rounds=args.overhead_rounds,
-                         steps=args.steps, rounds=args.rounds, budget=args.budget, seed=args.seed,
-                         progress=lambda text: print(text, flush=True))
-    print()
-    print(format_tables(rows))
-    write_csv(rows, args.out)
-    print(f"\nwrote {args.out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    if not args.speedup_only:
+        rows = run_benchmark(model_names=args.models, groups=args.groups, rules=args.methods,
+                             batch_size=args.batch_size, device=device, warmup=args.warmup,
+                             overhead_steps=args.overhead_steps, overhead_rounds=args.overhead_rounds,
+                             steps=args.steps, rounds=args.rounds, budget=args.budget, seed=args.seed,
+                             progress=lambda text: print(text, flush=True))
+        print()
+        print(format_tables(rows))
+        write_csv(rows, args.out)
+        print(f"\nwrote {args.out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s; "
+              f"load average {os.getloadavg()[0]:.2f}")
     if args.speedup_rounds:
         started = time.perf_counter()
         parallel = []
         for name in args.speedup_models:
-            print(f"\nmodel parallelism against BP and DDP: {name}, K=2, batch {args.batch_size}, "
+            print(f"\nmodel parallelism against BP and DDP: {name} on Fashion-MNIST, K=2, batch {args.batch_size}, "
                   f"{args.speedup_batches} batches x 2 epochs per run, {args.speedup_rounds} rounds",
                   flush=True)
             parallel += speedup.run_speedups(model=name, batch_size=args.batch_size,

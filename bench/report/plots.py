@@ -142,12 +142,16 @@ def time_and_speedup(table: pd.DataFrame, out: Path) -> list[Path]:
         bars(axes[0][col], part, "time_s", "time per epoch (s)")
         axes[0][col].set_title(title(task, model))
         bars(axes[1][col], part, "speedup", "speedup against BP (1 worker)")
+        if part["bound"].notna().any():  # each parallel rule's own bound, beside its speedup
+            axes[1][col].scatter(range(len(part)), part["bound"], marker="_", s=400, lw=2,
+                                 color="black", label="bound: K T_BP / sum of stage times", zorder=3)
+            axes[1][col].legend(fontsize=7)
         bars(axes[2][col], part, "speedup_ddp", "speedup against DDP\n(same ranks, threads)")
         for row in (1, 2):
             axes[row][col].axhline(1.0, color="grey", lw=0.8, ls=":")
     fig.suptitle("Time per training epoch on K workers (modelled for the sequential executor, "
                  "measured on ranks for distributed and ddp), speedup against BP on one worker "
-                 "and against DDP (measured runs)", y=1.0)
+                 "beside the rule's bound, and against DDP (measured runs)", y=1.0)
     fig.tight_layout()
     return save(fig, out, "time")
 

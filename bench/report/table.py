@@ -10,11 +10,17 @@ seeds aggregated):
   did not run are listed too;
 - workers: the K devices the cell stands for: modelled (the sequential executor: its K layer
   groups) or real ranks (distributed: one per stage; ddp: ``--workers``) of so many threads;
-- time per epoch (training only): the modelled K-worker time for the sequential executor,
-  the measured wall-clock (slowest rank) for the distributed and ddp ones;
+- time per epoch (training only), in the steady state (the median of the epochs after the
+  first, which warms up), marked as what it is: the modelled K-worker time for the sequential
+  executor, the measured wall-clock (slowest rank) for the distributed and ddp ones;
 - speedup against BP on one worker: the time of BP in one process (the sequential executor,
   same task and model, K where there is one) over the cell's; modelled against modelled,
   measured (BP's wall-clock) against measured;
+- for the rules that run their K workers side by side (decoupled, pipelined BP): the
+  modelled speedup (BP's one-worker time over the cell's modelled time), the rule's own bound
+  (K T_BP / sum_k t_k from the stages' busy times: BP's time over the slowest stage's at
+  perfect balance, the rule's extra work included; times M / (M + K - 1), the bubble, for
+  pipelined BP) and the efficiency: the speedup over that bound;
 - speedup against DDP: the time of data-parallel BP on the same number of ranks with the
   same threads per rank over the cell's, for cells measured on ranks (a modelled time is
   not set against a measured one);
@@ -79,6 +85,8 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         perplexity = "test_ppl" in last
         score = last["test_ppl"] if perplexity else 100 * last.get("test_acc", math.nan)
         per_epoch = whole.pivot_table(index="epoch", columns="metric", values="value")
+        busy = run[run["metric"] == "busy_time_s"].assign(layer=lambda f: f["stage"].str.split(".").str[0])
+        per_epoch["busy_s"] = busy.groupby(["epoch", "layer"])["value"].max().groupby("epoch").sum()
         executor = run["executor"].iloc[0]
         time_metric = "epoch_time_s" if executor in MEASURED else "modelled_time_s"
         peaks = run[(run["metric"] == "peak_mem_bytes") & (run["epoch"] == 1)]["value"]
@@ -89,12 +97,25 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
                     **first[["microbatches", "neuron_groups", "threads", "device_mem_mib"]].to_dict(),
                     "metric": "test perplexity" if perplexity else "test accuracy (%)",
                     "score": score, "epochs": int(whole["epoch"].max()),
-                    "time_s": per_epoch[time_metric].mean() if time_metric in per_epoch else math.nan,
-                    "wall_s": per_epoch["epoch_time_s"].mean() if "epoch_time_s" in per_epoch else math.nan,
+                    "time_s": steady(per_epoch, time_metric), "wall_s": steady(per_epoch, "epoch_time_s"),
+                    "modelled_s": steady(per_epoch, "modelled_time_s"),
+                    "busy_s": steady(per_epoch, "busy_s"),
                     "peak_mem_mib": peaks.max() / 2**20 if len(peaks) else math.nan,
                     "whole_net_mib": whole_net / 2**20 if len(peaks) else math.nan})
     return pd.DataFrame(out)
 
+
+def steady(per_epoch: pd.DataFrame, metric: str) -> float:
+    """A time per epoch in the steady state: the median over the epochs after the first
+    (which warms up: allocator, caches, lazy initialisation), the first alone if it is all."""
+    if metric not in per_epoch:
+        return math.nan
+    values = per_epoch[metric].dropna()
+    return float(values.iloc[1:].median() if len(values) > 1 else values.median())
+
+
+#: rules whose K workers run side by side (decoupled, or pipelined over micro-batches)
+PARALLEL = ("pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn")
 
 ORDER = ["bp", "ddp", "pipe-bp", "dni", "cdni", "dgl", "adgl", "lc", "gn"]
 
@@ -127,6 +148,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     grouped = runs.groupby(CELL, dropna=False, sort=False)
     table = grouped.agg(mean=("score", "mean"), std=("score", "std"), seeds=("seed", "nunique"),
                         time_s=("time_s", "mean"), wall_s=("wall_s", "mean"),
+                        modelled_s=("modelled_s", "mean"), busy_s=("busy_s", "mean"),
                         peak_mem_mib=("peak_mem_mib", "max"),
                         whole_net_mib=("whole_net_mib", "max"),
                         device_mem_mib=("device_mem_mib", "min"),
@@ -160,6 +182,9 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         return pd.Series({
             "speedup": (base["wall_s" if measured else "time_s"] / row["time_s"]
                         if base is not None else math.nan),
+            "speedup_modelled": (base["time_s"] / row["modelled_s"]
+                                 if base is not None and row["method"] in PARALLEL else math.nan),
+            "bound": bound(row, base),
             "speedup_ddp": (data_parallel["time_s"] / row["time_s"]
                             if measured and data_parallel is not None else math.nan),
             "bp_mem_mib": base["whole_net_mib"] if base is not None else math.nan,
@@ -170,11 +195,26 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         })
 
     table = table.join(table.apply(baselines, axis=1))
+    table["efficiency"] = table["speedup"] / table["bound"]
     order = [rule(m, e) for m, e in zip(table["method"], table["executor"])]
     rank = [ORDER.index(r) if r in ORDER else len(ORDER) for r in order]
     return (table.assign(_rank=rank).sort_values(["task", "model", "_rank", "groups", "workers",
                                                   "executor"])
             .drop(columns="_rank").reset_index(drop=True))
+
+
+def bound(row, base) -> float:
+    """The rule's own speedup bound on its K workers: BP's time over the slowest stage's at
+    perfect balance, K T_BP / sum_k t_k from the stages' busy times (the rule's extra work, a
+    critic, synthesizer or auxiliary net, included), times M / (M + K - 1) for the bubble of
+    pipelined BP over M micro-batches."""
+    if base is None or row["method"] not in PARALLEL or not row["busy_s"] > 0:
+        return math.nan
+    k = row["workers"]
+    bubble = 1.0
+    if row["method"] == "pipe-bp" and pd.notna(row["microbatches"]):
+        bubble = row["microbatches"] / (row["microbatches"] + row["groups"] - 1)
+    return k * base["busy_s"] / row["busy_s"] * bubble
 
 
 def with_references(table: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
@@ -252,8 +292,13 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
             "metric": r["metric"], "ours (seeds)": ours,
             "published": _pm(r["published"], r["published_std"]) or "no published number",
             "Δ": f"{r['delta']:+.2f}" if pd.notna(r.get("delta")) else "",
-            "time/epoch (s)": f"{r['time_s']:.2f}" if pd.notna(r.get("time_s")) else "",
+            "time/epoch (s)": (f"{r['time_s']:.2f} "
+                               f"{'measured' if r.get('executor') in MEASURED else 'modelled'}"
+                               if pd.notna(r.get("time_s")) else ""),
             "speedup vs BP (1 worker)": _times(r.get("speedup")),
+            "modelled speedup": _times(r.get("speedup_modelled")),
+            "bound": _times(r.get("bound")),
+            "efficiency": f"{r['efficiency']:.2f}" if pd.notna(r.get("efficiency")) else "",
             "speedup vs DDP (same ranks)": _times(r.get("speedup_ddp")),
             "peak mem/device (MiB)": _mib(r.get("peak_mem_mib")),
             "BP mem, 1 worker (MiB)": _mib(r.get("bp_mem_mib")),
