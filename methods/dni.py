@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import modules
-from .base import Stage
+from .base import Stage, adam
 
 
 @dataclass
@@ -41,8 +41,7 @@ class DNIStage(Stage):
             self.synth = modules.Synthesizer(shape, classes, conditioned=self.conditioned,
                                              filters=options.synth_filters,
                                              kernel=options.synth_kernel)
-            self.synth_optimizer = torch.optim.Adam(self.synth.parameters(),
-                                                    lr=options.synth_lr)
+            self.synth_optimizer = adam(self.synth.parameters(), options.synth_lr, train)
 
     def _synthetic(self, h, y):
         return self.synth(h, y if self.conditioned else None)

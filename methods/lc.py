@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from . import modules
-from .base import Stage
+from .base import Stage, adam
 
 
 @dataclass
@@ -31,8 +31,7 @@ class LCStage(Stage):
         if not self.last:
             self.critic = modules.critic(shape, classes, filters=options.critic_filters,
                                          layers=options.critic_layers)
-            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(),
-                                                     lr=options.critic_lr)
+            self.critic_optimizer = adam(self.critic.parameters(), options.critic_lr, train)
 
     def forward(self, batch, x, y):
         if self.last:

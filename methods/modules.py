@@ -100,21 +100,11 @@ class Synthesizer(nn.Module):
         self.conv = conv
         self.register_buffer("scale", torch.zeros(()))  # 0: no target seen yet
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The predicted gradient M(h[, y]), in the units of the targets."""
-        return self.normalised(h, y) * self.scale
-
-    def fit_loss(self, h: torch.Tensor, y: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
-        """The L2 regression loss toward ``target``, both divided by the running RMS of the
-        targets (updated with this one first)."""
-        rms = target.detach().pow(2).mean().sqrt()
-        with torch.no_grad():  # the first nonzero target sets the scale
-            self.scale.copy_(torch.where(self.scale > 0, self.scale + self.SCALE_MOMENTUM * (rms - self.scale),
-                                         rms))
-        return nn.functional.mse_loss(self.normalised(h, y), target / self.scale.clamp_min(1e-30))
-
-    def normalised(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's own output: the gradient divided by ``scale``."""
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None, *,
+                normalised: bool = False) -> torch.Tensor:
+        """The predicted gradient M(h[, y]), in the units of the targets; ``normalised``:
+        the network's own output, the gradient divided by ``scale``. (Both go through the
+        module's call, so whatever runs the module, e.g. autocast or a compiler, runs both.)"""
         z = self.first(h)
         if self.label is not None:
             # the linear map of the one-hot label, read as a lookup: (B, F), or (B, T, F)
@@ -124,7 +114,21 @@ class Synthesizer(nn.Module):
             elif z.dim() == 3 and e.dim() == 2:
                 e = e[:, None]
             z = z + e
-        return self.rest(z)
+        out = self.rest(z)
+        return out if normalised else out * self.scale
+
+    def normalised(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's own output: the gradient divided by ``scale``."""
+        return self(h, y, normalised=True)
+
+    def fit_loss(self, h: torch.Tensor, y: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+        """The L2 regression loss toward ``target``, both divided by the running RMS of the
+        targets (updated with this one first)."""
+        rms = target.detach().pow(2).mean().sqrt()
+        with torch.no_grad():  # the first nonzero target sets the scale
+            self.scale.copy_(torch.where(self.scale > 0, self.scale + self.SCALE_MOMENTUM * (rms - self.scale),
+                                         rms))
+        return nn.functional.mse_loss(self.normalised(h, y), target / self.scale.clamp_min(1e-30))
 
 
 def group_head(shape, classes: int, *, hidden: int = 128) -> nn.Module:
