@@ -135,7 +135,18 @@ def test_warm_up_puts_the_stages_and_the_random_state_back():
 
 @pytest.mark.parametrize("method", ["bp", "lc"])
 def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(method, tmp_path,
-                                                                           capsys):
+                                                                           capsys, monkeypatch):
+    from torch._dynamo.utils import counters
+    compiled_in_epochs = []
+    epoch = sequential.train_epoch
+
+    def counted(*args, **kwargs):  # graphs compiled during an epoch (the memory probe's too)
+        before = counters["stats"]["unique_graphs"]
+        seconds = epoch(*args, **kwargs)
+        compiled_in_epochs.append(counters["stats"]["unique_graphs"] - before)
+        return seconds
+
+    monkeypatch.setattr(sequential, "train_epoch", counted)
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         with pytest.raises(SystemExit) as exit_info:
             main(["run", "--method", method, "--groups", "2", *RUN, *extra,
@@ -150,6 +161,7 @@ def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(meth
     assert [k for k in compiled if k[2] == "compile_time_s"] == [(1, "", "compile_time_s")]
     assert not [k for k in eager if k[2] == "compile_time_s"]
     assert compiled[1, "", "epoch_time_s"] > 0
+    assert compiled_in_epochs == [0, 0, 0, 0]  # eager, then compiled: all in the warm-up
     (info,) = (tmp_path / "compiled").glob("*/*/run.json")
     config = json.loads(info.read_text())["config"]
     assert (config["precision"], config["compile"]) == ("fp32", True)
