@@ -149,7 +149,7 @@ def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(meth
     monkeypatch.setattr(sequential, "train_epoch", counted)
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         with pytest.raises(SystemExit) as exit_info:
-            main(["run", "--method", method, "--groups", "2", *RUN, *extra,
+            main(["run", "--method", method, "--groups", "2", *RUN, *extra, "--save-weights",
                   "--out", str(tmp_path / name)])
         assert exit_info.value.code == 0, capsys.readouterr().err
     eager, compiled = rows_of(tmp_path / "eager"), rows_of(tmp_path / "compiled")
@@ -162,6 +162,9 @@ def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(meth
     assert not [k for k in eager if k[2] == "compile_time_s"]
     assert compiled[1, "", "epoch_time_s"] > 0
     assert compiled_in_epochs == [0, 0, 0, 0]  # eager, then compiled: all in the warm-up
+    saved = [torch.load(next((tmp_path / name).glob("*/*/weights/stage1.pt")))
+             for name in ("eager", "compiled")]
+    assert [list(m) for m in saved[0]] == [list(m) for m in saved[1]]  # the same keys
     (info,) = (tmp_path / "compiled").glob("*/*/run.json")
     config = json.loads(info.read_text())["config"]
     assert (config["precision"], config["compile"]) == ("fp32", True)
