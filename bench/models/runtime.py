@@ -49,8 +49,10 @@ def compile_options(device: torch.device, cudagraphs: bool) -> dict:
     return options
 
 
-def _image(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
+def _to_convert(value) -> bool:
+    """Whether ``value`` is an image batch not yet in channels-last memory format."""
+    return (isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
+            and not value.is_contiguous(memory_format=torch.channels_last))
 
 
 class ChannelsLast(torch.autograd.Function):
@@ -83,7 +85,7 @@ class Forward:
 
     def run(self, *args, **kwargs):
         if self.channels_last:
-            args = tuple(ChannelsLast.apply(a) if _image(a) else a for a in args)
+            args = tuple(ChannelsLast.apply(a) if _to_convert(a) else a for a in args)
         forward = type(self.module).forward
         if not self.bf16:
             return forward(self.module, *args, **kwargs)
