@@ -73,7 +73,7 @@ def cli():
 @click.option("--lr-gamma", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--clip-grad", type=float, default=None,
-              help="Clip each stage's gradient norm (per optimizer) to this value.")
+              help="Clip the gradient norm of each module (a group, a local module) to this value.")
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
 @click.option("--split", default="flops", show_default=True,
               help="Balance the layer groups by flops, params, activations or measured time "
@@ -96,6 +96,14 @@ def cli():
 @click.option("--threads", type=int, default=None,
               help="CPU threads per process (default: torch's; distributed, ddp: cores / ranks).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32 (no TF32: the papers' semantics), tf32 (TF32 matmuls and convolutions "
+                   "on CUDA) or bf16 (autocast; fp32 weights, losses and messages between "
+                   "stages). Conv nets run channels-last whatever the precision.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile each layer group and local module (with CUDA graphs where "
+                   "the executor and rule allow); the compile time is recorded apart "
+                   "(compile_time_s), not in epoch_time_s.")
 @click.option("--limit-train", type=int, default=None, help="Use only the first N training samples.")
 @click.option("--limit-test", type=int, default=None, help="Use only the first N test samples.")
 @click.option("--data-dir", default=None, envvar="LCBENCH_DATA",
@@ -118,8 +126,8 @@ def cli():
 def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, lr_milestones,
         lr_gamma, weight_decay, clip_grad, seed, split,
         cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device,
-        limit_train, limit_test, data_dir, experiment, out, emit_config, save_weights,
-        checkpoint_every, no_checkpoint, quiet):
+        precision, compile_, limit_train, limit_test, data_dir, experiment, out, emit_config,
+        save_weights, checkpoint_every, no_checkpoint, quiet):
     """Train one network with one learning rule; write metrics.csv and run.json.
 
     A run killed or stopped (SIGTERM, Ctrl-C) continues from its last checkpoint when the
@@ -134,7 +142,8 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
                     lr_gamma=lr_gamma, weight_decay=weight_decay, clip_grad=clip_grad,
                     seed=seed, split=split, cuts=parse_ints(cuts, "--cuts"), options=options,
                     executor=executor, workers=workers, placement=placement, threads=threads,
-                    device=device, limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
+                    device=device, precision=precision, compile=compile_,
+                    limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
                     experiment=experiment, out=out, save_weights=save_weights,
                     checkpoint_every=0 if no_checkpoint else checkpoint_every)
     prep = prepare.prepare(cfg)

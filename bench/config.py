@@ -17,6 +17,8 @@ EXECUTORS = ("sequential", "distributed", "ddp")
 LAUNCHED = ("distributed", "ddp")
 PLACEMENTS = ("stage", "neuron")
 SPLITS = ("flops", "params", "activations", "time", "paper")
+#: fp32 (no TF32), tf32, bf16 autocast with fp32 weights, losses and messages (models.runtime)
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class RunConfig:
     placement: str = "stage"  # distributed GN-DGL: "neuron" puts each neuron group on a rank
     workers: int | None = None  # data-parallel ranks of --executor ddp
     device: str = "auto"
+    precision: str = "fp32"  # fp32 (no TF32), tf32, or bf16 autocast (fp32 weights and messages)
+    compile: bool = False  # torch.compile each group and local module (compile time apart)
     threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (on ranks)
     limit_train: int | None = None
     limit_test: int | None = None
@@ -62,7 +66,7 @@ class RunConfig:
     UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every")
     #: fields added after runs were recorded: left out of the key at these defaults, so that
     #: the ids of earlier runs stay the same (and their sweeps resume)
-    LATER_FIELDS = {"workers": None}
+    LATER_FIELDS = {"workers": None, "precision": "fp32", "compile": False}
 
     def validated(self) -> "RunConfig":
         """Canonical method name and option defaults filled in; raise UsageError on bad values."""
@@ -94,6 +98,8 @@ class RunConfig:
              f"unknown executor '{self.executor}' (choose from {', '.join(EXECUTORS)})"),
             (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              f"unknown device '{self.device}' (auto, cpu, cuda, cuda:N)"),
+            (self.precision in PRECISIONS,
+             f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})"),
             (self.placement in PLACEMENTS,
              f"unknown placement '{self.placement}' (choose from {', '.join(PLACEMENTS)})"),
             (self.placement == "stage" or (method.name == "gn" and self.executor == "distributed"),

@@ -20,7 +20,8 @@ from .config import LAUNCHED, RunConfig, UsageError, ranks, ranks_per_layer
 from .data import tasks
 from .measure import profile, submodels
 from .measure.provenance import now, provenance
-from .models import paper, rnn, slicing, split
+from .measure.profile import dummy_input
+from .models import paper, rnn, runtime, slicing, split
 from .records import RunRecord, read_json
 
 
@@ -109,9 +110,59 @@ def local_cost(cfg: RunConfig, shape: tuple, classes: int) -> float:
     return profile.count_work_flops(local_work(cfg, shape, classes, batch)) / batch
 
 
-def train_options(cfg: RunConfig) -> TrainOptions:
+def train_options(cfg: RunConfig, device: torch.device | None = None) -> TrainOptions:
+    """The optimizers' settings; fused optimizer steps on a GPU."""
     return TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                        weight_decay=cfg.weight_decay, clip=cfg.clip_grad)
+                        weight_decay=cfg.weight_decay, clip=cfg.clip_grad,
+                        fused=device is not None and device.type == "cuda")
+
+
+def cudagraphs(cfg: RunConfig) -> bool:
+    """Whether compiled modules may use CUDA graphs, whose outputs live until the next
+    batch only: the sequential executor, whose messages are all applied within the batch,
+    under a rule that keeps no activation across batches (asynchronous DGL's replay buffer
+    does)."""
+    return cfg.executor == "sequential" and cfg.method != "adgl"
+
+
+def place(cfg: RunConfig, stages, device: torch.device) -> None:
+    """Move ``stages`` to ``device`` and run them at the run's precision, memory format and
+    compilation (``models.runtime``)."""
+    runtime.set_precision(cfg.precision)
+    for stage in stages:
+        for module in stage.modules():
+            module.to(device)
+    runtime.apply(stages, precision=cfg.precision, compile=cfg.compile, device=device,
+                  cudagraphs=cudagraphs(cfg))
+
+
+def stand_in(prep: "Prepared", k: int, module: nn.Module, rows: int):
+    """A random batch of ``rows`` shaped as stage ``k`` receives it (word ids where
+    ``module`` starts with an embedding) and labels: what a warm-up trains on."""
+    info = tasks.TASKS[prep.cfg.task]
+    shape = info.input_shape if k == 0 else prep.shapes[k - 1]
+    y = torch.randint(info.num_classes, (rows, *prep.shapes[-1][:-1]), device=prep.device)
+    return dummy_input(module, shape, rows, device=prep.device), y
+
+
+def rehearse(stage: methods.Stage, batch: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``stage`` alone through one batch: its forward, then a random stand-in for the
+    upstream message where the rule waits for one."""
+    h, _ = stage.forward(batch, *stage.input(batch, x, y))
+    if stage.upstream is not None and not stage.last:
+        message = (torch.randn_like(h) if stage.upstream == "gradient"
+                   else torch.rand(y.shape[0], device=h.device))
+        stage.receive(batch, message)
+
+
+def warm_up_stage(prep: "Prepared", stage: methods.Stage, k: int, rows: int) -> float:
+    """Seconds to compile what ``stage`` (of layer group ``k``) runs in training: two
+    stand-in batches of ``rows`` through it alone (``rehearse``), after which it is as it
+    was (``runtime.warm_up``). On ranks, every rank at once: some stages gather or reduce
+    across ranks."""
+    reset_states([stage], rows)
+    return runtime.warm_up(
+        [stage], lambda: rehearse(stage, -1, *stand_in(prep, k, stage.group, rows)), prep.device)
 
 
 def threads_per_rank(cfg: RunConfig) -> int:
@@ -183,7 +234,8 @@ def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | 
         shapes = split.group_output_shapes(groups, info.input_shape)
         torch.manual_seed(cfg.seed)
         stages = methods.build_stages(cfg.method, groups, shapes, info.num_classes,
-                                      classification_loss, train_options(cfg), cfg.options)
+                                      classification_loss, train_options(cfg, device),
+                                      cfg.options)
         if cfg.placement == "neuron" and stage is None:  # can each layer group be sliced?
             for group in groups:
                 body = list(group)[:-1] if group is groups[-1] else list(group)
@@ -199,9 +251,7 @@ def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | 
     if cfg.batch_size % stages[0].microbatches:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split into "
                          f"{stages[0].microbatches} micro-batches")
-    for placed in stages if stage is None else [stages[stage]]:
-        for module in placed.modules():
-            module.to(device)
+    place(cfg, stages if stage is None else [stages[stage]], device)
     parameters = [sum(p.numel() for p in g.parameters()) for g in groups]
     if not data:
         return Prepared(cfg, None, device, cuts, shapes, parameters, stages)

@@ -35,7 +35,8 @@ class TrainOptions:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    clip: float | None = None  # largest gradient norm of each optimizer's parameters
+    clip: float | None = None  # largest gradient norm of each parameter group (a module)
+    fused: bool = False  # one fused kernel per optimizer step (CUDA); else torch's default
 
 
 def match_targets(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,14 +51,22 @@ def correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def sgd(params, opts: TrainOptions) -> torch.optim.SGD:
-    """The main network's optimizer: SGD with (Nesterov) momentum and weight decay."""
+    """The main network's optimizer: SGD with (Nesterov) momentum and weight decay. A local
+    module trained with the same settings joins it as a parameter group of its own
+    (``optimizer.add_param_group``): one step for the stage."""
     return torch.optim.SGD(
         params,
         lr=opts.lr,
         momentum=opts.momentum,
         nesterov=opts.nesterov and opts.momentum > 0,
         weight_decay=opts.weight_decay,
+        fused=opts.fused or None,
     )
+
+
+def adam(params, lr: float, opts: TrainOptions) -> torch.optim.Adam:
+    """A local module's Adam (LC critics, DNI synthesizers)."""
+    return torch.optim.Adam(params, lr=lr, fused=opts.fused or None)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,12 +171,13 @@ class Stage:
                     group["lr"] = self.train_options.lr * factor
 
     def step(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Step ``optimizers`` (each parameter group's gradient clipped to its own norm first,
+        with ``clip``) and clear their gradients."""
         with self.phase("update"):
             for optimizer in optimizers:
                 if self.train_options.clip is not None:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for group in optimizer.param_groups for p in group["params"]],
-                        self.train_options.clip)
+                    for group in optimizer.param_groups:
+                        torch.nn.utils.clip_grad_norm_(group["params"], self.train_options.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -193,14 +203,17 @@ class Stage:
     def record(self, logits: torch.Tensor, y: torch.Tensor, per_sample: torch.Tensor) -> None:
         """Tally this batch's training loss and accuracy of the group's (local) output."""
         right, targets = correct(logits, y)
-        self.tally(y.shape[0], train_loss=per_sample.mean(),
-                   train_acc=right.to(per_sample.dtype) / targets)
+        self.tally(y.shape[0], train_loss=per_sample.mean(), train_acc=right / targets)
 
     def tally(self, n: int, **means: torch.Tensor) -> None:
-        """Accumulate batch means weighted by ``n`` samples, on the device (no sync)."""
+        """Accumulate batch means weighted by ``n`` samples, on the device (no sync; one
+        kernel per metric once its sum exists)."""
         for name, value in means.items():
-            total, count = self._sums.get(name, (0, 0))
-            self._sums[name] = (total + value.detach() * n, count + n)
+            if name in self._sums:
+                total, count = self._sums[name]
+                self._sums[name] = (total.add_(value.detach(), alpha=n), count + n)
+            else:
+                self._sums[name] = (value.detach() * n, n)
 
     def pop_metrics(self) -> dict[str, float]:
         """Per-sample means of the tallied training metrics since the last call."""

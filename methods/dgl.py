@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import modules
-from .base import Stage, sgd
+from .base import Stage
 
 
 @dataclass
@@ -15,7 +15,8 @@ class DGLOptions:
 
 
 class DGLStage(Stage):
-    """f_k and a_k step on CE(a_k(h_k), y); nothing goes upstream."""
+    """f_k and a_k step on CE(a_k(h_k), y) (one SGD optimizer, a parameter group each);
+    nothing goes upstream."""
 
     def __init__(self, index, count, group, criterion, train, *, shape, classes,
                  options: DGLOptions, head=None):
@@ -24,7 +25,7 @@ class DGLStage(Stage):
         if not self.last:
             self.aux = head if head is not None else modules.auxiliary(
                 shape, classes, channels=options.aux_channels)
-            self.aux_optimizer = sgd(self.aux.parameters(), train)
+            self.optimizer.add_param_group({"params": list(self.aux.parameters())})
 
     def forward(self, batch, x, y):
         if self.last:
@@ -35,7 +36,7 @@ class DGLStage(Stage):
             logits = self.aux(h)
             per_sample = self.criterion(logits, y)
         self.backward(per_sample.mean())
-        self.step(self.optimizer, self.aux_optimizer)
+        self.step(self.optimizer)
         self.record(logits, y, per_sample)
         return h.detach(), None
 
@@ -44,6 +45,3 @@ class DGLStage(Stage):
 
     def modules(self):
         return [self.group] + ([self.aux] if self.aux is not None else [])
-
-    def optimizers(self):
-        return [self.optimizer] + ([self.aux_optimizer] if self.aux is not None else [])

@@ -15,7 +15,7 @@ import torch
 from torch.func import functional_call
 
 from . import modules
-from .base import Stage, snapshot, take_grads
+from .base import Stage, adam, snapshot, take_grads
 
 
 @dataclass
@@ -43,8 +43,7 @@ class DNIStage(Stage):
             self.synth = modules.Synthesizer(shape, classes, conditioned=self.conditioned,
                                              filters=options.synth_filters,
                                              kernel=options.synth_kernel)
-            self.synth_optimizer = torch.optim.Adam(self.synth.parameters(),
-                                                    lr=options.synth_lr)
+            self.synth_optimizer = adam(self.synth.parameters(), options.synth_lr, train)
 
     def _label(self, y):
         return y if self.conditioned else None

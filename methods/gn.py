@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import modules
-from .base import Stage, match_targets, sgd
+from .base import Stage, match_targets
 
 
 @dataclass
@@ -35,10 +35,12 @@ def diversity(logits: list[torch.Tensor], y: torch.Tensor, temperature: float) -
         return logits[0].new_zeros(())
     logits = [match_targets(z, y).reshape(-1, z.shape[-1]) for z in logits]  # rows: targets
     y = y.reshape(-1)
-    keep = ~F.one_hot(y, logits[0].shape[1]).bool()
+    # the true class zeroed rather than removed: the same sums and norms, without the
+    # device sync of a boolean mask
+    others = 1 - F.one_hot(y, logits[0].shape[1]).to(logits[0].dtype)
     q = []
     for z in logits:
-        p = F.softmax(z / temperature, dim=1)[keep].view(z.shape[0], -1)
+        p = F.softmax(z / temperature, dim=1) * others
         q.append(F.normalize(p / p.sum(1, keepdim=True), dim=1))
     return torch.stack([(a * b).sum(1).mean() for a, b in combinations(q, 2)]).mean()
 
@@ -62,7 +64,7 @@ class GNStage(Stage):
             if options.head not in build:
                 raise ValueError(f"unknown GN head '{options.head}' (choose from group, mlp-sr)")
             self.heads = nn.ModuleList(build[options.head]() for _ in range(options.neuron_groups))
-            self.head_optimizer = sgd(self.heads.parameters(), train)
+            self.optimizer.add_param_group({"params": list(self.heads.parameters())})
 
     def forward(self, batch, x, y):
         if self.last:
@@ -81,7 +83,7 @@ class GNStage(Stage):
                 losses.append(self.criterion(logits[-1], y))
             div = diversity(logits, y, self.options.temperature)
         self.backward(torch.stack(losses).mean(1).sum() + self.options.diversity_weight * div)
-        self.step(self.optimizer, self.head_optimizer)
+        self.step(self.optimizer)
         self.record(torch.stack(logits).mean(0), y, torch.stack(losses).mean(0))
         self.tally(y.shape[0], diversity=div)
         return h.detach(), None
@@ -93,6 +95,3 @@ class GNStage(Stage):
 
     def modules(self):
         return [self.group] + ([self.heads] if self.heads is not None else [])
-
-    def optimizers(self):
-        return [self.optimizer] + ([self.head_optimizer] if self.heads is not None else [])

@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 from . import modules
-from .base import Stage, snapshot, take_grads
+from .base import Stage, adam, snapshot, take_grads
 
 
 @dataclass
@@ -34,8 +34,7 @@ class LCStage(Stage):
         if not self.last:
             self.critic = modules.critic(shape, classes, filters=options.critic_filters,
                                          layers=options.critic_layers)
-            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(),
-                                                     lr=options.critic_lr)
+            self.critic_optimizer = adam(self.critic.parameters(), options.critic_lr, train)
 
     def forward(self, batch, x, y):
         if self.last:

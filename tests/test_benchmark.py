@@ -102,3 +102,52 @@ def test_speedups_against_bp_in_one_process_and_ddp_on_the_same_ranks(monkeypatc
     assert "vs DDP" in table and "bound" in table and "effic." in table
     assert "lc >= 0.9 x bound x 0.94 = 1.41x: 2.70x ok" in table
     assert "LC >= 1.4x BP: 2.70x ok" in table
+
+
+def test_gpu_part_runs_anywhere_and_sets_each_rule_beside_its_flops(monkeypatch):
+    """The GPU part's code on the CPU (its figures are the GPU's only where CUDA is)."""
+    from bench.models import runtime
+    from bench.perf import gpu
+    monkeypatch.setattr(runtime, "BACKEND", "aot_eager")
+    rows = gpu.run_gpu(torch.device("cpu"), model="small-cnn", groups=2, split_by="flops",
+                       batch_size=8, warmup=1, steps=1, rounds=1,
+                       settings=["fp32", "bf16+compile"], rules=["bp", "lc", "pipe-bp"],
+                       input_shape=(1, 28, 28))
+    assert all(set(r) <= set(gpu.COLUMNS) and r["ms_per_step"] > 0 for r in rows)
+    assert [(r["benchmark"], r["method"], r["setting"]) for r in rows[:5]] == [
+        ("gpu-throughput", "plain", "fp32"), ("gpu-throughput", "bp", "fp32"),
+        ("gpu-throughput", "plain", "bf16+compile"), ("gpu-throughput", "bp", "bf16+compile"),
+        ("gpu-speedup", "bp", "bf16+compile")]
+    ranked = {(r["method"], r["setting"]): r for r in rows if r["benchmark"] == "gpu-methods"}
+    assert set(ranked) == {(m, s) for m in ("bp", "lc", "pipe-bp") for s in ("fp32", "bf16+compile")}
+    assert ranked["bp", "fp32"]["ratio"] == 1.0 and ranked["bp", "fp32"]["flops_ratio"] == 1.0
+    assert ranked["pipe-bp", "fp32"]["flops_ratio"] == pytest.approx(1.0)
+    assert ranked["pipe-bp", "fp32"]["goal"] == 1.3
+    lc = ranked["lc", "fp32"]  # 128-filter critics on a small net: far more than BP
+    assert lc["flops_ratio"] > 1.5 and lc["goal"] == pytest.approx(1.2 * lc["flops_ratio"])
+
+
+def test_gpu_tables_print_samples_per_s_and_costs_beside_flops():
+    from bench.perf import gpu
+    common = dict(model="lc-vgg", groups=4, batch_size=128)
+    rows = [dict(common, benchmark="gpu-throughput", method="plain", setting="fp32",
+                 samples_per_s=15000.0, ratio=1.0),
+            dict(common, benchmark="gpu-throughput", method="bp", setting="fp32",
+                 samples_per_s=14500.0, ratio=0.967),
+            dict(common, benchmark="gpu-speedup", method="bp", setting="bf16+compile",
+                 baseline="bp fp32", ratio=2.4, goal=2.0),
+            dict(common, benchmark="gpu-methods", method="bp", setting="fp32", ms_per_step=8.5,
+                 ratio=1.0, flops_ratio=1.0, goal=1.2),
+            dict(common, benchmark="gpu-methods", method="lc", setting="fp32", ms_per_step=12.0,
+                 ratio=1.41, flops_ratio=1.15, goal=1.38)]
+    text = gpu.format_tables(rows)
+    assert "fp32                15000       14500   0.967" in text
+    assert "BP at bf16+compile / BP at fp32: 2.40x samples/s (goal >= 2)" in text
+    assert "lc          12.00   1.410        1.150    1.380  no" in text
+
+
+def test_gpu_part_is_skipped_in_one_line_without_cuda(monkeypatch, capsys):
+    from bench.perf import gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu.main([])
+    assert capsys.readouterr().out == "GPU part of make bench: skipped (no CUDA on this machine)\n"

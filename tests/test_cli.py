@@ -44,6 +44,8 @@ def call(args, capsys):
      "not divisible by neuron_groups=3"),
     (["--method", "lc", "--cuts", "3,2", "--groups", "3"], "cuts"),
     (["--method", "lc", "--groups", "two"], "'two' is not a valid integer"),
+    (["--method", "lc", "--precision", "bogus"],
+     "unknown precision 'bogus' (choose from fp32, tf32, bf16)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
     out = tmp_path / "out"

@@ -1,6 +1,7 @@
 """The CUDA paths: data held on the GPU, CUDA-event phase times, per-device memory figures
 (allocator peaks and NVML). Run where a GPU is: `pytest -m gpu`."""
 import csv
+import math
 import subprocess
 import sys
 
@@ -61,3 +62,70 @@ def test_ddp_runs_on_nccl_with_a_gpu_per_rank(tmp_path):
         assert got[2, str(rank), "train_cuda_max_allocated_bytes"] >= got[1, str(rank), "param_bytes"]
         assert got[2, str(rank), "busy_time_s"] > 0
     assert 0 <= got[2, "", "test_acc"] <= 1 and got[2, "", "epoch_time_s"] > 0
+
+
+DIGITS = ["--task", "digits", "--groups", "2", "--batch-size", "128"]
+
+
+@pytest.mark.parametrize("method", ["bp", "pipe-bp", "dgl", "adgl", "lc", "dni", "gn"])
+def test_every_rule_runs_in_bf16_compiled_on_cuda(method, tmp_path):
+    """CUDA graphs where the rule allows them (all but asynchronous DGL); compile time apart."""
+    got = run(tmp_path, "--method", method, *DIGITS, "--precision", "bf16", "--compile")
+    assert got[1, "", "compile_time_s"] > 0 and (2, "", "compile_time_s") not in got
+    assert math.isfinite(got[2, "", "train_loss"]) and got[2, "", "test_acc"] > 0.15
+    assert got[2, "", "epoch_time_s"] > 0 and got[2, "1", "busy_time_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["bp", "lc"])
+def test_compiled_with_cuda_graphs_learns_as_eager_on_cuda(method, tmp_path):
+    eager = run(tmp_path / "eager", "--method", method, *DIGITS)
+    compiled = run(tmp_path / "compiled", "--method", method, *DIGITS, "--compile")
+    assert compiled[2, "", "train_loss"] == pytest.approx(eager[2, "", "train_loss"], rel=0.05)
+    assert compiled[2, "", "test_acc"] == pytest.approx(eager[2, "", "test_acc"], abs=0.05)
+
+
+def test_fused_optimizers_tf32_flags_and_phase_events_without_device_queries(monkeypatch):
+    from bench import prepare
+    from bench.config import RunConfig
+    from bench.executors import sequential
+    from bench.measure import timing
+    prep = prepare.prepare(RunConfig(method="lc", task="digits", groups=2, device="cuda",
+                                     precision="tf32", limit_train=512, limit_test=128))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert all(g["fused"] for s in prep.stages for o in s.optimizers() for g in o.param_groups)
+    timers = [timing.PhaseTimer(prep.device) for _ in prep.stages]
+    for stage, timer in zip(prep.stages, timers):
+        stage.phase = timer
+    streams = []
+    record = torch.cuda.Event.record
+    monkeypatch.setattr(torch.cuda.Event, "record",
+                        lambda self, stream=None: streams.append(stream) or record(self, stream))
+    x, y = next(prep.task.train_batches(128, torch.Generator(device=prep.device).manual_seed(0)))
+    for batch in range(3):
+        sequential.train_step(prep.stages, batch, x, y)
+    assert streams and all(s is not None for s in streams)  # no current-stream query per event
+    assert all(sum(timer.pop().values()) > 0 for timer in timers)
+    prepare.prepare(RunConfig(method="bp", task="digits", device="cuda"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def test_ddp_bf16_compiled_on_nccl(tmp_path):
+    workers = torch.cuda.device_count()
+    got = run(tmp_path, "--method", "bp", "--task", "digits", "--executor", "ddp", "--workers",
+              str(workers), "--batch-size", str(64 * workers), "--precision", "bf16", "--compile")
+    assert got[1, "", "compile_time_s"] > 0 and math.isfinite(got[2, "", "train_loss"])
+
+
+def test_gpu_part_of_make_bench(tmp_path):
+    out = tmp_path / "gpu.csv"
+    result = subprocess.run([sys.executable, "-m", "bench.perf.gpu", "--model", "resnet8",
+                             "--groups", "2", "--split", "flops", "--batch-size", "64",
+                             "--warmup", "3", "--steps", "3", "--rounds", "2", "--methods",
+                             "bp", "lc", "pipe-bp", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "samples/s" in result.stdout and "beside its FLOPs" in result.stdout
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["benchmark"] for r in rows} == {"gpu-throughput", "gpu-speedup", "gpu-methods"}
+    assert all(float(r["samples_per_s"]) > 0 for r in rows)

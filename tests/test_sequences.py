@@ -133,7 +133,7 @@ def test_synthesizer_on_sequences_is_per_step_and_sees_labels_in_cdni(method):
     torch.manual_seed(3)
     for p in stage.synth.parameters():
         p.data.normal_(0, 0.3)
-    stage.synth.scale.fill_(1.0)  # as if fitted
+    stage.synth.scale.fill_(1.0)  # as after its first target (0 before: a zero gradient)
     h = torch.randn(B, T, stage.synth.first.in_features)
     y1, y2 = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.long)
     a, b = stage.synth.gradient(h, y1), stage.synth.gradient(h, y2)

@@ -269,3 +269,22 @@ def test_time_is_steady_and_each_parallel_rule_stands_beside_its_bound(tmp_path)
     assert rows["LC(1)"]["time/epoch (s)"] == "6.10 measured"
     assert rows["BP"]["time/epoch (s)"] == "11.00 modelled"
     assert rows["LC(1)"]["bound"] == "1.83x" and rows["LC(1)"]["efficiency"] == "0.98"
+
+
+def test_precision_and_compilation_make_cells_of_their_own(tmp_path):
+    """A bf16 compiled run is never merged with fp32 runs, and is set against BP at its own
+    precision."""
+    from bench.report import table as tables
+    fake_run(tmp_path, method="bp", model="resnet20", times=(10, 11), mem_mib=[300, 200])
+    fake_run(tmp_path, method="lc", model="resnet20", times=(5, 6), mem_mib=[250, 210])
+    fake_run(tmp_path, method="bp", model="resnet20", times=(4, 5), mem_mib=[150, 100],
+             precision="bf16", compile=True)
+    fake_run(tmp_path, method="lc", model="resnet20", times=(2, 3), mem_mib=[120, 110],
+             precision="bf16", compile=True)
+    numbers, text = tables.build("table2", tmp_path)
+    ran = numbers[numbers["mean"].notna()]
+    speedup = {(r.method, r.precision): r.speedup for r in ran.itertuples()}
+    assert speedup == pytest.approx({("bp", "fp32"): 1.0, ("lc", "fp32"): 2.0,
+                                     ("bp", "bf16 compiled"): 1.0, ("lc", "bf16 compiled"): 2.0})
+    labels = [r["method"] for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"]
+    assert labels == ["BP", "BP [bf16 compiled]", "LC(1)", "LC(1) [bf16 compiled]"]

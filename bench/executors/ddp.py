@@ -77,6 +77,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     test_batch = prepare.eval_batch_size(cfg, task)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, task.steps(cfg.batch_size))
+    compiled = prepare.warm_up_stage(prep, stage, 0, shard) if cfg.compile else None
+    timer.pop()  # the warm-up's phases
     for epoch, steps in enumerate(plan, 1):
         memory.reset_device_peaks(device)
         prepare.reset_states([stage], shard)
@@ -94,6 +96,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         if epoch == 1:
             rows.update({(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()})
             rows.update(costs)
+            if compiled is not None:
+                rows[label, "compile_time_s"] = compiled
         rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
         trained = stage.pop_metrics()  # of this rank's slices
         if rank == 0:
@@ -110,6 +114,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             wall = max(part[rank_label, "wall_time_s"] for rank_label, _, part in gathered)
             merged["", "epoch_time_s"] = wall
             merged["", "samples_per_s"] = steps * cfg.batch_size / wall
+            if compiled is not None and epoch == 1:
+                merged["", "compile_time_s"] = max(part[l, "compile_time_s"] for l, _, part in gathered)
             record.add(epoch, merged)
             if not math.isfinite(merged["", "train_loss"]):
                 record.update(status="diverged", ended=now(),

@@ -251,6 +251,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         done = resumed["epoch"]
         stage.load_state_dict(resumed["stages"][0])
         checkpoint.set_rng_state(resumed["rng"], device, generator)
+    compiled = prepare.warm_up_stage(prep, stage, part.layer, cfg.batch_size) if cfg.compile else None
+    timer.pop()  # the warm-up's phases
     for epoch, steps in enumerate(plan[done:], done + 1):
         stage.train(True)
         prepare.reset_states([stage], cfg.batch_size)
@@ -272,6 +274,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         rows[label, "busy_time_s"] = sum(phases.values())
         rows[label, "idle_time_s"] = links.pop_idle()
         rows[label, "wall_time_s"] = seconds
+        if compiled is not None and epoch == done + 1:
+            rows[label, "compile_time_s"] = compiled
         if epoch == 1:
             rows.update({(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()})
             rows.update(costs)
@@ -290,6 +294,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             merged["", "samples_per_s"] = steps * cfg.batch_size / wall
             merged["", "modelled_time_s"] = timing.stage_modelled_time(stage, busy, steps)
             merged["", "wall_over_modelled"] = wall / merged["", "modelled_time_s"]
+            if compiled is not None and epoch == done + 1:
+                merged["", "compile_time_s"] = max(r[l, "compile_time_s"] for _, l, r in gathered)
             record.add(epoch, merged)
             if not math.isfinite(merged["", "train_loss"]):
                 record.update(status="diverged", ended=now(),

@@ -25,7 +25,7 @@ from bench import prepare
 from bench.config import ranks_per_layer
 from bench.data import tasks
 from bench.models.slicing import neuron_slice
-from methods.base import Stage, sgd
+from methods.base import Stage
 from methods.gn import GNStage, diversity
 
 from .links import Part
@@ -46,7 +46,8 @@ class NeuronGroupStage(Stage):
         network = nn.Sequential(self.slice, self.top) if stage.last else self.slice
         super().__init__(stage.index, stage.count, network, stage.criterion, stage.train_options)
         self.group = self.slice  # what the rank's activation probe meters as the group
-        self.head_optimizer = None if stage.last else sgd(self.top.parameters(), self.train_options)
+        if not stage.last:  # the head steps with the slice: a parameter group of its own
+            self.optimizer.add_param_group({"params": list(self.top.parameters())})
 
     def full_width(self, x: torch.Tensor) -> torch.Tensor:
         """The layer group's output: every rank's slice, this rank's own attached."""
@@ -74,7 +75,7 @@ class NeuronGroupStage(Stage):
         every[self.g] = logits
         div = diversity(every, y, self.options.temperature)
         self.backward(loss.mean() + self.options.diversity_weight * div)
-        self.step(self.optimizer, self.head_optimizer)
+        self.step(self.optimizer)
         if self.g == 0:
             with torch.no_grad():
                 losses = torch.stack([self.criterion(z, y) for z in every])
@@ -93,9 +94,6 @@ class NeuronGroupStage(Stage):
     def modules(self):
         return [self.slice, self.top]
 
-    def optimizers(self):
-        return [self.optimizer] + ([self.head_optimizer] if self.head_optimizer else [])
-
 
 def part(prep: prepare.Prepared, links, *, device, dtype, timer, progress: bool):
     """Rank k*G + g trains neuron group g of layer group k (see the module docstring)."""
@@ -111,8 +109,7 @@ def part(prep: prepare.Prepared, links, *, device, dtype, timer, progress: bool)
         return out
 
     stage = NeuronGroupStage(prep.stages[k], g, gather)
-    for module in stage.modules():
-        module.to(device)
+    prepare.place(cfg, [stage], device)
     in_shape = tuple(tasks.TASKS[cfg.task].input_shape) if k == 0 else prep.shapes[k - 1]
 
     def inputs(n: int, x=None, y=None):

@@ -9,11 +9,24 @@ backward from the gradient of its output arriving to the last gradient of its pa
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from methods.pipebp import PipeBPStage
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class Contiguous(nn.Module):
+    """A group whose output is in the default memory format (a channels-last conv net's
+    is not), as the schedule's point-to-point sends need it."""
+
+    def __init__(self, group: nn.Module):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x):
+        return self.group(x).contiguous()
 
 
 def time_phases(stage: PipeBPStage, timer) -> list:
@@ -43,7 +56,7 @@ class Pipeline:
         self.stage, self.links = stage, links
         self.rank, self.world = links.rank, links.world
         self.y_shape = y_shape  # of a batch's labels
-        pipe_stage = PipelineStage(stage.group, self.rank, self.world, device)
+        pipe_stage = PipelineStage(Contiguous(stage.group), self.rank, self.world, device)
         self.schedule = SCHEDULES[stage.schedule](
             pipe_stage, n_microbatches=stage.microbatches,
             loss_fn=lambda out, y: stage.criterion(out, y).mean())

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from bench import checkpoint, prepare
 from bench.measure import diagnostics, memory, timing
 from bench.measure.provenance import now
+from bench.models import runtime
 from bench.records import RunFailed, RunRecord
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 from methods import Stage
@@ -21,6 +22,7 @@ from methods.base import correct
 
 def train_step(stages: Sequence[Stage], batch: int, x: torch.Tensor, y: torch.Tensor) -> None:
     """One batch: forward (and local updates) down the stages, then the messages upstream."""
+    runtime.step_begin()
     up: list[torch.Tensor | None] = [None] * len(stages)
     for stage in stages:
         x, y = stage.input(batch, x, y)
@@ -108,6 +110,17 @@ def evaluate(stages: Sequence[Stage], batches, criterion: Callable,
     return {**scores.rows(), **(inference.rows() if inference is not None else {})}
 
 
+def warm_up(prep: prepare.Prepared) -> float:
+    """Seconds to compile every module the stages run in training: two batches on stand-in
+    data, then the stages and random states as they were (``runtime.warm_up``)."""
+    def step():
+        train_step(prep.stages, -1, *prepare.stand_in(prep, 0, prep.stages[0].group,
+                                                      prep.cfg.batch_size))
+
+    prepare.reset_states(prep.stages, prep.cfg.batch_size)
+    return runtime.warm_up(prep.stages, step, prep.device)
+
+
 def stage_label(stage: Stage) -> str:
     """Figures of the last stage describe the whole network (empty stage column)."""
     return "" if stage.last else str(stage.index + 1)
@@ -135,6 +148,9 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
         for stage, state in zip(prep.stages, resumed["stages"], strict=True):
             stage.load_state_dict(state)
         checkpoint.set_rng_state(resumed["rng"], device, generator)
+    compiled = {("", "compile_time_s"): warm_up(prep)} if cfg.compile else {}
+    for timer in timers:
+        timer.pop()  # the warm-up's phases
     for epoch, steps in enumerate(plan[done:], done + 1):
         memory.reset_device_peaks(device)
         prepare.reset_states(prep.stages, cfg.batch_size)
@@ -151,6 +167,7 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
         rows["", "epoch_time_s"] = seconds
         rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
         rows.update(timing.time_rows(prep.stages, timers, steps))
+        rows.update(compiled if epoch == done + 1 else {})
         if epoch == 1:
             rows.update(memory.memory_rows(prep.stages, probes))
             rows.update(costs)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch.nn import functional as F
 
+from bench.models import runtime
+
 
 def wanted(stages) -> bool:
     """Whether any stage has a local signal to check."""
@@ -51,6 +53,7 @@ def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
     """``{(stage, metric): value}`` of every stage's local signal on the batch ``(x, y)``."""
     device = x.device
     rows = {}
+    runtime.step_begin()  # a batch of its own for compiled modules
     with untouched(stages, device):
         hs, h = [], x
         for stage in stages:

@@ -71,6 +71,10 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(_nbytes(v) for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
 
 
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class SavedTensorMeter:
     """Bytes of activation memory that autograd saves for backward while the context is active.
 
@@ -92,7 +96,10 @@ class SavedTensorMeter:
         self._seen: set[tuple[torch.device, int]] = {
             self._key(t) for module in exclude for t in (*module.parameters(), *module.buffers())
         }
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        # never traced by torch.compile (it would compile the hook at every call, around a
+        # compiled module's eager parts)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(
+            torch.compiler.disable(self._pack), torch.compiler.disable(_unpack))
 
     @staticmethod
     def _key(t: torch.Tensor) -> tuple[torch.device, int]:

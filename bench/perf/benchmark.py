@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import methods
 from methods.base import TrainOptions
 
 from bench import models, prepare
-from bench.models import split
+from bench.models import runtime, split
 from bench.config import RunConfig
 from bench.executors import sequential
 from bench.measure.provenance import cpu_name
@@ -88,15 +89,30 @@ class Contender:
 
 
 def plain_step(model_name: str, train: TrainOptions, device: torch.device, *, seed: int = 0,
-               input_shape=INPUT_SHAPE) -> Step:
-    """The hand-written loop: model(x) -> cross-entropy -> backward -> SGD step."""
+               input_shape=INPUT_SHAPE, precision: str = "fp32", compile: bool = False) -> Step:
+    """The hand-written loop: model(x) -> cross-entropy -> backward -> SGD step, written as a
+    practitioner would for speed: channels-last for a conv net, SGD fused on a GPU; with
+    ``precision`` "bf16" the forward in autocast, with ``compile`` the model compiled as
+    lcbench compiles a module (CUDA graphs on a GPU)."""
     torch.manual_seed(seed)  # the same initial weights as prepare.build_groups
     model = models.build_model(model_name, input_shape, CLASSES).to(device).train()
+    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if conv:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                                nesterov=train.nesterov, weight_decay=train.weight_decay)
+                                nesterov=train.nesterov, weight_decay=train.weight_decay,
+                                fused=device.type == "cuda" or None)
+    options = runtime.compile_options(device, cudagraphs=True)
+    forward = torch.compile(model, **options) if compile else model
 
     def step(batch: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        F.cross_entropy(model(x), y).backward()
+        if options.get("mode") == "reduce-overhead" and compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        if conv:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = forward(x)
+        F.cross_entropy(logits.float(), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -104,18 +120,19 @@ def plain_step(model_name: str, train: TrainOptions, device: torch.device, *, se
 
 
 def lcbench_step(model_name: str, method: str, groups: int, device: torch.device, *,
-                 seed: int = 0, input_shape=INPUT_SHAPE) -> Step:
-    """Stages built as a run builds them (``prepare.build_groups`` and ``methods.build_stages``),
-    stepped by the sequential executor."""
-    cfg = RunConfig(method=method, groups=groups, model=model_name, seed=seed).validated()
+                 seed: int = 0, input_shape=INPUT_SHAPE, split_by: str = "flops",
+                 precision: str = "fp32", compile: bool = False) -> Step:
+    """Stages built as a run builds them (``prepare.build_groups``, ``methods.build_stages``,
+    ``prepare.place``), stepped by the sequential executor."""
+    cfg = RunConfig(method=method, groups=groups, model=model_name, seed=seed, split=split_by,
+                    precision=precision, compile=compile).validated()
     parts, _ = prepare.build_groups(cfg, input_shape, CLASSES)
     shapes = split.group_output_shapes(parts, input_shape)
     torch.manual_seed(seed)
-    stages = methods.build_stages(cfg.method, [g.to(device) for g in parts], shapes, CLASSES,
-                                  prepare.classification_loss, prepare.train_options(cfg), cfg.options)
+    stages = methods.build_stages(cfg.method, parts, shapes, CLASSES, prepare.classification_loss,
+                                  prepare.train_options(cfg, device), cfg.options)
+    prepare.place(cfg, stages, device)
     for stage in stages:
-        for module in stage.modules():
-            module.to(device)
         stage.train(True)
 
     def step(batch: int, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -1,8 +1,8 @@
 """`lcbench table NAME RESULTS_DIR`: our runs beside the published numbers, as Markdown,
 LaTeX and CSV.
 
-Per cell (task, model, method, K, executor, workers, threads per process; one row per cell,
-seeds aggregated):
+Per cell (task, model, method, K, executor, workers, threads per process, precision and
+compilation; one row per cell, seeds aggregated):
 - the final test accuracy in % (a language model: test perplexity) as mean ± std over the
   seeds, and the number of seeds;
 - the published number of the same cell (``bench/references/NAME.csv``: paper, table, row,
@@ -41,7 +41,7 @@ from bench.config import RunConfig, ranks
 from bench.records import read_json
 
 REFERENCES = Path(__file__).parents[1] / "references"
-CELL = ["task", "model", "method", "groups", "executor", "workers", "threads"]
+CELL = ["task", "model", "method", "groups", "executor", "workers", "threads", "precision"]
 #: executors whose time is measured on real ranks (the sequential executor's is modelled)
 MEASURED = ("distributed", "ddp")
 
@@ -63,10 +63,16 @@ def load_runs(folder: Path) -> pd.DataFrame:
         measured = config.get("executor") in MEASURED  # threads per rank matter to its time
         frame["threads"] = (config.get("threads") or provenance.get("cpu_threads")) if measured else None
         frame["device_mem_mib"] = (provenance.get("device_memory_bytes") or math.nan) / 2**20
+        frame["precision"] = precision(config)
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=["run_id", *CELL, "seed", "epoch", "stage", "metric", "value"])
     return pd.concat(frames, ignore_index=True)
+
+
+def precision(config: dict) -> str:
+    """How a run computed: ``fp32`` (the default), ``tf32`` or ``bf16``, and ``compiled``."""
+    return config.get("precision", "fp32") + (" compiled" if config.get("compile") else "")
 
 
 def workers(config: dict) -> int:
@@ -126,18 +132,20 @@ def rule(method: str, executor: str) -> str:
 
 
 def method_label(method: str, groups: int, microbatches=None, neuron_groups=None,
-                 executor: str | None = None) -> str:
-    """The papers' names: LC(n) and DNI(n) with n = K-1 local modules; BP (DDP)."""
+                 executor: str | None = None, precision: str | None = None) -> str:
+    """The papers' names: LC(n) and DNI(n) with n = K-1 local modules; BP (DDP); a
+    precision other than the default fp32, or compilation, in brackets."""
     n = groups - 1
     microbatches = int(microbatches) if pd.notna(microbatches) else None
     neuron_groups = int(neuron_groups) if pd.notna(neuron_groups) else None
+    how = f" [{precision}]" if isinstance(precision, str) and precision != "fp32" else ""
     if executor == "ddp":
-        return "BP (DDP)"
+        return "BP (DDP)" + how
     return {"bp": "BP", "lc": f"LC({n})", "dni": f"DNI({n})", "cdni": f"cDNI({n})",
             "dgl": "DGL", "adgl": "async DGL",
             "pipe-bp": "pipelined BP" + (f" (M={microbatches})" if microbatches else ""),
             "gn": "GN-DGL" + (f" (G={neuron_groups})" if neuron_groups else ""),
-            }.get(method, method)
+            }.get(method, method) + how
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
@@ -160,7 +168,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     def one_worker_bp(row) -> pd.Series | None:
         """BP in one process (the sequential executor), K where there is one."""
         same = bp[(bp["task"] == row["task"]) & (bp["model"] == row["model"])
-                  & (bp["executor"] == "sequential")]
+                  & (bp["executor"] == "sequential") & (bp["precision"] == row["precision"])]
         exact = same[same["groups"] == row["groups"]]
         base = exact if len(exact) else same
         return base.iloc[0] if len(base) else None
@@ -168,7 +176,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     def same_k_ddp(row, threads: bool) -> pd.Series | None:
         """DDP on the cell's K workers (with the same threads per rank where asked)."""
         same = ddp[(ddp["task"] == row["task"]) & (ddp["model"] == row["model"])
-                   & (ddp["workers"] == row["workers"])]
+                   & (ddp["workers"] == row["workers"]) & (ddp["precision"] == row["precision"])]
         if threads:
             same = same[(same["threads"] == row["threads"])
                         | (same["threads"].isna() & pd.isna(row["threads"]))]
@@ -198,9 +206,10 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     table["efficiency"] = table["speedup"] / table["bound"]
     order = [rule(m, e) for m, e in zip(table["method"], table["executor"])]
     rank = [ORDER.index(r) if r in ORDER else len(ORDER) for r in order]
-    return (table.assign(_rank=rank).sort_values(["task", "model", "_rank", "groups", "workers",
-                                                  "executor"])
-            .drop(columns="_rank").reset_index(drop=True))
+    return (table.assign(_rank=rank, _other=table["precision"] != "fp32")
+            .sort_values(["task", "model", "_rank", "groups", "workers", "executor", "_other",
+                          "precision"])
+            .drop(columns=["_rank", "_other"]).reset_index(drop=True))
 
 
 def bound(row, base) -> float:
@@ -268,7 +277,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
         ran = pd.notna(r.get("mean"))
         groups = int(r["groups"]) if pd.notna(r["groups"]) else None
         label = (method_label(r["method"], groups, r.get("microbatches"), r.get("neuron_groups"),
-                              r.get("executor"))
+                              r.get("executor"), r.get("precision"))
                  if groups else r.get("published_row", r["method"]))
         workers = r.get("workers")
         if pd.isna(workers) or not ran:
@@ -316,8 +325,9 @@ def orderings(numbers: pd.DataFrame) -> list[str]:
     both = numbers[numbers.get("mean", pd.Series(dtype=float)).notna() & numbers["published"].notna()]
     for (task, model), part in both.groupby(["task", "model"], sort=False):
         lower_better = part["metric"].iloc[0] == "test perplexity"
-        labels = [method_label(m, int(k), mb, ng) for m, k, mb, ng in zip(
-            part["method"], part["groups"], part["microbatches"], part["neuron_groups"])]
+        labels = [method_label(m, int(k), mb, ng, precision=p) for m, k, mb, ng, p in zip(
+            part["method"], part["groups"], part["microbatches"], part["neuron_groups"],
+            part.get("precision", [None] * len(part)))]
         ours = dict(zip(labels, part["mean"]))
         published = dict(zip(labels, part["published"]))
 
