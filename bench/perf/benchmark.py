@@ -10,7 +10,8 @@ the start of the order rotating from round to round):
 2. methods: every rule's step time at K groups relative to BP at the same K.
 
 Then (``speedup``) real runs on ranks: every decoupled rule on 2 ranks against BP in one
-process and against data-parallel BP (DDP) on the same 2 ranks.
+process and against data-parallel BP (DDP) on the same 2 ranks. ``make bench`` then runs the
+GPU part (``bench.perf.gpu``), where CUDA is.
 
 Figures are medians of the per-step times; ratios are ratios of those medians. A time budget
 ends the rounds early on a loaded machine (every contender keeps the same number of steps).
