@@ -41,7 +41,7 @@ def call(args, capsys):
     (["--method", "lc", "--epochs", "-1"], "--epochs must not be negative"),
     (["--method", "lc", "--option", "critic_size=3"], "unknown option(s) for lc: critic_size"),
     (["--method", "gn", "--neuron-groups", "3", "--model", "resnet8", "--task", "cifar10"],
-     "not divisible by neuron_groups=3"),
+     "do not split into 3 neuron groups"),
     (["--method", "lc", "--cuts", "3,2", "--groups", "3"], "cuts"),
     (["--method", "lc", "--groups", "two"], "'two' is not a valid integer"),
     (["--method", "lc", "--precision", "bogus"],
