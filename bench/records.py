@@ -6,6 +6,7 @@ so a reader (or a run killed at any instant) never sees a half-written file.
 from __future__ import annotations
 
 import csv
+import math
 import io
 import json
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
+
+from bench.measure.provenance import now
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -107,3 +110,12 @@ def save_weights(folder: Path, label: str, stage) -> None:
     path = folder / "weights" / f"stage{label}.pt"
     path.parent.mkdir(exist_ok=True)
     replace_atomic(path, lambda f: torch.save([module.state_dict() for module in stage.modules()], f))
+
+
+def stop_if_diverged(record: RunRecord, loss: float, epoch: int) -> None:
+    """Mark the run ``diverged`` in run.json and raise RunFailed if the training ``loss`` of
+    ``epoch`` is not finite."""
+    if not math.isfinite(loss):
+        record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",
+                      ended=now())
+        raise RunFailed(f"run {record.info.get('run_id')} diverged at epoch {epoch}")

@@ -18,7 +18,6 @@ the ranks, and rank 0's test figures.
 """
 from __future__ import annotations
 
-import math
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -30,7 +29,7 @@ from bench import prepare
 from bench.config import RunConfig
 from bench.measure import memory, timing
 from bench.measure.provenance import now
-from bench.records import RunFailed, save_weights
+from bench.records import save_weights, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 
 from . import distributed, sequential
@@ -117,10 +116,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             if compiled is not None and epoch == 1:
                 merged["", "compile_time_s"] = max(part[l, "compile_time_s"] for l, _, part in gathered)
             record.add(epoch, merged)
-            if not math.isfinite(merged["", "train_loss"]):
-                record.update(status="diverged", ended=now(),
-                              error=f"non-finite training loss at epoch {epoch}")
-                raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+            stop_if_diverged(record, merged["", "train_loss"], epoch)
     if cfg.save_weights and rank == 0:
         with unwrapped(stage):
             save_weights(prepare.run_folder(cfg), "1", stage)

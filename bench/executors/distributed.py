@@ -11,7 +11,6 @@ torch.distributed move tensors.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from bench.config import RunConfig, ranks_per_layer
 from bench.data import tasks
 from bench.measure import memory, timing
 from bench.measure.provenance import now
-from bench.records import RunFailed, save_weights
+from bench.records import save_weights, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps
 from methods.adgl import ADGLStage
 from methods.pipebp import PipeBPStage
@@ -297,10 +296,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             if compiled is not None and epoch == done + 1:
                 merged["", "compile_time_s"] = max(r[l, "compile_time_s"] for _, l, r in gathered)
             record.add(epoch, merged)
-            if not math.isfinite(merged["", "train_loss"]):
-                record.update(status="diverged", ended=now(),
-                              error=f"non-finite training loss at epoch {epoch}")
-                raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+            stop_if_diverged(record, merged["", "train_loss"], epoch)
         if checkpoint.due(cfg.checkpoint_every, epoch):
             store.save(epoch, {"stages": [stage.state_dict()],
                                "rng": checkpoint.rng_state(device, generator),

@@ -12,9 +12,8 @@ from tqdm import tqdm
 
 from bench import checkpoint, prepare
 from bench.measure import diagnostics, memory, timing
-from bench.measure.provenance import now
 from bench.models import runtime
-from bench.records import RunFailed, RunRecord
+from bench.records import RunRecord, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 from methods import Stage
 from methods.base import correct
@@ -183,10 +182,7 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
             prepare.reset_states(prep.stages, probe[1].shape[0])
             rows.update(diagnostics.probe_rows(prep.stages, *probe, prepare.classification_loss))
         record.add(epoch, rows)
-        if not math.isfinite(rows["", "train_loss"]):
-            record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",
-                          ended=now())
-            raise RunFailed(f"run {cfg.run_id} diverged at epoch {epoch}")
+        stop_if_diverged(record, rows["", "train_loss"], epoch)
         if store is not None and checkpoint.due(cfg.checkpoint_every, epoch):
             store.save(epoch, {"stages": [stage.state_dict() for stage in prep.stages],
                                "rng": checkpoint.rng_state(device, generator),
