@@ -44,11 +44,6 @@ def untouched(stages, device: torch.device):
                 m.training = mode
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
-
-
 def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
     """``{(stage, metric): value}`` of every stage's local signal on the batch ``(x, y)``."""
     device = x.device
@@ -72,6 +67,6 @@ def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
                 rows[label, "synth_rel_error"] = float((s - g).norm() / norm)
                 rows[label, "synth_norm_ratio"] = float(s.norm() / norm)
             elif hasattr(stage, "critic_loss"):
-                rows[label, "critic_corr"] = pearson(stage.critic_loss(h.detach(), y),
-                                                     per_sample.detach())
+                pair = torch.stack([stage.critic_loss(h.detach(), y), per_sample.detach()])
+                rows[label, "critic_corr"] = float(torch.corrcoef(pair.double())[0, 1])
     return rows
