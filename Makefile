@@ -21,7 +21,7 @@ help:
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
 	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3), DGL(3) on lc-vgg and a CIFAR-10 slice, with"
-	@echo "                     the local-signal diagnostics, beside the published ordering (~30 min)"
+	@echo "                     the local-signal diagnostics, beside the published ordering (~11 min)"
 	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
 	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process and vs"
 	@echo "                     data-parallel BP (DDP) on the same 2 ranks (~15 min); where CUDA is,"

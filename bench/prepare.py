@@ -106,6 +106,11 @@ def local_cost(cfg: RunConfig, shape: tuple, classes: int) -> float:
     them) or measured seconds of a batch."""
     if cfg.split == "time":
         return split.seconds(local_work(cfg, shape, classes, cfg.batch_size))
+    return local_training_flops(cfg, shape, classes)
+
+
+def local_training_flops(cfg: RunConfig, shape: tuple, classes: int) -> float:
+    """Training FLOPs per sample of the rule's local work on features of ``shape``."""
     batch = 2 * cfg.options.get("microbatches", 1)  # two samples (per micro-batch) suffice
     return profile.count_work_flops(local_work(cfg, shape, classes, batch)) / batch
 
@@ -272,8 +277,25 @@ def eval_batch_size(cfg: RunConfig, task) -> int:
 
 
 def static_rows(prep: Prepared) -> dict:
-    """FLOPs and parameters of every group, local head and sub-model (epoch 1's rows)."""
-    return submodels.costs(prep.stages, tasks.TASKS[prep.cfg.task].input_shape)
+    """FLOPs and parameters of every group, local head and sub-model, and the split's
+    balance (epoch 1's rows)."""
+    rows = submodels.costs(prep.stages, tasks.TASKS[prep.cfg.task].input_shape)
+    rows["", "split_balance"] = split_balance(prep, rows)
+    return rows
+
+
+def split_balance(prep: Prepared, rows: dict) -> float:
+    """How evenly the run's cuts share the rule's training work, in FLOPs: the mean stage
+    cost over the largest (1: even). A stage costs 3 x its group's forward FLOPs and, but for
+    the last, the rule's local training FLOPs on its output (what the FLOPs split balances,
+    making the largest as small as the blocks allow). Where it is low, no pipeline of these
+    stages comes near the rule's bound at perfect balance."""
+    count, classes = len(prep.stages), tasks.TASKS[prep.cfg.task].num_classes
+    with torch.random.fork_rng(devices=[]):  # the counting run draws; the run's draws stay put
+        costs = [3 * rows[str(k + 1), "group_flops"]
+                 + (local_training_flops(prep.cfg, prep.shapes[k], classes) if k < count - 1 else 0.0)
+                 for k in range(count)]
+    return sum(costs) / count / max(costs)
 
 
 def wants_inference(prep: Prepared) -> bool:

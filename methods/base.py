@@ -135,6 +135,18 @@ class Stage:
         head = self.head()
         return None if head is None or self.last else head(h)
 
+    def local_gradient(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """What the rule steps this group along: its estimate of dL/dh at the group's output
+        ``h`` (of the mean batch loss). Here the gradient of the head's mean cross-entropy,
+        for the rules whose group trains on its head alone (LC, DGL); ``None`` for the last
+        group and for rules with no head. Rules with another signal override it."""
+        head = None if self.last else self.head()
+        if head is None:
+            return None
+        h = h.detach().requires_grad_()
+        with torch.enable_grad():
+            return torch.autograd.grad(self.criterion(head(h), y).mean(), h)[0]
+
     # -- plumbing shared by the rules -----------------------------------------------
     def modules(self) -> list[nn.Module]:
         """Every trained module of the stage: the group and its local modules."""

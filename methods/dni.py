@@ -53,6 +53,9 @@ class DNIStage(Stage):
         """The rule's estimate of dL/dh of the mean batch loss (what the group steps on)."""
         return self.synth.gradient(h, self._label(y)) / y.shape[0]
 
+    def local_gradient(self, h, y):
+        return None if self.last else self.synthetic_gradient(h.detach(), y)
+
     def forward(self, batch, x, y):
         n = y.shape[0]
         keep_input = self.index > 0

@@ -81,9 +81,11 @@ def test_speedups_against_bp_in_one_process_and_ddp_on_the_same_ranks(monkeypatc
         faster = 2 if name == "lc" and cfg.experiment.endswith("-1") else 1  # round 2
         busy = {"bp": 10.0, "ddp": 14.0, "lc": 12.0}[name]  # sum of the stages' busy seconds
         return {"samples_per_s": rate[name] * faster, "wall_over_modelled": 1.1, "busy_s": busy,
-                "epoch_time_s": 1280 / (rate[name] * faster), "modelled_time_s": 5.0}
+                "epoch_time_s": 1280 / (rate[name] * faster), "modelled_time_s": 5.0,
+                "split_balance": 0.8 if name == "lc" else 1.0}
 
     monkeypatch.setattr(speedup, "measure_run", measure_run)
+    monkeypatch.setattr(speedup, "best_cut_bound", lambda cfg: 1.25)
     rows = speedup.run_speedups(contenders=[("lc", {})], rounds=2, progress=lambda _: None)
     ddp = [c for c in seen if c.executor == "ddp"]
     assert {(c.workers, c.groups, c.threads, c.batch_size) for c in ddp} == {(2, 1, 1, 128)}
@@ -100,8 +102,30 @@ def test_speedups_against_bp_in_one_process_and_ddp_on_the_same_ranks(monkeypatc
     assert speedup.bound("pipe-bp", {"microbatches": 4}, 2, 10.0, 10.0) == pytest.approx(2 * 4 / 5)
     table = speedup.format_table(rows)
     assert "vs DDP" in table and "bound" in table and "effic." in table
-    assert "lc >= 0.9 x bound x 0.94 = 1.41x: 2.70x ok" in table
-    assert "LC >= 1.4x BP: 2.70x ok" in table
+    assert got["lc"]["balance"] == 0.8 and got["lc"]["best_cut_bound"] == 1.25
+    assert ("lc >= 0.9 x bound x 0.94 = 1.41x: 2.70x ok (0.9 x the best cut's bound x 0.94 = 1.06x: ok)"
+            in table)
+    assert "LC >= 1.4x BP: 2.70x ok (bound 1.67x, 1.57x here; at the best cut 1.25x, 1.17x here)" in table
+
+
+@pytest.mark.parametrize("method, bubble", [("lc", 1.0), ("pipe-bp", 4 / 5)])
+def test_best_cut_bound_is_bps_time_over_the_slowest_stage_at_the_best_cut(method, bubble, monkeypatch):
+    """Blocks of 1 s, a local module of 0.5 s on any block's output, K=2: the best cut is
+    after block 2 (2.5 s against 2 s), so BP's 4 s over 2.5 s; pipelined BP times its bubble."""
+    from bench.config import RunConfig
+    from bench.models import split
+    from bench.perf import speedup
+    seen = {}
+
+    def training_costs(model, input_shape, by, *, batch_size, local_cost):
+        seen.update(by=by, batch_size=batch_size)
+        return [1.0] * 4, [0.5] * 3 + [0.0]
+
+    monkeypatch.setattr(split, "training_costs", training_costs)
+    cfg = RunConfig(method=method, groups=2, model="resnet20", batch_size=32,
+                    options={"microbatches": 4} if method == "pipe-bp" else {})
+    assert speedup.best_cut_bound(cfg) == pytest.approx(4 / 2.5 * bubble)
+    assert seen == {"by": "time", "batch_size": 32}
 
 
 def test_gpu_part_runs_anywhere_and_sets_each_rule_beside_its_flops(monkeypatch):

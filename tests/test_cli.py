@@ -104,7 +104,10 @@ def test_lc_four_groups_on_fashion_mnist_writes_records(tmp_path):
     got = {(r["stage"], r["metric"]) for r in rows}
     for stage in ("", "1", "2", "3"):
         assert {(stage, "test_acc"), (stage, "test_loss"), (stage, "train_loss")} <= got
-    assert {("1", "critic_loss"), ("", "epoch_time_s")} <= got
+    assert {("1", "critic_loss"), ("", "epoch_time_s"), ("", "split_balance")} <= got
+    for stage in ("1", "2", "3"):  # the local signals, every epoch
+        assert {(stage, "critic_corr"), (stage, "update_cosine"), (stage, "update_norm_ratio")} <= got
+    assert ("4", "update_cosine") not in got
     assert {r["method"] for r in rows} == {"lc"} and {r["groups"] for r in rows} == {"4"}
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "ok" and info["config"]["groups"] == 4

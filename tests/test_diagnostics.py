@@ -22,13 +22,13 @@ def build(method):
     torch.manual_seed(0)
     groups = [nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh()),
               nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Sequential(nn.Linear(4, 3))]
-    stages = methods.build_stages(method, groups, [(5,), (4,), (3,)], 3, ce, TrainOptions(),
-                                  {f"{'critic' if method == 'lc' else 'synth'}_filters": 7})
+    options = {"lc": {"critic_filters": 7}, "dgl": {"aux_channels": 7}}.get(method, {"synth_filters": 7})
+    stages = methods.build_stages(method, groups, [(5,), (4,), (3,)], 3, ce, TrainOptions(), options)
     for stage in stages[:-1]:
-        local = stage.critic if method == "lc" else stage.synth
+        local = stage.modules()[1]
         for p in local.parameters():
             p.data.normal_(0, 0.5)
-        if method != "lc":
+        if method in ("dni", "cdni"):
             local.scale.fill_(1.0)
     return groups, stages
 
@@ -60,6 +60,52 @@ def test_synth_cosine_and_errors_are_against_the_true_gradient(sign, monkeypatch
         assert rows[k, "synth_norm_ratio"] == pytest.approx(1)
 
 
+def flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def cosine(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_update_cosine_of_an_oracle_signal(sign, monkeypatch):
+    """A group stepped along (minus) the true dL/dh_k makes (minus) backprop's update."""
+    groups, stages = build("dni")
+    x, y = data()
+    grads, _ = true_gradients(groups, x, y)
+    for stage, g in zip(stages, grads):
+        monkeypatch.setattr(stage, "local_gradient", lambda h, y, g=g: sign * g)
+    rows = diagnostics.probe_rows(stages, x, y, ce)
+    for k in ("1", "2"):
+        assert rows[k, "update_cosine"] == pytest.approx(sign)
+        assert rows[k, "update_norm_ratio"] == pytest.approx(1)
+    assert ("3", "update_cosine") not in rows
+
+
+@pytest.mark.parametrize("method", ["lc", "dgl", "dni", "cdni"])
+def test_update_cosine_against_backprop_on_an_unsplit_copy(method):
+    """Group 1's parameter gradient from its local signal (the head's loss, or the synthetic
+    gradient pushed through the group), against the whole network's, both by autograd."""
+    groups, stages = build(method)
+    x, y = data()
+    net = copy.deepcopy(nn.Sequential(*groups)).train()
+    true = flat(torch.autograd.grad(ce(net(x), y).mean(), list(net[0].parameters())))
+    first = copy.deepcopy(groups[0]).train()
+    h = first(x)
+    local = copy.deepcopy(stages[0].modules()[1]).train()
+    if method in ("lc", "dgl"):
+        mine = torch.autograd.grad(ce(local(h), y).mean(), list(first.parameters()))
+    else:
+        s = local.gradient(h.detach(), y if method == "cdni" else None).detach() / x.shape[0]
+        mine = torch.autograd.grad(h, list(first.parameters()), s)
+    mine = flat(mine)
+    rows = diagnostics.probe_rows(stages, x, y, ce)
+    assert rows["1", "update_cosine"] == pytest.approx(cosine(mine, true))
+    assert rows["1", "update_norm_ratio"] == pytest.approx(float(mine.norm() / true.norm()))
+    assert abs(rows["1", "update_cosine"]) < 0.999  # a real estimate, not the true gradient
+
+
 def test_synth_cosine_of_the_synthesizer_itself():
     groups, stages = build("dni")
     x, y = data()
@@ -84,7 +130,7 @@ def test_critic_corr_is_the_per_sample_correlation_with_the_true_loss():
     assert ("3", "critic_corr") not in rows and -1 <= rows["2", "critic_corr"] <= 1
 
 
-@pytest.mark.parametrize("method", ["lc", "dni"])
+@pytest.mark.parametrize("method", ["lc", "dgl", "dni"])
 def test_the_probe_changes_nothing(method):
     groups, stages = build(method)
     for stage in stages:

@@ -220,3 +220,31 @@ def test_local_cost_counts_the_rules_own_local_work():
     synth_forward = 2 * 25 * 128 * 32 * 32 * (16 + 128 + 16)
     dni = local_cost(RunConfig(method="dni").validated(), shape, 10)
     assert 2 * synth_forward < dni < 3 * synth_forward  # no input gradient into its first conv
+
+
+def test_split_balance_row_is_the_best_bound_any_cut_allows():
+    """``split_balance``: the mean stage training FLOPs over the largest, at the run's cuts.
+    Under the FLOPs split the bound at those cuts (K T_BP / sum_k c_k x balance, in FLOPs:
+    T_BP / max_k c_k) is the best of every cut, found here by trying them all."""
+    from bench import prepare
+    from bench.config import RunConfig
+    shape = (1, 28, 28)
+    cfg = RunConfig(method="lc", groups=2, task="fashion-mnist", model="resnet20", device="cpu")
+    prep = prepare.prepare(cfg, data=False)
+    balance = prepare.static_rows(prep)["", "split_balance"]
+    model = build_model("resnet20", shape, 10)
+    forward = [3 * c for c in block_costs(model, shape, "flops")]
+    shapes = [tuple(s) for s in group_output_shapes(list(model), shape)]
+    local = {s: prepare.local_cost(prep.cfg, s, 10) for s in set(shapes)}
+
+    def stage_costs(cut):
+        return [sum(forward[:cut]) + local[shapes[cut - 1]], sum(forward[cut:])]
+
+    chosen = stage_costs(prep.cuts[0])
+    assert balance == pytest.approx(sum(chosen) / 2 / max(chosen))
+    best = max(sum(forward) / max(stage_costs(c)) for c in range(1, len(forward)))
+    assert 2 * sum(forward) / sum(chosen) * balance == pytest.approx(best)
+    assert 0.5 < balance < 1
+    bp = prepare.prepare(RunConfig(method="bp", groups=1, task="fashion-mnist", model="resnet20",
+                                   device="cpu"), data=False)
+    assert prepare.static_rows(bp)["", "split_balance"] == 1.0

@@ -239,7 +239,7 @@ def test_time_is_steady_and_each_parallel_rule_stands_beside_its_bound(tmp_path)
     from bench.records import RunRecord
     from bench.report import table as tables
 
-    def run(epochs, **config):
+    def run(epochs, balance=1.0, **config):
         cfg = RunConfig(task="cifar10", experiment="table2", out=str(tmp_path), **config).validated()
         info = {"run_id": cfg.run_id, "status": "ok", "config": asdict(cfg), "provenance": {}}
         record = RunRecord(tmp_path / "table2" / cfg.run_id, {**asdict(cfg), "run_id": cfg.run_id}, info)
@@ -247,12 +247,14 @@ def test_time_is_steady_and_each_parallel_rule_stands_beside_its_bound(tmp_path)
         for epoch, (wall, modelled, busy) in enumerate(epochs, 1):
             rows = {("", "test_acc"): 0.5, ("", "epoch_time_s"): wall, ("", "modelled_time_s"): modelled}
             rows.update({(str(k + 1), "busy_time_s"): b for k, b in enumerate(busy)})
+            if epoch == 1:
+                rows["", "split_balance"] = balance
             record.add(epoch, rows)
         record.update(status="ok")
 
     run([(60, 60, [30, 30]), (10, 10, [5, 5]), (12, 12, [6, 6]), (11, 11, [5.5, 5.5])],
         method="bp", model="resnet20")
-    run([(50, 40, [20, 14]), (6, 6.5, [7, 5]), (6.2, 6.5, [7, 5])],
+    run([(50, 40, [20, 14]), (6, 6.5, [7, 5]), (6.2, 6.5, [7, 5])], balance=0.9,
         method="lc", model="resnet20", executor="distributed", threads=1)
     run([(9, 9, [6, 6]), (8, 8, [6, 6])], method="pipe-bp", model="resnet20",
         options={"microbatches": 4})
@@ -269,6 +271,8 @@ def test_time_is_steady_and_each_parallel_rule_stands_beside_its_bound(tmp_path)
     assert rows["LC(1)"]["time/epoch (s)"] == "6.10 measured"
     assert rows["BP"]["time/epoch (s)"] == "11.00 modelled"
     assert rows["LC(1)"]["bound"] == "1.83x" and rows["LC(1)"]["efficiency"] == "0.98"
+    assert lc.balance == 0.9 and rows["LC(1)"]["split balance (FLOPs)"] == "0.90"
+    assert rows["BP"]["split balance (FLOPs)"] == ""
 
 
 def test_precision_and_compilation_make_cells_of_their_own(tmp_path):

@@ -4,7 +4,13 @@
   network's mean loss at that point: their cosine (``synth_cosine``), the relative error
   ||M - g|| / ||g|| (``synth_rel_error``) and the norm ratio ||M|| / ||g|| (``synth_norm_ratio``);
 - LC: the per-sample Pearson correlation between critic k's loss and the true loss
-  (``critic_corr``).
+  (``critic_corr``);
+- every rule that steps a group on a local signal (LC, DGL, DNI, cDNI): the group's own
+  parameter update under that signal against its update under backprop, the cosine of the two
+  parameter gradients (``update_cosine``) and their norm ratio (``update_norm_ratio``). Summed
+  over a batch, a signal's errors may cancel (a label-blind synthesizer: low ``synth_cosine``,
+  a useful step) or add up (errors shared by the samples: high ``synth_cosine``, a useless
+  step); the update is what the group is actually stepped along.
 
 The probe changes nothing: modules keep their mode, BatchNorm statistics and the random
 number generators are restored, and no parameter gradient is left behind.
@@ -21,7 +27,7 @@ from bench.models import runtime
 
 def wanted(stages) -> bool:
     """Whether any stage has a local signal to check."""
-    return any(hasattr(s, "synthetic_gradient") or hasattr(s, "critic_loss")
+    return any(hasattr(s, "synthetic_gradient") or s.head() is not None
                for s in stages if not s.last)
 
 
@@ -49,16 +55,25 @@ def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
     device = x.device
     rows = {}
     runtime.step_begin()  # a batch of its own for compiled modules
-    with untouched(stages, device):
+    # eager: the probe takes two gradients from one pass, which a compiled backward refuses
+    with untouched(stages, device), torch.compiler.set_stance("force_eager"):
         hs, h = [], x
         for stage in stages:
             h = stage.group(h)
             if not stage.last:
                 hs.append(h)
         per_sample = criterion(h, y)
-        grads = torch.autograd.grad(per_sample.mean(), hs)
+        grads = torch.autograd.grad(per_sample.mean(), hs, retain_graph=True)
         for stage, h, g in zip(stages, hs, grads):
             label = str(stage.index + 1)
+            local = stage.local_gradient(h.detach(), y)
+            if local is not None:
+                params = [p for p in stage.group.parameters() if p.requires_grad]
+                true = torch.autograd.grad(h, params, g, retain_graph=True, materialize_grads=True)
+                mine = torch.autograd.grad(h, params, local, retain_graph=True, materialize_grads=True)
+                true, mine = (torch.cat([t.flatten() for t in ts]).double() for ts in (true, mine))
+                rows[label, "update_cosine"] = float(F.cosine_similarity(mine, true, dim=0, eps=1e-30))
+                rows[label, "update_norm_ratio"] = float(mine.norm() / true.norm().clamp_min(1e-30))
             if hasattr(stage, "synthetic_gradient"):
                 s = stage.synthetic_gradient(h.detach(), y).flatten().double()
                 g = g.flatten().double()

@@ -93,6 +93,33 @@ def balanced_cuts(costs: Sequence[float], k: int, ends: Sequence[float] | None =
     return cuts
 
 
+def group_costs(costs: Sequence[float], cuts: Sequence[int], ends: Sequence[float] | None = None) -> list[float]:
+    """What each group of the partition at ``cuts`` costs: its blocks' ``costs`` and, for a
+    group that is not the last, ``ends[j]`` of its last block j (its local module)."""
+    bounds = [0, *cuts, len(costs)]
+    return [sum(costs[a:b]) + (ends[b - 1] if ends is not None and b < len(costs) else 0.0)
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def training_costs(model: nn.Sequential, input_shape, by: str, *, batch_size: int = 2,
+                   local_cost: Callable[[tuple], float] | None = None):
+    """``(costs, ends)``: what each block costs to train (by FLOPs: 3 x its forward; by time:
+    its measured forward and backward) and what the rule's local work costs on each block's
+    output (``local_cost(shape)``; ``None`` without it), as ``resolve_cuts`` balances them."""
+    costs = block_costs(model, input_shape, by, batch_size=batch_size if by == "time" else 2)
+    if by == "flops":
+        costs = [3 * c for c in costs]
+    ends = None
+    if by in ("flops", "time") and local_cost is not None:
+        shapes = [tuple(s) for s in group_output_shapes(list(model), input_shape)]
+        cache: dict[tuple, float] = {}
+        for shape in shapes[:-1]:  # the last block ends the last group: no local module
+            if shape not in cache:
+                cache[shape] = local_cost(shape)
+        ends = [cache[shape] for shape in shapes[:-1]] + [0.0]
+    return costs, ends
+
+
 def _check_cuts(cuts: Sequence[int], n: int, k: int) -> list[int]:
     cuts = list(cuts)
     if len(cuts) != k - 1:
@@ -119,17 +146,7 @@ def resolve_cuts(model: nn.Sequential, k: int, *, input_shape, by: str = "flops"
         return _check_cuts(cuts, len(model), k)
     if k == 1:
         return []
-    costs = block_costs(model, input_shape, by, batch_size=batch_size if by == "time" else 2)
-    if by == "flops":
-        costs = [3 * c for c in costs]
-    ends = None
-    if by in ("flops", "time") and local_cost is not None:
-        shapes = [tuple(s) for s in group_output_shapes(list(model), input_shape)]
-        cache: dict[tuple, float] = {}
-        for shape in shapes[:-1]:  # the last block ends the last group: no local module
-            if shape not in cache:
-                cache[shape] = local_cost(shape)
-        ends = [cache[shape] for shape in shapes[:-1]] + [0.0]
+    costs, ends = training_costs(model, input_shape, by, batch_size=batch_size, local_cost=local_cost)
     return balanced_cuts(costs, k, ends)
 
 

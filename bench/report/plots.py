@@ -257,14 +257,15 @@ def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
 
 
 SIGNALS = {"synth_cosine": "synthetic vs true gradient: cosine",
-           "critic_corr": "critic loss vs true loss: correlation"}
+           "critic_corr": "critic loss vs true loss: correlation",
+           "update_cosine": "group's update vs backprop's: cosine"}
 
 
 def signals(rows: pd.DataFrame, out: Path) -> list[Path]:
     part = rows[rows["metric"].isin(list(SIGNALS))]
     if part.empty:  # no DNI or LC run: say so rather than draw nothing
         fig, ax = plt.subplots(figsize=(5, 2))
-        ax.text(0.5, 0.5, "no run of a rule with a local signal to check (LC, DNI, cDNI)",
+        ax.text(0.5, 0.5, "no run of a rule with a local signal to check (LC, DGL, DNI, cDNI)",
                 ha="center", va="center")
         ax.set_axis_off()
         return save(fig, out, "signals")

@@ -20,7 +20,9 @@ compilation; one row per cell, seeds aggregated):
   modelled speedup (BP's one-worker time over the cell's modelled time), the rule's own bound
   (K T_BP / sum_k t_k from the stages' busy times: BP's time over the slowest stage's at
   perfect balance, the rule's extra work included; times M / (M + K - 1), the bubble, for
-  pipelined BP) and the efficiency: the speedup over that bound;
+  pipelined BP), the efficiency (the speedup over that bound) and the split's balance (the
+  ``split_balance`` row: the mean stage's training FLOPs over the largest stage's; 1 is
+  even: where it is low, the blocks allow no even cut and the speedup stays below the bound);
 - speedup against DDP: the time of data-parallel BP on the same number of ranks with the
   same threads per rank over the cell's, for cells measured on ranks (a modelled time is
   not set against a measured one);
@@ -96,6 +98,7 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         executor = run["executor"].iloc[0]
         time_metric = "epoch_time_s" if executor in MEASURED else "modelled_time_s"
         peaks = run[(run["metric"] == "peak_mem_bytes") & (run["epoch"] == 1)]["value"]
+        balance = whole[whole["metric"] == "split_balance"]["value"]
         # the whole net on one device: a ddp rank holds it all, the stages of a split hold parts
         whole_net = peaks.max() if executor == "ddp" else peaks.sum()
         first = run.iloc[0]
@@ -106,6 +109,7 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
                     "time_s": steady(per_epoch, time_metric), "wall_s": steady(per_epoch, "epoch_time_s"),
                     "modelled_s": steady(per_epoch, "modelled_time_s"),
                     "busy_s": steady(per_epoch, "busy_s"),
+                    "balance": balance.iloc[0] if len(balance) else math.nan,
                     "peak_mem_mib": peaks.max() / 2**20 if len(peaks) else math.nan,
                     "whole_net_mib": whole_net / 2**20 if len(peaks) else math.nan})
     return pd.DataFrame(out)
@@ -157,6 +161,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     table = grouped.agg(mean=("score", "mean"), std=("score", "std"), seeds=("seed", "nunique"),
                         time_s=("time_s", "mean"), wall_s=("wall_s", "mean"),
                         modelled_s=("modelled_s", "mean"), busy_s=("busy_s", "mean"),
+                        balance=("balance", "mean"),
                         peak_mem_mib=("peak_mem_mib", "max"),
                         whole_net_mib=("whole_net_mib", "max"),
                         device_mem_mib=("device_mem_mib", "min"),
@@ -307,6 +312,8 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
             "speedup vs BP (1 worker)": _times(r.get("speedup")),
             "modelled speedup": _times(r.get("speedup_modelled")),
             "bound": _times(r.get("bound")),
+            "split balance (FLOPs)": (f"{r['balance']:.2f}" if pd.notna(r.get("balance"))
+                                      and r.get("method") in PARALLEL else ""),
             "efficiency": f"{r['efficiency']:.2f}" if pd.notna(r.get("efficiency")) else "",
             "speedup vs DDP (same ranks)": _times(r.get("speedup_ddp")),
             "peak mem/device (MiB)": _mib(r.get("peak_mem_mib")),
