@@ -285,7 +285,7 @@ def signals(rows: pd.DataFrame, out: Path) -> list[Path]:
         ax.set(title=f"{title(task, model)}", xlabel="epoch", ylabel=SIGNALS[metric], ylim=(-1, 1))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left", ncol=2)  # signals that work sit in the upper half
     fig.tight_layout()
     return save(fig, out, "signals")
 
