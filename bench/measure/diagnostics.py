@@ -74,8 +74,8 @@ def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
                 true, mine = (torch.cat([t.flatten() for t in ts]).double() for ts in (true, mine))
                 rows[label, "update_cosine"] = float(F.cosine_similarity(mine, true, dim=0, eps=1e-30))
                 rows[label, "update_norm_ratio"] = float(mine.norm() / true.norm().clamp_min(1e-30))
-            if hasattr(stage, "synthetic_gradient"):
-                s = stage.synthetic_gradient(h.detach(), y).flatten().double()
+            if hasattr(stage, "synthetic_gradient"):  # DNI's local signal: its synthetic gradient
+                s = local.flatten().double()
                 g = g.flatten().double()
                 norm = g.norm().clamp_min(1e-30)
                 rows[label, "synth_cosine"] = float(F.cosine_similarity(s, g, dim=0, eps=1e-30))
