@@ -21,7 +21,8 @@ help:
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
 	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3), DGL(3) on lc-vgg and a CIFAR-10 slice, with"
-	@echo "                     the local-signal diagnostics, beside the published ordering (~11 min)"
+	@echo "                     the local-signal diagnostics, beside the published ordering; then why"
+	@echo "                     DNI's label-blind synthesizer fails (python -m bench.studies.dni_signal) (~17 min)"
 	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
 	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process and vs"
 	@echo "                     data-parallel BP (DDP) on the same 2 ranks (~15 min); where CUDA is,"
@@ -62,7 +63,8 @@ fidelity-check: $(STAMP)
 	  mkdir -p $(CIFAR10_DIR) && mv $(CIFAR10_DIR).tmp/cifar10 $(CIFAR10_DIR)/ && rm -rf $(CIFAR10_DIR).tmp; fi; \
 	$(BIN)/lcbench sweep bench/experiments/fidelity.toml --out $(RESULTS) --data-dir $(CIFAR10_DIR) || test $$? -eq 1; \
 	$(BIN)/lcbench table fidelity $(RESULTS); \
-	$(BIN)/lcbench plot $(RESULTS)/fidelity --out figures/fidelity
+	$(BIN)/lcbench plot $(RESULTS)/fidelity --out figures/fidelity; \
+	$(BIN)/python -m bench.studies.dni_signal --data-dir $(CIFAR10_DIR) --out $(RESULTS)/fidelity-dni-signal.csv
 
 # A sweep exits with 1 when some runs failed: they are recorded, and the table shows what ran.
 reproduce-table2: $(STAMP) data

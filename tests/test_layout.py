@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a module may import only from its own layer or below
     ["bench.prepare"],
     ["bench.executors"],
     ["bench.runner"],
-    ["bench.sweep", "bench.perf", "bench.report"],
+    ["bench.sweep", "bench.perf", "bench.report", "bench.studies"],
     ["bench.cli", "bench.__main__", "bench"],
 ]
 
