@@ -55,7 +55,7 @@ def test_the_study_runs_the_rule_and_reports_every_stage(isolated_env):
     rows = dni_signal.run(TINY, steps=4, samples=128, held_out=64, epochs=1, later=(2,),
                           progress=lambda text: None)
     parts = {(r["part"], r["stage"], r["synthesizer"]) for r in rows}
-    for part in ("online, groups stepped", "online, groups at lr 0"):
+    for part in ("online, as published", "online, synthesizers at lr 0.001", "online, groups at lr 0"):
         assert {(part, k, "label-blind") for k in (1, 2)} <= parts
     for k in (1, 2):
         assert {("offline fit", k, "label-blind"), ("offline fit", k, "conditioned")} <= parts

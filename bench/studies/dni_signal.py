@@ -5,10 +5,10 @@ DNI run (``synth_cosine``: the cosine between the synthetic and the true gradien
 batch, as in the run's diagnostics) tell a defect in the rule's machinery from a limit of the
 rule itself:
 
-- **online**: the published rule for ``steps`` steps, and the same start with every group's
-  learning rate at 0, so that the synthesizers' targets stand still. If the synthesizers reach
-  a clear cosine only in the second, their targets, scale and fit work, and what defeats them
-  is the network moving.
+- **online**: the published rule for ``steps`` steps; the same with the synthesizers at 10x
+  their rate; the same start with every group's learning rate at 0, so that the synthesizers'
+  targets stand still. If the synthesizers reach a clear cosine only in the last, their
+  targets, scale and fit work, and what defeats them is the network moving.
 - **offline fit**: on the first run's network, frozen, fresh synthesizers (label-blind, and
   conditioned on the label as in cDNI) fitted to convergence on ``samples`` images, tested on
   ``held_out`` others: how much of the gradient E[g | h] (resp. E[g | h, y]) carries there.
@@ -18,7 +18,7 @@ rule itself:
     python -m bench.studies.dni_signal --data-dir DIR     (part of `make fidelity-check`)
 
 The defaults are `make fidelity-check`'s DNI(3): lc-vgg at width 0.25, K=4 at the paper's cuts,
-32-filter synthesizers, a slice of CIFAR-10, batch 64, lr 0.1 (about 6 minutes on 2 cores).
+32-filter synthesizers, a slice of CIFAR-10, batch 64, lr 0.1 (about 7 minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from bench.config import RunConfig, UsageError
 from bench.executors.sequential import train_step
 from bench.measure import diagnostics
 from methods import modules
+from methods.dni import DNIOptions
 
 FIDELITY = RunConfig(method="dni", task="cifar10", model="lc-vgg", groups=4, split="paper",
                      width=0.25, batch_size=64, lr=0.1, limit_train=10240, limit_test=2000,
@@ -136,10 +137,15 @@ def run(cfg: RunConfig = FIDELITY, *, steps: int = 200, samples: int = 8192, hel
         rows.append({"part": part, "stage": stage, "synthesizer": synthesizer, "step": step,
                      "synth_cosine": values[0], "synth_norm_ratio": values[1]})
 
+    rate = cfg.options.get("synth_lr", DNIOptions.synth_lr)
+    online = {"online, as published": (cfg, False),
+              f"online, synthesizers at lr {10 * rate:g}":
+                  (replace(cfg, options={**cfg.options, "synth_lr": 10 * rate}), False),
+              "online, groups at lr 0": (cfg, True)}
     runs = {}
-    for part in ("online, groups stepped", "online, groups at lr 0"):
-        prep = prepare.prepare(cfg)
-        if part.endswith("lr 0"):
+    for part, (part_cfg, held) in online.items():
+        prep = prepare.prepare(part_cfg)
+        if held:
             hold_groups(prep.stages)
         stream = batches(prep.task, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
         started = time.perf_counter()
@@ -149,7 +155,7 @@ def run(cfg: RunConfig = FIDELITY, *, steps: int = 200, samples: int = 8192, hel
             add(part, stage, "label-blind", step, values)
         progress(f"{part}: {steps} steps in {time.perf_counter() - started:.0f} s")
         runs[part] = (prep, stream, step)
-    prep, stream, step = runs["online, groups stepped"]
+    prep, stream, step = runs["online, as published"]
     classes = prep.task.num_classes
     filters = prep.cfg.options.get("synth_filters", 128)
     hs, gs, y = gradients_at_cuts(prep.stages, prep.task, samples + held_out, cfg.seed + 1)
