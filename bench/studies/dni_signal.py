@@ -10,7 +10,7 @@ rule itself:
   targets stand still. If the synthesizers reach a clear cosine only in the last, their
   targets, scale and fit work, and what defeats them is the network moving.
 - **offline fit**: on the first run's network, frozen, fresh synthesizers (label-blind, and
-  conditioned on the label as in cDNI) fitted to convergence on ``samples`` images, tested on
+  conditioned on the label as in cDNI) fitted for ``epochs`` passes over ``samples`` images, tested on
   ``held_out`` others: how much of the gradient E[g | h] (resp. E[g | h, y]) carries there.
 - **staleness**: the first run trained on; that label-blind fit of the last synthesizer tested
   on the new targets ``later`` steps on: how fast the learnable signal moves away.
