@@ -50,6 +50,15 @@ def untouched(stages, device: torch.device):
                 m.training = mode
 
 
+def agreement(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float]:
+    """The cosine, relative error ||e - t|| / ||t|| and norm ratio ||e|| / ||t|| of an estimate
+    against the truth, both flattened, in float64."""
+    e, t = estimate.flatten().double(), truth.flatten().double()
+    norm = t.norm().clamp_min(1e-30)
+    return (float(F.cosine_similarity(e, t, dim=0, eps=1e-30)), float((e - t).norm() / norm),
+            float(e.norm() / norm))
+
+
 def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
     """``{(stage, metric): value}`` of every stage's local signal on the batch ``(x, y)``."""
     device = x.device
@@ -71,16 +80,11 @@ def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
                 params = [p for p in stage.group.parameters() if p.requires_grad]
                 true = torch.autograd.grad(h, params, g, retain_graph=True, materialize_grads=True)
                 mine = torch.autograd.grad(h, params, local, retain_graph=True, materialize_grads=True)
-                true, mine = (torch.cat([t.flatten() for t in ts]).double() for ts in (true, mine))
-                rows[label, "update_cosine"] = float(F.cosine_similarity(mine, true, dim=0, eps=1e-30))
-                rows[label, "update_norm_ratio"] = float(mine.norm() / true.norm().clamp_min(1e-30))
+                cos, _, ratio = agreement(*(torch.cat([t.flatten() for t in ts]) for ts in (mine, true)))
+                rows[label, "update_cosine"], rows[label, "update_norm_ratio"] = cos, ratio
             if hasattr(stage, "synthetic_gradient"):  # DNI's local signal: its synthetic gradient
-                s = local.flatten().double()
-                g = g.flatten().double()
-                norm = g.norm().clamp_min(1e-30)
-                rows[label, "synth_cosine"] = float(F.cosine_similarity(s, g, dim=0, eps=1e-30))
-                rows[label, "synth_rel_error"] = float((s - g).norm() / norm)
-                rows[label, "synth_norm_ratio"] = float(s.norm() / norm)
+                (rows[label, "synth_cosine"], rows[label, "synth_rel_error"],
+                 rows[label, "synth_norm_ratio"]) = agreement(local, g)
             elif hasattr(stage, "critic_loss"):
                 pair = torch.stack([stage.critic_loss(h.detach(), y), per_sample.detach()])
                 rows[label, "critic_corr"] = float(torch.corrcoef(pair.double())[0, 1])

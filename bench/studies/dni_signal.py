@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch.nn import functional as F
 
 from bench import prepare
 from bench.config import RunConfig, UsageError
+from bench.records import write_atomic
 from bench.executors.sequential import train_step
 from bench.measure import diagnostics
 from methods import modules
@@ -119,10 +121,10 @@ def cosine(synth: modules.Synthesizer, h, g, y) -> tuple[float, float]:
     gradient against ``g``, each batch flattened (as ``synth_cosine``)."""
     cos, ratio = [], []
     for idx in torch.arange(h.shape[0]).split(PROBE_SIZE):
-        s = synth.gradient(h[idx], y[idx] if synth.label is not None else None).flatten().double()
-        t = g[idx].flatten().double()
-        cos.append(float(F.cosine_similarity(s, t, dim=0, eps=1e-30)))
-        ratio.append(float(s.norm() / t.norm().clamp_min(1e-30)))
+        label = y[idx] if synth.label is not None else None
+        c, _, r = diagnostics.agreement(synth.gradient(h[idx], label), g[idx])
+        cos.append(c)
+        ratio.append(r)
     return sum(cos) / len(cos), sum(ratio) / len(ratio)
 
 
@@ -206,7 +208,7 @@ def main(argv=None) -> None:
     if args.out is not None:
         try:  # before minutes of work, not after
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".tmp").touch()
+            tempfile.TemporaryFile(dir=args.out.parent).close()
         except OSError as e:
             print(f"dni_signal: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
             sys.exit(2)
@@ -221,9 +223,7 @@ def main(argv=None) -> None:
     print()
     print(format_table(rows))
     if args.out is not None:
-        tmp = args.out.with_suffix(".tmp")
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-        tmp.replace(args.out)
+        write_atomic(args.out, pd.DataFrame(rows).to_csv(index=False))
         print(f"\nwrote {args.out}")
 
 
