@@ -9,6 +9,9 @@ RESULTS ?= results
 PRESET  ?= paper
 CIFAR10_ZIP ?= ../shared/data/cifar10-jpeg.zip
 CIFAR10_DIR ?= $(HOME)/.cache/lcbench/cifar10-jpeg
+# the nets the forecast maps after Table 2 (smoke: those its runs trained)
+SCALE_paper := lc-vgg resnet101 wrn28-10 --task cifar10
+SCALE_smoke :=
 
 .PHONY: help setup data test test-all learning-check fidelity-check reproduce-table2 plot bench clean
 
@@ -17,7 +20,10 @@ help:
 	@echo "make test            the test suite (what CI runs; < 10 min on 2 CPU cores)"
 	@echo "make test-all        also the slow tests"
 	@echo "make reproduce-table2 [PRESET=paper|smoke]  the method-comparison table beside the"
-	@echo "                     published numbers, and the figures (resumable; smoke: minutes, offline)"
+	@echo "                     published numbers, and the figures (resumable; smoke: minutes, offline);"
+	@echo "                     then the forecast map: where each rule beats DDP and pipelined BP on"
+	@echo "                     K = 2..64 GPUs over links of every bandwidth (lcbench scale; paper: lc-vgg,"
+	@echo "                     ResNet-101, WRN-28-10 under the shipped profiles; smoke: its own nets)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
 	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3), DGL(3) on lc-vgg and a CIFAR-10 slice, with"
@@ -25,7 +31,9 @@ help:
 	@echo "                     DNI's label-blind synthesizer fails (python -m bench.studies.dni_signal) (~17 min)"
 	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
 	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process and vs"
-	@echo "                     data-parallel BP (DDP) on the same 2 ranks (~15 min); where CUDA is,"
+	@echo "                     data-parallel BP (DDP) on the same 2 ranks, each run's epoch beside"
+	@echo "                     its forecast from this machine's calibration (ResNet-20 and lc-vgg;"
+	@echo "                     ~45 min); where CUDA is,"
 	@echo "                     BP's samples/s vs a plain loop (fp32, bf16+compile) and every rule's"
 	@echo "                     step time vs BP beside its FLOPs, on lc-vgg K=4"
 
@@ -72,6 +80,8 @@ reproduce-table2: $(STAMP) data
 	  || test $$? -eq 1
 	$(BIN)/lcbench table table2 $(RESULTS)/$(PRESET)
 	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures
+	$(BIN)/lcbench scale $(SCALE_$(PRESET)) --results $(RESULTS)/$(PRESET)/table2 \
+	  --out $(RESULTS)/$(PRESET)/scale
 
 plot: $(STAMP)
 	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures

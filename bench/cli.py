@@ -275,6 +275,186 @@ def plot(results, out):
     click.echo(f"wrote {len(paths)} files to {out}: " + ", ".join(p.name for p in paths))
 
 
+@cli.command()
+@click.option("--model", "model_names", multiple=True, default=("resnet20",), show_default=True,
+              help="Model whose blocks are timed (repeatable).")
+@click.option("--task", "-t", default="fashion-mnist", show_default=True,
+              help="Task: " + ", ".join(tasks.TASKS))
+@click.option("--method", "rules", multiple=True, default=("lc", "dgl", "dni", "cdni"),
+              show_default=True, help="Rule whose local modules are timed (repeatable).")
+@click.option("--batch-sizes", default="32,64,128", show_default=True, metavar="N1,N2,...",
+              help="Per-device batch sizes to time at (the forecast interpolates between them).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads while timing (as a rank of a run would have them).")
+@click.option("--precision", default="fp32", show_default=True, help="fp32, tf32 or bf16.")
+@click.option("--link", "link_from", default="measure", show_default=True,
+              help="measure: a ping-pong and an all-reduce on two ranks (gloo on the CPU, NCCL "
+                   "on two GPUs); or the name of a shipped profile whose link to keep (one GPU).")
+@click.option("--data-dir", default=None, envvar="LCBENCH_DATA",
+              help="Where data sets are looked for first [env LCBENCH_DATA].")
+@click.option("--name", default=None, help="The profile's name (default: the file's stem).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The profile (TOML).")
+def calibrate(model_names, task, rules, batch_sizes, device, threads, precision, link_from,
+              data_dir, name, out):
+    """Measure this machine for the forecast and write it as a profile: every block of each
+    model timed in place (forward, backward, update) at a few batch sizes, each rule's local
+    module, the input pipeline, the achieved FLOP/s and overhead fitted to them, and the link
+    (latency, bandwidth, all-reduce) with the slowdown of two workers sharing the machine.
+    `lcbench scale --profile FILE` forecasts from it."""
+    from .forecast import calibrate as calibration, profiles
+    sizes = parse_ints(batch_sizes, "--batch-sizes")
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes must be positive integers, got '{batch_sizes}'")
+    if task not in tasks.TASKS:
+        raise UsageError(f"unknown task '{task}' (choose from {', '.join(tasks.TASKS)})")
+    unknown = [m for m in model_names if m not in models.MODELS]
+    if unknown:
+        raise UsageError(f"unknown model '{unknown[0]}' (choose from {', '.join(models.MODELS)})")
+    try:
+        rules = [methods.resolve(r).name for r in rules]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if precision not in profiles.PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(profiles.PRECISIONS)}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    dev = prepare.resolve_device(device)
+    kept = None
+    if link_from != "measure":
+        kept = _profile(link_from).link
+    elif dev.type == "cuda" and __import__("torch").cuda.device_count() < 2:
+        raise UsageError("--link measure needs two GPUs on this machine; name a shipped profile "
+                         "whose link to keep instead (--link h100-sxm-nvlink, ...)")
+    _check_writable(Path(out))
+    try:
+        profile = calibration.calibrate(
+            model_names, task, methods_=[r for r in rules if r not in ("bp", "pipe-bp")],
+            batch_sizes=sizes, device=dev, threads=threads, precision=precision,
+            link=kept is None, data_dir=data_dir, name=name or Path(out).stem,
+            progress=lambda text: click.echo(text, err=True))
+    except tasks.DataUnavailable as e:
+        raise UsageError(str(e)) from None
+    if kept is not None:
+        profile["link"] = {"name": kept.name, "latency_s": kept.latency_s,
+                           "bandwidth_bytes_per_s": kept.bandwidth, "efficiency": 1.0,
+                           "source": f"kept from profile {link_from}: {kept.source}"}
+    calibration.write(profile, Path(out))
+    device_ = profile["device"]
+    click.echo(f"wrote {out}: {device_['name']}, {device_['achieved_flops'][precision] / 1e9:.1f} "
+               f"GFLOP/s achieved, {1e6 * device_['overhead_s']:.0f} us per block per step; link "
+               f"{1e6 * profile['link']['latency_s']:.1f} us + s / "
+               f"{profile['link']['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s")
+
+
+def _profile(name: str):
+    from .forecast import profiles
+    try:
+        return profiles.load(name)
+    except profiles.ProfileError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_writable(path: Path) -> None:
+    """UsageError unless a file can be written at ``path`` (checked before minutes of work;
+    nothing is left behind)."""
+    import tempfile
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+@cli.command()
+@click.argument("model_names", metavar="[MODEL]...", nargs=-1)
+@click.option("--task", "-t", default=None, help="Task (default: the run's, else cifar10).")
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
+              help="Take the model, task, batch, rule options and precision from a run folder.")
+@click.option("--results", default=None, type=click.Path(file_okay=False),
+              help="A results folder: every model in it (unless MODELs are named), and their "
+                   "runs' learning curves for the time to 95% and 99% of BP's accuracy.")
+@click.option("--profile", "profile_names", multiple=True,
+              help="A shipped profile's name or a profile file (repeatable; default: every "
+                   "shipped profile).")
+@click.option("--workers", default=",".join(map(str, (2, 4, 8, 16, 32, 64))), show_default=True,
+              metavar="K1,K2,...", help="Numbers of workers.")
+@click.option("--rules", default="pipe-bp,dgl,adgl,lc,dni,cdni,gn", show_default=True,
+              help="The contenders set against DDP (and BP on one device).")
+@click.option("--batch-size", "-b", type=int, default=None,
+              help="Global batch (default: the run's, else 128).")
+@click.option("--precision", default=None, help="fp32, tf32 or bf16 (default: the run's, else fp32).")
+@click.option("--stages", type=int, default=None,
+              help="Pin the layer groups S of pipelined BP and the decoupled rules (default: "
+                   "the best for each K).")
+@click.option("--out", default="results/scale", show_default=True,
+              type=click.Path(file_okay=False), help="Where scale.csv, scale.md and the maps go.")
+@click.option("--no-maps", is_flag=True, help="Only the CSV and the summary.")
+def scale(model_names, task, run_dir, results, profile_names, workers, rules, batch_size,
+          precision, stages, out, no_maps):
+    """Forecast each rule against data-parallel BP (DDP) and pipelined BP on K workers over
+    links of every bandwidth, from profiles of the hardware (shipped: data-sheet peaks at a
+    stated efficiency; or measured by `lcbench calibrate`): scale.csv (a row per rule, model,
+    profile, K and bandwidth: seconds per batch, speedups, memory per device, fits), scale.md
+    (per rule and K, the bandwidth below which it beats DDP and whether it ever beats
+    pipelined BP, and the assumptions) and a map per model and profile."""
+    from .forecast import profiles, scale as scaling
+    from .records import read_json
+    ks = parse_ints(workers, "--workers")
+    if not ks or min(ks) < 1:
+        raise UsageError(f"--workers must be positive integers, got '{workers}'")
+    chosen = [r.strip() for r in rules.split(",") if r.strip()]
+    bad = [r for r in chosen if r not in scaling.RULES]
+    if bad:
+        raise UsageError(f"unknown rule '{bad[0]}' for --rules (choose from {', '.join(scaling.RULES)})")
+    options, pairs = {}, []
+    config = {}
+    if run_dir:
+        info = read_json(Path(run_dir) / "run.json")
+        if not isinstance(info, dict) or "config" not in info:
+            raise UsageError(f"no run.json in {run_dir}")
+        config = info["config"]
+        options = dict(config.get("options", {}))
+        pairs.append((config["task"], config["model"]))
+    task = task or config.get("task")
+    for name in model_names:
+        pairs.append((task or models.REFERENCE_TASK.get(name, "cifar10"), name))
+    if results and not model_names and not run_dir:
+        from .report import table
+        runs = table.load_runs(Path(results))
+        pairs += list(dict.fromkeys(zip(runs["task"], runs["model"])))
+    if not pairs:
+        raise UsageError("name a MODEL, a --run or a --results folder with runs")
+    for t, m in pairs:
+        if m not in models.MODELS:
+            raise UsageError(f"unknown model '{m}' (choose from {', '.join(models.MODELS)})")
+        if t not in tasks.TASKS:
+            raise UsageError(f"unknown task '{t}' (choose from {', '.join(tasks.TASKS)})")
+    batch_size = batch_size or config.get("batch_size") or 128
+    precision = precision or config.get("precision") or "fp32"
+    if batch_size < 1 or (stages is not None and stages < 2):
+        raise UsageError("--batch-size must be positive and --stages at least 2")
+    if precision not in profiles.PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(profiles.PRECISIONS)}")
+    chosen_profiles = [_profile(p) for p in (profile_names or profiles.shipped())]
+    _check_writable(Path(out) / "scale.csv")
+    rows = []
+    for t, m in pairs:
+        for profile in chosen_profiles:
+            try:
+                rows += scaling.grid(m, t, profile, batch_size=batch_size, workers=ks,
+                                     rules=chosen, precision=precision, options=options,
+                                     stages=stages, progress=lambda text: click.echo(text, err=True))
+            except profiles.ProfileError as e:
+                raise UsageError(str(e)) from None
+    if results:
+        scaling.with_time_to_accuracy(rows, scaling.time_to_accuracy(results))
+    paths = scaling.write(rows, Path(out), maps=not no_maps)
+    click.echo(scaling.summary(rows))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
 @cli.command(name="list")
 @click.option("--methods", "what", flag_value="methods", help="Only the learning rules.")
 @click.option("--models", "what", flag_value="models", help="Only the models.")

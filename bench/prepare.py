@@ -79,23 +79,44 @@ class _PassThrough(nn.Module):
         return x * self.scale
 
 
-def local_work(cfg: RunConfig, shape: tuple, classes: int, batch_size: int):
-    """One batch of the rule's local work on features of per-sample ``shape``, as a callable:
-    a stage of a do-nothing group and the rule's local module, through its forward and
-    (with a random message) its upstream update, as the rule runs them."""
+def local_parts(cfg: RunConfig, shape: tuple, classes: int, batch_size: int,
+                device: torch.device | None = None):
+    """The rule's local work on features of per-sample ``shape``, one batch at a time, as two
+    callables: the stage's forward call (its local module's forward and backward, the update)
+    and what it does when the upstream message comes (``None`` where the rule sends none),
+    on a stage of a do-nothing group, with random features and messages (on ``device``, run
+    as ``place`` runs a stage there; else on the CPU as built). The second stands for the
+    message of the last batch the first ran."""
     last = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
     stage = methods.build_stages(cfg.method, [_PassThrough(), last], [shape, (classes,)], classes,
-                                 classification_loss, train_options(cfg), cfg.options)[0]
-    x = torch.randn(batch_size, *shape)
-    y = torch.randint(classes, (batch_size,))
+                                 classification_loss, train_options(cfg, device), cfg.options)[0]
+    if device is not None:
+        place(replace(cfg, compile=False), [stage], device)
+    x = torch.randn(batch_size, *shape, device=device)
+    y = torch.randint(classes, (batch_size,), device=device)
     message = {"gradient": x, "loss": y.float(), None: None}[stage.upstream]
-    batch = iter(range(1 << 30))
+    batches = iter(range(1 << 30))
+    done: list[int] = []
+
+    def forward():
+        done.append(next(batches))
+        stage.forward(done[-1], *stage.input(done[-1], x, y))
+
+    def receive():
+        stage.receive(done.pop(), message)
+
+    return forward, (receive if message is not None else None)
+
+
+def local_work(cfg: RunConfig, shape: tuple, classes: int, batch_size: int):
+    """One batch of the rule's local work on features of per-sample ``shape``, as a callable:
+    its forward call, then (with a random message) its upstream update (``local_parts``)."""
+    forward, receive = local_parts(cfg, shape, classes, batch_size)
 
     def work():
-        t = next(batch)
-        h, _ = stage.forward(t, *stage.input(t, x, y))
-        if message is not None:
-            stage.receive(t, message)
+        forward()
+        if receive is not None:
+            receive()
 
     return work
 

@@ -82,11 +82,12 @@ def test_speedups_against_bp_in_one_process_and_ddp_on_the_same_ranks(monkeypatc
         busy = {"bp": 10.0, "ddp": 14.0, "lc": 12.0}[name]  # sum of the stages' busy seconds
         return {"samples_per_s": rate[name] * faster, "wall_over_modelled": 1.1, "busy_s": busy,
                 "epoch_time_s": 1280 / (rate[name] * faster), "modelled_time_s": 5.0,
-                "split_balance": 0.8 if name == "lc" else 1.0}
+                "split_balance": 0.8 if name == "lc" else 1.0, "cuts": (5,) if name == "lc" else ()}
 
     monkeypatch.setattr(speedup, "measure_run", measure_run)
     monkeypatch.setattr(speedup, "best_cut_bound", lambda cfg: 1.25)
-    rows = speedup.run_speedups(contenders=[("lc", {})], rounds=2, progress=lambda _: None)
+    rows = speedup.run_speedups(contenders=[("lc", {})], rounds=2, forecast=False,
+                                progress=lambda _: None)
     ddp = [c for c in seen if c.executor == "ddp"]
     assert {(c.workers, c.groups, c.threads, c.batch_size) for c in ddp} == {(2, 1, 1, 128)}
     got = {r["method"]: r for r in rows}
@@ -175,3 +176,58 @@ def test_gpu_part_is_skipped_in_one_line_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     gpu.main([])
     assert capsys.readouterr().out == "GPU part of make bench: skipped (no CUDA on this machine)\n"
+
+
+def test_the_forecast_check_names_every_contender_outside_the_range_and_every_pair_misordered():
+    from bench.perf import speedup
+
+    def row(method, measured, predicted):
+        return {"model": "m", "method": method, "measured_s": measured, "predicted_s": predicted,
+                "predicted_over_measured": predicted / measured}
+
+    good = [row("bp", 10.0, 10.5), row("ddp", 5.0, 5.5), row("lc", 5.2, 5.0)]
+    assert speedup.forecast_check(good) == [
+        "m forecast / measured within 0.85-1.15 for every contender: ok",
+        "m forecast orders the 2 pairs measured more than 10% apart as measured: ok"]
+    bad = [row("bp", 10.0, 10.5), row("ddp", 5.0, 12.0), row("lc", 8.0, 8.0)]
+    assert speedup.forecast_check(bad) == [
+        "m forecast / measured within 0.85-1.15 for every contender: MISSED (ddp 2.40)",
+        "m forecast orders the 3 pairs measured more than 10% apart as measured: MISSED "
+        "(bp/ddp, ddp/lc)"]
+
+
+def test_each_round_calibrates_and_the_medians_forecast_every_contender(monkeypatch):
+    """The forecast of each contender comes from the median of the rounds' calibrations and
+    its own cuts, beside the median of its measured epochs."""
+    from bench.forecast import calibrate as calibration
+    from bench.perf import speedup
+    calls, seen = [], []
+
+    def calibrate(model, task, runs, **kw):
+        calls.append(model)
+        return {"device": {"achieved_flops": {"fp32": 1e10}, "overhead_s": 1e-3,
+                           "colocated_slowdown": 1.05},
+                "link": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 3e9}, "round": len(calls)}
+
+    def measure_run(cfg):
+        return {"samples_per_s": 100.0, "busy_s": 1.0, "epoch_time_s": 2.0 + len(calls),
+                "split_balance": 1.0, "cuts": (3,) if cfg.executor == "distributed" else ()}
+
+    class Forecast:
+        def epoch_s(self, batches):
+            return 3.0 * batches / 20
+
+    monkeypatch.setattr(speedup, "calibration", calibrate)
+    monkeypatch.setattr(speedup, "measure_run", measure_run)
+    monkeypatch.setattr(speedup, "best_cut_bound", lambda cfg: 1.0)
+    monkeypatch.setattr(calibration, "merge", lambda profiles: {"rounds": [p["round"] for p in profiles]})
+    monkeypatch.setattr(speedup.profiles, "parse", lambda data, origin: data)
+    monkeypatch.setattr(speedup.predict, "for_run",
+                        lambda cfg, profile, cuts: seen.append((cfg.method, profile, cuts)) or Forecast())
+    rows = speedup.run_speedups(contenders=[("lc", {})], rounds=3, progress=lambda _: None)
+    assert calls == ["resnet20"] * 3
+    assert seen == [("bp", {"rounds": [1, 2, 3]}, None), ("bp", {"rounds": [1, 2, 3]}, None),
+                    ("lc", {"rounds": [1, 2, 3]}, (3,))]
+    for r in rows:
+        assert r["measured_s"] == 4.0 and r["predicted_s"] == 3.0  # the median round's epoch
+        assert r["predicted_over_measured"] == 0.75

@@ -1,5 +1,6 @@
-"""The package's shape: imports flow one way (cli -> sweep -> runner -> executors -> prepare ->
-data, models, measurement, records, checkpoints -> methods) and no module imports one that imports it back."""
+"""The package's shape: imports flow one way (cli -> sweep, perf, report, studies, forecast -> runner ->
+executors -> prepare -> data, models, measurement, records, checkpoints -> methods) and no module imports
+one that imports it back."""
 import ast
 from pathlib import Path
 
@@ -11,7 +12,7 @@ LAYERS = [  # lowest first; a module may import only from its own layer or below
     ["bench.prepare"],
     ["bench.executors"],
     ["bench.runner"],
-    ["bench.sweep", "bench.perf", "bench.report", "bench.studies"],
+    ["bench.sweep", "bench.perf", "bench.report", "bench.studies", "bench.forecast"],
     ["bench.cli", "bench.__main__", "bench"],
 ]
 

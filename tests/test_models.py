@@ -33,11 +33,12 @@ def test_model_names():
     assert model_names() == list(MODELS)
     assert set(model_names()) == {
         "mlp", "small-cnn", "resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "resnet32x2",
-        "resnet50", "resnet101", "resnet152", "lc-vgg", "tv-vgg13-bn", "tv-vgg19-bn", "tv-resnet152",
-        "lstm", "lstm-lm"}
+        "resnet50", "resnet101", "resnet152", "wrn16-4", "wrn16-8", "wrn28-2", "wrn28-10", "wrn40-4",
+        "lc-vgg", "tv-vgg13-bn", "tv-vgg19-bn", "tv-resnet152", "lstm", "lstm-lm"}
 
 
-IMAGE_MODELS = [n for n in MODELS if not n.startswith("lstm")]
+WIDE_RESNETS = [n for n in MODELS if n.startswith("wrn")]  # forward-tested at a small width below
+IMAGE_MODELS = [n for n in MODELS if not n.startswith(("lstm", "wrn"))]
 
 
 @pytest.mark.parametrize("name, shape", [(n, (3, 32, 32)) for n in IMAGE_MODELS] + [("small-cnn", (1, 28, 28)),
@@ -72,6 +73,7 @@ def test_width_scales_channels_to_multiples_of_neuron_groups():
     (dict(name="resnet20", input_shape=(32, 32)), "input shape"),
     (dict(name="resnet20", mix_at={11}), "outside"),
     (dict(name="resnet20", neuron_groups=0), "neuron_groups >= 1"),
+    (dict(name="wrn16-4", neuron_groups=3), "not divisible by neuron_groups=3"),
 ])
 def test_build_errors(kwargs, match):
     kwargs = {"input_shape": (3, 32, 32), "num_classes": 10, **kwargs}
@@ -79,7 +81,7 @@ def test_build_errors(kwargs, match):
         build_model(**kwargs)
 
 
-@pytest.mark.parametrize("name", ["small-cnn", "resnet20"])
+@pytest.mark.parametrize("name", ["small-cnn", "resnet20", "wrn16-4"])
 def test_one_neuron_group_is_the_plain_model(name):
     plain = build_model(name, (3, 32, 32), 10)
     grouped = build_model(name, (3, 32, 32), 10, neuron_groups=1, mix_at={0, 3})
@@ -188,6 +190,79 @@ def test_paper_models_isolate_neuron_groups(name, shape, block):
         (0, 0): True, (0, 1): False, (1, 0): False, (1, 1): True}
 
 
+def wide_block_params(cin, cout):  # BN-ReLU-conv3x3-BN-ReLU-conv3x3, a 1x1 conv where the shape changes
+    bn = 2  # weight and bias per channel
+    return bn * cin + 9 * cin * cout + bn * cout + 9 * cout * cout + (cin * cout if cin != cout else 0)
+
+
+def wide_resnet_params(depth, k, cin=3, classes=10):
+    n = (depth - 4) // 6
+    expected, c = 9 * cin * 16, 16  # the stem: a bias-free 3x3 conv of 16 channels
+    for cout in (16 * k, 32 * k, 64 * k):
+        for _ in range(n):
+            expected += wide_block_params(c, cout)
+            c = cout
+    return expected + 2 * c + c * classes + classes  # final BN, linear layer
+
+
+def test_wrn_28_10_has_the_papers_36_5_million_parameters_counted_by_hand():
+    with torch.device("meta"):
+        model = build_model("wrn28-10", (3, 32, 32), 10)
+    assert n_params(model) == wide_resnet_params(28, 10) == 36_479_194  # the paper's 36.5M
+    assert len(model) == 1 + 3 * 4 + 1  # stem, n = 4 blocks per group, head
+
+
+@pytest.mark.parametrize("name, depth, k, published", [("wrn16-4", 16, 4, 2.75e6), ("wrn16-8", 16, 8, 11.0e6),
+                                                       ("wrn28-2", 28, 2, 1.47e6), ("wrn40-4", 40, 4, 8.9e6)])
+def test_wide_resnet_parameter_counts(name, depth, k, published):
+    with torch.device("meta"):
+        model = build_model(name, (3, 32, 32), 10)
+    assert n_params(model) == wide_resnet_params(depth, k) == pytest.approx(published, rel=0.01)
+    assert len(model) == 1 + 3 * (depth - 4) // 6 + 1
+
+
+@pytest.mark.parametrize("name, shape", [(n, (3, 32, 32)) for n in WIDE_RESNETS] + [("wrn16-4", (1, 28, 28))])
+def test_wide_resnet_forward_shape(name, shape):
+    model = build_model(name, shape, 7, width=0.25)
+    assert model(torch.randn(2, *shape)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name, width", [("wrn16-4", 0.25), ("wrn28-10", 0.125)])
+def test_wide_resnet_splits_at_block_boundaries_into_the_same_function(name, width):
+    from bench.models.split import resolve_cuts
+    torch.manual_seed(0)
+    model = build_model(name, (3, 32, 32), 10, width=width).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(x)
+    for k in (2, 3, 4):
+        cuts = resolve_cuts(model, k, input_shape=(3, 32, 32), by="flops")
+        bounds = [0, *cuts, len(model)]
+        groups = [model[a:b] for a, b in zip(bounds, bounds[1:])]
+        assert len(groups) == k and all(len(g) > 0 for g in groups)
+        assert [b for g in groups for b in g] == list(model)  # together, every block once, in order
+        h = x
+        with torch.no_grad():
+            for g in groups:
+                h = g(h)
+        assert torch.equal(h, whole)
+
+
+@torch.no_grad()
+def test_wide_resnet_neuron_groups():
+    model = build_model("wrn16-4", (3, 32, 32), 10, width=0.25, neuron_groups=2, mix_at={3})
+    groups = [[m.groups for m in block.modules() if isinstance(m, torch.nn.Conv2d)] for block in model]
+    assert groups[0] == [1]  # the stem mixes
+    assert groups[1] == groups[5] == [2, 2, 2]  # conv1, conv2, projection shortcut: grouped
+    assert groups[2] == groups[4] == groups[6] == [2, 2]  # identity shortcut
+    assert groups[3] == [1, 2, 1]  # a mixing block: its first conv and its shortcut take every channel
+    assert isinstance(model[-1][-1], torch.nn.Linear)  # the classifier mixes
+    independent = {(0, 0): True, (0, 1): False, (1, 0): False, (1, 1): True}
+    assert slice_dependence(model[2], (16, 32, 32)) == independent  # identity shortcut
+    assert slice_dependence(model[5], (32, 16, 16)) == independent  # strided, grouped projection shortcut
+    assert all(slice_dependence(model[3], (16, 32, 32)).values())  # mixing block
+
+
 @torch.no_grad()
 def test_grouped_lstm_isolates_neuron_groups():
     from bench.models.rnn import LSTMLayer
@@ -219,7 +294,7 @@ def test_list_models_reports_parameter_counts(capsys):
     with pytest.raises(SystemExit):
         main(["list", "--models"])
     out = capsys.readouterr().out
-    for name, count in [("resnet101", "42,505,290"), ("lc-vgg", "7,944,330"),
+    for name, count in [("resnet101", "42,505,290"), ("lc-vgg", "7,944,330"), ("wrn28-10", "36,479,194"),
                         ("tv-vgg13-bn", "133,053,736"), ("resnet32", "466,906")]:
         line = next(line for line in out.splitlines() if line.split()[0] == name)
         assert count in line

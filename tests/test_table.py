@@ -136,26 +136,33 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
         assert ranks and ranks <= ddp
 
 
-def fake_run(results: Path, *, times: tuple, mem_mib: list, device_mib: float = 4096,
-             **config) -> None:
+def fake_run(results: Path, *, times: tuple | list, mem_mib: list, device_mib: float = 4096,
+             curve: tuple = (0.5,), ppl: tuple | None = None, **config) -> None:
     """A finished run's files, as a run writes them: ``times`` (modelled, wall-clock) seconds
-    per epoch and the peak memory of each stage (a ddp run: of each rank)."""
+    per epoch (or a list of such pairs, one per epoch), the whole net's test_acc per epoch
+    (``curve``; with ``ppl``, its test perplexity per epoch and test_acc ``curve[-1]``) and
+    the peak memory of each stage (a ddp run: of each rank)."""
     from dataclasses import asdict
 
     from bench.config import RunConfig
     from bench.records import RunRecord
-    cfg = RunConfig(task="cifar10", epochs=1, experiment="table2", out=str(results),
-                    **config).validated()
+    accs = list(curve) if ppl is None else [curve[-1]] * len(ppl)
+    per_epoch = times if isinstance(times, list) else [times] * len(accs)
+    cfg = RunConfig(**{"task": "cifar10", **config}, epochs=len(accs), experiment="table2",
+                    out=str(results)).validated()
     info = {"run_id": cfg.run_id, "status": "ok", "config": asdict(cfg),
             "provenance": {"cpu_threads": 1, "device_memory_bytes": device_mib * 2**20}}
     record = RunRecord(results / "table2" / cfg.run_id, {**asdict(cfg), "run_id": cfg.run_id}, info)
     record.start()
-    modelled, wall = times
-    rows = {("", "test_acc"): 0.5, ("", "epoch_time_s"): wall}
-    if cfg.executor == "sequential":
-        rows["", "modelled_time_s"] = modelled
-    rows.update({(str(i + 1), "peak_mem_bytes"): mib * 2**20 for i, mib in enumerate(mem_mib)})
-    record.add(1, rows)
+    for epoch, ((modelled, wall), acc) in enumerate(zip(per_epoch, accs, strict=True), 1):
+        rows = {("", "test_acc"): acc, ("", "epoch_time_s"): wall}
+        if ppl is not None:
+            rows["", "test_ppl"] = ppl[epoch - 1]
+        if cfg.executor == "sequential":
+            rows["", "modelled_time_s"] = modelled
+        if epoch == 1:
+            rows.update({(str(i + 1), "peak_mem_bytes"): mib * 2**20 for i, mib in enumerate(mem_mib)})
+        record.add(epoch, rows)
     record.update(status="ok")
 
 
@@ -292,3 +299,79 @@ def test_precision_and_compilation_make_cells_of_their_own(tmp_path):
                                      ("bp", "bf16 compiled"): 1.0, ("lc", "bf16 compiled"): 2.0})
     labels = [r["method"] for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"]
     assert labels == ["BP", "BP [bf16 compiled]", "LC(1)", "LC(1) [bf16 compiled]"]
+
+
+def test_time_to_accuracy_is_the_first_epoch_the_seed_mean_reaches_a_fraction_of_bp(tmp_path):
+    """BP's final accuracy is 80%: 95% of it is 76, 99% is 79.2. Seeds are averaged before the
+    crossing is found; the time is the epochs times the cell's steady time per epoch."""
+    import statistics
+
+    from bench.report import table as tables
+    assert tables.TTA_FRACTIONS == (0.95, 0.99)
+    warm = [(40, 50), (6, 7), (8, 9), (7, 8), (7.5, 8.5)]  # (modelled, wall-clock) per epoch
+    for seed in (0, 1):
+        fake_run(tmp_path, method="bp", model="resnet20", seed=seed, times=warm,
+                 mem_mib=[300, 200], curve=(0.6, 0.77, 0.79, 0.80, 0.80))
+    # seed 0 alone reaches 76 at epoch 2; the mean (50, 73.5, 76.5, 79, 80) at 3, 79.2 at 5
+    fake_run(tmp_path, method="lc", model="resnet20", seed=0, times=warm, mem_mib=[250, 210],
+             curve=(0.5, 0.77, 0.75, 0.80, 0.81))
+    fake_run(tmp_path, method="lc", model="resnet20", seed=1, times=warm, mem_mib=[250, 210],
+             curve=(0.5, 0.70, 0.78, 0.78, 0.79))
+    fake_run(tmp_path, method="lc", model="resnet20", executor="distributed", threads=1,
+             times=[(None, 9), (None, 3), (None, 4), (None, 5)], mem_mib=[300, 250],
+             curve=(0.7, 0.79, 0.8, 0.8))
+    fake_run(tmp_path, method="dgl", model="resnet20", times=warm, mem_mib=[250, 210],
+             curve=(0.5, 0.7, 0.78, 0.785, 0.78))  # never 79.2: at best 78.5 / 80
+    fake_run(tmp_path, method="dgl", model="resnet101", times=(7, 8), mem_mib=[250, 210])  # no BP
+    numbers, text = tables.build("table2", tmp_path)
+    ran = numbers[numbers["mean"].notna()]
+    cell = {(r.model, r.method, r.executor): r for r in ran.itertuples()}
+    modelled = statistics.median(m for m, _ in warm[1:])  # 7.25: epochs after the first
+    lc = cell["resnet20", "lc", "sequential"]
+    assert lc.seeds == 2 and lc.time_s == modelled
+    assert (lc.tta95_epochs, lc.tta95_s) == (3, pytest.approx(3 * modelled))
+    assert (lc.tta99_epochs, lc.tta99_s) == (5, pytest.approx(5 * modelled))
+    assert lc.best_of_bp == pytest.approx(80 / 80)
+    bp = cell["resnet20", "bp", "sequential"]  # reaches 100% of itself; 95% before its end
+    assert (bp.tta95_epochs, bp.tta99_epochs) == (2, 4) and bp.tta95_s == pytest.approx(2 * modelled)
+    ranks = cell["resnet20", "lc", "distributed"]
+    assert (ranks.tta95_epochs, ranks.tta95_s) == (2, pytest.approx(2 * statistics.median([3, 4, 5])))
+    dgl = cell["resnet20", "dgl", "sequential"]
+    assert dgl.tta95_epochs == 3 and math.isnan(dgl.tta99_epochs) and math.isnan(dgl.tta99_s)
+    assert dgl.best_of_bp == pytest.approx(78.5 / 80)
+    assert math.isnan(cell["resnet101", "dgl", "sequential"].best_of_bp)
+
+    heads = list(text.columns)
+    at = heads.index("time/epoch (s)")
+    assert heads[at + 1:at + 3] == ["time to 95% of BP (s)", "time to 99% of BP (s)"]
+    rows = {(r["model"], r["method"], r["executor"]): r for r in rows_of(tables.markdown(text))
+            if r["executor"]}
+    shown = rows["resnet20", "LC(1)", "sequential"]
+    assert shown["time to 95% of BP (s)"] == f"{3 * modelled:.1f} modelled (3 ep)"
+    assert shown["time to 99% of BP (s)"] == f"{5 * modelled:.1f} modelled (5 ep)"
+    assert rows["resnet20", "LC(1)", "distributed"]["time to 95% of BP (s)"] == "8.0 measured (2 ep)"
+    assert rows["resnet20", "DGL", "sequential"]["time to 99% of BP (s)"] == "never (best 98% of BP)"
+    assert rows["resnet101", "DGL", "sequential"]["time to 95% of BP (s)"] == ""
+    _, paths = tables.write("table2", tmp_path, tmp_path / "out")
+    written = pd.read_csv(paths[2])
+    never = written[(written["method"] == "dgl") & (written["model"] == "resnet20")].iloc[0]
+    assert math.isnan(never["tta99_epochs"]) and math.isnan(never["tta99_s"])
+    assert never["tta95_epochs"] == 3 and never["best_of_bp"] == pytest.approx(78.5 / 80)
+
+
+def test_time_to_perplexity_is_lower_is_better(tmp_path):
+    """BP's final perplexity is 100: 95% of BP is a perplexity of 100 / 0.95, 99% 100 / 0.99."""
+    from bench.report import table as tables
+    lm = dict(task="ptb", model="lstm-lm", times=(2, 3), mem_mib=[100, 100])
+    fake_run(tmp_path, method="bp", ppl=(300, 150, 110, 100), **lm)
+    fake_run(tmp_path, method="lc", ppl=(400, 200, 104, 102, 100.5), **lm)
+    fake_run(tmp_path, method="dgl", ppl=(400, 300, 120), **lm)
+    numbers, text = tables.build("table2", tmp_path)
+    cell = {r.method: r for r in numbers[numbers["mean"].notna()].itertuples()}
+    assert cell["bp"].metric == "test perplexity" and cell["bp"].mean == 100
+    assert (cell["lc"].tta95_epochs, cell["lc"].tta99_epochs) == (3, 5)
+    assert cell["lc"].tta99_s == pytest.approx(5 * 2)
+    assert math.isnan(cell["dgl"].tta95_epochs) and cell["dgl"].best_of_bp == pytest.approx(100 / 120)
+    rows = {r["method"]: r for r in rows_of(tables.markdown(text)) if r["model"] == "lstm-lm"}
+    assert rows["LC(1)"]["time to 99% of BP (s)"] == "10.0 modelled (5 ep)"
+    assert rows["DGL"]["time to 95% of BP (s)"] == "never (best 83% of BP)"

@@ -113,6 +113,10 @@ class SavedTensorMeter:
             self.bytes += t.untyped_storage().nbytes()
         return t.detach()  # same storage; returning ``t`` itself would make a reference cycle for saved outputs
 
+    def saves(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage (not a parameter's) was saved, and counted."""
+        return self._key(t) in self._seen
+
     def __enter__(self) -> SavedTensorMeter:
         self._hooks.__enter__()
         return self

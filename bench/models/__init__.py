@@ -1,7 +1,7 @@
 """The model zoo: every model by name, as an ``nn.Sequential`` list of blocks whose last block
 is the classifier (or a language model's decoder).
 
-- ``cnn``: the small CNN, the MLP and the CIFAR ResNets (basic blocks);
+- ``cnn``: the small CNN, the MLP, the CIFAR ResNets (basic blocks) and the wide ResNets;
 - ``paper``: the papers' CNNs (pre-activation ResNets, the VGG-like net, torchvision's);
 - ``rnn``: the LSTMs;
 - ``slicing``: one neuron group of a width-grouped layer group (GN-DGL on ranks);
@@ -24,6 +24,8 @@ MODELS: dict[str, Callable[..., nn.Sequential]] = {
     "resnet32x2": cnn.resnet32x2,
     **{f"resnet{d}": functools.partial(paper.preact_resnet, d)
        for d in paper.PREACT_STAGES},
+    **{f"wrn{d}-{k}": functools.partial(cnn.wide_resnet, d, k)
+       for d, k in ((16, 4), (16, 8), (28, 2), (28, 10), (40, 4))},
     "lc-vgg": paper.lc_vgg,
     "tv-vgg13-bn": functools.partial(paper.tv_vgg, "vgg13_bn"),
     "tv-vgg19-bn": functools.partial(paper.tv_vgg, "vgg19_bn"),

@@ -53,6 +53,28 @@ class BasicBlock(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
+class WideBasicBlock(nn.Module):
+    """Zagoruyko & Komodakis (2016) pre-activation "basic-wide" block B(3,3): BN-ReLU-conv3x3 (stride),
+    BN-ReLU-conv3x3 (no dropout, as in the paper's main results); where the shape changes, a 1x1 conv shortcut that takes the pre-activated
+    input (as the official code, szagoruyko/wide-residual-networks, does), else the identity."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, first_groups: int = 1, groups: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False, groups=first_groups)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False, groups=groups)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False, groups=first_groups)
+                         if stride != 1 or cin != cout else None)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(pre)
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        return out + shortcut
+
+
 def small_cnn(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
               neuron_groups: int = 1, mix_at: Collection[int] = ()) -> nn.Sequential:
     """Four conv+BN+ReLU blocks (16, 16, 32, 32 channels at width 1; max-pool after the 2nd and 4th), then a linear classifier."""
@@ -75,14 +97,42 @@ def resnet(depth: int, input_shape: tuple[int, ...], num_classes: int, *, width:
     widths = [max(1, round(base * width)) for base in (16, 32, 64)]
     _check_groups(name, widths, neuron_groups)
     blocks: list[nn.Module] = [nn.Sequential(*_conv_bn(c, widths[0], kernel=3), nn.ReLU(inplace=True))]
-    cin = widths[0]
+    cin = _residual_stages(blocks, BasicBlock, widths[0], widths, n, mix_at, neuron_groups)
+    blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)))
+    return nn.Sequential(*blocks)
+
+
+def _residual_stages(blocks: list, block, cin: int, widths, n: int, mix_at, neuron_groups: int) -> int:
+    """Append three stages of ``n`` residual ``block``s of ``widths`` channels (strides 1, 2,
+    2) to ``blocks``, each block's first conv grouped unless it mixes; return the width out."""
     for stage, cout in enumerate(widths):
         for j in range(n):
             stride = 2 if stage > 0 and j == 0 else 1
             first = _grouping(len(blocks), mix_at, neuron_groups)
-            blocks.append(BasicBlock(cin, cout, stride, first_groups=first, groups=neuron_groups))
+            blocks.append(block(cin, cout, stride, first_groups=first, groups=neuron_groups))
             cin = cout
-    blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)))
+    return cin
+
+
+def wide_resnet(depth: int, k: int, input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
+                neuron_groups: int = 1, mix_at: Collection[int] = ()) -> nn.Sequential:
+    """WRN-depth-k of Zagoruyko & Komodakis, "Wide Residual Networks" (BMVC 2016, arXiv:1605.07146, Table 1
+    and Fig. 1(b); official code szagoruyko/wide-residual-networks): a 3x3 conv stem of 16 channels, 3 groups
+    of n = (depth - 4) / 6 wide blocks of 16k, 32k, 64k channels (strides 1, 2, 2; every width x ``width``),
+    then BN-ReLU, global average pooling and a linear classifier. No dropout, as in the paper's main
+    results."""
+    name = f"wrn{depth}-{k}"
+    c, _, _ = _check_input(name, input_shape, 1)
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"{name}: a wide ResNet's depth is 6n+4 with n >= 1")
+    n = (depth - 4) // 6
+    stem = max(1, round(16 * width))
+    widths = [max(1, round(base * k * width)) for base in (16, 32, 64)]
+    _check_groups(name, [stem, *widths], neuron_groups)
+    blocks: list[nn.Module] = [nn.Sequential(nn.Conv2d(c, stem, 3, 1, 1, bias=False))]
+    cin = _residual_stages(blocks, WideBasicBlock, stem, widths, n, mix_at, neuron_groups)
+    blocks.append(nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten(), nn.Linear(cin, num_classes)))
     return nn.Sequential(*blocks)
 
 

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from .cnn import BasicBlock
+from .cnn import BasicBlock, WideBasicBlock
 from .paper import PreActBottleneck
 
 
@@ -36,7 +36,7 @@ def neuron_slice(module: nn.Module, index: int, groups: int) -> nn.Module:
 
 
 def _slice_children(parent: nn.Module, index: int, groups: int) -> None:
-    if isinstance(parent, PreActBottleneck):
+    if isinstance(parent, (PreActBottleneck, WideBasicBlock)):
         raise ValueError("a pre-activation block normalises its whole input: it cannot be cut "
                          "into neuron groups on ranks of their own")
     if isinstance(parent, BasicBlock) and parent.body[0].groups == 1 and isinstance(

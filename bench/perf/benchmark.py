@@ -53,7 +53,8 @@ COLUMNS = ["benchmark", "model", "groups", "method", "baseline", "ratio", "ms_pe
 #: the default run: ~5 min on 2 idle CPU cores (ResNet-20 BP step ~0.35 s); on a loaded
 #: machine the time budget (seconds, 0 = none) ends the rounds early, after at least MIN_ROUNDS
 DEFAULTS = dict(batch_size=128, warmup=2, overhead_steps=3, overhead_rounds=30, steps=1, rounds=20,
-                budget=240, speedup_rounds=3, speedup_batches=20, speedup_models=("resnet20",))
+                budget=240, speedup_rounds=3, speedup_batches=20,
+                speedup_models=("resnet20", "lc-vgg:32:10"))
 QUICK = dict(batch_size=32, warmup=1, overhead_steps=1, overhead_rounds=3, steps=1, rounds=2,
              budget=0, speedup_rounds=0, speedup_batches=2, speedup_models=("resnet8",))
 MIN_ROUNDS = 3
@@ -267,6 +268,15 @@ def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str] = COLUMNS
     os.replace(tmp, path)
 
 
+def speedup_model(text: str, batch_size: int, batches: int) -> tuple[str, int, int]:
+    """``MODEL[:BATCH[:BATCHES]]`` -> (model, batch, batches per epoch)."""
+    name, *numbers = text.split(":")
+    if len(numbers) > 2 or any(int(n) < 1 for n in numbers):
+        raise ValueError(text)
+    numbers = [int(n) for n in numbers] + [batch_size, batches][len(numbers):]
+    return name, numbers[0], numbers[1]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.perf.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -290,8 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{d['speedup_rounds']}; 0: skip it)")
     p.add_argument("--speedup-batches", type=int,
                    help=f"batches per epoch of those runs ({d['speedup_batches']})")
-    p.add_argument("--speedup-models", nargs="+",
-                   help=f"models of those runs ({' '.join(d['speedup_models'])})")
+    p.add_argument("--speedup-models", nargs="+", metavar="MODEL[:BATCH[:BATCHES]]",
+                   help="models of those runs, each with its batch and batches per epoch where "
+                        f"they are not --batch-size and --speedup-batches ({' '.join(d['speedup_models'])})")
     p.add_argument("--speedup-only", action="store_true",
                    help="only the model-parallel comparison (skip the step-time ones)")
     p.add_argument("--quick", action="store_true",
@@ -311,7 +322,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--threads must be at least 1 (got {args.threads})")
     if min(args.groups) < 1:
         p.error(f"--groups must be at least 1 (got {min(args.groups)})")
-    unknown = [m for m in [*args.models, *args.speedup_models] if m not in models.MODELS]
+    try:
+        args.speedup_models = [speedup_model(text, args.batch_size, args.speedup_batches)
+                               for text in args.speedup_models]
+    except ValueError:
+        p.error(f"--speedup-models takes MODEL[:BATCH[:BATCHES]], got {' '.join(args.speedup_models)}")
+    unknown = [m for m in [*args.models, *(m for m, _, _ in args.speedup_models)]
+               if m not in models.MODELS]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(models.MODELS)})")
     try:
@@ -349,14 +366,14 @@ def main(argv=None) -> None:
     if args.speedup_rounds:
         started = time.perf_counter()
         parallel = []
-        for name in args.speedup_models:
-            print(f"\nmodel parallelism against BP and DDP: {name} on Fashion-MNIST, K=2, batch {args.batch_size}, "
-                  f"{args.speedup_batches} batches x 2 epochs per run, {args.speedup_rounds} rounds",
-                  flush=True)
-            parallel += speedup.run_speedups(model=name, batch_size=args.batch_size,
-                                             batches=args.speedup_batches,
-                                             rounds=args.speedup_rounds,
-                                             progress=lambda text: print(text, flush=True))
+        for name, batch_size, batches in args.speedup_models:
+            print(f"\nmodel parallelism against BP and DDP: {name} on Fashion-MNIST, K=2, batch {batch_size}, "
+                  f"{batches} batches x 2 epochs per run, {args.speedup_rounds} rounds, each after "
+                  f"calibrating the machine for the forecast", flush=True)
+            parallel += speedup.run_speedups(
+                model=name, batch_size=batch_size, batches=batches, rounds=args.speedup_rounds,
+                profile_out=args.out.with_name(f"profile-cpu-{name}.toml"),
+                progress=lambda text: print(text, flush=True))
         print()
         print(speedup.format_table(parallel))
         path = args.out.with_name("speedup.csv")

@@ -13,6 +13,10 @@ compilation; one row per cell, seeds aggregated):
 - time per epoch (training only), in the steady state (the median of the epochs after the
   first, which warms up), marked as what it is: the modelled K-worker time for the sequential
   executor, the measured wall-clock (slowest rank) for the distributed and ddp ones;
+- time to accuracy (MLPerf Training, DAWNBench): for each fraction in ``TTA_FRACTIONS``, the
+  epochs the cell's seed-averaged learning curve needs to reach that fraction of BP's final
+  score on one worker (perplexity: BP's over the fraction, lower is better), times its time
+  per epoch, marked as that is; "never" with the best fraction of BP's score it reached;
 - speedup against BP on one worker: the time of BP in one process (the sequential executor,
   same task and model, K where there is one) over the cell's; modelled against modelled,
   measured (BP's wall-clock) against measured;
@@ -46,6 +50,13 @@ REFERENCES = Path(__file__).parents[1] / "references"
 CELL = ["task", "model", "method", "groups", "executor", "workers", "threads", "precision"]
 #: executors whose time is measured on real ranks (the sequential executor's is modelled)
 MEASURED = ("distributed", "ddp")
+#: time to accuracy: the fractions of BP's final score (one worker) a cell is timed to reach
+TTA_FRACTIONS = (0.95, 0.99)
+
+
+def tta_name(fraction: float) -> str:
+    """``tta95`` for 0.95: the stem of the columns ``tta95_epochs`` and ``tta95_s``."""
+    return f"tta{100 * fraction:g}"
 
 
 def load_runs(folder: Path) -> pd.DataFrame:
@@ -93,6 +104,8 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         perplexity = "test_ppl" in last
         score = last["test_ppl"] if perplexity else 100 * last.get("test_acc", math.nan)
         per_epoch = whole.pivot_table(index="epoch", columns="metric", values="value")
+        scores = per_epoch.get("test_ppl" if perplexity else "test_acc", pd.Series(dtype=float))
+        curve = scores.reindex(range(1, int(whole["epoch"].max()) + 1)) * (1 if perplexity else 100)
         busy = run[run["metric"] == "busy_time_s"].assign(layer=lambda f: f["stage"].str.split(".").str[0])
         per_epoch["busy_s"] = busy.groupby(["epoch", "layer"])["value"].max().groupby("epoch").sum()
         executor = run["executor"].iloc[0]
@@ -105,7 +118,7 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         out.append({**first[CELL + ["seed"]].to_dict(), "run_id": run_id,
                     **first[["microbatches", "neuron_groups", "threads", "device_mem_mib"]].to_dict(),
                     "metric": "test perplexity" if perplexity else "test accuracy (%)",
-                    "score": score, "epochs": int(whole["epoch"].max()),
+                    "score": score, "curve": tuple(curve), "epochs": int(whole["epoch"].max()),
                     "time_s": steady(per_epoch, time_metric), "wall_s": steady(per_epoch, "epoch_time_s"),
                     "modelled_s": steady(per_epoch, "modelled_time_s"),
                     "busy_s": steady(per_epoch, "busy_s"),
@@ -122,6 +135,23 @@ def steady(per_epoch: pd.DataFrame, metric: str) -> float:
         return math.nan
     values = per_epoch[metric].dropna()
     return float(values.iloc[1:].median() if len(values) > 1 else values.median())
+
+
+def mean_curve(curves) -> tuple:
+    """The seeds' learning curves (score per epoch, epoch 1 first) averaged epoch by epoch;
+    NaN at an epoch that not every seed scored."""
+    return tuple(pd.DataFrame(list(curves)).mean(skipna=False))
+
+
+def epochs_to(curve, target: float, lower_better: bool = False) -> int | None:
+    """Time to accuracy, the measure of MLPerf Training (Mattson et al., MLSys 2020) and
+    DAWNBench (Coleman et al., 2017), in epochs: the first epoch (1-based) at which ``curve``
+    (the seed-averaged score per epoch) reaches ``target`` (a perplexity: falls to it);
+    None if it never does."""
+    for epoch, score in enumerate(curve, 1):
+        if score <= target if lower_better else score >= target:
+            return epoch
+    return None
 
 
 #: rules whose K workers run side by side (decoupled, or pipelined over micro-batches)
@@ -165,6 +195,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                         peak_mem_mib=("peak_mem_mib", "max"),
                         whole_net_mib=("whole_net_mib", "max"),
                         device_mem_mib=("device_mem_mib", "min"),
+                        curve=("curve", mean_curve),
                         metric=("metric", "first"), microbatches=("microbatches", "first"),
                         neuron_groups=("neuron_groups", "first")).reset_index()
     bp = table[(table["method"] == "bp") & (table["executor"] != "ddp")]
@@ -205,6 +236,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
             "note": (f"the whole net needs {whole:.0f} MiB (BP's stages), one device has "
                      f"{row['device_mem_mib']:.0f}: no BP on one worker, no DDP"
                      if whole > row["device_mem_mib"] else ""),
+            **time_to_accuracy(row, base),
         })
 
     table = table.join(table.apply(baselines, axis=1))
@@ -214,7 +246,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     return (table.assign(_rank=rank, _other=table["precision"] != "fp32")
             .sort_values(["task", "model", "_rank", "groups", "workers", "executor", "_other",
                           "precision"])
-            .drop(columns=["_rank", "_other"]).reset_index(drop=True))
+            .drop(columns=["_rank", "_other", "curve"]).reset_index(drop=True))
 
 
 def bound(row, base) -> float:
@@ -229,6 +261,23 @@ def bound(row, base) -> float:
     if row["method"] == "pipe-bp" and pd.notna(row["microbatches"]):
         bubble = row["microbatches"] / (row["microbatches"] + row["groups"] - 1)
     return k * base["busy_s"] / row["busy_s"] * bubble
+
+
+def time_to_accuracy(row, base) -> dict:
+    """Per fraction f of ``TTA_FRACTIONS``: the epochs the cell's mean curve needs to reach f
+    times BP's final score (``base``: BP on one worker; a perplexity: BP's over f) and those
+    epochs times the cell's steady time per epoch (NaN both where it never does); and
+    ``best_of_bp``, the best fraction of BP's score the curve reached."""
+    lower = row["metric"] == "test perplexity"
+    bp = base["mean"] if base is not None else math.nan
+    curve = pd.Series(row["curve"], dtype=float)
+    out = {"best_of_bp": (bp / curve.min() if lower else curve.max() / bp) if bp > 0 else math.nan}
+    for fraction in TTA_FRACTIONS:
+        target = bp / fraction if lower else bp * fraction
+        epochs = epochs_to(row["curve"], target, lower) if bp > 0 else None
+        out[f"{tta_name(fraction)}_epochs"] = epochs if epochs else math.nan
+        out[f"{tta_name(fraction)}_s"] = epochs * row["time_s"] if epochs else math.nan
+    return out
 
 
 def with_references(table: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
@@ -275,6 +324,18 @@ def _mib(value) -> str:
     return f"{value:.1f}" if pd.notna(value) else ""
 
 
+def _tta(r, fraction: float) -> str:
+    """"412.3 modelled (7 ep)", "never (best 91% of BP)", or empty without a BP baseline."""
+    stem = tta_name(fraction)
+    epochs, best = r.get(f"{stem}_epochs"), r.get("best_of_bp")
+    if pd.notna(epochs):
+        how = "measured" if r.get("executor") in MEASURED else "modelled"
+        seconds = f"{r[f'{stem}_s']:.1f} {how} " if pd.notna(r.get(f"{stem}_s")) else ""
+        return f"{seconds}({int(epochs)} ep)"
+    # the best rounded down: a cell that never reached 99% is never shown at 99%
+    return f"never (best {math.floor(100 * best + 1e-9)}% of BP)" if pd.notna(best) else ""
+
+
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
     """The table as text, one row per cell, in the papers' vocabulary."""
     out = []
@@ -309,6 +370,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
             "time/epoch (s)": (f"{r['time_s']:.2f} "
                                f"{'measured' if r.get('executor') in MEASURED else 'modelled'}"
                                if pd.notna(r.get("time_s")) else ""),
+            **{f"time to {100 * f:g}% of BP (s)": _tta(r, f) for f in TTA_FRACTIONS},
             "speedup vs BP (1 worker)": _times(r.get("speedup")),
             "modelled speedup": _times(r.get("speedup_modelled")),
             "bound": _times(r.get("bound")),

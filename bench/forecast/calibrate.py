@@ -1,0 +1,456 @@
+"""`lcbench calibrate`: measure on the machine at hand what the forecast needs, and write it
+as a profile (TOML, ``kind = "measured"``).
+
+- Each block of each model, timed in place during whole training steps at a few per-device
+  batch sizes (``time_blocks``): forward, backward with and without the input's gradient,
+  also as a pipeline holds its micro-batches; its optimizer step; each rule's local module
+  (its forward call, and the update the upstream message brings); the input pipeline per
+  batch. Medians over repeated steps after a warm-up.
+- The device's achieved FLOP/s and fixed overhead per block: t = overhead + 3 F n / rate,
+  fitted over the timed blocks (F a block's forward FLOPs per sample, n the batch).
+- The link, on two ranks of the backend in use (gloo on the CPU, NCCL between two GPUs):
+  one-way time of a ping-pong over message sizes, and an all-reduce over sizes, each fitted
+  to its formula (alpha + s / beta; ring: 2 alpha + s / beta on two ranks); and how much
+  slower two workers compute when they share this machine (``colocated_slowdown``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from bench import models, prepare
+from bench.config import RunConfig
+from bench.data import tasks
+from bench.measure.profile import dummy_input
+from bench.measure.provenance import cpu_name, device_memory_bytes, now
+from bench.models import runtime
+
+from . import workload
+from .profiles import dumps
+
+REPEATS = 5
+#: message sizes of the ping-pong and the all-reduce (bytes): 4 B to 16 MiB
+SIZES = tuple(4 ** i for i in range(1, 13))
+#: sizes at or below which a message's time is all latency; at or above which, bandwidth
+SMALL, LARGE = 1024, 256 * 1024
+
+
+def seconds(work: Callable[[], object], device: torch.device, repeats: int = REPEATS) -> float:
+    """Median seconds of ``work()`` over ``repeats`` calls after a warm-up call (the device
+    synchronised around each)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    work()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        work()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Clock:
+    """Time stamps: perf_counter on the CPU, CUDA events on a GPU (read after one sync)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def stamp(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def between(self, a, b) -> float:
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+
+def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: torch.device,
+                *, width: float = 1.0, precision: str = "fp32", repeats: int = 2 * REPEATS,
+                held_sizes: Sequence[int] = (),
+                progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Every block's forward and backward seconds at each batch size, timed in place during
+    whole training steps (forward, loss, backward; hooks mark where each block starts and
+    ends), so that each block meets its input as a run does (caches included): medians over
+    ``repeats`` steps per size, the sizes taken in turn. The backward pass of a block that
+    starts a stage whose input needs no gradient (``backward_first_s``) is scaled by the
+    ratio of the two, each timed on the block alone at the smallest size. At ``held_sizes``
+    also ``*_held_s``: the forward pass while another batch's graph is alive and that batch's
+    backward pass after it, as a pipeline of micro-batches runs them (memory that cannot be
+    reused costs time). The optimizer step: once per block."""
+    info = tasks.TASKS[task]
+    torch.manual_seed(0)
+    net = models.build_model(model_name, info.input_shape, info.num_classes, width=width).to(device)
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    if conv:  # as a run holds a conv net (models.runtime)
+        net.to(memory_format=torch.channels_last)
+    net.train()
+    runtime.set_precision(precision)
+    clock, count = Clock(device), len(net)
+    stamps: dict = {}
+    hooks = []
+    for j, block in enumerate(net):
+        hooks += [block.register_forward_pre_hook(lambda m, a, j=j: stamps.__setitem__(("f", j), clock.stamp())),
+                  block.register_forward_hook(lambda m, a, o, j=j: stamps.__setitem__(("F", j), clock.stamp())),
+                  block.register_full_backward_pre_hook(
+                      lambda m, g, j=j: stamps.__setitem__(("b", j), clock.stamp()))]
+    inputs = {}
+    for n in sorted(set(batch_sizes) | set(held_sizes)):
+        x = dummy_input(net, info.input_shape, n, device=device)
+        inputs[n] = (x.contiguous(memory_format=torch.channels_last) if conv and x.dim() == 4 else x,
+                     torch.randint(info.num_classes, (n,), device=device))
+    def loss(x, y):
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            logits = net(x)
+        return F.cross_entropy(logits.float(), y)
+
+    def step(x, y, held: bool):
+        """One timed forward and backward pass: ``held``, the forward while another batch's
+        graph is alive and the backward of that other batch after it (a pipeline's order)."""
+        other = loss(x, y) if held else None
+        stamps.clear()
+        timed = loss(x, y)
+        stamps["loss"] = clock.stamp()
+        (other if held else timed).backward()
+        stamps["end"] = clock.stamp()
+        if clock.cuda:
+            torch.cuda.synchronize(device)
+        forward = [clock.between(stamps["f", j], stamps["F", j]) for j in range(count)]
+        forward[-1] += clock.between(stamps["F", count - 1], stamps["loss"])
+        backward = [clock.between(stamps["b", j], stamps["b", j - 1] if j else stamps["end"])
+                    for j in range(count)]
+        backward[-1] += clock.between(stamps["loss"], stamps["b", count - 1])
+        if held:
+            timed.backward()
+        net.zero_grad(set_to_none=True)
+        return forward, backward
+
+    kinds = [(n, False) for n in batch_sizes] + [(n, True) for n in held_sizes]
+    times = {kind: [] for kind in kinds}
+    try:
+        for rep in range(repeats + 1):
+            for n, held in kinds:
+                figures = step(*inputs[n], held)
+                if rep:  # the first is a warm-up
+                    times[n, held].append(figures)
+            progress(f"  {model_name}: step {rep}/{repeats}") if rep % REPEATS == 0 else None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    blocks = [{} for _ in net]
+    ratios, x = [], inputs[batch_sizes[0]][0]
+    for block in net:  # at the smallest size: the ratio hardly depends on the batch
+        with_grad, without = (_alone(block, x, grad, device, precision) for grad in (True, False))
+        ratios.append(without / with_grad if with_grad > 0 else 1.0)
+        with torch.no_grad():
+            x = block(x)
+    for (n, held), figures in times.items():
+        suffix = "_held_s" if held else "_s"
+        for j, ratio in enumerate(ratios):
+            forward = statistics.median(f[j] for f, _ in figures)
+            backward = statistics.median(b[j] for _, b in figures)
+            if j == 0:  # in place, the data needs no gradient
+                backward, first = backward / ratio, backward
+            else:
+                first = backward * ratio
+            for key, value in (("forward", forward), ("backward", backward),
+                               ("backward_first", first)):
+                blocks[j].setdefault(key + suffix, []).append(value)
+    train = prepare.train_options(RunConfig(method="bp").validated(), device)
+    for j, block in enumerate(net):
+        params = list(block.parameters())
+        blocks[j]["update_s"] = 0.0
+        if params:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            optimizer = torch.optim.SGD(params, lr=1e-9, momentum=train.momentum,
+                                        nesterov=train.nesterov, weight_decay=train.weight_decay,
+                                        fused=train.fused or None)
+            blocks[j]["update_s"] = seconds(optimizer.step, device)
+    return {"blocks": blocks}
+
+
+def _alone(block, x, grad: bool, device, precision: str) -> float:
+    """Seconds of ``block``'s backward pass alone on ``x`` (its input's gradient or not)."""
+    def step():
+        x_in = x.detach().requires_grad_(grad and x.is_floating_point())
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            out = block(x_in)
+        out.float().sum().backward()
+    def forward():
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            block(x.detach().requires_grad_(grad and x.is_floating_point()))
+    return max(0.0, seconds(step, device, 3) - seconds(forward, device, 3))
+
+
+def time_input(task: str, batch_sizes: Sequence[int], device: torch.device, data_dir=None,
+               limit: int = 4096) -> list[float]:
+    """Seconds to draw one augmented training batch of each size, as a run's rank 0 does."""
+    data = tasks.load_task(task, data_dir, limit_train=limit, limit_test=1).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for n in batch_sizes:
+        def draw(n=n):
+            batches = data.train_batches(n, generator)
+            for _ in range(min(4, data.steps(n))):
+                next(batches)
+        out.append(seconds(draw, device) / min(4, data.steps(n)))
+    return out
+
+
+def time_local(method: str, task: str, shape: tuple, batch_sizes: Sequence[int],
+               device: torch.device, options: dict | None = None, precision: str = "fp32") -> dict:
+    """The rule's local work on features of ``shape`` at each batch size: its stage's forward
+    call and the update the upstream message brings (``prepare.local_parts``)."""
+    cfg = RunConfig(method=method, task=task, options=dict(options or {}), precision=precision,
+                    device=str(device)).validated()
+    classes = tasks.TASKS[task].num_classes
+    forward_s, receive_s = [], []
+    for n in batch_sizes:
+        forward, receive = prepare.local_parts(cfg, shape, classes, n, device=device)
+        if receive is None:
+            forward_s.append(seconds(forward, device))
+            continue
+        forward_s.append(seconds(lambda: (forward(), receive()), device))
+        receive_s.append(max(0.0, forward_s[-1] - seconds(forward, device)))
+        forward_s[-1] -= receive_s[-1]
+    out = {"method": cfg.method, "shape": list(shape),
+           "options": {k: v for k, v in cfg.options.items() if v is not None},
+           "forward_s": forward_s}
+    if receive_s:
+        out["receive_s"] = receive_s
+    return out
+
+
+def fit_rate(flops: Sequence[float], timed: dict, batch_sizes: Sequence[int]) -> tuple[float, float]:
+    """``(FLOP/s, overhead_s)``: least squares of a block's forward and backward seconds
+    against t = overhead + 3 F n / rate over every block with FLOPs and every batch size."""
+    xs, ts = [], []
+    for f, block in zip(flops, timed["blocks"]):
+        if f <= 0:
+            continue
+        for i, n in enumerate(batch_sizes):
+            xs.append(3 * f * n)
+            ts.append(block["forward_s"][i] + block["backward_s"][i])
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
+    return 1 / slope, max(0.0, mt - slope * mx)
+
+
+def fit_link(sizes: Sequence[int], times: Sequence[float], hops: float = 1.0) -> tuple[float, float]:
+    """``(alpha, beta)`` of t = hops x alpha + s / beta: alpha from the small messages' times,
+    beta from the large ones' (least squares through the latency)."""
+    small = [t for s, t in zip(sizes, times) if s <= SMALL] or [min(times)]
+    alpha = statistics.median(small) / hops
+    large = [(s, t - hops * alpha) for s, t in zip(sizes, times) if s >= LARGE]
+    beta = sum(s * s for s, _ in large) / sum(s * t for s, t in large)
+    return alpha, beta
+
+
+def _median_seconds(op: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``op`` on both ranks at once (a barrier before each), after one."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(repeats + 1):
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        op()
+        sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _ping_pong(rank: int, device: torch.device, size: int, repeats: int) -> float:
+    """One-way seconds of a message of ``size`` bytes: half a round trip."""
+    buf = torch.zeros(max(1, size // 4), device=device)
+    peer = 1 - rank
+
+    def round_trip():
+        for transfer in ((dist.send, dist.recv) if rank == 0 else (dist.recv, dist.send)):
+            transfer(buf, peer)
+
+    return _median_seconds(round_trip, device, repeats) / 2
+
+
+def _allreduce(device: torch.device, size: int, repeats: int) -> float:
+    buf = torch.zeros(max(1, size // 4), device=device)
+    return _median_seconds(lambda: dist.all_reduce(buf), device, repeats)
+
+
+def _shared(rank: int, work: Callable[[], None], device: torch.device, rounds: int = 9) -> float:
+    """How much slower ``work`` runs on this rank while the other rank runs it too than
+    while the other waits: the median over ``rounds`` of (both at once) / (alone), each
+    phase two calls, the phases of a round one after the other (the machine's speed drifts)."""
+    def timed() -> float:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        work()
+        work()
+        sync()
+        return time.perf_counter() - start
+
+    work()
+    ratios = []
+    for _ in range(rounds):
+        alone = 0.0
+        for turn in (0, 1):
+            dist.barrier()
+            if rank == turn:
+                alone = timed()
+            dist.barrier()
+        ratios.append(timed() / alone)
+    return statistics.median(ratios)
+
+
+def link_worker(config: dict) -> None:
+    """One of two ranks: the ping-pong, the all-reduce and the shared-machine slowdown; rank
+    0 writes them to ``config['out']``."""
+    backend = "nccl" if config["device"] == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    torch.set_num_threads(config["threads"] or torch.get_num_threads())
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    pingpong = [_ping_pong(rank, device, s, 20 if s < LARGE else 5) for s in SIZES]
+    allreduce = [_allreduce(device, s, 20 if s < LARGE else 5) for s in SIZES]
+    info = tasks.TASKS[config["task"]]
+    torch.manual_seed(0)
+    net = models.build_model(config["model"], info.input_shape, info.num_classes).to(device).train()
+    x = dummy_input(net, info.input_shape, config["batch_size"], device=device)
+    slowdown = _shared(rank, lambda: net(x).float().sum().backward(), device)
+    figures = [None, None] if rank == 0 else None
+    dist.gather_object(slowdown, figures, dst=0)
+    if rank == 0:
+        slowdown = statistics.fmean(figures)
+        Path(config["out"]).write_text(json.dumps(
+            {"sizes": list(SIZES), "pingpong_s": pingpong, "allreduce_s": allreduce,
+             "colocated_slowdown": slowdown, "backend": backend}))
+    dist.destroy_process_group()
+
+
+def measure_link(device: torch.device, *, threads: int | None, model: str, task: str,
+                 batch_size: int, timeout: float = 600) -> dict:
+    """The link and the shared-machine slowdown, on two ranks started by torchrun."""
+    from bench.executors.launch import free_port
+    with tempfile.TemporaryDirectory(prefix="lcbench-calibrate-") as tmp:
+        config = {"device": device.type, "threads": threads, "model": model, "task": task,
+                  "batch_size": batch_size, "out": str(Path(tmp) / "link.json")}
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(config))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                   "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                   str(free_port()), "-m", "bench.forecast.calibrate", str(path)]
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        if done.returncode != 0 or not Path(config["out"]).is_file():
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"the link measurement on two ranks failed: {tail}")
+        return json.loads(Path(config["out"]).read_text())
+
+
+def calibrate(model_names: Sequence[str], task: str, *, methods_: Sequence[str] = (),
+              batch_sizes: Sequence[int] = (32, 64, 128), device: torch.device = torch.device("cpu"),
+              threads: int | None = None, precision: str = "fp32", link: bool = True,
+              local_sizes: Sequence[int] | None = None, local_after: dict | None = None,
+              held_sizes: Sequence[int] = (), data_dir=None, name: str = "measured",
+              progress: Callable[[str], None] = lambda _: None) -> dict:
+    """The profile of this machine (as TOML-ready tables): every model's blocks timed at
+    ``batch_sizes``, each of ``methods_``'s local modules at ``local_sizes`` (default the
+    same) on the output of every block (``local_after``: {(model, method): block indices}
+    to time fewer), the blocks as a pipeline holds them at ``held_sizes`` (its
+    micro-batches: ``time_blocks``), the fitted rate and overhead, and (``link``) the link and
+    the shared-machine slowdown on two ranks."""
+    batch_sizes = sorted(set(batch_sizes))
+    local_sizes = sorted(set(local_sizes or batch_sizes))
+    with prepare.torch_threads(threads or torch.get_num_threads()):
+        timed, flops = [], []
+        for model_name in model_names:
+            blocks = workload.blocks(model_name, task)
+            entry = {"model": model_name, "task": task, "width": 1.0, "precision": precision,
+                     "threads": torch.get_num_threads(), "batch_sizes": batch_sizes,
+                     "held_batch_sizes": sorted(set(held_sizes)),
+                     "input_s": time_input(task, batch_sizes, device, data_dir),
+                     **time_blocks(model_name, task, batch_sizes, device, precision=precision,
+                                   held_sizes=sorted(set(held_sizes)), progress=progress),
+                     "local": []}
+            for method in methods_:
+                after = (local_after or {}).get((model_name, method), range(len(blocks) - 1))
+                for shape in dict.fromkeys(blocks[j].out_shape for j in after):
+                    progress(f"  {model_name}: {method}'s local module on {shape}")
+                    entry["local"].append(time_local(method, task, shape, local_sizes, device,
+                                                     precision=precision))
+                    entry["local"][-1]["batch_sizes"] = local_sizes
+            timed.append(entry)
+            flops.append([b.flops for b in blocks])
+        joined = {"blocks": [b for t in timed for b in t["blocks"]]}
+        rate, overhead = fit_rate([f for fs in flops for f in fs], joined, batch_sizes)
+        params = sum(b.param_bytes for m in model_names for b in workload.blocks(m, task))
+        stepped = sum(b["update_s"] for t in timed for b in t["blocks"])
+    cuda = device.type == "cuda"
+    out = {"profile": {"name": name, "kind": "measured", "created": now(),
+                       "summary": f"measured by lcbench calibrate on {os.uname().nodename}: "
+                                  f"{', '.join(model_names)} on {task}, batches "
+                                  f"{', '.join(map(str, batch_sizes))}"},
+           "device": {"name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+                      "memory_bytes": float(device_memory_bytes(device) or 0),
+                      "achieved_flops": {precision: rate}, "overhead_s": overhead,
+                      "update_bytes_per_s": params / stepped, "colocated_slowdown": 1.0,
+                      "threads": threads or torch.get_num_threads(),
+                      "source": f"lcbench calibrate, {now()}; torch {torch.__version__}"},
+           "workloads": timed}
+    if link:
+        progress("  the link: ping-pong and all-reduce on two ranks")
+        measured = measure_link(device, threads=threads, model=model_names[0], task=task,
+                                batch_size=batch_sizes[0])
+        alpha, beta = fit_link(measured["sizes"], measured["pingpong_s"])
+        ring_alpha, ring_beta = fit_link(measured["sizes"], measured["allreduce_s"], hops=2)
+        out["device"]["colocated_slowdown"] = measured["colocated_slowdown"]
+        out["link"] = {"name": f"{measured['backend']} between two ranks on this machine",
+                       "latency_s": alpha, "bandwidth_bytes_per_s": beta,
+                       "allreduce_latency_s": ring_alpha, "allreduce_bandwidth_bytes_per_s": ring_beta,
+                       "sizes": measured["sizes"], "pingpong_s": measured["pingpong_s"],
+                       "allreduce_s": measured["allreduce_s"],
+                       "source": "lcbench calibrate: one-way time of a ping-pong (alpha + s / beta), "
+                                 "all-reduce on two ranks (2 alpha + s / beta)"}
+    return out
+
+
+def merge(calibrations: Sequence[dict]) -> dict:
+    """One profile from several calibrations of the same things at different times: every
+    number the median of its values (element by element in lists), other values the first's."""
+    first = calibrations[0]
+    if isinstance(first, dict):
+        return {k: merge([c[k] for c in calibrations]) for k in first}
+    if isinstance(first, list):
+        return [merge([c[i] for c in calibrations]) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(calibrations)
+    return first
+
+
+def write(profile: dict, path: Path) -> None:
+    """The profile as TOML, atomically."""
+    from bench.records import write_atomic
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), "# written by lcbench calibrate\n" + dumps(profile))
+
+
+if __name__ == "__main__":
+    link_worker(json.loads(Path(sys.argv[1]).read_text()))
