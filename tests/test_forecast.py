@@ -269,6 +269,7 @@ def test_workload_counts_flops_params_and_the_bytes_a_group_saves():
 
 
 @pytest.mark.parametrize("method, options", [("lc", {}), ("dni", {}), ("dgl", {}),
+                                             ("gn", {"neuron_groups": 2}),
                                              ("pipe-bp", {"schedule": "gpipe", "microbatches": 4}),
                                              ("pipe-bp", {"schedule": "1f1b", "microbatches": 4})])
 def test_memory_model_equals_the_bytes_a_run_measured(tmp_path, method, options):
@@ -355,6 +356,10 @@ def test_fits_recover_the_rate_overhead_latency_and_bandwidth_they_were_made_fro
                "backward_s": [4e-3 / 3 + 2 * f * n / 1e9 for n in sizes]} for f in flops]
     rate, overhead = calibrate.fit_rate(flops, {"blocks": blocks}, sizes)
     assert rate == pytest.approx(1e9) and overhead == pytest.approx(2e-3)
+    noise = [{"forward_s": [1e-3, 0.9e-3, 0.8e-3], "backward_s": [0.0] * 3}]  # all overhead, falling
+    rate, overhead = calibrate.fit_rate([1e6], {"blocks": noise}, sizes)
+    assert overhead == 0.0 and rate == pytest.approx(sum((3e6 * n) ** 2 for n in sizes) / sum(
+        3e6 * n * t for n, t in zip(sizes, noise[0]["forward_s"])))
     sizes = calibrate.SIZES
     alpha, beta = calibrate.fit_link(sizes, [5e-5 + s / 2e9 for s in sizes])
     assert beta == pytest.approx(2e9, rel=1e-3) and alpha == pytest.approx(5e-5, rel=0.02)

@@ -237,7 +237,8 @@ def time_local(method: str, task: str, shape: tuple, batch_sizes: Sequence[int],
 
 def fit_rate(flops: Sequence[float], timed: dict, batch_sizes: Sequence[int]) -> tuple[float, float]:
     """``(FLOP/s, overhead_s)``: least squares of a block's forward and backward seconds
-    against t = overhead + 3 F n / rate over every block with FLOPs and every batch size."""
+    against t = overhead + 3 F n / rate over every block with FLOPs and every batch size
+    (through the origin where the blocks are too small to tell the two apart)."""
     xs, ts = [], []
     for f, block in zip(flops, timed["blocks"]):
         if f <= 0:
@@ -246,8 +247,11 @@ def fit_rate(flops: Sequence[float], timed: dict, batch_sizes: Sequence[int]) ->
             xs.append(3 * f * n)
             ts.append(block["forward_s"][i] + block["backward_s"][i])
     mx, mt = statistics.fmean(xs), statistics.fmean(ts)
-    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
-    return 1 / slope, max(0.0, mt - slope * mx)
+    spread = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / spread if spread else 0.0
+    if slope <= 0 or mt - slope * mx < 0:  # blocks too small to tell the two apart: no overhead
+        return sum(x * x for x in xs) / sum(x * t for x, t in zip(xs, ts)), 0.0
+    return 1 / slope, mt - slope * mx
 
 
 def fit_link(sizes: Sequence[int], times: Sequence[float], hops: float = 1.0) -> tuple[float, float]:

@@ -57,6 +57,12 @@ class Times:
     def _flops(self, flops: float, n: float, share: float) -> float:
         return self.profile.device.overhead_s * share + flops * n / self.rate
 
+    def counted(self, block, n: float) -> float:
+        """A counted block's forward, backward and update (a width-grouped block, which no
+        profile timed), from its FLOPs and bytes."""
+        return (self._flops(3 * block.flops, n, 1.0)
+                + block.param_bytes / self.profile.device.update_bytes_per_s)
+
     def _timed(self, key: str, j: int, n: float, held: bool) -> float:
         """A timed pass, as a pipeline holds its micro-batches where it was timed so
         (``held``) and asked for."""
@@ -157,11 +163,13 @@ def balanced_cuts(times: Times, stages: int, n: float, rule: str) -> tuple[int, 
 
 
 def _memory(work: Workload, a: int, b: int, n: float, *, last: bool, in_flight: int = 1,
-            precision: str = "fp32", share: float = 1.0, batch: float | None = None) -> StageMemory:
-    """Bytes of the stage of blocks a..b-1 on one worker at (micro-)batch ``n``; ``share`` of
-    them for a neuron group (GN-DGL). A micro-batch of a ``batch`` is a view of it: the first
-    block that saves its input keeps the batch's whole input alive (as a run meters it)."""
-    blocks = work.blocks[a:b]
+            precision: str = "fp32", share: float = 1.0, batch: float | None = None,
+            blocks=None) -> StageMemory:
+    """Bytes of the stage of blocks a..b-1 (``blocks``: these, counted otherwise) on one
+    worker at (micro-)batch ``n``; ``share`` of them for a neuron group (GN-DGL). A
+    micro-batch of a ``batch`` is a view of it: the first block that saves its input keeps
+    the batch's whole input alive (as a run meters it)."""
+    blocks = blocks or work.blocks[a:b]
     whole = 0.0
     if batch is not None and blocks[0].saves_input:
         size = work.input_numel if a == 0 else work.blocks[a - 1].out_numel
@@ -169,7 +177,7 @@ def _memory(work: Workload, a: int, b: int, n: float, *, last: bool, in_flight: 
     params = sum(x.param_bytes for x in blocks) * share
     local = None if last else work.local[b - 1]
     scale = 0.5 if precision == "bf16" else 1.0  # autocast saves bf16 activations
-    local_params = local.param_bytes if local else 0
+    local_params = local.param_bytes * share if local else 0
     optimizer = model.optimizer_bytes(params, 0, "sgd")
     if local is not None:
         optimizer += model.optimizer_bytes(local_params, local.tensors, local.optimizer)
@@ -177,7 +185,7 @@ def _memory(work: Workload, a: int, b: int, n: float, *, last: bool, in_flight: 
                        optimizer_bytes=optimizer,
                        activation_bytes=(group_saved(blocks, n) + whole) * scale * share,
                        in_flight=in_flight,
-                       local_activation_bytes=local.saved(n) * scale if local else 0.0)
+                       local_activation_bytes=local.saved(n) * scale * share if local else 0.0)
 
 
 def _grad_blocks(times: Times, a: int, b: int, n: float, input_grad: bool, share: float = 1.0):
@@ -277,9 +285,9 @@ def _build(times: Times, setup: Setup, link: Link, batch_size: int):
 
 def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
     """A decoupled rule's stages and memory: every stage's forward call (group forward and
-    backward, local module, update) and upstream update per batch; GN-DGL's neuron groups
-    each take 1/G of their layer group's work (grouped convolutions) and all-gather its
-    output."""
+    backward, local module, update) and upstream update per batch. GN-DGL's layer groups are
+    width-grouped (their first block mixing every channel, the others grouped), a neuron
+    group on a worker of its own taking 1/G of it and all-gathering its output."""
     work, rule, d = times.work, setup.rule, setup.replicas
     n = batch_size / d
     g = setup.neuron_groups if rule == "gn" else 1
@@ -291,16 +299,24 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
         forward, receive = (0.0, 0.0) if last else times.local(b - 1, n)
         out_bytes = n * FLOAT * work.blocks[b - 1].out_numel
         below_local = work.local[a - 1] if k > 0 else None
+        common = dict(receive_s=receive / g, input_s=times.input(batch_size) if k == 0 else 0.0,
+                      gather_s=link.allgather(out_bytes, g) if g > 1 and not last else 0.0,
+                      down_bytes=0.0 if last else out_bytes + n * LABEL * work.label_numel,
+                      up_bytes=n * FLOAT * below_local.up_numel if below_local is not None else 0.0)
+        if rule == "gn" and work.grouped:
+            grouped, mixing = work.grouped
+            blocks = [mixing[a], *grouped[a + 1:b]]
+            stages.append(StageCost(forward_s=(sum(times.counted(x, n) for x in blocks) + forward) / g,
+                                    grad_blocks=tuple((x.param_bytes / g, 0.0) for x in blocks[::-1]),
+                                    **common))
+            memory.append(_memory(work, a, b, n, last=last, precision=times.precision,
+                                  share=1 / g, blocks=blocks))
+            continue
         stages.append(StageCost(
             forward_s=(sum(times.forward(j, n) for j in range(a, b)) + forward) / g,
             backward_s=sum(times.backward(j, n, input_grad or j > a) for j in range(a, b)) / g,
             update_s=sum(times.update(j) for j in range(a, b)) / g,
-            receive_s=receive / g,
-            gather_s=link.allgather(out_bytes, g) if g > 1 and not last else 0.0,
-            input_s=times.input(batch_size) if k == 0 else 0.0,
-            down_bytes=0.0 if last else out_bytes + n * LABEL * work.label_numel,
-            up_bytes=n * FLOAT * below_local.up_numel if below_local is not None else 0.0,
-            grad_blocks=_grad_blocks(times, a, b, n, input_grad, 1 / g)))
+            grad_blocks=_grad_blocks(times, a, b, n, input_grad, 1 / g), **common))
         memory.append(_memory(work, a, b, n, last=last, precision=times.precision, share=1 / g))
     return stages, tuple(memory)
 

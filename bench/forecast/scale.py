@@ -41,8 +41,9 @@ ASSUMPTIONS = (
     f"fits: a worker's bytes at most {1 - RESERVE:.0%} of its device's memory (the rest: context, "
     "workspaces); bf16 halves saved activations, weights, gradients and messages stay fp32",
     "data held on the device: no input time, but where a profile timed it",
-    "GN-DGL: a neuron group's worker takes 1/G of its layer group's work, parameters and "
-    "activations (grouped convolutions), plus its head and the all-gather of the group's output",
+    "GN-DGL: the layer groups width-grouped as its runs build them (FLOPs at the profile's "
+    "rate), a neuron group's worker taking 1/G of its layer group's work, parameters and "
+    "activations, plus its head and the all-gather of the group's output",
     "async DGL: the first stage sets the pace (a slower stage below reuses or skips inputs)",
 )
 
@@ -113,7 +114,8 @@ def grid(model: str, task: str, profile: Profile, *, batch_size: int = 128,
         for link, own in links:
             ddp = best(base, setups("ddp", k, blocks, batch_size), link, batch_size)
             points = {rule: best(timed[rule], setups(rule, k, blocks, batch_size, stages=stages),
-                                 link, batch_size) for rule in rules}
+                                 link, batch_size) for rule in rules
+                      if rule != "gn" or timed[rule].work.grouped}
             pipe = points.get("pipe-bp") or best(timed.get("pipe-bp") or base, setups(
                 "pipe-bp", k, blocks, batch_size, stages=stages), link, batch_size)
             for rule, point in [("ddp", ddp), *points.items()]:
@@ -182,9 +184,13 @@ def _ranges(bandwidths: Sequence[float], wins: Sequence[bool]) -> str:
             runs.append((start, i - 1))
             start = None
     last = len(wins) - 1
-    text = [f"<{bandwidths[b]:.3g}" if a == 0 else f">{bandwidths[a]:.3g}" if b == last
-            else f"{bandwidths[a]:.3g}-{bandwidths[b]:.3g}" for a, b in runs]
+    text = [f"<{_gbps(bandwidths[b])}" if a == 0 else f">{_gbps(bandwidths[a])}" if b == last
+            else f"{_gbps(bandwidths[a])}-{_gbps(bandwidths[b])}" for a, b in runs]
     return ", ".join(text) or "never"
+
+
+def _gbps(value: float) -> str:
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
 
 
 NAMES = {"pipe-bp": "pipelined BP", "dgl": "DGL", "adgl": "async DGL", "lc": "LC", "dni": "DNI",
@@ -290,7 +296,7 @@ def summary(rows: Sequence[dict]) -> str:
         for profile, rule in dict.fromkeys((c["profile"], c["rule"]) for c in part):
             own = next(r["bandwidth_gbps"] for r in rows if r["profile"] == profile and r["own_link"])
             cells = {c["workers"]: c for c in part if (c["profile"], c["rule"]) == (profile, rule)}
-            lines.append(f"| {profile} ({own:.3g}) | {NAMES.get(rule, rule)} | "
+            lines.append(f"| {profile} ({_gbps(own)}) | {NAMES.get(rule, rule)} | "
                          + " | ".join(_cell(cells.get(k)) for k in ks) + " |")
     return "\n".join(lines + ["", "Assumptions:", *(f"- {a}" for a in ASSUMPTIONS)])
 

@@ -86,6 +86,8 @@ class Workload:
     input_numel: int
     label_numel: int
     upstream: str | None  # what the rule sends upstream: "gradient", "loss" or None
+    #: GN-DGL: the width-grouped blocks, (grouped, mixing) (None: the model cannot be grouped)
+    grouped: tuple | None = None
 
     @property
     def params(self) -> int:
@@ -172,12 +174,19 @@ def _local(cfg: RunConfig, shape: tuple, classes: int) -> Local:
 
 
 @functools.lru_cache(maxsize=None)
-def blocks(model: str, task: str, width: float = 1.0) -> tuple[Block, ...]:
-    """Every block of ``model`` on ``task``, counted once per process."""
+def blocks(model: str, task: str, width: float = 1.0, neuron_groups: int = 1,
+           mixing: bool = False) -> tuple[Block, ...]:
+    """Every block of ``model`` on ``task``, counted once per process; width-grouped into
+    ``neuron_groups`` (GN-DGL: grouped convolutions but in block 0, or, ``mixing``, in the
+    first conv of every block, as the first block of each layer group has it)."""
     info = tasks.TASKS[task]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = models.build_model(model, info.input_shape, info.num_classes, width=width)
+        with torch.device("meta"):
+            size = len(models.build_model(model, info.input_shape, info.num_classes, width=width))
+        net = models.build_model(model, info.input_shape, info.num_classes, width=width,
+                                 neuron_groups=neuron_groups,
+                                 mix_at=range(size) if mixing else ())
         return tuple(_blocks(net, info.input_shape))
 
 
@@ -201,8 +210,15 @@ def workload(model: str, task: str, method: str = "bp", *, width: float = 1.0,
                     options=dict(options or {})).validated()
     counted = blocks(model, task, width)
     pairs = tuple(sorted((k, v) for k, v in cfg.options.items() if v is not None))
+    grouped = None
+    if cfg.method == "gn":
+        try:
+            grouped = tuple(blocks(model, task, width, cfg.options["neuron_groups"], mixing)
+                            for mixing in (False, True))
+        except ValueError:  # a model without width-grouped layers (an MLP, torchvision's)
+            pass
     after = tuple(local(cfg.method, task, b.out_shape, pairs) for b in counted[:-1]) + (None,)
     return Workload(model=model, task=task, method=cfg.method, width=width, options=pairs,
                     blocks=counted, local=after, input_numel=math.prod(info.input_shape),
                     label_numel=math.prod(counted[-1].out_shape[:-1]) or 1,
-                    upstream=methods.resolve(cfg.method).stage.upstream)
+                    upstream=methods.resolve(cfg.method).stage.upstream, grouped=grouped)
