@@ -33,7 +33,7 @@ help:
 	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process and vs"
 	@echo "                     data-parallel BP (DDP) on the same 2 ranks, each run's epoch beside"
 	@echo "                     its forecast from this machine's calibration (ResNet-20 and lc-vgg;"
-	@echo "                     ~45 min); where CUDA is,"
+	@echo "                     ~30 min); where CUDA is,"
 	@echo "                     BP's samples/s vs a plain loop (fp32, bf16+compile) and every rule's"
 	@echo "                     step time vs BP beside its FLOPs, on lc-vgg K=4"
 

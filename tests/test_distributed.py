@@ -71,7 +71,7 @@ def leftover_ranks(out: Path) -> list[str]:
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
-@pytest.mark.parametrize("method", ["dgl", "lc"])
+@pytest.mark.parametrize("method", [pytest.param("dgl", marks=pytest.mark.slow), "lc"])
 def test_distributed_learns_like_sequential_on_fashion_mnist(method, tmp_path):
     args = ["--method", method, "--task", "fashion-mnist", "--epochs", "1", "--limit-train",
             "6144", "--limit-test", "2000", "--quiet"]
@@ -106,7 +106,8 @@ def test_records_keep_the_schema_with_figures_per_rank(tmp_path):
     assert info["status"] == "ok" and info["config"]["executor"] == "distributed"
 
 
-@pytest.mark.parametrize("method", [["pipe-bp", "-o", "schedule=gpipe"],
+@pytest.mark.parametrize("method", [pytest.param(["pipe-bp", "-o", "schedule=gpipe"],
+                                                 marks=pytest.mark.slow),  # 1F1B's path too
                                     ["pipe-bp", "-o", "schedule=1f1b"], ["bp"]])
 def test_pipelined_and_plain_bp_on_ranks_end_with_the_parameters_of_sequential_bp(method, tmp_path):
     """torch.distributed.pipelining, 2 ranks, 4 micro-batches, and BP on 2 ranks with each

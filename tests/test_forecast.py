@@ -292,6 +292,22 @@ def test_memory_model_equals_the_bytes_a_run_measured(tmp_path, method, options)
         assert memory.total == pytest.approx(measured[stage, "peak_mem_bytes"], abs=256)
 
 
+def test_adgl_replay_buffer_forecast_equals_the_bytes_a_full_buffer_holds(tmp_path):
+    cfg = RunConfig(method="adgl", groups=2, task="digits", model="small-cnn", epochs=1,
+                    batch_size=32, limit_train=160, limit_test=32, device="cpu",
+                    options={"buffer_size": 3, "max_reuse": 100}, out=str(tmp_path),
+                    checkpoint_every=0)
+    prep = prepare.prepare(cfg)
+    runner.execute(prep, progress=False)
+    entries = prep.stages[1].buffer.entries
+    assert len(entries) == 3  # five batches pushed, each reusable: the buffer is full
+    held = sum(x.nbytes + y.nbytes for x, y, _ in entries)
+    forecast = predict.for_run(prep.cfg, stated(), prep.cuts)
+    assert forecast.memory[0].buffer_bytes == 0
+    assert forecast.memory[1].buffer_bytes == held
+    assert model.replay_buffer_bytes(3, 32, 4 * 100, 8) == 3 * 32 * 408
+
+
 def test_a_contender_at_twice_the_bandwidth_never_slows_and_ddp_pays_for_its_all_reduce():
     profile = stated()
     base = Times(workload.workload("resnet20", "cifar10", "bp"), profile)

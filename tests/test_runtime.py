@@ -189,10 +189,10 @@ def test_tf32_only_with_precision_tf32():
 @pytest.mark.dist
 @pytest.mark.parametrize("args", [["--method", "lc", "--groups", "2", "--executor",
                                    "distributed"],
-                                  ["--method", "pipe-bp", "--groups", "2", "--executor",
-                                   "distributed"],
-                                  ["--method", "bp", "--executor", "ddp", "--workers", "2",
-                                   "--groups", "1"]])
+                                  pytest.param(["--method", "pipe-bp", "--groups", "2",
+                                                "--executor", "distributed"], marks=pytest.mark.slow),
+                                  pytest.param(["--method", "bp", "--executor", "ddp", "--workers",
+                                                "2", "--groups", "1"], marks=pytest.mark.slow)])
 def test_both_options_on_ranks(args, tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench", "run", *args, *RUN, "--epochs", "1",
                              "--precision", "bf16", "--compile", "--out", str(tmp_path)],

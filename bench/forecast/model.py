@@ -226,7 +226,8 @@ class StageMemory:
     """Bytes one worker holds for its stage, as a run measures them (``peak_mem_bytes``):
     parameters, their gradients, optimizer state, activations the group saves for backward
     (per batch or micro-batch it holds, times how many it holds at once) and those of its
-    local module."""
+    local module; and, beside what a run meters, the inputs an asynchronous stage keeps in
+    its replay buffer (``buffer_bytes``; see ``replay_buffer_bytes``)."""
 
     param_bytes: float
     grad_bytes: float
@@ -234,12 +235,22 @@ class StageMemory:
     activation_bytes: float  # for one (micro-)batch
     in_flight: int = 1
     local_activation_bytes: float = 0.0
+    buffer_bytes: float = 0.0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def total(self) -> float:
         return (self.param_bytes + self.grad_bytes + self.optimizer_bytes
-                + self.activation_bytes * self.in_flight + self.local_activation_bytes)
+                + self.activation_bytes * self.in_flight + self.local_activation_bytes
+                + self.buffer_bytes)
+
+
+def replay_buffer_bytes(entries: int, batch: float, input_bytes: float,
+                        label_bytes: float) -> float:
+    """A full replay buffer of asynchronous DGL (Belilovsky et al. 2020, its asynchronous
+    setting): ``entries`` batches of ``batch`` inputs and labels, each kept whole
+    (``input_bytes`` and ``label_bytes`` per sample)."""
+    return entries * batch * (input_bytes + label_bytes)
 
 
 def optimizer_bytes(param_bytes: float, tensors: int, kind: str) -> float:

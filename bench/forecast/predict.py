@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from bench.models import split
+from methods.adgl import ADGLOptions
 
 from . import model
 from .model import Link, StageCost, StageMemory
@@ -317,7 +318,12 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
             backward_s=sum(times.backward(j, n, input_grad or j > a) for j in range(a, b)) / g,
             update_s=sum(times.update(j) for j in range(a, b)) / g,
             grad_blocks=_grad_blocks(times, a, b, n, input_grad, 1 / g), **common))
-        memory.append(_memory(work, a, b, n, last=last, precision=times.precision, share=1 / g))
+        held = _memory(work, a, b, n, last=last, precision=times.precision, share=1 / g)
+        if rule == "adgl" and k > 0:
+            entries = dict(work.options).get("buffer_size", ADGLOptions.buffer_size)
+            held = replace(held, buffer_bytes=model.replay_buffer_bytes(
+                entries, n, FLOAT * work.blocks[a - 1].out_numel, LABEL * work.label_numel))
+        memory.append(held)
     return stages, tuple(memory)
 
 

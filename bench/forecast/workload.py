@@ -1,7 +1,7 @@
 """What a model asks of a device, block by block, for one rule: FLOPs, bytes of parameters,
 of activations saved for backward and of messages, and the rule's local work on each
 block's output. Counted, not timed: a ``Workload`` is the same on every machine (times come
-from a profile: ``bench.forecast.compute``)."""
+from a profile: ``bench.forecast.predict``)."""
 from __future__ import annotations
 
 import functools
