@@ -13,7 +13,8 @@ CIFAR10_DIR ?= $(HOME)/.cache/lcbench/cifar10-jpeg
 SCALE_paper := lc-vgg resnet101 wrn28-10 --task cifar10
 SCALE_smoke :=
 
-.PHONY: help setup data test test-all learning-check fidelity-check reproduce-table2 plot bench clean
+.PHONY: help setup data test test-all learning-check cifar10 fidelity-check fidelity-gpu \
+	dni-comparison reproduce-table2 plot bench clean
 
 help:
 	@echo "make setup           create .venv and install lcbench (+ test tools)"
@@ -26,9 +27,13 @@ help:
 	@echo "                     ResNet-101, WRN-28-10 under the shipped profiles; smoke: its own nets)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
-	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3), DGL(3) on lc-vgg and a CIFAR-10 slice, with"
-	@echo "                     the local-signal diagnostics, beside the published ordering; then why"
-	@echo "                     DNI's label-blind synthesizer fails (python -m bench.studies.dni_signal) (~17 min)"
+	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3) (the paper's synthesizer and plain L2 fit, and"
+	@echo "                     the running-RMS variant) and the no-signal floor on lc-vgg and a CIFAR-10"
+	@echo "                     slice, with the local-signal diagnostics, beside the published ordering;"
+	@echo "                     then why DNI's label-blind synthesizer fails (bench.studies.dni_signal) (~30 min)"
+	@echo "make fidelity-gpu    the same comparison in full on a GPU: lc-vgg, K=4, 20k iterations, bf16"
+	@echo "make dni-comparison [PRESET=cpu]  the DGL authors' DNI comparison (BP, DNI, cDNI, DGL on the"
+	@echo "                     DNI paper's CNN, Adam 3e-5): in full (GPU hours) or a CPU preset (~15 min)"
 	@echo "make bench           step time: lcbench BP vs a plain loop, every method vs BP; speedups"
 	@echo "                     of LC, DGL, DNI, pipelined BP on 2 ranks vs BP in 1 process and vs"
 	@echo "                     data-parallel BP (DDP) on the same 2 ranks, each run's epoch beside"
@@ -62,17 +67,33 @@ learning-check: $(STAMP) data
 	    --experiment learning-check --out $(RESULTS) || exit 1; \
 	done
 
-# The shared JPEG copy of CIFAR-10, unpacked once; skipped with one line where it is absent.
+# The shared JPEG copy of CIFAR-10, unpacked once; the targets that need it are skipped with
+# one line where it is absent.
+cifar10:
+	@test -d $(CIFAR10_DIR)/cifar10 || { \
+	  rm -rf $(CIFAR10_DIR).tmp && $(BIN)/python -m zipfile -e $(CIFAR10_ZIP) $(CIFAR10_DIR).tmp && \
+	  mkdir -p $(CIFAR10_DIR) && mv $(CIFAR10_DIR).tmp/cifar10 $(CIFAR10_DIR)/ && rm -rf $(CIFAR10_DIR).tmp; }
+
 fidelity-check: $(STAMP)
 	@if [ ! -f $(CIFAR10_ZIP) ]; then echo "fidelity-check: skipped, $(CIFAR10_ZIP) is absent"; exit 0; fi; \
-	set -e; \
-	if [ ! -d $(CIFAR10_DIR)/cifar10 ]; then \
-	  rm -rf $(CIFAR10_DIR).tmp && $(BIN)/python -m zipfile -e $(CIFAR10_ZIP) $(CIFAR10_DIR).tmp && \
-	  mkdir -p $(CIFAR10_DIR) && mv $(CIFAR10_DIR).tmp/cifar10 $(CIFAR10_DIR)/ && rm -rf $(CIFAR10_DIR).tmp; fi; \
+	set -e; $(MAKE) -s cifar10; \
 	$(BIN)/lcbench sweep bench/experiments/fidelity.toml --out $(RESULTS) --data-dir $(CIFAR10_DIR) || test $$? -eq 1; \
 	$(BIN)/lcbench table fidelity $(RESULTS); \
 	$(BIN)/lcbench plot $(RESULTS)/fidelity --out figures/fidelity; \
 	$(BIN)/python -m bench.studies.dni_signal --data-dir $(CIFAR10_DIR) --out $(RESULTS)/fidelity-dni-signal.csv
+
+fidelity-gpu: $(STAMP)
+	@if [ ! -f $(CIFAR10_ZIP) ]; then echo "fidelity-gpu: skipped, $(CIFAR10_ZIP) is absent"; exit 0; fi; \
+	set -e; $(MAKE) -s cifar10; \
+	$(BIN)/lcbench sweep bench/experiments/fidelity-gpu.toml --out $(RESULTS)/gpu --data-dir $(CIFAR10_DIR) || test $$? -eq 1; \
+	$(BIN)/lcbench table fidelity $(RESULTS)/gpu
+
+dni-comparison: $(STAMP)
+	@if [ ! -f $(CIFAR10_ZIP) ]; then echo "dni-comparison: skipped, $(CIFAR10_ZIP) is absent"; exit 0; fi; \
+	set -e; $(MAKE) -s cifar10; \
+	$(BIN)/lcbench sweep bench/experiments/dni-comparison.toml $(if $(filter cpu,$(PRESET)),--preset cpu) \
+	  --out $(RESULTS) --data-dir $(CIFAR10_DIR) || test $$? -eq 1; \
+	$(BIN)/lcbench table dni-comparison $(RESULTS)
 
 # A sweep exits with 1 when some runs failed: they are recorded, and the table shows what ran.
 reproduce-table2: $(STAMP) data

@@ -66,10 +66,14 @@ def cli():
 @click.option("--iterations", type=int, default=None,
               help="Total training batches (overrides --epochs; the last epoch is cut short).")
 @click.option("--batch-size", "-b", type=int, default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(methods.base.OPTIMIZERS), default="sgd",
+              show_default=True,
+              help="Optimizer of the main network: SGD with Nesterov momentum 0.9, or Adam "
+                   "(the DGL authors' DNI comparison). Critics and synthesizers keep their Adam.")
 @click.option("--lr", type=float, default=0.02, show_default=True,
-              help="Learning rate of the main network (SGD, Nesterov momentum 0.9).")
+              help="Learning rate of the main network.")
 @click.option("--lr-milestones", default=None, metavar="I1,I2,...",
-              help="Iterations at which the SGD rate is multiplied by --lr-gamma.")
+              help="Iterations at which the main network's rate is multiplied by --lr-gamma.")
 @click.option("--lr-gamma", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--clip-grad", type=float, default=None,
@@ -123,7 +127,8 @@ def cli():
 @click.option("--no-checkpoint", is_flag=True,
               help="Neither write nor continue from checkpoints (the run starts over).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, lr_milestones,
+def run(method, groups, task, model, width, epochs, iterations, batch_size, optimizer, lr,
+        lr_milestones,
         lr_gamma, weight_decay, clip_grad, seed, split,
         cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device,
         precision, compile_, limit_train, limit_test, data_dir, experiment, out, emit_config,
@@ -137,7 +142,8 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, lr, 
     if neuron_groups is not None:
         options["neuron_groups"] = neuron_groups
     cfg = RunConfig(method=method, groups=groups, task=task, model=model, width=width,
-                    epochs=epochs, iterations=iterations, batch_size=batch_size, lr=lr,
+                    epochs=epochs, iterations=iterations, batch_size=batch_size,
+                    optimizer=optimizer, lr=lr,
                     lr_milestones=parse_ints(lr_milestones, "--lr-milestones"),
                     lr_gamma=lr_gamma, weight_decay=weight_decay, clip_grad=clip_grad,
                     seed=seed, split=split, cuts=parse_ints(cuts, "--cuts"), options=options,

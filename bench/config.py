@@ -33,8 +33,9 @@ class RunConfig:
     epochs: int = 3
     iterations: int | None = None  # total training batches; overrides epochs (last one cut short)
     batch_size: int = 128
+    optimizer: str = "sgd"  # of the main network: sgd (Nesterov momentum) or adam
     lr: float = 0.02
-    lr_milestones: list[int] | None = None  # iterations at which the SGD rate is multiplied by
+    lr_milestones: list[int] | None = None  # iterations at which the main rate is multiplied by
     lr_gamma: float = 0.1                   # lr_gamma (Adam-trained local modules keep theirs)
     momentum: float = 0.9
     nesterov: bool = True
@@ -66,7 +67,7 @@ class RunConfig:
     UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every")
     #: fields added after runs were recorded: left out of the key at these defaults, so that
     #: the ids of earlier runs stay the same (and their sweeps resume)
-    LATER_FIELDS = {"workers": None, "precision": "fp32", "compile": False}
+    LATER_FIELDS = {"workers": None, "precision": "fp32", "compile": False, "optimizer": "sgd"}
 
     def validated(self) -> "RunConfig":
         """Canonical method name and option defaults filled in; raise UsageError on bad values."""
@@ -83,6 +84,8 @@ class RunConfig:
             (self.epochs >= 0, f"--epochs must not be negative (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.optimizer in methods.base.OPTIMIZERS, f"unknown optimizer '{self.optimizer}' "
+             f"(choose from {', '.join(methods.base.OPTIMIZERS)})"),
             (self.iterations is None or self.iterations >= 1,
              f"--iterations must be at least 1 (got {self.iterations})"),
             (self.clip_grad is None or self.clip_grad > 0,

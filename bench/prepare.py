@@ -138,7 +138,7 @@ def local_training_flops(cfg: RunConfig, shape: tuple, classes: int) -> float:
 
 def train_options(cfg: RunConfig, device: torch.device | None = None) -> TrainOptions:
     """The optimizers' settings; fused optimizer steps on a GPU."""
-    return TrainOptions(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    return TrainOptions(optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                         weight_decay=cfg.weight_decay, clip=cfg.clip_grad,
                         fused=device is not None and device.type == "cuda")
 

@@ -11,6 +11,7 @@ from .base import Criterion, Stage, TrainOptions, options_from
 from .bp import BPOptions, BPStage
 from .dgl import DGLOptions, DGLStage
 from .dni import CDNIStage, DNIOptions, DNIStage
+from .frozen import FrozenOptions, FrozenStage
 from .gn import GNOptions, GNStage
 from .lc import LCOptions, LCStage
 from .pipebp import PipeBPOptions, PipeBPStage
@@ -36,13 +37,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dni", DNIStage, DNIOptions, "decoupled neural interfaces: synthetic gradients", False),
     Method("cdni", CDNIStage, DNIOptions, "DNI with label-conditioned synthesizers", False),
     Method("gn", GNStage, GNOptions, "GN-DGL: local learning with neuron groups", True),
+    Method("frozen", FrozenStage, FrozenOptions,
+           "no-signal floor: groups 1..K-1 held at their initial weights, the last trained", False),
 ]}
 
 ALIASES = {
     "backprop": "bp", "pipelined-bp": "pipe-bp", "pipeline": "pipe-bp", "async-dgl": "adgl",
     "local-critic": "lc", "local-critic-training": "lc",
     "greedy": "dgl", "decoupled-greedy": "dgl", "synthetic-gradients": "dni",
-    "neuron-groups": "gn", "gn-dgl": "gn",
+    "neuron-groups": "gn", "gn-dgl": "gn", "floor": "frozen",
 }
 
 
@@ -59,6 +62,15 @@ def option_defaults(name: str) -> dict:
     return {f.name: f.default for f in fields(resolve(name).options)}
 
 
+def variant(name: str, options: dict) -> str:
+    """The named departures from the published rule among ``options`` (a rule's
+    ``VARIANT_OPTIONS`` away from their defaults), e.g. ``synth_fit=rms``; empty if none."""
+    method = resolve(name)
+    defaults = option_defaults(method.name)
+    return ",".join(f"{k}={options[k]}" for k in getattr(method.options, "VARIANT_OPTIONS", ())
+                    if k in options and options[k] != defaults[k])
+
+
 def build_stages(name: str, groups: Sequence[nn.Module], shapes: Sequence[tuple], classes: int,
                  criterion: Criterion, train: TrainOptions, options: dict | None = None
                  ) -> list[Stage]:
@@ -71,4 +83,4 @@ def build_stages(name: str, groups: Sequence[nn.Module], shapes: Sequence[tuple]
 
 
 __all__ = ["METHODS", "ALIASES", "Method", "Stage", "TrainOptions", "build_stages", "resolve",
-           "option_defaults"]
+           "option_defaults", "variant"]

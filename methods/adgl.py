@@ -27,6 +27,7 @@ class ADGLOptions(DGLOptions):
     slow_ms: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.buffer_size < 1 or self.max_reuse < 1:
             raise ValueError(f"buffer_size and max_reuse must be at least 1 "
                              f"(got {self.buffer_size}, {self.max_reuse})")

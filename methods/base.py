@@ -27,10 +27,17 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """Per-sample loss: ``criterion(logits, y) -> (B,)``."""
 
 
+#: the main network's optimizers: "sgd" (every table but one) and "adam" (the DGL authors'
+#: DNI comparison: Adam 3e-5 for network and local modules alike)
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass
 class TrainOptions:
-    """Optimizer settings of the main network (and of local modules that share them)."""
+    """Optimizer settings of the main network (and of local modules that share them);
+    ``momentum`` and ``nesterov`` are SGD's."""
 
+    optimizer: str = "sgd"
     lr: float = 0.02
     momentum: float = 0.9
     nesterov: bool = True
@@ -50,10 +57,14 @@ def correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (match_targets(logits, y).argmax(-1) == y).sum(), y.numel()
 
 
-def sgd(params, opts: TrainOptions) -> torch.optim.SGD:
-    """The main network's optimizer: SGD with (Nesterov) momentum and weight decay. A local
-    module trained with the same settings joins it as a parameter group of its own
-    (``optimizer.add_param_group``): one step for the stage."""
+def main_optimizer(params, opts: TrainOptions) -> torch.optim.Optimizer:
+    """The main network's optimizer: SGD with (Nesterov) momentum and weight decay, or Adam
+    (with L2 weight decay as torch's ``Adam`` applies it). A local module trained with the
+    same settings joins it as a parameter group of its own (``optimizer.add_param_group``):
+    one step for the stage."""
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay,
+                                fused=opts.fused or None)
     return torch.optim.SGD(
         params,
         lr=opts.lr,
@@ -102,7 +113,7 @@ class Stage:
         self.group = group
         self.criterion = criterion
         self.train_options = train
-        self.optimizer = sgd(group.parameters(), train)
+        self.optimizer = main_optimizer(group.parameters(), train)
         self.kept: dict[int, tuple] = {}
         self.phase: Callable[[str], ContextManager] = lambda name: nullcontext()
         """``with self.phase("forward" | "backward" | "update"):`` marks the rule's work;
@@ -175,12 +186,10 @@ class Stage:
         self.kept, self._sums = dict(state["kept"]), dict(state["tallies"])
 
     def scale_lr(self, factor: float) -> None:
-        """Set the SGD optimizers (main network and modules sharing its settings) to
-        ``factor`` times the base rate; Adam-trained critics/synthesizers keep theirs."""
-        for optimizer in self.optimizers():
-            if isinstance(optimizer, torch.optim.SGD):
-                for group in optimizer.param_groups:
-                    group["lr"] = self.train_options.lr * factor
+        """Set the main network's optimizer (and the modules sharing it) to ``factor`` times
+        the base rate; critics and synthesizers, with their own Adam, keep theirs."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.train_options.lr * factor
 
     def step(self, *optimizers: torch.optim.Optimizer) -> None:
         """Step ``optimizers`` (each parameter group's gradient clipped to its own norm first,

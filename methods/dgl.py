@@ -7,11 +7,22 @@ from . import modules
 from .base import Stage
 
 
+#: the auxiliary nets: "mlp-sr", the DGL paper's "MLP-SR-aux" (its CIFAR and ImageNet
+#: tables); "conv", that of the authors' DNI comparison (``modules.conv_auxiliary``)
+AUX_NETS = {"mlp-sr": modules.auxiliary, "conv": modules.conv_auxiliary}
+
+
 @dataclass
 class DGLOptions:
-    """Auxiliary net "MLP-SR-aux"; ``aux_channels`` defaults to the feature channels."""
+    """Auxiliary net ``aux_net`` (default "MLP-SR-aux"); ``aux_channels`` defaults to the
+    feature channels."""
 
     aux_channels: int | None = None
+    aux_net: str = "mlp-sr"
+
+    def __post_init__(self):
+        if self.aux_net not in AUX_NETS:
+            raise ValueError(f"unknown aux_net {self.aux_net!r} (choose from {', '.join(AUX_NETS)})")
 
 
 class DGLStage(Stage):
@@ -23,7 +34,7 @@ class DGLStage(Stage):
         super().__init__(index, count, group, criterion, train)
         self.aux = None
         if not self.last:
-            self.aux = head if head is not None else modules.auxiliary(
+            self.aux = head if head is not None else AUX_NETS[options.aux_net](
                 shape, classes, channels=options.aux_channels)
             self.optimizer.add_param_group({"params": list(self.aux.parameters())})
 

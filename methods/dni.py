@@ -1,11 +1,10 @@
 """Decoupled neural interfaces: synthetic gradients, bootstrapped from the stage below.
 
-Scale convention: synthesizers predict the gradient of the *summed* batch loss (B times
-dL/dh of the mean loss); the group is stepped on M(h)/B, the rule's estimate of dL/dh. Per
-element those targets are still tiny on wide feature maps (~1e-4 on lc-vgg's), so each
-synthesizer regresses on its targets divided by their running RMS
-(``modules.Synthesizer.fit_loss``) and scales its output back: the fit does not depend on
-the gradients' scale (see DESIGN.md, DNI).
+Scale convention: synthesizers' targets are gradients of the *summed* batch loss (B times
+dL/dh of the mean loss, the units of the messages between stages); the group is stepped on
+M(h)/B, the rule's estimate of dL/dh. The published fit (``synth_fit="l2"``) regresses on the
+mean-loss gradient as it is; ``synth_fit="rms"`` (not published) on the targets divided by
+their running RMS (``modules.Synthesizer``; see DESIGN.md, DNI).
 
 A label-blind synthesizer can learn at most E[dL/dh | h]; on lc-vgg at lr 0.1 that part moves
 faster than it can follow (``python -m bench.studies.dni_signal``).
@@ -23,11 +22,33 @@ from .base import Stage, adam, snapshot, take_grads
 
 @dataclass
 class DNIOptions:
-    """Synthesizer: three 5x5 convs of ``synth_filters``; Adam at ``synth_lr``."""
+    """The synthesizer of the local-critic tables (Lee & Lee, ICLR 2019, section 3.1: "each
+    additional module is composed of a convolutional layer and an output layer", the
+    critic's: one 3x3 conv of 128 filters + ReLU, Adam 1e-4), fitted with the published
+    plain L2. The DGL authors' DNI comparison (eugenium/DGL, dni_comparisons) uses
+    ``synth_layers=2, synth_kernel=5, synth_batchnorm=True`` (three 5x5 convs of 128, BN +
+    ReLU between them). ``synth_fit="rms"``: targets divided by their running RMS (not
+    published)."""
 
+    synth_layers: int = 1
+    synth_kernel: int = 3
     synth_filters: int = 128
-    synth_kernel: int = 5
+    synth_batchnorm: bool = False
+    synth_fit: str = "l2"
     synth_lr: float = 1e-4
+
+    #: options whose non-default values are lcbench's variants, not the published rule
+    VARIANT_OPTIONS = ("synth_fit",)
+
+    def __post_init__(self):
+        if self.synth_fit not in modules.SYNTH_FITS:
+            raise ValueError(f"unknown synth_fit {self.synth_fit!r} "
+                             f"(choose from {', '.join(modules.SYNTH_FITS)})")
+        if min(self.synth_layers, self.synth_kernel, self.synth_filters) < 1 or self.synth_kernel % 2 == 0:
+            raise ValueError("synth_layers, synth_filters must be at least 1 and synth_kernel odd "
+                             f"(got {self.synth_layers}, {self.synth_filters}, {self.synth_kernel})")
+        if not self.synth_lr > 0:
+            raise ValueError(f"synth_lr must be positive (got {self.synth_lr})")
 
 
 class DNIStage(Stage):
@@ -43,9 +64,10 @@ class DNIStage(Stage):
         super().__init__(index, count, group, criterion, train)
         self.synth = None
         if not self.last:
-            self.synth = modules.Synthesizer(shape, classes, conditioned=self.conditioned,
-                                             filters=options.synth_filters,
-                                             kernel=options.synth_kernel)
+            self.synth = modules.Synthesizer(
+                shape, classes, conditioned=self.conditioned, filters=options.synth_filters,
+                kernel=options.synth_kernel, layers=options.synth_layers,
+                batchnorm=options.synth_batchnorm, fit=options.synth_fit)
             self.synth_optimizer = adam(self.synth.parameters(), options.synth_lr, train)
 
     def _label(self, y):
@@ -70,7 +92,7 @@ class DNIStage(Stage):
             h = self.group(x)
             weights = snapshot(self.synth)  # the pass is kept for the synthesizer's update
             output = functional_call(self.synth, weights, (h.detach(), self._label(y)))
-        self.backward(h, output.detach() * self.synth.scale / n)
+        self.backward(h, self.synth.to_gradient(output.detach()) / n)
         self.step(self.optimizer)
         self.kept[batch] = (output, weights)
         return h.detach(), (x.grad * n if keep_input else None)

@@ -53,6 +53,21 @@ def auxiliary(shape, classes: int, *, channels: int | None = None) -> nn.Module:
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), _mlp(4 * width, 4 * width, classes))
 
 
+def conv_auxiliary(shape, classes: int, *, channels: int | None = None) -> nn.Module:
+    """The auxiliary net of the DGL authors' DNI comparison (eugenium/DGL,
+    dni_comparisons/cifar_dgl.py): the shape of their synthesizer, three 5x5 convs (BN + ReLU
+    between them, the last one's weight zero-initialised as there), then global average
+    pooling and a linear layer. Vector and sequence features take the 3-layer MLP."""
+    if len(shape) != 3:
+        return auxiliary(shape, classes, channels=channels)
+    width = channels or shape[0]
+    convs = [nn.Conv2d(shape[0], width, 5, padding=2), nn.BatchNorm2d(width), nn.ReLU(),
+             nn.Conv2d(width, width, 5, padding=2), nn.BatchNorm2d(width), nn.ReLU(),
+             nn.Conv2d(width, width, 5, padding=2)]
+    nn.init.zeros_(convs[-1].weight)
+    return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+
 def _mlp(cin: int, width: int, classes: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(cin, width), nn.BatchNorm1d(width), nn.ReLU(),
@@ -60,27 +75,41 @@ def _mlp(cin: int, width: int, classes: int) -> nn.Sequential:
         nn.Linear(width, classes))
 
 
+#: how a synthesizer is fitted: "l2", the published plain L2 on the raw targets; "rms", the
+#: targets divided by their running RMS (an lcbench variant, not published)
+SYNTH_FITS = ("l2", "rms")
+
+
 class Synthesizer(nn.Module):
-    """DNI gradient model M(h[, y]): three 5x5 convs of 128 filters with BN+ReLU between
-    them, the last zero-initialised; cDNI adds a linear embedding of the one-hot label to
-    the first layer's output, broadcast over space (on sequences: over the steps, or step by
-    step for one label per step). Vectors take linear layers; sequences linear layers at
-    every step, without BatchNorm.
+    """DNI gradient model M(h[, y]): ``layers`` hidden convs of ``filters`` (``kernel`` x
+    ``kernel``, resolution preserving; BN before each ReLU with ``batchnorm``), then an output
+    conv back to the feature channels, zero-initialised (Jaderberg et al. 2017, appendix).
+    cDNI adds a linear embedding of the one-hot label to the first layer's output, broadcast
+    over space (on sequences: over the steps, or step by step for one label per step).
+    Vectors take linear layers; sequences linear layers at every step, without BatchNorm.
 
-    Scale: the network (``forward``) regresses on targets divided by ``scale``, a running RMS
-    (per element) of the targets it has been fitted to, and ``M(h)`` (``gradient``) is its
-    output times ``scale``. So the
-    regression targets are O(1) per element whatever the gradients' scale: Adam moves the
-    zero-initialised output layer by about its learning rate per step whatever the target's
-    scale, and raw targets of ~1e-4 per element (wide conv feature maps) are overshot a
-    hundredfold (see DESIGN.md, DNI)."""
+    The targets it is fitted to, and ``gradient``'s output, are gradients of the *summed*
+    batch loss (B x dL/dh of the mean loss: the units of the messages between stages).
 
-    #: weight of the newest batch in the running RMS of the targets
+    - ``fit="l2"`` (published: koz4k/dni-pytorch, which the DGL authors' DNI comparison
+      uses): the network predicts dL/dh of the mean loss and regresses on it with the squared
+      error summed per sample and averaged over the batch; its output is the synthetic
+      gradient as it is.
+    - ``fit="rms"`` (not published): the network regresses (mean squared error) on the targets
+      divided by ``scale``, a running RMS (per element) of the targets it has been fitted to,
+      and its output times ``scale`` is the gradient: the fit does not depend on the
+      gradients' scale."""
+
+    #: weight of the newest batch in the running RMS of the targets (``fit="rms"``)
     SCALE_MOMENTUM = 0.01
 
     def __init__(self, shape, classes: int, *, conditioned: bool, filters: int = 128,
-                 kernel: int = 5):
+                 kernel: int = 3, layers: int = 1, batchnorm: bool = False, fit: str = "l2"):
         super().__init__()
+        if fit not in SYNTH_FITS:
+            raise ValueError(f"unknown synth_fit {fit!r} (choose from {', '.join(SYNTH_FITS)})")
+        if layers < 1:
+            raise ValueError(f"synth_layers must be at least 1 (got {layers})")
         conv, sequence = len(shape) == 3, len(shape) == 2
         width = shape[0] if conv else shape[-1]
 
@@ -88,26 +117,36 @@ class Synthesizer(nn.Module):
             return nn.Conv2d(a, b, kernel, padding=kernel // 2) if conv else nn.Linear(a, b)
 
         def norm(n):
-            if sequence:
+            if sequence or not batchnorm:
                 return nn.Identity()
             return nn.BatchNorm2d(n) if conv else nn.BatchNorm1d(n)
 
         self.first = layer(width, filters)
         self.label = nn.Linear(classes, filters, bias=False) if conditioned else None
-        self.rest = nn.Sequential(norm(filters), nn.ReLU(), layer(filters, filters),
-                                  norm(filters), nn.ReLU(), layer(filters, width))
+        rest = [norm(filters), nn.ReLU()]
+        for _ in range(layers - 1):
+            rest += [layer(filters, filters), norm(filters), nn.ReLU()]
+        self.rest = nn.Sequential(*rest, layer(filters, width))
         nn.init.zeros_(self.rest[-1].weight)
         nn.init.zeros_(self.rest[-1].bias)
-        self.conv = conv
-        self.register_buffer("scale", torch.zeros(()))  # 0: no target seen yet
+        self.conv, self.fit = conv, fit
+        if fit == "rms":
+            self.register_buffer("scale", torch.zeros(()))  # 0: no target seen yet
+
+    def to_gradient(self, output: torch.Tensor) -> torch.Tensor:
+        """The gradient of the summed batch loss that the network's ``output`` stands for."""
+        return output * (self.scale if self.fit == "rms" else output.shape[0])
 
     def gradient(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The predicted gradient M(h[, y]), in the units of the targets."""
-        return self(h, y) * self.scale
+        """The predicted gradient M(h[, y]) of the summed batch loss."""
+        return self.to_gradient(self(h, y))
 
     def fit_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The L2 regression loss of the network's ``output`` (``forward``) toward ``target``
-        divided by the running RMS of the targets (updated with this one first)."""
+        """The regression loss of the network's ``output`` (``forward``) toward ``target``, a
+        gradient of the summed batch loss (see the class doc for the two fits)."""
+        n = target.shape[0]
+        if self.fit == "l2":
+            return (output - target.detach() / n).pow(2).sum() / n
         rms = target.detach().pow(2).mean().sqrt()
         with torch.no_grad():  # the first nonzero target sets the scale
             self.scale.copy_(torch.where(self.scale > 0, self.scale + self.SCALE_MOMENTUM * (rms - self.scale),
@@ -115,7 +154,7 @@ class Synthesizer(nn.Module):
         return nn.functional.mse_loss(output, target / self.scale.clamp_min(1e-30))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's own output: the gradient divided by ``scale``."""
+        """The network's own output (see ``to_gradient``)."""
         z = self.first(h)
         if self.label is not None:
             # the linear map of the one-hot label, read as a lookup: (B, F), or (B, T, F)

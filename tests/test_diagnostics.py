@@ -22,14 +22,13 @@ def build(method):
     torch.manual_seed(0)
     groups = [nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh()),
               nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Sequential(nn.Linear(4, 3))]
-    options = {"lc": {"critic_filters": 7}, "dgl": {"aux_channels": 7}}.get(method, {"synth_filters": 7})
+    options = {"lc": {"critic_filters": 7}, "dgl": {"aux_channels": 7},
+               "frozen": {}}.get(method, {"synth_filters": 7})
     stages = methods.build_stages(method, groups, [(5,), (4,), (3,)], 3, ce, TrainOptions(), options)
     for stage in stages[:-1]:
-        local = stage.modules()[1]
-        for p in local.parameters():
-            p.data.normal_(0, 0.5)
-        if method in ("dni", "cdni"):
-            local.scale.fill_(1.0)
+        for local in stage.modules()[1:]:
+            for p in local.parameters():
+                p.data.normal_(0, 0.5)
     return groups, stages
 
 
@@ -145,3 +144,31 @@ def test_the_probe_changes_nothing(method):
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(not m.training for s in stages for m in s.modules())
     assert all(p.grad is None for s in stages for m in s.modules() for p in m.parameters())
+
+
+def test_weight_norm_and_feature_drift_say_which_groups_moved():
+    """Against the outputs at the start: the floor's frozen groups have drift 0 and their
+    weight norm as built; a trained group moves, its drift computed by hand on the same batch."""
+    from bench.executors.sequential import train_step
+    x, y = data()
+    for method in ("frozen", "dgl"):
+        groups, stages = build(method)
+        norms = [float(torch.cat([p.detach().flatten() for p in g.parameters()]).norm()) for g in groups]
+        start = diagnostics.group_outputs(stages, x)
+        assert len(start) == 2
+        for t in range(3):
+            train_step(stages, t, x, y)
+        rows = diagnostics.movement_rows(stages, x, start)
+        net = copy.deepcopy(nn.Sequential(*groups)).train()
+        with torch.no_grad():
+            h1 = net[0](x)
+            h2 = net[1](h1)
+        for k, (h, then) in enumerate(zip((h1, h2), start), 1):
+            assert rows[str(k), "feature_drift"] == pytest.approx(float((h - then).norm() / then.norm()))
+        now = [float(torch.cat([p.detach().flatten() for p in g.parameters()]).norm()) for g in groups]
+        assert [rows[str(k), "weight_norm"] for k in (1, 2, 3)] == pytest.approx(now)
+        if method == "frozen":
+            assert rows["1", "feature_drift"] == rows["2", "feature_drift"] == 0
+            assert now[:2] == norms[:2] and now[2] != norms[2]
+        else:
+            assert rows["1", "feature_drift"] > 0 and rows["2", "feature_drift"] > 0

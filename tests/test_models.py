@@ -34,7 +34,7 @@ def test_model_names():
     assert set(model_names()) == {
         "mlp", "small-cnn", "resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "resnet32x2",
         "resnet50", "resnet101", "resnet152", "wrn16-4", "wrn16-8", "wrn28-2", "wrn28-10", "wrn40-4",
-        "lc-vgg", "tv-vgg13-bn", "tv-vgg19-bn", "tv-resnet152", "lstm", "lstm-lm"}
+        "lc-vgg", "dni-cnn", "tv-vgg13-bn", "tv-vgg19-bn", "tv-resnet152", "lstm", "lstm-lm"}
 
 
 WIDE_RESNETS = [n for n in MODELS if n.startswith("wrn")]  # forward-tested at a small width below
@@ -157,6 +157,21 @@ def test_lc_vgg_is_about_7_9_million_parameters_counted_by_hand():
     model = build_model("lc-vgg", (3, 32, 32), 10)
     assert n_params(model) == expected == pytest.approx(7.9e6, rel=0.01)
     assert len(model) == 10
+
+
+def test_dni_cnn_counted_by_hand_with_pytorchs_default_initialisation():
+    """Three 5x5 convs of 128 (+ BN), pooled 32 -> 10 -> 3 -> 1, and a linear layer."""
+    expected = (25 * 3 * 128 + 128 + 256) + 2 * (25 * 128 * 128 + 128 + 256) + (128 * 10 + 10)
+    torch.manual_seed(0)
+    model = build_model("dni-cnn", (3, 32, 32), 10)
+    assert n_params(model) == expected and len(model) == 4
+    torch.manual_seed(0)
+    default = torch.nn.Conv2d(3, 128, 5, padding=2)  # the first module built: the same draw
+    assert torch.equal(model[0][0].weight, default.weight)
+    assert [tuple(model[:i](torch.randn(2, 3, 32, 32)).shape[1:]) for i in (1, 2, 3)] == [
+        (128, 10, 10), (128, 3, 3), (128, 1, 1)]
+    with pytest.raises(ValueError, match="27x27"):
+        build_model("dni-cnn", (1, 8, 8), 10)
 
 
 @pytest.mark.parametrize("name, k, cuts", [("resnet101", 2, [18]), ("resnet101", 4, [8, 16, 24]),

@@ -201,8 +201,6 @@ def test_one_forward_of_the_local_module_updates_as_two_did(method):
     locals_ = [s.critic if method == "lc" else s.synth for s in stages[:2]]
     for m in locals_:
         _randomise(m, 9)
-        if method == "dni":
-            m.scale.zero_()
     ref_groups, ref_locals = copy.deepcopy(groups), copy.deepcopy(locals_)
     for t, (x, y) in enumerate(batches):
         train_step(stages, t, x, y)
@@ -246,7 +244,7 @@ def _randomise(module, seed):
     torch.manual_seed(seed)
     for p in module.parameters():
         p.data.normal_(0, 0.5)
-    if isinstance(module, methods.modules.Synthesizer):
+    if isinstance(module, methods.modules.Synthesizer) and module.fit == "rms":
         module.scale.fill_(1.7)
 
 
@@ -289,11 +287,32 @@ def test_dni_group_steps_on_synthetic_gradient():
     assert_all_close(params(groups[0]), expected)
 
 
-def test_dni_synthesizer_fits_targets_divided_by_their_running_rms():
-    """M(h) = scale * net(h); net regresses (L2, Adam) on target / scale, where scale is the
-    RMS of the first target, then moves 1% of the way to each new target's RMS."""
+def test_dni_published_fit_is_plain_l2_on_the_raw_targets():
+    """The default fit (koz4k/dni-pytorch): net(h) predicts dL/dh of the mean loss, the
+    summed-loss target divided by B; the loss is the squared error summed per sample, averaged
+    over the batch; one Adam step on it. The group steps on net(h) as it is."""
     x, y = data()
     stage = stages_for("dni", mlp_groups(2), synth_lr=1e-3)[0]
+    assert stage.synth.fit == "l2" and not hasattr(stage.synth, "scale")
+    _randomise(stage.synth, 5)
+    net = copy.deepcopy(stage.synth)
+    h = copy.deepcopy(stage.group)(x).detach()
+    stage.forward(0, x, y)
+    message = 1e-4 * torch.randn(h.shape, generator=torch.Generator().manual_seed(6))
+    loss = ((net(h) - message / BATCH) ** 2).sum() / BATCH
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    expected = [adam_first_step(p.detach(), gr, 1e-3) for p, gr in zip(net.parameters(), grads)]
+    stage.receive(0, message)
+    assert_all_close(params(stage.synth), expected)
+    torch.testing.assert_close(stage.synthetic_gradient(h, y), stage.synth(h))
+
+
+def test_dni_synthesizer_rms_variant_fits_targets_divided_by_their_running_rms():
+    """``synth_fit=rms`` (not published): M(h) = scale * net(h); net regresses (L2, Adam) on
+    target / scale, where scale is the RMS of the first target, then moves 1% of the way to
+    each new target's RMS."""
+    x, y = data()
+    stage = stages_for("dni", mlp_groups(2), synth_lr=1e-3, synth_fit="rms")[0]
     _randomise(stage.synth, 5)
     stage.synth.scale.zero_()  # nothing fitted yet
     net = copy.deepcopy(stage.synth)
@@ -318,7 +337,7 @@ def test_dni_synthesizer_fits_targets_divided_by_their_running_rms():
 def test_dni_synthesizer_scale_is_set_by_the_first_nonzero_target():
     """A bootstrapped target is exactly zero while the synthesizer below the next stage is
     still zero: it must not fix the scale."""
-    synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=4)
+    synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=4, fit="rms")
     h = torch.randn(BATCH, DIM)
     assert synth.fit_loss(synth(h), torch.zeros(BATCH, DIM)) == 0 and synth.scale == 0
     target = torch.full((BATCH, DIM), -3e-5)
@@ -326,7 +345,7 @@ def test_dni_synthesizer_scale_is_set_by_the_first_nonzero_target():
     torch.testing.assert_close(synth.scale, torch.tensor(3e-5))
 
 
-def test_dni_synthesizer_fit_does_not_depend_on_the_targets_scale():
+def test_dni_rms_fit_does_not_depend_on_the_targets_scale():
     """Targets c times smaller give predictions exactly c times smaller: Adam, which moves
     weights by about its rate whatever the gradient's scale, cannot overshoot small targets."""
     torch.manual_seed(7)
@@ -334,7 +353,7 @@ def test_dni_synthesizer_fit_does_not_depend_on_the_targets_scale():
     target = torch.randn(BATCH, DIM)
     predictions = []
     for c in (1.0, 1e-5):
-        synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=16)
+        synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=16, fit="rms")
         _randomise(synth, 8)
         synth.scale.zero_()
         opt = torch.optim.Adam(synth.parameters(), lr=1e-3)
@@ -345,6 +364,77 @@ def test_dni_synthesizer_fit_does_not_depend_on_the_targets_scale():
             opt.step()
         predictions.append(synth.gradient(h).detach() / c)
     torch.testing.assert_close(predictions[1], predictions[0])
+
+
+def test_each_tables_synthesizer_shape():
+    """The local-critic tables' module (default): one 3x3 conv of 128 + ReLU, an output conv
+    back to the channels, zero-initialised. The DGL comparison's: three 5x5 convs of 128
+    with BN + ReLU between them."""
+    shape = (16, 8, 8)
+    lc_table = methods.modules.Synthesizer(shape, 10, conditioned=False)
+    convs = [m for m in lc_table.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (16, 128, (3, 3)), (128, 16, (3, 3))]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in lc_table.modules())
+    assert not convs[-1].weight.any() and not convs[-1].bias.any()
+    dgl = methods.modules.Synthesizer(shape, 10, conditioned=True, layers=2, kernel=5, batchnorm=True)
+    convs = [m for m in dgl.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (16, 128, (5, 5)), (128, 128, (5, 5)), (128, 16, (5, 5))]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in dgl.modules()) == 2
+    assert methods.option_defaults("dni") == {
+        "synth_layers": 1, "synth_kernel": 3, "synth_filters": 128, "synth_batchnorm": False,
+        "synth_fit": "l2", "synth_lr": 1e-4}
+    with pytest.raises(ValueError, match="synth_fit"):
+        stages_for("dni", mlp_groups(2), synth_fit="scaled")
+
+
+def test_floor_trains_the_last_group_and_leaves_the_others_bitwise_unchanged():
+    groups = mlp_groups(3)
+    before = [params(g) for g in groups]
+    stages = stages_for("frozen", groups)
+    last = copy.deepcopy(groups[-1])
+    x, y = data()
+    h = groups[1](groups[0](x)).detach()
+    (grad,) = [torch.autograd.grad(per_sample_ce(last(h), y).mean(), list(last.parameters()))]
+    for t, seed in enumerate((2, 3, 4)):
+        train_step(stages, t, *data(seed))
+    for group, saved in zip(groups[:-1], before):
+        for a, b in zip(params(group), saved):
+            assert torch.equal(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(params(groups[-1]), before[-1]))
+    stages = stages_for("frozen", [copy.deepcopy(g) for g in mlp_groups(3)])
+    train_step(stages, 0, x, y)  # one step: the last group's is plain SGD on the true loss
+    assert_all_close(params(stages[-1].group),
+                     [sgd_first_step(p.detach(), g) for p, g in zip(last.parameters(), grad)])
+
+
+def test_adam_as_the_main_optimizer_is_torchs_adam():
+    """The DGL comparison's protocol: Adam for the network (``optimizer="adam"``)."""
+    x, y = data()
+    groups = mlp_groups(2)
+    ref = copy.deepcopy(groups[0])
+    torch.manual_seed(1)
+    stages = methods.build_stages("dgl", groups, [(DIM,), (CLASSES,)], CLASSES, per_sample_ce,
+                                  TrainOptions(optimizer="adam", lr=1e-3, weight_decay=0.0), {})
+    aux = copy.deepcopy(stages[0].aux)
+    loss = per_sample_ce(aux(ref(x)), y).mean()
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    train_step(stages, 0, x, y)
+    assert isinstance(stages[0].optimizer, torch.optim.Adam)
+    assert_all_close(params(groups[0]), [adam_first_step(p.detach(), g, 1e-3)
+                                         for p, g in zip(ref.parameters(), grads)])
+    stages[0].scale_lr(0.1)
+    assert stages[0].optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_dgl_comparison_auxiliary_net():
+    aux = methods.modules.conv_auxiliary((128, 10, 10), 10)
+    convs = [m for m in aux.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(128, 128, (5, 5))] * 3
+    assert not convs[-1].weight.any() and aux(torch.randn(2, 128, 10, 10)).shape == (2, 10)
+    stage = stages_for("dgl", mlp_groups(2), aux_net="conv")[0]  # vectors: the MLP
+    assert isinstance(stage.aux[0], nn.Linear)
 
 
 def test_cdni_synthesizer_sees_labels_dni_does_not():

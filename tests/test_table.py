@@ -73,9 +73,7 @@ def test_table_puts_the_published_numbers_beside_ours_in_the_right_cells(results
     for cell in [("cifar10", "lc-vgg", "LC(3)", "4"), ("cifar100", "lc-vgg", "DNI(3)", "4")]:
         assert table[cell]["ours (seeds)"] == "not run"  # published, not run here
     assert table["cifar100", "lc-vgg", "LC(5)", "6"]["published"] == "63.53 ± 0.24"
-    dgl_paper = [r for r in rows_of(out) if r["model"] == "dgl-3layer-cnn"]
-    assert {r["published"] for r in dgl_paper} == {"84.47", "64.74", "80.86", "85.05"}
-    assert all(r["ours (seeds)"].startswith("not in lcbench") for r in dgl_paper)
+    assert not [r for r in rows_of(out) if r["model"] == "dni-cnn"]  # a table of its own
     assert float(lc["speedup vs BP (1 worker)"].rstrip("x")) > 0 and float(lc["peak mem/device (MiB)"]) > 0
     for ext in ("md", "tex", "csv"):
         assert (results / f"table2.{ext}").stat().st_size > 0
@@ -113,6 +111,61 @@ def test_plot_of_a_folder_without_runs_is_a_usage_error(tmp_path, capsys):
     assert code == 2 and "no finished run" in err
 
 
+def test_dni_comparison_table_lists_the_dgl_authors_cells_and_its_spec_runs_them(tmp_path, capsys):
+    code, out, err = call(["table", "dni-comparison", str(tmp_path)], capsys)
+    assert code == 0, err
+    published = {(r["method"], r["published"], r["ours (seeds)"]) for r in rows_of(out)}
+    assert published == {("BP", "84.47", "not run"), ("DNI(3)", "64.74", "not run"),
+                         ("cDNI(3)", "80.86", "not run"), ("DGL", "85.05", "not run")}
+    spec = SPEC.parent / "dni-comparison.toml"
+    full = {(c.method, c.groups, c.epochs): c for c in sweep.load_spec(spec)}
+    assert set(full) == {("bp", 4, 2000), ("dni", 4, 2000), ("cdni", 4, 1990), ("frozen", 4, 2000),
+                         ("dgl", 3, 1500)}
+    assert {(c.model, c.optimizer, c.lr, c.batch_size, c.weight_decay, tuple(c.cuts or ()))
+            for c in full.values()} == {("dni-cnn", "adam", 3e-5, 256, 0.0, ())}
+    dni = full["dni", 4, 2000].options
+    assert (dni["synth_layers"], dni["synth_kernel"], dni["synth_batchnorm"], dni["synth_lr"],
+            dni["synth_fit"]) == (2, 5, True, 3e-5, "l2")
+    assert full["dgl", 3, 1500].options["aux_net"] == "conv"
+    cpu = sweep.load_spec(spec, "cpu")
+    assert {(c.method, c.groups) for c in cpu} == {(m, k) for m, k, _ in full}
+    assert {(c.epochs, c.limit_train) for c in cpu} == {(4, 5120)}
+
+
+def test_fidelity_specs_set_the_published_fit_beside_the_variant_and_the_floor():
+    cpu = sweep.load_spec(SPEC.parent / "fidelity.toml")
+    cells = {(c.method, c.options.get("synth_fit")) for c in cpu}
+    assert cells == {("bp", None), ("frozen", None), ("lc", None), ("dni", "l2"), ("cdni", "l2"),
+                     ("dni", "rms"), ("cdni", "rms")}
+    assert {c.options["synth_layers"] for c in cpu if c.method in ("dni", "cdni")} == {1}
+    gpu = sweep.load_spec(SPEC.parent / "fidelity-gpu.toml")
+    assert {c.method for c in gpu} == {"bp", "frozen", "lc", "dni"}
+    assert {(c.iterations, tuple(c.lr_milestones), c.precision, c.compile, c.groups, c.split,
+             c.width, c.limit_train) for c in gpu} == {
+        (20000, (10000, 15000), "bf16", True, 4, "paper", 1.0, None)}
+
+
+def test_each_local_rule_stands_above_the_floor_and_a_variant_is_a_cell_of_its_own(tmp_path):
+    from bench.report import table as tables
+    fake_run(tmp_path, method="bp", model="resnet20", groups=4, times=(10, 11), mem_mib=[1] * 4,
+             curve=(0.80,))
+    fake_run(tmp_path, method="frozen", model="resnet20", groups=4, times=(4, 5), mem_mib=[1] * 4,
+             curve=(0.40,))
+    fake_run(tmp_path, method="dni", model="resnet20", groups=4, times=(6, 7), mem_mib=[1] * 4,
+             curve=(0.55,))
+    fake_run(tmp_path, method="dni", model="resnet20", groups=4, times=(6, 7), mem_mib=[1] * 4,
+             curve=(0.30,), options={"synth_fit": "rms"})
+    fake_run(tmp_path, method="lc", model="resnet20", groups=2, times=(6, 7), mem_mib=[1] * 2,
+             curve=(0.70,))
+    numbers, text = tables.build("table2", tmp_path)
+    rows = {r["method"]: r for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"}
+    assert rows["DNI(3)"]["above floor"] == "+15.00"
+    assert rows["DNI(3) [synth_fit=rms]"]["above floor"] == "-10.00"
+    assert rows["floor (3 frozen)"]["above floor"] == rows["BP"]["above floor"] == ""
+    assert rows["LC(1)"]["above floor"] == ""  # no floor at K=2
+    assert rows["DNI(3)"]["published"] == rows["DNI(3) [synth_fit=rms]"]["published"]
+
+
 def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     paper = sweep.load_spec(SPEC, "paper")
     cifar = [c for c in paper if c.task.startswith("cifar")]
@@ -126,7 +179,11 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
     assert {c.model for c in cifar} == {"lc-vgg", "resnet101"} and any(c.task == "ptb" for c in paper)
     smoke = sweep.load_spec(SPEC, "smoke")
     assert {c.task for c in smoke} == {"fashion-mnist", "seq-fashion-mnist"} and {c.seed for c in smoke} == {0}
-    assert {c.method for c in smoke} == {"bp", "pipe-bp", "dni", "cdni", "dgl", "lc", "gn"}
+    assert {c.method for c in smoke} == {"bp", "pipe-bp", "frozen", "dni", "cdni", "dgl", "lc", "gn"}
+    for spec in (paper, smoke):  # a floor beside every K a local rule runs at
+        local = {(c.task, c.model, c.groups) for c in spec if c.method in ("lc", "dni", "dgl", "gn")
+                 and c.executor == "sequential"}
+        assert local <= {(c.task, c.model, c.groups) for c in spec if c.method == "frozen"}
     assert {c.method for c in smoke if c.executor == "distributed"} == {"pipe-bp", "dni", "dgl", "lc"}
     for spec in (paper, smoke):  # DDP beside BP, and decoupled rules on as many ranks
         ddp = {(c.task, c.model, c.workers) for c in spec if c.executor == "ddp"}

@@ -139,7 +139,9 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
         stage.phase = timer
     probes = [memory.ActivationProbe(stage) for stage in prep.stages]
     costs = prepare.static_rows(prep)
-    probe = next(iter(task.test_batches(cfg.batch_size))) if diagnostics.wanted(prep.stages) else None
+    probe = next(iter(task.test_batches(cfg.batch_size)), None)
+    signals = probe is not None and diagnostics.wanted(prep.stages)
+    drift_x = probe[0][:diagnostics.DRIFT_SAMPLES] if probe is not None else None
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
     done = 0
     if resumed is not None:
@@ -147,6 +149,10 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
         for stage, state in zip(prep.stages, resumed["stages"], strict=True):
             stage.load_state_dict(state)
         checkpoint.set_rng_state(resumed["rng"], device, generator)
+        drift_start = resumed["drift_start"]
+    elif drift_x is not None:
+        prepare.reset_states(prep.stages, drift_x.shape[0])
+        drift_start = diagnostics.group_outputs(prep.stages, drift_x)
     compiled = {("", "compile_time_s"): warm_up(prep)} if cfg.compile else {}
     for timer in timers:
         timer.pop()  # the warm-up's phases
@@ -178,13 +184,17 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
                              prepare.inference(prep, costs)))
         if device.type == "cuda":
             rows.update({("", k): v for k, v in memory.device_memory(device, "eval").items()})
-        if probe is not None:
+        if signals:
             prepare.reset_states(prep.stages, probe[1].shape[0])
             rows.update(diagnostics.probe_rows(prep.stages, *probe, prepare.classification_loss))
+        if drift_x is not None:
+            prepare.reset_states(prep.stages, drift_x.shape[0])
+            rows.update(diagnostics.movement_rows(prep.stages, drift_x, drift_start))
         record.add(epoch, rows)
         stop_if_diverged(record, rows["", "train_loss"], epoch)
         if store is not None and checkpoint.due(cfg.checkpoint_every, epoch):
             store.save(epoch, {"stages": [stage.state_dict() for stage in prep.stages],
                                "rng": checkpoint.rng_state(device, generator),
+                               "drift_start": drift_start if drift_x is not None else None,
                                "rows": record.rows})
             store.commit(epoch)

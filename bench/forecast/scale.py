@@ -331,7 +331,7 @@ def time_to_accuracy(results, fractions: Sequence[float] = (0.95, 0.99)) -> dict
     for _, cell in cells.iterrows():
         rule = "ddp" if cell["executor"] == "ddp" else cell["method"]
         key = (cell["task"], cell["model"], rule)
-        if key not in steps:
+        if key not in steps or cell.get("variant"):  # the published rule's curve only
             continue
         out[(*key, int(cell["groups"]))] = {
             "steps_per_epoch": round(steps[key]),

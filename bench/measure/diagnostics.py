@@ -50,6 +50,36 @@ def untouched(stages, device: torch.device):
                 m.training = mode
 
 
+#: samples of the probe batch on which ``feature_drift`` is measured (their features at the
+#: start are kept, in checkpoints too)
+DRIFT_SAMPLES = 32
+
+
+def group_outputs(stages, x: torch.Tensor) -> list[torch.Tensor]:
+    """h_1..h_{K-1} of ``x``: train mode, dropout drawn from a fixed seed, nothing changed."""
+    runtime.step_begin()
+    with untouched(stages, x.device), torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        torch.manual_seed(0)
+        hs, h = [], x
+        for stage in stages[:-1]:
+            h = stage.group(h)
+            hs.append(h.detach().clone())
+    return hs
+
+
+def movement_rows(stages, x: torch.Tensor, start: list[torch.Tensor]) -> dict:
+    """``{(stage, metric): value}``: every group's ``weight_norm`` and, against its outputs
+    ``start`` (``group_outputs`` when training began), its ``feature_drift`` on ``x``."""
+    rows = {(str(s.index + 1), "weight_norm"):
+            float(sum(p.detach().double().pow(2).sum() for p in s.group.parameters()) ** 0.5)
+            for s in stages}
+    for stage, now, then in zip(stages, group_outputs(stages, x), start):
+        then = then.double()
+        rows[str(stage.index + 1), "feature_drift"] = float(
+            (now.double() - then).norm() / then.norm().clamp_min(1e-30))
+    return rows
+
+
 def agreement(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float]:
     """The cosine, relative error ||e - t|| / ||t|| and norm ratio ||e|| / ||t|| of an estimate
     against the truth, both flattened, in float64."""

@@ -2,7 +2,8 @@
 is the classifier (or a language model's decoder).
 
 - ``cnn``: the small CNN, the MLP, the CIFAR ResNets (basic blocks) and the wide ResNets;
-- ``paper``: the papers' CNNs (pre-activation ResNets, the VGG-like net, torchvision's);
+- ``paper``: the papers' CNNs (pre-activation ResNets, the VGG-like net, the DNI paper's CNN,
+  torchvision's);
 - ``rnn``: the LSTMs;
 - ``slicing``: one neuron group of a width-grouped layer group (GN-DGL on ranks);
 - ``split``: cutting a model into K layer groups.
@@ -27,6 +28,7 @@ MODELS: dict[str, Callable[..., nn.Sequential]] = {
     **{f"wrn{d}-{k}": functools.partial(cnn.wide_resnet, d, k)
        for d, k in ((16, 4), (16, 8), (28, 2), (28, 10), (40, 4))},
     "lc-vgg": paper.lc_vgg,
+    "dni-cnn": paper.dni_cnn,
     "tv-vgg13-bn": functools.partial(paper.tv_vgg, "vgg13_bn"),
     "tv-vgg19-bn": functools.partial(paper.tv_vgg, "vgg19_bn"),
     "tv-resnet152": paper.tv_resnet152,
@@ -51,7 +53,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, wi
     outside = sorted(i for i in mix_at if not 0 <= i < len(model))
     if outside:
         raise ValueError(f"{name}: mix_at indices {outside} are outside 0..{len(model) - 1}")
-    for m in model.modules():
+    for m in model.modules() if name not in paper.DEFAULT_INIT else ():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return model

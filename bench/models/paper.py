@@ -17,6 +17,13 @@ published cut points.
   conv (VGG) or residual block (ResNet), as split in the DGL paper: VGG-13 layer-wise
   (K=10), VGG-19 at its pooling stages (K=4); ResNet-152 with K=2 takes the default split.
 - ``resnet32x2``: the CIFAR ResNet-32 at twice the width (neuron-groups paper).
+- ``dni-cnn``: the CIFAR-10 CNN of the DNI paper (Jaderberg et al. 2017, appendix), as the
+  DGL authors' DNI comparison builds it (eugenium/DGL, dni_comparisons): three blocks of a
+  5x5 conv of 128 filters (resolution preserving), BN, ReLU and a 3x3 pooling of stride 3
+  (max after the first, average after the others), then a linear layer on the 128 features
+  left; PyTorch's default initialisation, as there. Cut after each block: K=4 is the DNI
+  runs' three synthesizers (the last before the linear layer), K=3 the DGL run's three
+  layer groups (the linear layer the last group's head).
 
 Width-grouped variants (GN-DGL) follow ``bench.models.cnn``: block 0, the classifier and the
 blocks in ``mix_at`` mix all channels; the other convs are grouped.
@@ -31,6 +38,7 @@ PAPER_CUTS: dict[str, dict[int, list[int]]] = {
     "lc-vgg": {2: [6], 4: [3, 6, 8], 6: [2, 3, 5, 6, 8]},
     "tv-vgg13-bn": {10: list(range(1, 10))},
     "tv-vgg19-bn": {4: [4, 8, 12]},
+    "dni-cnn": {3: [1, 2], 4: [1, 2, 3]},
 }
 
 PREACT_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -109,6 +117,29 @@ def lc_vgg(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: 
     blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, hidden),
                                 nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)))
     return nn.Sequential(*blocks)
+
+
+def dni_cnn(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1,
+            mix_at=()) -> nn.Sequential:
+    """The DNI paper's CIFAR-10 CNN (see the module doc)."""
+    if neuron_groups != 1:
+        raise ValueError("dni-cnn has no width-grouped variant (GN-DGL)")
+    if len(input_shape) != 3 or min(input_shape[1:]) < 27:
+        raise ValueError(f"dni-cnn takes images of at least 27x27 (got {input_shape})")
+    cin, side = input_shape[0], input_shape[1]
+    width_ = max(1, round(128 * width))
+    blocks = []
+    for pool in (nn.MaxPool2d, nn.AvgPool2d, nn.AvgPool2d):
+        blocks.append(nn.Sequential(nn.Conv2d(cin, width_, 5, padding=2), nn.BatchNorm2d(width_),
+                                    nn.ReLU(), pool(3)))
+        cin, side = width_, side // 3
+    blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(width_ * side * side, num_classes)))
+    return nn.Sequential(*blocks)
+
+
+#: models initialised as their reference code leaves them (PyTorch's defaults), not with the
+#: zoo's Kaiming initialisation of every conv
+DEFAULT_INIT = ("dni-cnn",)
 
 
 def _no_groups(name: str, neuron_groups: int, width: float) -> None:

@@ -103,14 +103,16 @@ def placed(groups, executor, workers) -> str:
 
 
 def label_of(method, groups, microbatches=None, neuron_groups=None, executor="sequential",
-             workers=None) -> str:
-    name = method_label(method, int(groups), microbatches, neuron_groups, executor)
+             workers=None, variant=None) -> str:
+    name = method_label(method, int(groups), microbatches, neuron_groups, executor, variant=variant)
     return f"{name}, {placed(groups, executor, workers)}"
 
 
 def labels(table: pd.DataFrame) -> list[str]:
+    variants = table["variant"] if "variant" in table else [None] * len(table)
     return [label_of(*row) for row in zip(table["method"], table["groups"], table["microbatches"],
-                                          table["neuron_groups"], table["executor"], table["workers"])]
+                                          table["neuron_groups"], table["executor"], table["workers"],
+                                          variants)]
 
 
 def colours(table: pd.DataFrame) -> list:

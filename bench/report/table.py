@@ -1,10 +1,13 @@
 """`lcbench table NAME RESULTS_DIR`: our runs beside the published numbers, as Markdown,
 LaTeX and CSV.
 
-Per cell (task, model, method, K, executor, workers, threads per process, precision and
-compilation; one row per cell, seeds aggregated):
+Per cell (task, model, method and its variant, K, executor, workers, threads per process,
+precision and compilation; one row per cell, seeds aggregated):
 - the final test accuracy in % (a language model: test perplexity) as mean ± std over the
   seeds, and the number of seeds;
+- for a decoupled rule, its score above the no-signal floor (``frozen``: groups 1..K-1 held
+  at their initial weights, the last trained; same task, model and K): what its local
+  signals add (perplexity: the floor's minus the cell's);
 - the published number of the same cell (``bench/references/NAME.csv``: paper, table, row,
   column) and the difference; a cell without one says so, and published cells that lcbench
   did not run are listed too;
@@ -43,11 +46,13 @@ from pathlib import Path
 
 import pandas as pd
 
+import methods
 from bench.config import RunConfig, ranks
 from bench.records import read_json
 
 REFERENCES = Path(__file__).parents[1] / "references"
-CELL = ["task", "model", "method", "groups", "executor", "workers", "threads", "precision"]
+CELL = ["task", "model", "method", "variant", "groups", "executor", "workers", "threads",
+        "precision"]
 #: executors whose time is measured on real ranks (the sequential executor's is modelled)
 MEASURED = ("distributed", "ddp")
 #: time to accuracy: the fractions of BP's final score (one worker) a cell is timed to reach
@@ -72,6 +77,7 @@ def load_runs(folder: Path) -> pd.DataFrame:
         provenance = info.get("provenance", {})
         frame["microbatches"] = config.get("options", {}).get("microbatches")
         frame["neuron_groups"] = config.get("options", {}).get("neuron_groups")
+        frame["variant"] = methods.variant(config["method"], config.get("options", {}))
         frame["workers"] = workers(config)
         measured = config.get("executor") in MEASURED  # threads per rank matter to its time
         frame["threads"] = (config.get("threads") or provenance.get("cpu_threads")) if measured else None
@@ -157,7 +163,9 @@ def epochs_to(curve, target: float, lower_better: bool = False) -> int | None:
 #: rules whose K workers run side by side (decoupled, or pipelined over micro-batches)
 PARALLEL = ("pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn")
 
-ORDER = ["bp", "ddp", "pipe-bp", "dni", "cdni", "dgl", "adgl", "lc", "gn"]
+ORDER = ["bp", "ddp", "pipe-bp", "frozen", "dni", "cdni", "dgl", "adgl", "lc", "gn"]
+#: rules whose groups learn from a local signal: set against the no-signal floor
+LOCAL = ("dgl", "adgl", "lc", "dni", "cdni", "gn")
 
 
 def rule(method: str, executor: str) -> str:
@@ -166,19 +174,23 @@ def rule(method: str, executor: str) -> str:
 
 
 def method_label(method: str, groups: int, microbatches=None, neuron_groups=None,
-                 executor: str | None = None, precision: str | None = None) -> str:
-    """The papers' names: LC(n) and DNI(n) with n = K-1 local modules; BP (DDP); a
-    precision other than the default fp32, or compilation, in brackets."""
+                 executor: str | None = None, precision: str | None = None,
+                 variant: str | None = None) -> str:
+    """The papers' names: LC(n) and DNI(n) with n = K-1 local modules; BP (DDP); the floor;
+    a variant (not published), a precision other than the default fp32, or compilation, in
+    brackets."""
     n = groups - 1
     microbatches = int(microbatches) if pd.notna(microbatches) else None
     neuron_groups = int(neuron_groups) if pd.notna(neuron_groups) else None
-    how = f" [{precision}]" if isinstance(precision, str) and precision != "fp32" else ""
+    how = f" [{variant}]" if isinstance(variant, str) and variant else ""
+    how += f" [{precision}]" if isinstance(precision, str) and precision != "fp32" else ""
     if executor == "ddp":
         return "BP (DDP)" + how
     return {"bp": "BP", "lc": f"LC({n})", "dni": f"DNI({n})", "cdni": f"cDNI({n})",
             "dgl": "DGL", "adgl": "async DGL",
             "pipe-bp": "pipelined BP" + (f" (M={microbatches})" if microbatches else ""),
             "gn": "GN-DGL" + (f" (G={neuron_groups})" if neuron_groups else ""),
+            "frozen": f"floor ({n} frozen)",
             }.get(method, method) + how
 
 
@@ -200,6 +212,20 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                         neuron_groups=("neuron_groups", "first")).reset_index()
     bp = table[(table["method"] == "bp") & (table["executor"] != "ddp")]
     ddp = table[table["executor"] == "ddp"]
+    floors = table[table["method"] == "frozen"]
+
+    def above_floor(row) -> float:
+        """The cell's score above the floor's (same task, model, K and precision; the same
+        executor first): accuracy points, or perplexity the floor's minus the cell's."""
+        if row["method"] not in LOCAL:
+            return math.nan
+        same = floors[(floors["task"] == row["task"]) & (floors["model"] == row["model"])
+                      & (floors["groups"] == row["groups"]) & (floors["precision"] == row["precision"])]
+        if not len(same):
+            return math.nan
+        exact = same[same["executor"] == row["executor"]]
+        floor = (exact if len(exact) else same).iloc[0]["mean"]
+        return floor - row["mean"] if row["metric"] == "test perplexity" else row["mean"] - floor
 
     def one_worker_bp(row) -> pd.Series | None:
         """BP in one process (the sequential executor), K where there is one."""
@@ -231,6 +257,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
             "bound": bound(row, base),
             "speedup_ddp": (data_parallel["time_s"] / row["time_s"]
                             if measured and data_parallel is not None else math.nan),
+            "above_floor": above_floor(row),
             "bp_mem_mib": base["whole_net_mib"] if base is not None else math.nan,
             "ddp_mem_mib": sized["peak_mem_mib"] if sized is not None else math.nan,
             "note": (f"the whole net needs {whole:.0f} MiB (BP's stages), one device has "
@@ -343,7 +370,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
         ran = pd.notna(r.get("mean"))
         groups = int(r["groups"]) if pd.notna(r["groups"]) else None
         label = (method_label(r["method"], groups, r.get("microbatches"), r.get("neuron_groups"),
-                              r.get("executor"), r.get("precision"))
+                              r.get("executor"), r.get("precision"), r.get("variant"))
                  if groups else r.get("published_row", r["method"]))
         workers = r.get("workers")
         if pd.isna(workers) or not ran:
@@ -356,8 +383,6 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
                                            if pd.notna(threads) else "")
         if ran:
             ours = _pm(r["mean"], r["std"]) + f" ({int(r['seeds'])})"
-        elif r["model"] == "dgl-3layer-cnn":
-            ours = "not in lcbench (network not reproduced)"
         else:
             ours = "not run"
         out.append({
@@ -365,6 +390,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
             "K": str(groups) if groups else "", "executor": r.get("executor") or "",
             "workers": workers,
             "metric": r["metric"], "ours (seeds)": ours,
+            "above floor": f"{r['above_floor']:+.2f}" if pd.notna(r.get("above_floor")) else "",
             "published": _pm(r["published"], r["published_std"]) or "no published number",
             "Δ": f"{r['delta']:+.2f}" if pd.notna(r.get("delta")) else "",
             "time/epoch (s)": (f"{r['time_s']:.2f} "
@@ -394,9 +420,11 @@ def orderings(numbers: pd.DataFrame) -> list[str]:
     both = numbers[numbers.get("mean", pd.Series(dtype=float)).notna() & numbers["published"].notna()]
     for (task, model), part in both.groupby(["task", "model"], sort=False):
         lower_better = part["metric"].iloc[0] == "test perplexity"
-        labels = [method_label(m, int(k), mb, ng, precision=p) for m, k, mb, ng, p in zip(
-            part["method"], part["groups"], part["microbatches"], part["neuron_groups"],
-            part.get("precision", [None] * len(part)))]
+        labels = [method_label(m, int(k), mb, ng, precision=p, variant=v)
+                  for m, k, mb, ng, p, v in zip(
+                      part["method"], part["groups"], part["microbatches"], part["neuron_groups"],
+                      part.get("precision", [None] * len(part)),
+                      part.get("variant", [None] * len(part)))]
         ours = dict(zip(labels, part["mean"]))
         published = dict(zip(labels, part["published"]))
 
