@@ -13,7 +13,7 @@ from bench.cli import main
 from tests.test_tasks import _fake_cifar
 
 SPEC = Path(__file__).parents[1] / "bench" / "experiments" / "table2.toml"
-RUNS = [("bp", "2"), ("lc", "2"), ("dgl", "2")]
+RUNS = [("bp", "2"), ("lc", "2"), ("dgl", "2"), ("frozen", "2")]
 
 
 def call(args, capsys):
@@ -164,6 +164,12 @@ def test_each_local_rule_stands_above_the_floor_and_a_variant_is_a_cell_of_its_o
     assert rows["floor (3 frozen)"]["above floor"] == rows["BP"]["above floor"] == ""
     assert rows["LC(1)"]["above floor"] == ""  # no floor at K=2
     assert rows["DNI(3)"]["published"] == rows["DNI(3) [synth_fit=rms]"]["published"]
+    fake_run(tmp_path, method="cdni", model="resnet20", groups=4, times=(6, 7), mem_mib=[1] * 4,
+             curve=(0.3, math.nan), status="diverged")
+    numbers, text = tables.build("table2", tmp_path)
+    rows = {r["method"]: r for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"}
+    assert rows["cDNI(3)"]["ours (seeds)"] == "diverged (epoch 2)"
+    assert rows["cDNI(3)"]["above floor"] == "" and rows["cDNI(3)"]["Δ"] == ""
 
 
 def test_table2_spec_paper_protocol_and_offline_smoke_preset():
@@ -194,7 +200,7 @@ def test_table2_spec_paper_protocol_and_offline_smoke_preset():
 
 
 def fake_run(results: Path, *, times: tuple | list, mem_mib: list, device_mib: float = 4096,
-             curve: tuple = (0.5,), ppl: tuple | None = None, **config) -> None:
+             curve: tuple = (0.5,), ppl: tuple | None = None, status: str = "ok", **config) -> None:
     """A finished run's files, as a run writes them: ``times`` (modelled, wall-clock) seconds
     per epoch (or a list of such pairs, one per epoch), the whole net's test_acc per epoch
     (``curve``; with ``ppl``, its test perplexity per epoch and test_acc ``curve[-1]``) and
@@ -220,7 +226,7 @@ def fake_run(results: Path, *, times: tuple | list, mem_mib: list, device_mib: f
         if epoch == 1:
             rows.update({(str(i + 1), "peak_mem_bytes"): mib * 2**20 for i, mib in enumerate(mem_mib)})
         record.add(epoch, rows)
-    record.update(status="ok")
+    record.update(status=status)
 
 
 @pytest.fixture

@@ -28,10 +28,11 @@ import seaborn as sns  # noqa: E402
 
 from .table import cells, load_runs, method_label, rule, run_summary  # noqa: E402
 
-METHODS = ["bp", "ddp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn"]
+METHODS = ["bp", "ddp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn", "frozen"]
 COLOURS = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS))))
 NAMES = {"bp": "BP", "ddp": "BP (DDP)", "pipe-bp": "pipelined BP", "dgl": "DGL",
-         "adgl": "async DGL", "lc": "LC", "dni": "DNI", "cdni": "cDNI", "gn": "GN-DGL"}
+         "adgl": "async DGL", "lc": "LC", "dni": "DNI", "cdni": "cDNI", "gn": "GN-DGL",
+         "frozen": "floor"}
 
 
 def save(fig, out: Path, name: str) -> list[Path]:

@@ -65,11 +65,13 @@ def tta_name(fraction: float) -> str:
 
 
 def load_runs(folder: Path) -> pd.DataFrame:
-    """Every metrics row of the runs under ``folder`` whose run.json says ``ok``."""
+    """Every metrics row of the runs under ``folder`` whose run.json says ``ok``, or
+    ``diverged`` (their cells say so, with the epoch)."""
     frames = []
     for path in sorted(Path(folder).rglob("run.json")):
         info = read_json(path)
-        if not info or info.get("status") != "ok" or not (path.parent / "metrics.csv").is_file():
+        if (not info or info.get("status") not in ("ok", "diverged")
+                or not (path.parent / "metrics.csv").is_file()):
             continue
         frame = pd.read_csv(path.parent / "metrics.csv", dtype={"stage": str, "run_id": str})
         frame["stage"] = frame["stage"].fillna("")
@@ -83,6 +85,7 @@ def load_runs(folder: Path) -> pd.DataFrame:
         frame["threads"] = (config.get("threads") or provenance.get("cpu_threads")) if measured else None
         frame["device_mem_mib"] = (provenance.get("device_memory_bytes") or math.nan) / 2**20
         frame["precision"] = precision(config)
+        frame["diverged"] = info["status"] == "diverged"
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=["run_id", *CELL, "seed", "epoch", "stage", "metric", "value"])
@@ -109,6 +112,8 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         last = whole[whole["epoch"] == whole["epoch"].max()].set_index("metric")["value"]
         perplexity = "test_ppl" in last
         score = last["test_ppl"] if perplexity else 100 * last.get("test_acc", math.nan)
+        diverged = bool(run["diverged"].iloc[0]) if "diverged" in run else False
+        score = math.nan if diverged else score
         per_epoch = whole.pivot_table(index="epoch", columns="metric", values="value")
         scores = per_epoch.get("test_ppl" if perplexity else "test_acc", pd.Series(dtype=float))
         curve = scores.reindex(range(1, int(whole["epoch"].max()) + 1)) * (1 if perplexity else 100)
@@ -125,6 +130,7 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
                     **first[["microbatches", "neuron_groups", "threads", "device_mem_mib"]].to_dict(),
                     "metric": "test perplexity" if perplexity else "test accuracy (%)",
                     "score": score, "curve": tuple(curve), "epochs": int(whole["epoch"].max()),
+                    "diverged_at": int(whole["epoch"].max()) if diverged else math.nan,
                     "time_s": steady(per_epoch, time_metric), "wall_s": steady(per_epoch, "epoch_time_s"),
                     "modelled_s": steady(per_epoch, "modelled_time_s"),
                     "busy_s": steady(per_epoch, "busy_s"),
@@ -208,6 +214,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                         whole_net_mib=("whole_net_mib", "max"),
                         device_mem_mib=("device_mem_mib", "min"),
                         curve=("curve", mean_curve),
+                        diverged_at=("diverged_at", "min"),
                         metric=("metric", "first"), microbatches=("microbatches", "first"),
                         neuron_groups=("neuron_groups", "first")).reset_index()
     bp = table[(table["method"] == "bp") & (table["executor"] != "ddp")]
@@ -383,6 +390,8 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
                                            if pd.notna(threads) else "")
         if ran:
             ours = _pm(r["mean"], r["std"]) + f" ({int(r['seeds'])})"
+        elif pd.notna(r.get("diverged_at")):
+            ours = f"diverged (epoch {int(r['diverged_at'])})"
         else:
             ours = "not run"
         out.append({
