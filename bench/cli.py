@@ -124,6 +124,9 @@ def cli():
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
               help="Write a checkpoint (RUN/checkpoints/) every N epochs; the same command "
                    "run again continues from the last one. Removed when the run ends ok.")
+@click.option("--rank-timeout", type=float, default=300.0, show_default=True, metavar="SECONDS",
+              help="distributed, ddp: how long a rank waits for a peer (a message, a "
+                   "collective) before the run fails naming the rank that stopped answering.")
 @click.option("--no-checkpoint", is_flag=True,
               help="Neither write nor continue from checkpoints (the run starts over).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
@@ -132,7 +135,7 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, opti
         lr_gamma, weight_decay, clip_grad, seed, split,
         cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device,
         precision, compile_, limit_train, limit_test, data_dir, experiment, out, emit_config,
-        save_weights, checkpoint_every, no_checkpoint, quiet):
+        save_weights, checkpoint_every, rank_timeout, no_checkpoint, quiet):
     """Train one network with one learning rule; write metrics.csv and run.json.
 
     A run killed or stopped (SIGTERM, Ctrl-C) continues from its last checkpoint when the
@@ -151,7 +154,8 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, opti
                     device=device, precision=precision, compile=compile_,
                     limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
                     experiment=experiment, out=out, save_weights=save_weights,
-                    checkpoint_every=0 if no_checkpoint else checkpoint_every)
+                    checkpoint_every=0 if no_checkpoint else checkpoint_every,
+                    rank_timeout=rank_timeout)
     prep = prepare.prepare(cfg)
     if emit_config:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import methods
@@ -57,6 +58,7 @@ class RunConfig:
     eval_batch_size: int | None = None  # default: the task's (1000; a language model: 10)
     save_weights: bool = False  # the trained stages' state dicts to RUN/weights/stageK.pt
     checkpoint_every: int = 1  # epochs between checkpoints (RUN/checkpoints/); 0: none
+    rank_timeout: float = 300.0  # seconds a rank waits for a peer before the run fails
     experiment: str = "adhoc"
     out: str = "results"
     data_dir: str | None = None
@@ -64,7 +66,7 @@ class RunConfig:
     #: fields that do not change what is computed (where, how it is reported)
     OUTPUT_FIELDS = ("experiment", "out", "data_dir")
     #: ... nor how often its state is saved: none of them is part of the run's key
-    UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every")
+    UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every", "rank_timeout")
     #: fields added after runs were recorded: left out of the key at these defaults, so that
     #: the ids of earlier runs stay the same (and their sweeps resume)
     LATER_FIELDS = {"workers": None, "precision": "fp32", "compile": False, "optimizer": "sgd"}
@@ -94,6 +96,8 @@ class RunConfig:
             (self.width > 0, f"--width must be positive (got {self.width})"),
             (self.checkpoint_every >= 0,
              f"--checkpoint-every must not be negative (got {self.checkpoint_every})"),
+            (math.isfinite(self.rank_timeout) and self.rank_timeout > 0,
+             f"--rank-timeout must be a positive number of seconds (got {self.rank_timeout})"),
             (self.threads is None or self.threads >= 1,
              f"--threads must be at least 1 (got {self.threads})"),
             (self.split in SPLITS, f"unknown split '{self.split}' (choose from {', '.join(SPLITS)})"),
@@ -116,6 +120,9 @@ class RunConfig:
              "--workers is for --executor ddp (the distributed executor has a rank per layer group)"),
             (self.workers is None or self.workers >= 1,
              f"--workers must be at least 1 (got {self.workers})"),
+            (options.get("microbatches", 1) <= self.batch_size,
+             f"-o microbatches={options.get('microbatches')} cuts a batch of {self.batch_size} "
+             f"into more micro-batches than it has samples"),
             (not ddp or not self.workers or self.batch_size % self.workers == 0,
              f"--batch-size {self.batch_size} does not split into {self.workers} equal shards "
              f"(--workers {self.workers})"),

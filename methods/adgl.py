@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import option
 from .dgl import DGLOptions, DGLStage
 
 
@@ -21,19 +22,10 @@ from .dgl import DGLOptions, DGLStage
 class ADGLOptions(DGLOptions):
     """DGL's auxiliary net, plus the replay buffer and an optional slowed stage (1-based)."""
 
-    buffer_size: int = 8
-    max_reuse: int = 2
-    slow_stage: int = 0
-    slow_ms: float = 0.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.buffer_size < 1 or self.max_reuse < 1:
-            raise ValueError(f"buffer_size and max_reuse must be at least 1 "
-                             f"(got {self.buffer_size}, {self.max_reuse})")
-        if self.slow_stage < 0 or self.slow_ms < 0:
-            raise ValueError(f"slow_stage and slow_ms must not be negative "
-                             f"(got {self.slow_stage}, {self.slow_ms})")
+    buffer_size: int = option(8, least=1)
+    max_reuse: int = option(2, least=1)
+    slow_stage: int = option(0, least=0)
+    slow_ms: float = option(0.0, least=0)
 
 
 class ReplayBuffer:
@@ -83,6 +75,8 @@ class ReplayBuffer:
 
 class ADGLStage(DGLStage):
     """DGL on inputs drawn from a replay buffer (see ``input``)."""
+
+    version = 1
 
     def __init__(self, index, count, group, criterion, train, *, shape, classes,
                  options: ADGLOptions):

@@ -16,8 +16,10 @@ A stage keeps, per batch in flight, only what it needs to act on the upstream me
 """
 from __future__ import annotations
 
+import math
+import typing
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, ContextManager
 
 import torch
@@ -105,6 +107,10 @@ class Stage:
     microbatches = 1
     #: (micro-)batches whose saved activations the group holds at once on its device
     in_flight = 1
+    #: the rule's version, in every checkpoint's fingerprint: raise it when the rule's update
+    #: changes (a checkpoint of another version is refused; an edit that leaves it, a comment
+    #: or a refactoring, keeps checkpoints good)
+    version = 1
 
     def __init__(self, index: int, count: int, group: nn.Module, criterion: Criterion,
                  train: TrainOptions):
@@ -243,11 +249,56 @@ class Stage:
         return out
 
 
+def option(default, *, least=None, above=None, choices=None):
+    """A rule option: its default, and the values it takes (at least ``least``, above
+    ``above``, or one of ``choices``), checked with its type by ``options_from``."""
+    return field(default=default, metadata={"least": least, "above": above, "choices": choices})
+
+
+def _kind(hint) -> tuple[type, bool]:
+    """``(type, None allowed)`` of an option's annotation (``int``, ``float``, ``bool``,
+    ``str``, or one of them ``| None``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0], True) if args else (hint, False)
+
+
+def check_option(cls, name: str, value, method: str) -> None:
+    """ValueError, one line, unless ``value`` has option ``name``'s type and range."""
+    (f,) = [f for f in fields(cls) if f.name == name]
+    kind, optional = _kind(typing.get_type_hints(cls)[name])
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: number and math.isfinite(value), bool: isinstance(value, bool),
+          str: isinstance(value, str)}[kind]
+    rule = f.metadata
+    if ok and rule.get("choices") is not None and value not in rule["choices"]:
+        raise ValueError(f"option {name} of {method} must be one of {', '.join(rule['choices'])} "
+                         f"(got {value!r})")
+    if ok and rule.get("least") is not None:
+        ok = value >= rule["least"]
+    if ok and rule.get("above") is not None:
+        ok = value > rule["above"]
+    if not ok:
+        bound = (f" at least {rule['least']}" if rule.get("least") is not None else
+                 f" above {rule['above']}" if rule.get("above") is not None else "")
+        what = {int: "an integer", float: "a finite number", bool: "true or false",
+                str: "a string"}[kind]
+        raise ValueError(f"option {name} of {method} must be {what}{bound}"
+                         f"{' or unset' if optional else ''} (got {value!r})")
+
+
 def options_from(cls, values: dict, method: str):
-    """Build a rule's option dataclass from a dict, rejecting unknown keys."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
+    """Build a rule's option dataclass from a dict, rejecting unknown keys and values of the
+    wrong type or range (``option``); an int where a float is due is a float."""
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown option(s) for {method}: {', '.join(unknown)} "
                          f"(choose from {', '.join(sorted(names)) or 'none'})")
-    return cls(**values)
+    for name, value in values.items():
+        check_option(cls, name, value, method)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: float(v) if _kind(hints[k])[0] is float and v is not None else v
+                  for k, v in values.items()})

@@ -14,6 +14,7 @@ class BPOptions:
 class BPStage(Stage):
     """Exact backprop: keep (input, output) of each batch until dL/dh_k arrives."""
 
+    version = 1
     upstream = "gradient"
     decoupled = False
 

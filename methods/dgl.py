@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import modules
-from .base import Stage
+from .base import Stage, option
 
 
 #: the auxiliary nets: "mlp-sr", the DGL paper's "MLP-SR-aux" (its CIFAR and ImageNet
@@ -17,17 +17,15 @@ class DGLOptions:
     """Auxiliary net ``aux_net`` (default "MLP-SR-aux"); ``aux_channels`` defaults to the
     feature channels."""
 
-    aux_channels: int | None = None
-    aux_net: str = "mlp-sr"
-
-    def __post_init__(self):
-        if self.aux_net not in AUX_NETS:
-            raise ValueError(f"unknown aux_net {self.aux_net!r} (choose from {', '.join(AUX_NETS)})")
+    aux_channels: int | None = option(None, least=1)
+    aux_net: str = option("mlp-sr", choices=tuple(AUX_NETS))
 
 
 class DGLStage(Stage):
     """f_k and a_k step on CE(a_k(h_k), y) (one SGD optimizer, a parameter group each);
     nothing goes upstream."""
+
+    version = 1
 
     def __init__(self, index, count, group, criterion, train, *, shape, classes,
                  options: DGLOptions, head=None):

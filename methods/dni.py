@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call
 
 from . import modules
-from .base import Stage, adam, snapshot, take_grads
+from .base import Stage, adam, option, snapshot, take_grads
 
 
 @dataclass
@@ -30,25 +30,20 @@ class DNIOptions:
     ReLU between them). ``synth_fit="rms"``: targets divided by their running RMS (not
     published)."""
 
-    synth_layers: int = 1
-    synth_kernel: int = 3
-    synth_filters: int = 128
+    synth_layers: int = option(1, least=1)
+    synth_kernel: int = option(3, least=1)
+    synth_filters: int = option(128, least=1)
     synth_batchnorm: bool = False
-    synth_fit: str = "l2"
-    synth_lr: float = 1e-4
+    synth_fit: str = option("l2", choices=modules.SYNTH_FITS)
+    synth_lr: float = option(1e-4, above=0)
 
     #: options whose non-default values are lcbench's variants, not the published rule
     VARIANT_OPTIONS = ("synth_fit",)
 
     def __post_init__(self):
-        if self.synth_fit not in modules.SYNTH_FITS:
-            raise ValueError(f"unknown synth_fit {self.synth_fit!r} "
-                             f"(choose from {', '.join(modules.SYNTH_FITS)})")
-        if min(self.synth_layers, self.synth_kernel, self.synth_filters) < 1 or self.synth_kernel % 2 == 0:
-            raise ValueError("synth_layers, synth_filters must be at least 1 and synth_kernel odd "
-                             f"(got {self.synth_layers}, {self.synth_filters}, {self.synth_kernel})")
-        if not self.synth_lr > 0:
-            raise ValueError(f"synth_lr must be positive (got {self.synth_lr})")
+        if self.synth_kernel % 2 == 0:
+            raise ValueError(f"option synth_kernel of dni must be odd: a conv of even size does "
+                             f"not preserve the resolution (got {self.synth_kernel})")
 
 
 class DNIStage(Stage):
@@ -56,6 +51,7 @@ class DNIStage(Stage):
     J_{k+1}^T M_{k+1}(h_{k+1}) (the true gradient for the last synthesizer), from the same
     forward pass, kept until the target comes."""
 
+    version = 2  # 2: the published plain L2 fit by default (was the running-RMS fit)
     upstream = "gradient"
     conditioned = False
 

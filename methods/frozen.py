@@ -19,6 +19,8 @@ class FrozenStage(Stage):
     """Groups 1..K-1 forward only (no gradient, no step; BatchNorm statistics still track the
     batches, as under every rule); the last group steps on the true loss."""
 
+    version = 1
+
     def __init__(self, index, count, group, criterion, train, *, shape=None, classes=None,
                  options: FrozenOptions | None = None):
         super().__init__(index, count, group, criterion, train)

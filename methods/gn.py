@@ -14,18 +14,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import modules
-from .base import Stage, match_targets
+from .base import Stage, match_targets, option
 
 
 @dataclass
 class GNOptions:
     """Neuron groups G, diversity weight and temperature, head kind ("group" or "mlp-sr")."""
 
-    neuron_groups: int = 2
-    diversity_weight: float = 0.5
-    temperature: float = 3.0
-    head: str = "group"
-    head_hidden: int = 128
+    neuron_groups: int = option(2, least=1)
+    diversity_weight: float = option(0.5, least=0)
+    temperature: float = option(3.0, above=0)
+    head: str = option("group", choices=("group", "mlp-sr"))
+    head_hidden: int = option(128, least=1)
 
 
 def diversity(logits: list[torch.Tensor], y: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -49,6 +49,8 @@ class GNStage(Stage):
     """Each neuron group g steps on CE(head_g(own channels + others detached), y);
     the loss is the sum over groups plus ``diversity_weight`` times the diversity term."""
 
+    version = 1
+
     def __init__(self, index, count, group, criterion, train, *, shape, classes,
                  options: GNOptions):
         super().__init__(index, count, group, criterion, train)
@@ -61,8 +63,6 @@ class GNStage(Stage):
                                  f"{options.neuron_groups} neuron groups")
             build = {"group": lambda: modules.group_head(shape, classes, hidden=options.head_hidden),
                      "mlp-sr": lambda: modules.auxiliary(shape, classes)}
-            if options.head not in build:
-                raise ValueError(f"unknown GN head '{options.head}' (choose from group, mlp-sr)")
             self.heads = nn.ModuleList(build[options.head]() for _ in range(options.neuron_groups))
             self.optimizer.add_param_group({"params": list(self.heads.parameters())})
 

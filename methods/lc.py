@@ -7,16 +7,16 @@ import torch
 from torch.func import functional_call
 
 from . import modules
-from .base import Stage, adam, snapshot, take_grads
+from .base import Stage, adam, option, snapshot, take_grads
 
 
 @dataclass
 class LCOptions:
     """Critic: ``critic_layers`` 3x3 convs of ``critic_filters``, then linear; Adam."""
 
-    critic_filters: int = 128
-    critic_layers: int = 1
-    critic_lr: float = 1e-4
+    critic_filters: int = option(128, least=1)
+    critic_layers: int = option(1, least=1)
+    critic_lr: float = option(1e-4, above=0)
 
 
 class LCStage(Stage):
@@ -25,6 +25,7 @@ class LCStage(Stage):
     critic's forward runs once per batch: its pass (on copies of its weights) is kept until
     the message comes."""
 
+    version = 1
     upstream = "loss"
 
     def __init__(self, index, count, group, criterion, train, *, shape, classes,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import option
 from .bp import BPStage
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -21,19 +22,14 @@ SCHEDULES = ("1f1b", "gpipe")
 class PipeBPOptions:
     """Micro-batches per batch (the batch size must divide by it) and the schedule."""
 
-    microbatches: int = 4
-    schedule: str = "1f1b"
-
-    def __post_init__(self):
-        if self.microbatches < 1:
-            raise ValueError(f"microbatches must be at least 1 (got {self.microbatches})")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule '{self.schedule}' (choose from "
-                             f"{', '.join(SCHEDULES)})")
+    microbatches: int = option(4, least=1)
+    schedule: str = option("1f1b", choices=SCHEDULES)
 
 
 class PipeBPStage(BPStage):
     """BP whose group sees the batch as M micro-batches; one step per batch."""
+
+    version = 1
 
     def __init__(self, index, count, group, criterion, train, *, shape=None, classes=None,
                  options: PipeBPOptions):

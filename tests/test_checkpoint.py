@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import methods.lc
 from bench import checkpoint, prepare, runner
 from bench.cli import main
 from bench.config import RunConfig
@@ -210,14 +211,30 @@ def test_a_checkpoint_that_is_not_the_runs_is_refused_in_one_line(tmp_path, monk
     assert "lr 0.02 there, 0.05 here" in err and "to start the run over" in err
     assert sorted(p.name for p in other.iterdir()) == ["checkpoints"]  # nothing written
 
-    marker = mine / "checkpoints" / "epoch1.json"
-    saved = json.loads(marker.read_text())
-    saved["fingerprint"]["rule_source"] = "0" * 12  # another version of the rule
-    marker.write_text(json.dumps(saved))
     before = {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()}
-    code, _, err = call(args, capsys)
-    assert code == 2 and err.count("\n") == 1 and "rule_source" in err, err
+    with monkeypatch.context() as patch:  # another version of the rule: its update changed
+        patch.setattr(methods.lc.LCStage, "version", methods.lc.LCStage.version + 1)
+        code, _, err = call(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and "rule_version" in err and "LCStage" in err, err
     assert {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()} == before
+
+
+def test_a_checkpoint_survives_a_harmless_edit_of_the_rules_source(tmp_path, monkeypatch, capsys):
+    """A comment added to the rule's file leaves its version, and the run continues."""
+    args = ["run", "--method", "lc", *ARGS, "--out", str(tmp_path)]
+    with monkeypatch.context() as patch:
+        stop_in_epoch(patch, 2)
+        assert call(args, capsys)[0] == 1
+    source = Path(methods.lc.__file__)
+    text = source.read_text()
+    try:
+        source.write_text(text + "\n# a harmless comment\n")
+        code, _, err = call(args, capsys)
+    finally:
+        source.write_text(text)
+    assert code == 0, err
+    info = json.loads((run_folder(tmp_path) / "run.json").read_text())
+    assert info["status"] == "ok"
 
 
 def test_sigterm_stops_a_run_that_the_same_command_continues(tmp_path, monkeypatch, capsys):

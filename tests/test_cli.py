@@ -44,6 +44,10 @@ def call(args, capsys):
      "do not split into 3 neuron groups"),
     (["--method", "lc", "--cuts", "3,2", "--groups", "3"], "cuts"),
     (["--method", "lc", "--groups", "two"], "'two' is not a valid integer"),
+    (["--method", "gn", "--neuron-groups", "0"], "option neuron_groups of gn must be an integer at least 1"),
+    (["--method", "dni", "-o", "synth_lr=-1"], "option synth_lr of dni must be a finite number above 0"),
+    (["--method", "pipe-bp", "-o", "microbatches=200", "--batch-size", "64"],
+     "more micro-batches than it has samples"),
     (["--method", "lc", "--precision", "bogus"],
      "unknown precision 'bogus' (choose from fp32, tf32, bf16)"),
 ])

@@ -131,6 +131,7 @@ def test_pipelined_and_plain_bp_on_ranks_end_with_the_parameters_of_sequential_b
     assert not torch.allclose(expected[0][0][first_layer], weights(tmp_path / "init")[0][0][first_layer])
 
 
+@pytest.mark.slow  # in make test-all: make test stays under 10 minutes
 def test_async_dgl_slowed_stage_does_not_stall_the_others(tmp_path):
     """Stage 2 sleeps 100 ms per step: stage 1 still runs its batches at its own pace (it
     drops what stage 2 cannot take); then stage 1 sleeps 60 ms and stage 2 keeps training on
@@ -157,6 +158,7 @@ def test_async_dgl_slowed_stage_does_not_stall_the_others(tmp_path):
     assert got[1, "", "reuse_frac"] > 0.3
 
 
+@pytest.mark.slow  # in make test-all: make test stays under 10 minutes
 def test_neuron_groups_on_ranks_of_their_own_match_sequential(tmp_path):
     """GN-DGL with K=1, G=2 on 2 ranks: each rank holds one neuron group; the classifier sees
     both. The sequential executor computes the same thing, so accuracy agrees closely."""
@@ -265,6 +267,35 @@ def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
     _, stderr = proc.communicate(timeout=90)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
     check_failed(out, result, "rank 1 was killed by SIGKILL", killed)
+
+
+def test_a_rank_that_stops_answering_is_caught_within_the_rank_timeout(tmp_path):
+    """SIGSTOP: the rank neither dies nor answers. Its peer gives up after --rank-timeout,
+    the run fails in one line naming the rank, and no process is left (the stopped one
+    included)."""
+    out = tmp_path / "out"
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--method", "lc", *DIGITS,
+                             "--epochs", "500", "--executor", "distributed", "--rank-timeout", "5",
+                             "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=tagged(out))
+    victim = None
+    while victim is None:
+        assert proc.poll() is None and time.monotonic() - started < 60
+        for metrics_file in out.glob("*/*/metrics.csv"):
+            if metrics_file.read_text().count("\n") > 1:
+                victim = rank_pid(out, 1)
+        time.sleep(0.1)
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        os.kill(victim, signal.SIGKILL) if rank_pid(out, 1) else None
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    check_failed(out, result, "rank 1 stopped answering: rank 0 waited --rank-timeout", stopped)
+    assert time.monotonic() - stopped < 20  # 5 s of timeout, then the group is stopped
 
 
 def rank_pid(out: Path, rank: int) -> int | None:

@@ -133,7 +133,6 @@ def test_synthesizer_on_sequences_is_per_step_and_sees_labels_in_cdni(method):
     torch.manual_seed(3)
     for p in stage.synth.parameters():
         p.data.normal_(0, 0.3)
-    stage.synth.scale.fill_(1.0)  # as after its first target (0 before: a zero gradient)
     h = torch.randn(B, T, stage.synth.first.in_features)
     y1, y2 = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.long)
     a, b = stage.synth.gradient(h, y1), stage.synth.gradient(h, y2)
@@ -142,7 +141,7 @@ def test_synthesizer_on_sequences_is_per_step_and_sees_labels_in_cdni(method):
     torch.testing.assert_close(stage.synth.gradient(h[:, :2], y1[:, :2]), a[:, :2])  # step by step
 
 
-ALL = ["bp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn"]
+ALL = ["bp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn", "frozen"]
 
 
 def run(tmp_path, *args):
@@ -163,6 +162,19 @@ def test_every_method_trains_the_lstm_language_model_on_ptb_files(method, tmp_pa
               "--batch-size", "2", "--width", "0.05", *options)
     assert math.isfinite(got["", "train_loss"]) and got["", "test_ppl"] > 1
     assert got["", "test_ppl"] == pytest.approx(math.exp(got["", "test_loss"]))
+
+
+@pytest.mark.parametrize("method", ["lc"])
+def test_a_test_split_smaller_than_one_batch_trains_without_the_probe(method, tmp_path):
+    """The diagnostics' probe takes one test batch of the training size: where there is
+    none, the run goes without it (it used to end in a bare StopIteration)."""
+    write_ptb(tmp_path / "data" / "ptb", repeat=60)
+    test = tmp_path / "data" / "ptb" / "ptb.test.txt"
+    test.write_text(" a cat sat on a dog \n")  # 7 words: not one window of 20 streams
+    got = run(tmp_path, "--method", method, "--task", "ptb", "--data-dir", str(tmp_path / "data"),
+              "--batch-size", "20", "--width", "0.05")
+    assert math.isfinite(got["", "train_loss"])
+    assert not any(metric in ("update_cosine", "feature_drift") for _, metric in got)
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")

@@ -217,9 +217,13 @@ def test_local_cost_counts_the_rules_own_local_work():
     assert lc == 3 * critic_forward + linear_input_grad
     for method in ("bp", "pipe-bp"):
         assert local_cost(RunConfig(method=method).validated(), shape, 10) == 0
-    synth_forward = 2 * 25 * 128 * 32 * 32 * (16 + 128 + 16)
+    synth_forward = 2 * 9 * 128 * 32 * 32 * (16 + 16)  # the tables' one conv + output conv
     dni = local_cost(RunConfig(method="dni").validated(), shape, 10)
     assert 2 * synth_forward < dni < 3 * synth_forward  # no input gradient into its first conv
+    dgl_comparison = RunConfig(method="dni", options={"synth_layers": 2, "synth_kernel": 5,
+                                                      "synth_batchnorm": True}).validated()
+    synth_forward = 2 * 25 * 128 * 32 * 32 * (16 + 128 + 16)
+    assert 2 * synth_forward < local_cost(dgl_comparison, shape, 10) < 3 * synth_forward
 
 
 def test_split_balance_row_is_the_best_bound_any_cut_allows():

@@ -10,6 +10,7 @@ torch.distributed move tensors.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None, *, executor: str = "distributed", body=w
     cfg = RunConfig(**config.get("config", config))
     cfg = replace(cfg, executor=executor)
     backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.rank_timeout))
     rank = dist.get_rank()
     torch.set_num_threads(prepare.threads_per_rank(cfg))
     try:

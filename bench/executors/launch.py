@@ -2,7 +2,10 @@
 (``distributed``) or per data-parallel replica (``ddp``).
 
 The parent watches torchrun; when a rank raises or is killed, torchrun stops the others,
-and the parent records the run as failed with one line naming the first failed rank.
+and the parent records the run as failed with one line naming the first failed rank. A rank
+that stops answering without dying (stopped, stuck in a collective) is noticed by a peer
+after ``--rank-timeout`` seconds (the process group's timeout): that peer fails, torchrun
+kills the rest, the silent one included, and the line names it.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +29,10 @@ FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", r
 #: what a rank raises when a peer died first: never the cause of a failure
 PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|remote (worker|process)|"
                        r"connection refused|timed? ?out", re.I)
+
+
+#: what a rank raises when a peer did not answer within the process group's timeout
+TIMED_OUT = re.compile(r"timed? ?out|timeout", re.I)
 
 
 #: the module each rank of an executor runs (``python -m MODULE CONFIG.json``)
@@ -44,7 +52,7 @@ def torchrun_command(cfg: RunConfig, config_path: Path, ranks: int) -> list[str]
             "-m", ENTRY[cfg.executor], str(config_path)]
 
 
-def first_failure(folder: Path, log: str) -> str:
+def first_failure(folder: Path, log: str, ranks: int = 0) -> str:
     """One line: which rank failed first and why. A rank's own error (its ``.rankN.error``:
     time and message) comes first, earliest first; then a rank killed by a signal (from
     torchrun's failure report); errors caused by a lost peer only where nothing else is
@@ -59,6 +67,11 @@ def first_failure(folder: Path, log: str) -> str:
         rank = own[0][1]
         return f"rank {rank} failed: {errors[rank][1]}"
     killed = sorted(r for r, code in exits.items() if code < 0 and -code != signal.SIGTERM)
+    waited = sorted(r for r, (_, message) in errors.items() if TIMED_OUT.search(message))
+    silent = killed or [r for r in range(ranks) if r not in errors and r not in exits]
+    if waited and silent:  # a peer gave up on it; it was then stopped with the rest
+        return (f"rank {silent[0]} stopped answering: rank {waited[0]} waited --rank-timeout "
+                f"for it")
     if killed:
         return f"rank {killed[0]} was killed by {signal.Signals(-exits[killed[0]]).name}"
     if errors:
@@ -70,18 +83,67 @@ def first_failure(folder: Path, log: str) -> str:
     return "the distributed run failed (see workers.log)"
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's ranks: each in a session of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            os.kill(pid, signal.SIGCONT)  # a stopped rank takes the signal at once
+        except ProcessLookupError:
+            pass
+
+
 def stop(proc: subprocess.Popen) -> None:
-    """Stop torchrun and every rank it started (they share its process group)."""
+    """Stop torchrun and every rank it started (SIGTERM, then SIGKILL); a stopped rank
+    (SIGSTOP) is continued so that it takes the signal at once."""
+    ranks = children(proc.pid)
     for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            pass
+        signal_all(ranks, sig)
         try:
             proc.wait(grace)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    deadline = time.monotonic() + 2
+    while (left := [p for p in ranks if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_all(left, signal.SIGKILL)
+
+
+#: seconds torchrun has to end the group after a rank reported its error, before the
+#: launcher stops it (torchrun waits 30 s on a rank that ignores SIGTERM: a stopped one)
+AFTER_ERROR = 3.0
+
+
+def wait(proc: subprocess.Popen, folder: Path) -> int:
+    """torchrun's exit status; once a rank has reported an error (``.rankN.error``), the
+    group gets ``AFTER_ERROR`` seconds to end before it is stopped."""
+    failed_at = None
+    while True:
+        try:
+            return proc.wait(0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if failed_at is None and any(folder.glob(".rank*.error")):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > AFTER_ERROR:
+            stop(proc)
+            return proc.wait()
 
 
 def write_config(path: Path, cfg: RunConfig, cuts: list[int]) -> None:
@@ -106,7 +168,7 @@ def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[in
             proc = subprocess.Popen(torchrun_command(cfg, config_path, ranks), stdout=None,
                                     stderr=log, env=env, start_new_session=True)
             try:
-                code = proc.wait()
+                code = wait(proc, folder)
             except BaseException:
                 stop(proc)
                 mark_failed(folder, "interrupted")
@@ -116,7 +178,7 @@ def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[in
         if code != 0:
             if folder.exists():
                 write_atomic(folder / "workers.log", text)
-            reason = first_failure(folder, text)
+            reason = first_failure(folder, text, ranks)
             mark_failed(folder, reason)
             raise RunFailed(reason)
     return RunRecord.load(folder)
