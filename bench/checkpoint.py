@@ -9,6 +9,7 @@ never read. Every file is written atomically; the newest ``KEEP`` epochs are kep
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -25,6 +26,11 @@ from .records import read_json, replace_atomic, write_atomic
 FOLDER = "checkpoints"
 KEEP = 2
 MARKER = re.compile(r"^\.?epoch(\d+)\.json(\..+\.tmp)?$")
+
+
+class StorageFault(OSError):
+    """A checkpoint that could not be written (a full or read-only folder): the previous one
+    is kept, whole, and the run continues from it once the fault is gone."""
 
 
 class Mismatch(UsageError):
@@ -127,10 +133,12 @@ class Checkpoints:
         return state
 
     def save(self, epoch: int, state: dict) -> None:
-        """Write this process's part of ``epoch`` (not yet complete: see ``commit``)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write this process's part of ``epoch`` (not yet complete: see ``commit``);
+        StorageFault where the folder is full or read-only."""
         state = {**state, "epoch": epoch, "fingerprint": self.fingerprint}
-        replace_atomic(self.part(epoch), lambda f: torch.save(state, f))
+        with self.faults(epoch):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            replace_atomic(self.part(epoch), lambda f: torch.save(state, f))
 
     def commit(self, epoch: int) -> None:
         """Once every part of ``epoch`` is saved: mark it complete (the marking process) and
@@ -138,8 +146,21 @@ class Checkpoints:
         ones are what an earlier attempt left unfinished)."""
         if self.marks:
             marker = {"epoch": epoch, "written": now(), "fingerprint": self.fingerprint}
-            write_atomic(self.marker(epoch), json.dumps(marker, indent=2) + "\n")
+            with self.faults(epoch):
+                write_atomic(self.marker(epoch), json.dumps(marker, indent=2) + "\n")
         self.prune(KEEP, upto=epoch)
+
+    @contextlib.contextmanager
+    def faults(self, epoch: int):
+        """An OSError writing ``epoch`` as one line saying what is kept and what to do."""
+        try:
+            yield
+        except OSError as e:
+            kept = [e_ for e_ in self.epochs() if e_ < epoch]
+            raise StorageFault(
+                f"cannot write the checkpoint of epoch {epoch} to {self.folder} "
+                f"({e.strerror or e}); " + (f"epoch {kept[-1]}'s is kept: " if kept else "")
+                + "run the same command again once the folder is writable") from None
 
     def remove(self) -> None:
         """Remove the run's checkpoints (the marking process) or this rank's files."""

@@ -287,3 +287,39 @@ def test_sigkill_mid_epoch_then_the_same_command_matches_a_run_never_killed(tmp_
     assert info["status"] == "ok" and [r["epoch"] for r in info["resumes"]] == [1]
     assert learning_rows(folder) == learning_rows(run_folder(tmp_path / "whole"))
     assert_same_weights(folder, run_folder(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("errno_, words", [(28, "No space left on device"),
+                                           (30, "Read-only file system")])
+def test_a_checkpoint_folder_that_fills_up_or_turns_read_only_keeps_the_last_one(
+        errno_, words, tmp_path, monkeypatch, capsys):
+    """Epoch 2's checkpoint cannot be written (the folder full or read-only: the OSError the
+    file system raises, injected). The run fails in one line saying so, epoch 1's checkpoint
+    is whole and readable, and once the fault is gone the same command continues from it and
+    ends ok with every epoch once. (On a real tmpfs the continuation's next torch.save failed
+    with "unexpected pos": not yet understood, see the README.)"""
+    args = ["run", "--method", "lc", *ARGS, "--out", str(tmp_path)]
+    folder = prepare.run_folder(prepare.resolve(RunConfig(method="lc", **TINY, out=str(tmp_path))))
+    write = checkpoint.replace_atomic
+
+    def failing(path, writer):
+        if Path(path).name.startswith("epoch2"):
+            raise OSError(errno_, os.strerror(errno_), str(path))
+        write(path, writer)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "replace_atomic", failing)
+        code, _, err = call(args, capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "cannot write the checkpoint of epoch 2" in err and words in err, err
+    assert "epoch 1's is kept" in err
+    assert checkpoint_files(folder) == ["epoch1.json", "epoch1.pt"]
+    assert torch.load(folder / "checkpoints" / "epoch1.pt", weights_only=False)["epoch"] == 1
+    code, _, err = call(args, capsys)
+    assert code == 0, err
+    info = json.loads((folder / "run.json").read_text())
+    assert info["status"] == "ok" and [r["epoch"] for r in info["resumes"]] == [1]
+    with open(folder / "metrics.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r["metric"] == "test_acc"
+                  and r["stage"] == ""]
+    assert epochs == [1, 2, 3]
