@@ -40,7 +40,10 @@ def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
         raise
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        record.update(status="failed", error=reason, ended=now())
+        try:
+            record.update(status="failed", error=reason, ended=now())
+        except OSError as lost:  # the run's folder itself is gone or unwritable
+            reason += f" (and run.json could not be written: {lost.strerror or lost})"
         if isinstance(e, Exception):
             raise RunFailed(f"run {cfg.run_id} failed: {reason}") from e
         raise

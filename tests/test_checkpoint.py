@@ -323,3 +323,13 @@ def test_a_checkpoint_folder_that_fills_up_or_turns_read_only_keeps_the_last_one
         epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r["metric"] == "test_acc"
                   and r["stage"] == ""]
     assert epochs == [1, 2, 3]
+
+
+def test_a_run_whose_folder_is_removed_mid_run_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    args = ["run", "--method", "lc", *ARGS, "--out", str(tmp_path)]
+    folder = prepare.run_folder(prepare.resolve(RunConfig(method="lc", **TINY, out=str(tmp_path))))
+    with monkeypatch.context() as patch:
+        stop_in_epoch(patch, 2, lambda: shutil.rmtree(folder))
+        code, _, err = call(args, capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "run.json could not be written" in err
