@@ -248,11 +248,13 @@ def test_a_rank_that_raises_fails_the_run_which_then_continues_from_its_last_epo
     assert not (folder / "checkpoints").exists()
 
 
-def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
-    out = tmp_path / "out"
+def training_on_ranks(out: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """A long LC run on 2 ranks under ``out`` (with ``args``), once its first epoch is done,
+    and the pid of its rank 1."""
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--method", "lc", *DIGITS,
-                             "--epochs", "500", "--executor", "distributed", "--out", str(out)],
+                             "--epochs", "500", "--executor", "distributed", *args,
+                             "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=tagged(out))
     victim = None
@@ -262,6 +264,12 @@ def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
             if metrics_file.read_text().count("\n") > 1:  # an epoch is done: training is on
                 victim = rank_pid(out, 1)
         time.sleep(0.1)
+    return proc, victim
+
+
+def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
+    out = tmp_path / "out"
+    proc, victim = training_on_ranks(out)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     _, stderr = proc.communicate(timeout=90)
@@ -274,19 +282,7 @@ def test_a_rank_that_stops_answering_is_caught_within_the_rank_timeout(tmp_path)
     the run fails in one line naming the rank, and no process is left (the stopped one
     included)."""
     out = tmp_path / "out"
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--method", "lc", *DIGITS,
-                             "--epochs", "500", "--executor", "distributed", "--rank-timeout", "5",
-                             "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=tagged(out))
-    victim = None
-    while victim is None:
-        assert proc.poll() is None and time.monotonic() - started < 60
-        for metrics_file in out.glob("*/*/metrics.csv"):
-            if metrics_file.read_text().count("\n") > 1:
-                victim = rank_pid(out, 1)
-        time.sleep(0.1)
+    proc, victim = training_on_ranks(out, "--rank-timeout", "5")
     os.kill(victim, signal.SIGSTOP)
     stopped = time.monotonic()
     try:

@@ -396,7 +396,7 @@ def test_floor_trains_the_last_group_and_leaves_the_others_bitwise_unchanged():
     last = copy.deepcopy(groups[-1])
     x, y = data()
     h = groups[1](groups[0](x)).detach()
-    (grad,) = [torch.autograd.grad(per_sample_ce(last(h), y).mean(), list(last.parameters()))]
+    grad = torch.autograd.grad(per_sample_ce(last(h), y).mean(), list(last.parameters()))
     for t, seed in enumerate((2, 3, 4)):
         train_step(stages, t, *data(seed))
     for group, saved in zip(groups[:-1], before):

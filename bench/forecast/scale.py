@@ -309,24 +309,20 @@ def time_to_accuracy(results, fractions: Sequence[float] = (0.95, 0.99)) -> dict
     """From the runs under ``results`` (``lcbench table``'s cells): per (task, model, rule,
     K) the epochs its learning curve needs to reach each fraction of BP's final score, and
     its batches per epoch; a forecast epoch is that many of the forecast's batches."""
-    import json
     from pathlib import Path
 
     from bench.report import table
-    cells = table.cells(table.run_summary(table.load_runs(Path(results))))
+    runs = table.load_runs(Path(results))
+    cells = table.cells(table.run_summary(runs))
+    first = runs[(runs["epoch"] == 1) & (runs["stage"] == "")
+                 & runs["metric"].isin(["samples_per_s", "epoch_time_s"])]
     steps = {}
-    for path in Path(results).rglob("run.json"):
-        info = json.loads(path.read_text())
-        if info.get("status") != "ok" or not (path.parent / "metrics.csv").is_file():
-            continue
-        import pandas as pd
-        frame = pd.read_csv(path.parent / "metrics.csv", dtype={"stage": str})
-        whole = frame[(frame["epoch"] == 1) & frame["stage"].isna()].set_index("metric")["value"]
-        config = info["config"]
-        if {"samples_per_s", "epoch_time_s"} <= set(whole.index):
-            key = (config["task"], config["model"],
-                   "ddp" if config.get("executor") == "ddp" else config["method"])
-            steps[key] = whole["samples_per_s"] * whole["epoch_time_s"] / config["batch_size"]
+    for (task, model, method, executor, batch), part in first.groupby(
+            ["task", "model", "method", "executor", "batch_size"]):
+        whole = part.set_index("metric")["value"]
+        if len(whole) == 2:
+            steps[task, model, "ddp" if executor == "ddp" else method] = (
+                whole["samples_per_s"] * whole["epoch_time_s"] / batch)
     out = {}
     for _, cell in cells.iterrows():
         rule = "ddp" if cell["executor"] == "ddp" else cell["method"]

@@ -81,6 +81,7 @@ def load_runs(folder: Path) -> pd.DataFrame:
         frame["neuron_groups"] = config.get("options", {}).get("neuron_groups")
         frame["variant"] = methods.variant(config["method"], config.get("options", {}))
         frame["workers"] = workers(config)
+        frame["batch_size"] = config.get("batch_size")
         measured = config.get("executor") in MEASURED  # threads per rank matter to its time
         frame["threads"] = (config.get("threads") or provenance.get("cpu_threads")) if measured else None
         frame["device_mem_mib"] = (provenance.get("device_memory_bytes") or math.nan) / 2**20
@@ -88,7 +89,8 @@ def load_runs(folder: Path) -> pd.DataFrame:
         frame["diverged"] = info["status"] == "diverged"
         frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=["run_id", *CELL, "seed", "epoch", "stage", "metric", "value"])
+        return pd.DataFrame(columns=["run_id", *CELL, "seed", "batch_size", "epoch", "stage",
+                                     "metric", "value"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -171,7 +173,7 @@ PARALLEL = ("pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn")
 
 ORDER = ["bp", "ddp", "pipe-bp", "frozen", "dni", "cdni", "dgl", "adgl", "lc", "gn"]
 #: rules whose groups learn from a local signal: set against the no-signal floor
-LOCAL = ("dgl", "adgl", "lc", "dni", "cdni", "gn")
+LOCAL = tuple(m for m in PARALLEL if m != "pipe-bp")
 
 
 def rule(method: str, executor: str) -> str:
