@@ -352,7 +352,8 @@ def calibrate(model_names, task, rules, batch_sizes, device, threads, precision,
     calibration.write(profile, Path(out))
     device_ = profile["device"]
     click.echo(f"wrote {out}: {device_['name']}, {device_['achieved_flops'][precision] / 1e9:.1f} "
-               f"GFLOP/s achieved, {1e6 * device_['overhead_s']:.0f} us per block per step; link "
+               f"GFLOP/s achieved, {1e6 * device_['overhead_s']:.0f} us per block per step, a step's "
+               f"time varying by {device_['step_cv']:.3f} of itself; link "
                f"{1e6 * profile['link']['latency_s']:.1f} us + s / "
                f"{profile['link']['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s")
 

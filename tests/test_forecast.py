@@ -127,6 +127,42 @@ def test_1f1b_is_within_a_tenth_of_the_schedule_simulated(times):
     assert got == pytest.approx(simulate_pipeline(times, 0.0, m, "1f1b"), rel=0.1)
 
 
+def test_lockstep_workers_pay_the_expected_slowest_by_hand_and_by_sampling():
+    import torch
+    assert model.expected_max_normal(1) == 0.0
+    assert model.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-9)
+    assert model.expected_max_normal(3) == pytest.approx(1.5 / math.sqrt(math.pi), rel=1e-9)
+    draws = torch.randn(400_000, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert model.expected_max_normal(8) == pytest.approx(draws.max(1).values.mean().item(), rel=0.01)
+    # Clark's formula: exact for two, close to sampling for unequal stages
+    assert model.expected_max([2.0, 2.0], 0.1) == pytest.approx(model.lockstep(2.0, 0.1, 2))
+    means = torch.tensor([1.0, 0.8, 0.9], dtype=torch.float64)
+    sampled = (means + 0.2 * means * draws[:, :3]).max(1).values.mean().item()
+    assert model.expected_max(means.tolist(), 0.2) == pytest.approx(sampled, rel=0.01)
+    assert model.expected_max([1.0, 0.5], 0.0) == 1.0
+    # DDP: its compute waits for the slowest of D ranks; the all-reduce after it does not vary
+    link, stage = Link(1e-3, 1e9), StageCost(forward_s=1.0, backward_s=2.0, update_s=0.5,
+                                             grad_blocks=((4e9, 2.0),))
+    plain = model.ddp_step(stage, link, 4)
+    assert model.ddp_step(stage, link, 4, cv=0.1) == pytest.approx(
+        plain + 3.5 * 0.1 * model.expected_max_normal(4))
+    # balanced 1F1B: the M - 1 steady slots each wait for the slowest of the S stages
+    f, g, u, s, m, cv = 1.0, 2.0, 0.25, 4, 8, 0.1
+    stages = [StageCost(forward_s=f, backward_s=g, update_s=u)] * s
+    got = model.pipeline_step(stages, Link(0.0, math.inf), m, "1f1b", cv=cv)
+    assert got == pytest.approx(s * (f + g) + (m - 1) * model.expected_max([f + g] * s, cv) + u)
+
+
+def test_step_cv_is_the_cv_that_prices_the_straggle_it_was_measured_from():
+    from bench.forecast import calibrate
+    d = 0.07  # one rank 7% above the mean and the other 7% below, in turn
+    ranks = [[1 + d, 1 - d] * 10, [1 - d, 1 + d] * 10]
+    cv = calibrate.step_cv(ranks)
+    assert cv == pytest.approx(d * math.sqrt(math.pi))
+    assert model.lockstep(1.0, cv, 2) == pytest.approx(1 + d)
+    assert calibrate.step_cv([[1.0, 2.0], [1.0, 2.0]]) == 0.0
+
+
 def test_replicated_pipeline_stages_reduce_after_the_flush():
     link = Link(0.0, 1e6)
     stages = [StageCost(forward_s=1.0, backward_s=1.0, update_s=0.0, grad_blocks=((1e6, 0.0),))] * 2
@@ -357,7 +393,8 @@ def test_profiles_round_trip_as_toml_and_shipped_ones_cite_their_figures():
     (lambda d: d.pop("link"), "no [link] table"),
     (lambda d: d["device"].update(efficiency=-1), "'efficiency' must be a positive number"),
     (lambda d: d["device"].update(peak_flops={"fp64": 1e12}), "FLOP/s for fp32, tf32, bf16"),
-    (lambda d: d["profile"].update(kind="guessed"), "kind must be 'stated' or 'measured'")])
+    (lambda d: d["profile"].update(kind="guessed"), "kind must be 'stated' or 'measured'"),
+    (lambda d: d["device"].update(step_cv=-0.1), "'step_cv' must be a number")])
 def test_a_bad_profile_is_one_line_naming_what_is_wrong(change, words):
     data = tomllib.loads((profiles.SHIPPED / "a100-pcie.toml").read_text())
     change(data)

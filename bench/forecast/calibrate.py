@@ -11,7 +11,9 @@ as a profile (TOML, ``kind = "measured"``).
 - The link, on two ranks of the backend in use (gloo on the CPU, NCCL between two GPUs):
   one-way time of a ping-pong over message sizes, and an all-reduce over sizes, each fitted
   to its formula (alpha + s / beta; ring: 2 alpha + s / beta on two ranks); and how much
-  slower two workers compute when they share this machine (``colocated_slowdown``).
+  slower two workers compute when they share this machine (``colocated_slowdown``), and how
+  much a step taken by both in lockstep waits for the slower (``step_cv``), at the middle
+  calibrated batch size.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from bench.measure.provenance import cpu_name, device_memory_bytes, now
 from bench.models import runtime
 
 from . import workload
+from .model import expected_max_normal
 from .profiles import dumps
 
 REPEATS = 5
@@ -322,9 +325,35 @@ def _shared(rank: int, work: Callable[[], None], device: torch.device, rounds: i
     return statistics.median(ratios)
 
 
+def _lockstep(work: Callable[[], None], device: torch.device, steps: int = 20) -> list[float]:
+    """Seconds of ``work`` on this rank at each of ``steps`` steps that both ranks start
+    together (a barrier before each, as DDP's all-reduce joins them)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = []
+    for _ in range(steps):
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        work()
+        sync()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def step_cv(times: Sequence[Sequence[float]]) -> float:
+    """The variation of a step's time that lockstep workers pay for: from each rank's
+    seconds per step (``times``, one list per rank, steps started together), the mean
+    excess of the slowest rank over the ranks' mean, in units of the expected maximum of as
+    many standard normals (``model.lockstep`` inverted: the cv that prices what was seen)."""
+    steps = list(zip(*times))
+    slowest = statistics.fmean(max(s) for s in steps)
+    mean = statistics.fmean(statistics.fmean(s) for s in steps)
+    return max(0.0, slowest / mean - 1) / expected_max_normal(len(times))
+
+
 def link_worker(config: dict) -> None:
-    """One of two ranks: the ping-pong, the all-reduce and the shared-machine slowdown; rank
-    0 writes them to ``config['out']``."""
+    """One of two ranks: the ping-pong, the all-reduce, the shared-machine slowdown and the
+    straggle of steps taken in lockstep; rank 0 writes them to ``config['out']``."""
     backend = "nccl" if config["device"] == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
@@ -339,13 +368,14 @@ def link_worker(config: dict) -> None:
     net = models.build_model(config["model"], info.input_shape, info.num_classes).to(device).train()
     x = dummy_input(net, info.input_shape, config["batch_size"], device=device)
     slowdown = _shared(rank, lambda: net(x).float().sum().backward(), device)
+    steps = _lockstep(lambda: net(x).float().sum().backward(), device)
     figures = [None, None] if rank == 0 else None
-    dist.gather_object(slowdown, figures, dst=0)
+    dist.gather_object((slowdown, steps), figures, dst=0)
     if rank == 0:
-        slowdown = statistics.fmean(figures)
         Path(config["out"]).write_text(json.dumps(
             {"sizes": list(SIZES), "pingpong_s": pingpong, "allreduce_s": allreduce,
-             "colocated_slowdown": slowdown, "backend": backend}))
+             "colocated_slowdown": statistics.fmean(f[0] for f in figures),
+             "step_cv": step_cv([f[1] for f in figures]), "backend": backend}))
     dist.destroy_process_group()
 
 
@@ -415,17 +445,18 @@ def calibrate(model_names: Sequence[str], task: str, *, methods_: Sequence[str] 
            "device": {"name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
                       "memory_bytes": float(device_memory_bytes(device) or 0),
                       "achieved_flops": {precision: rate}, "overhead_s": overhead,
-                      "update_bytes_per_s": params / stepped, "colocated_slowdown": 1.0,
+                      "update_bytes_per_s": params / stepped, "colocated_slowdown": 1.0, "step_cv": 0.0,
                       "threads": threads or torch.get_num_threads(),
                       "source": f"lcbench calibrate, {now()}; torch {torch.__version__}"},
            "workloads": timed}
     if link:
         progress("  the link: ping-pong and all-reduce on two ranks")
         measured = measure_link(device, threads=threads, model=model_names[0], task=task,
-                                batch_size=batch_sizes[0])
+                                batch_size=batch_sizes[len(batch_sizes) // 2])
         alpha, beta = fit_link(measured["sizes"], measured["pingpong_s"])
         ring_alpha, ring_beta = fit_link(measured["sizes"], measured["allreduce_s"], hops=2)
         out["device"]["colocated_slowdown"] = measured["colocated_slowdown"]
+        out["device"]["step_cv"] = measured["step_cv"]
         out["link"] = {"name": f"{measured['backend']} between two ranks on this machine",
                        "latency_s": alpha, "bandwidth_bytes_per_s": beta,
                        "allreduce_latency_s": ring_alpha, "allreduce_bandwidth_bytes_per_s": ring_beta,

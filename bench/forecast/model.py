@@ -16,9 +16,17 @@ batch (or micro-batch) it sees; a ``Link`` moves messages and reduces gradients.
   section 2.2: bubble (S-1)/M of the ideal time).
 - Decoupled rules: the stages pipeline batches; the slowest stage, the busiest link, or the
   wait for the late upstream message (LC, DNI: at most ``lag`` batches ahead) sets the rate.
+- Workers that wait for each other every step (DDP's all-reduce, a pipeline's hand-off of
+  each micro-batch) wait for the slowest: a step whose time varies from one step to the
+  next (coefficient of variation ``cv``) costs the expected maximum over the workers, the
+  normal order statistic for identical workers (Tippett, Biometrika 17, 1925; David &
+  Nagaraja, "Order Statistics", 2003, section 4.5) and Clark's moment formula for unequal
+  stages (Clark, Operations Research 9, 1961). A decoupled stage that may run ahead of the
+  one that waits for it does not pay it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -135,25 +143,71 @@ def exposed_allreduce(stage: StageCost, link: Link, ranks: int) -> float:
     return max(0.0, allreduce_end(stage.grad_blocks, link, ranks) - stage.backward_s)
 
 
+def expected_max_normal(n: int) -> float:
+    """E[max of ``n`` independent standard normals]: the integral of x n phi(x) Phi(x)^(n-1),
+    by the midpoint rule on [-8, 8] (0 for one worker, 1/sqrt(pi) for two)."""
+    if n <= 1:
+        return 0.0
+    steps, low, high = 4000, -8.0, 8.0
+    h = (high - low) / steps
+    total = 0.0
+    for i in range(steps):
+        x = low + (i + 0.5) * h
+        total += x * n * math.exp(-x * x / 2) / math.sqrt(2 * math.pi) * _phi_cdf(x) ** (n - 1)
+    return total * h
+
+
+def _phi_cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def lockstep(seconds: float, cv: float, workers: int) -> float:
+    """Expected seconds of a step of mean ``seconds`` when ``workers`` identical workers each
+    take it, its time varying with coefficient of variation ``cv``, and all wait for the
+    slowest: seconds (1 + cv e_n), e_n the expected maximum of n standard normals."""
+    return seconds * (1 + cv * expected_max_normal(workers))
+
+
+def expected_max(means: Sequence[float], cv: float) -> float:
+    """Expected maximum of independent normal times of ``means``, each with standard
+    deviation cv x its mean: Clark's formula (1961) for the maximum of two normals, applied
+    one after the other with the maximum so far taken as normal (exact for two)."""
+    mean, var = means[0], (cv * means[0]) ** 2
+    for m in means[1:]:
+        v = (cv * m) ** 2
+        theta = math.sqrt(var + v)
+        if theta == 0:
+            mean, var = max(mean, m), 0.0
+            continue
+        a = (mean - m) / theta
+        pdf, cdf, rest = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), _phi_cdf(a), _phi_cdf(-a)
+        first = mean * cdf + m * rest + theta * pdf
+        second = (mean ** 2 + var) * cdf + (m ** 2 + v) * rest + (mean + m) * theta * pdf
+        mean, var = first, max(0.0, second - first ** 2)
+    return mean
+
+
 def bp_step(stage: StageCost) -> float:
     """BP on one device: the whole net forward, backward, update, one after the other."""
     return stage.work_s
 
 
-def ddp_step(stage: StageCost, link: Link, ranks: int) -> float:
+def ddp_step(stage: StageCost, link: Link, ranks: int, cv: float = 0.0) -> float:
     """Data-parallel BP on ``ranks`` workers (``stage``: one replica at its batch share):
-    forward, backward with the bucketed all-reduce overlapped, the update."""
-    return stage.work_s + exposed_allreduce(stage, link, ranks)
+    forward, backward with the bucketed all-reduce overlapped, the update; every step waits
+    for the slowest rank (``lockstep``)."""
+    return lockstep(stage.work_s, cv, ranks) + exposed_allreduce(stage, link, ranks)
 
 
-def _flow_shop(times: Sequence[float], jobs: int) -> float:
+def _flow_shop(times: Sequence[float], jobs: int, cv: float = 0.0) -> float:
     """Makespan of ``jobs`` identical jobs through machines of ``times`` in order: the sum
-    plus (jobs - 1) times the slowest (exact for identical jobs)."""
-    return sum(times) + (jobs - 1) * max(times) if times else 0.0
+    plus (jobs - 1) times the slowest (exact for identical jobs; with times that vary,
+    the expected slowest)."""
+    return sum(times) + (jobs - 1) * expected_max(times, cv) if times else 0.0
 
 
 def pipeline_step(stages: Sequence[StageCost], link: Link, microbatches: int, schedule: str,
-                  replicas: int = 1) -> float:
+                  replicas: int = 1, cv: float = 0.0) -> float:
     """Pipelined BP, one batch of M micro-batches (``stages``: per micro-batch; ``update_s``
     and ``input_s`` once per batch), then each stage's all-reduce among its ``replicas``
     (after its last backward pass, as Megatron-LM does) and its update.
@@ -161,17 +215,18 @@ def pipeline_step(stages: Sequence[StageCost], link: Link, microbatches: int, sc
     GPipe: the forward passes as a flow shop of M micro-batches through stages and links,
     then the backward passes back; stage k's last backward ends after stages S-1..k have
     passed all M (exact). 1F1B: sum_k (F_k + G_k) plus (M-1) times the slowest stage's F+G
-    (or link): (M + S - 1)(F + G) when balanced."""
+    (or link): (M + S - 1)(F + G) when balanced. Stages hand each micro-batch over and wait
+    for it: with times that vary (``cv``), the slowest is the expected slowest."""
     m, first = microbatches, stages[0].input_s
     hops = [link.message(s.down_bytes) for s in stages[:-1]]
     if schedule == "gpipe":
-        forward = _flow_shop(_interleave([s.forward_s for s in stages], hops), m)
+        forward = _flow_shop(_interleave([s.forward_s for s in stages], hops), m, cv)
         ends = []
         for k in range(len(stages)):
             tail = _interleave([s.backward_s for s in stages[k:]][::-1], hops[k:][::-1])
-            ends.append(forward + _flow_shop(tail, m))
+            ends.append(forward + _flow_shop(tail, m, cv))
     elif schedule == "1f1b":
-        busiest = max([s.forward_s + s.backward_s for s in stages] + hops)
+        busiest = expected_max([s.forward_s + s.backward_s for s in stages] + hops, cv)
         total = sum(s.forward_s + s.backward_s for s in stages) + 2 * sum(hops) + (m - 1) * busiest
         lead = [sum(s.backward_s for s in stages[:k]) + sum(hops[:k]) for k in range(len(stages))]
         ends = [total - t for t in lead]

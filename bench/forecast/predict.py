@@ -210,7 +210,8 @@ def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast
         if key not in times.built:
             times.built[key] = _build(times, setup, link, batch_size)
         stages, memory, cuts = times.built[key]
-    step, fill = _timing(setup, stages, link)
+    cv = times.profile.device.step_cv
+    step, fill = _timing(setup, stages, link, cv)
     s = times.profile.device.colocated_slowdown
     if setup.workers > 1 and s != 1:
         per = setup.microbatches if setup.rule == "pipe-bp" else 1
@@ -219,7 +220,7 @@ def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast
         workers = [u for u in busy for _ in range(setup.workers // len(stages))]
         others = [(sum(workers) - u) / (len(workers) - 1) for u in busy]
         stages = [_slowed(st, 1 + (s - 1) * u) for st, u in zip(stages, others)]
-        step, fill = _timing(setup, stages, link)
+        step, fill = _timing(setup, stages, link, cv)
     return Forecast(setup, step, fill, memory, cuts, times.source)
 
 
@@ -231,15 +232,16 @@ def _slowed(stage: StageCost, factor: float) -> StageCost:
                    grad_blocks=tuple((b, t * factor) for b, t in stage.grad_blocks))
 
 
-def _timing(setup: Setup, stages: list[StageCost], link: Link) -> tuple[float, float]:
-    """``(steady seconds per batch, what the first batch adds)`` of the contender."""
+def _timing(setup: Setup, stages: list[StageCost], link: Link, cv: float) -> tuple[float, float]:
+    """``(steady seconds per batch, what the first batch adds)`` of the contender; ``cv``:
+    how much a step's time varies, paid where workers wait for each other every step."""
     rule, d = setup.rule, setup.replicas
     if rule == "bp":
         return model.bp_step(stages[0]), 0.0
     if rule == "ddp":
-        return model.ddp_step(stages[0], link, setup.workers), 0.0
+        return model.ddp_step(stages[0], link, setup.workers, cv), 0.0
     if rule == "pipe-bp":
-        return model.pipeline_step(stages, link, setup.microbatches, setup.schedule, d), 0.0
+        return model.pipeline_step(stages, link, setup.microbatches, setup.schedule, d, cv), 0.0
     if rule == "adgl":  # no stage waits: the first sets the pace, the others draw from buffers
         step = max(stages[0].work_s, link.message(stages[0].down_bytes) if len(stages) > 1 else 0.0)
         lag = None

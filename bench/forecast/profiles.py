@@ -32,6 +32,7 @@ class Device:
     overhead_s: float  # per block per training step, whatever the batch
     update_bytes_per_s: float  # parameter bytes an SGD step gets through per second
     colocated_slowdown: float = 1.0  # compute time x this when the K workers share the machine
+    step_cv: float = 0.0  # a step's time from one step to the next: standard deviation / mean
     source: str = ""
     assumptions: tuple[str, ...] = ()
 
@@ -116,7 +117,9 @@ def parse(data: dict, origin: str) -> Profile:
         efficiency = _number(dev, "efficiency", where)
         flops = {p: v * efficiency for p, v in dict(dev.get("peak_flops", {})).items()}
         assumptions = (f"achieved FLOP/s = the data sheet's peak x {efficiency:g} (stated)",
-                       f"{dev.get('overhead_s', 0):g} s per block per step (stated)")
+                       f"{dev.get('overhead_s', 0):g} s per block per step (stated)",
+                       f"a step's time varies by {dev.get('step_cv', 0):g} of itself from step to "
+                       "step (stated; 0: ranks in lockstep never wait for a straggler)")
     if not flops or any(p not in PRECISIONS for p in flops):
         raise ProfileError(f"{where}: FLOP/s for {', '.join(PRECISIONS)} expected, got {sorted(flops)}")
     for p, v in flops.items():
@@ -129,6 +132,7 @@ def parse(data: dict, origin: str) -> Profile:
                     flops=flops, overhead_s=_number(dev, "overhead_s", where, positive=False),
                     update_bytes_per_s=update,
                     colocated_slowdown=float(dev.get("colocated_slowdown", 1.0)),
+                    step_cv=_number(dev, "step_cv", where, positive=False) if "step_cv" in dev else 0.0,
                     source=str(dev.get("source", "")), assumptions=assumptions)
     where = f"{origin} [link]"
     efficiency = float(lnk.get("efficiency", 1.0))

@@ -38,6 +38,8 @@ ASSUMPTIONS = (
     "more workers than stages: each stage replicated, its replicas all-reducing its gradients "
     "(decoupled rules: overlapped with its backward pass; pipelined BP: after the flush)",
     "strong scaling: the global batch stays the run's, each worker taking its share",
+    "workers in lockstep (DDP's replicas, a pipeline's stages) wait for the slowest, a step's "
+    "time normal with the profile's cv and independent across workers; decoupled stages do not",
     f"fits: a worker's bytes at most {1 - RESERVE:.0%} of its device's memory (the rest: context, "
     "workspaces); bf16 halves saved activations, weights, gradients and messages stay fp32",
     "data held on the device: no input time, but where a profile timed it",

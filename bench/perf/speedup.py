@@ -183,6 +183,7 @@ def _rate(profile: dict) -> str:
     device, link = profile["device"], profile.get("link", {})
     return (f"{device['achieved_flops']['fp32'] / 1e9:.1f} GFLOP/s, overhead "
             f"{1e3 * device['overhead_s']:.2f} ms/block, two ranks x{device['colocated_slowdown']:.3f}, "
+            f"step cv {device.get('step_cv', 0.0):.3f}, "
             f"link {1e6 * link.get('latency_s', math.nan):.0f} us + s / "
             f"{link.get('bandwidth_bytes_per_s', math.nan) / 1e9:.2f} GB/s")
 
