@@ -92,8 +92,10 @@ def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: 
     starts a stage whose input needs no gradient (``backward_first_s``) is scaled by the
     ratio of the two, each timed on the block alone at the smallest size. At ``held_sizes``
     also ``*_held_s``: the forward pass while another batch's graph is alive and that batch's
-    backward pass after it, as a pipeline of micro-batches runs them (memory that cannot be
-    reused costs time). The optimizer step: once per block."""
+    backward pass after it, adding its gradients to those already there, as a pipeline of
+    micro-batches runs them (memory that cannot be reused costs time; autograd accumulates
+    every micro-batch's gradients after the first into ``.grad``). The optimizer step: once
+    per block."""
     info = tasks.TASKS[task]
     torch.manual_seed(0)
     net = models.build_model(model_name, info.input_shape, info.num_classes, width=width).to(device)
@@ -122,7 +124,10 @@ def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: 
 
     def step(x, y, held: bool):
         """One timed forward and backward pass: ``held``, the forward while another batch's
-        graph is alive and the backward of that other batch after it (a pipeline's order)."""
+        graph is alive and the backward of that other batch after it, into gradients an
+        earlier micro-batch left (a pipeline's order)."""
+        if held:
+            loss(x, y).backward()
         other = loss(x, y) if held else None
         stamps.clear()
         timed = loss(x, y)
