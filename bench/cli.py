@@ -127,6 +127,10 @@ def cli():
 @click.option("--rank-timeout", type=float, default=300.0, show_default=True, metavar="SECONDS",
               help="distributed, ddp: how long a rank waits for a peer (a message, a "
                    "collective) before the run fails naming the rank that stopped answering.")
+@click.option("--max-restarts", type=int, default=0, show_default=True, metavar="N",
+              help="When a rank (or the one process of a sequential run) dies or stops "
+                   "answering, torchrun's elastic agent starts the ranks again from the newest "
+                   "checkpoint, up to N times; run.json lists each restart.")
 @click.option("--no-checkpoint", is_flag=True,
               help="Neither write nor continue from checkpoints (the run starts over).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
@@ -135,7 +139,7 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, opti
         lr_gamma, weight_decay, clip_grad, seed, split,
         cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device,
         precision, compile_, limit_train, limit_test, data_dir, experiment, out, emit_config,
-        save_weights, checkpoint_every, rank_timeout, no_checkpoint, quiet):
+        save_weights, checkpoint_every, rank_timeout, max_restarts, no_checkpoint, quiet):
     """Train one network with one learning rule; write metrics.csv and run.json.
 
     A run killed or stopped (SIGTERM, Ctrl-C) continues from its last checkpoint when the
@@ -155,7 +159,7 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, opti
                     limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
                     experiment=experiment, out=out, save_weights=save_weights,
                     checkpoint_every=0 if no_checkpoint else checkpoint_every,
-                    rank_timeout=rank_timeout)
+                    rank_timeout=rank_timeout, max_restarts=max_restarts)
     prep = prepare.prepare(cfg)
     if emit_config:
         try:

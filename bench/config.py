@@ -59,6 +59,7 @@ class RunConfig:
     save_weights: bool = False  # the trained stages' state dicts to RUN/weights/stageK.pt
     checkpoint_every: int = 1  # epochs between checkpoints (RUN/checkpoints/); 0: none
     rank_timeout: float = 300.0  # seconds a rank waits for a peer before the run fails
+    max_restarts: int = 0  # torchrun's elastic agent restarts the ranks from the last checkpoint
     experiment: str = "adhoc"
     out: str = "results"
     data_dir: str | None = None
@@ -66,7 +67,7 @@ class RunConfig:
     #: fields that do not change what is computed (where, how it is reported)
     OUTPUT_FIELDS = ("experiment", "out", "data_dir")
     #: ... nor how often its state is saved: none of them is part of the run's key
-    UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every", "rank_timeout")
+    UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every", "rank_timeout", "max_restarts")
     #: fields added after runs were recorded: left out of the key at these defaults, so that
     #: the ids of earlier runs stay the same (and their sweeps resume)
     LATER_FIELDS = {"workers": None, "precision": "fp32", "compile": False, "optimizer": "sgd"}
@@ -98,6 +99,8 @@ class RunConfig:
              f"--checkpoint-every must not be negative (got {self.checkpoint_every})"),
             (math.isfinite(self.rank_timeout) and self.rank_timeout > 0,
              f"--rank-timeout must be a positive number of seconds (got {self.rank_timeout})"),
+            (isinstance(self.max_restarts, int) and self.max_restarts >= 0,
+             f"--max-restarts must not be negative (got {self.max_restarts})"),
             (self.threads is None or self.threads >= 1,
              f"--threads must be at least 1 (got {self.threads})"),
             (self.split in SPLITS, f"unknown split '{self.split}' (choose from {', '.join(SPLITS)})"),

@@ -345,10 +345,13 @@ def check_writable(cfg: RunConfig) -> None:
         raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
 
 
-def open_record(prep: Prepared, resumed: dict | None = None) -> RunRecord:
+def open_record(prep: Prepared, resumed: dict | None = None,
+                restart: dict | None = None) -> RunRecord:
     """Create the run folder (UsageError if it cannot be written) and its files. A run
     ``resumed`` from a checkpoint (its ``epoch`` and ``rows``) keeps its run.json, the
-    resume noted in ``resumes``, and the rows written up to that epoch."""
+    resume noted in ``resumes`` (or, when torchrun's elastic agent started it again, the
+    ``restart`` in ``restarts``, with the epoch it continues from), and the rows written up
+    to that epoch."""
     cfg = prep.cfg
     folder = run_folder(cfg)
     machine = provenance(prep.device)
@@ -357,12 +360,17 @@ def open_record(prep: Prepared, resumed: dict | None = None) -> RunRecord:
             "split": {"by": cfg.split if cfg.cuts is None else "explicit", "cuts": prep.cuts},
             "parameters_per_stage": prep.stage_params, "provenance": machine}
     record = RunRecord(folder, {**asdict(cfg), "run_id": cfg.run_id}, info)
-    if resumed is not None:
+    if resumed is not None or restart is not None:
         before = read_json(folder / "run.json")
         if isinstance(before, dict) and before.get("run_id") == cfg.run_id:
-            info.update({k: before[k] for k in ("started", "resumes") if k in before})
+            info.update({k: before[k] for k in ("started", "resumes", "restarts") if k in before})
+    if restart is not None:
+        info["restarts"] = [*info.get("restarts", []), {
+            **restart, "from_epoch": resumed["epoch"] if resumed else 0}]
+    elif resumed is not None:
         info["resumes"] = [*info.get("resumes", []), {
             "epoch": resumed["epoch"], "at": now(), "host": machine["hostname"]}]
+    if resumed is not None:
         record.rows = list(resumed["rows"])
     try:
         record.start()

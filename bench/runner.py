@@ -15,23 +15,32 @@ from .records import RunFailed, RunRecord, save_weights
 
 
 def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
-    """Run a prepared config to completion, keeping run.json's status true throughout.
-    A checkpoint that is not this run's raises checkpoint.Mismatch before anything is
-    written."""
+    """Run a prepared config to completion, keeping run.json's status true throughout: on
+    its ranks (distributed, ddp), under torchrun where it may be restarted
+    (``--max-restarts``), else here. A checkpoint that is not this run's raises
+    checkpoint.Mismatch before anything is written."""
     cfg = prep.cfg
     store = checkpoint.Checkpoints(prepare.run_folder(cfg),
                                    checkpoint.fingerprint(cfg, prep.stages, prep.cuts))
     epoch = store.latest() if cfg.checkpoint_every else None
-    if cfg.executor in LAUNCHED:  # the ranks load their own parts
+    if cfg.executor in LAUNCHED or cfg.max_restarts:  # the ranks load their own parts
         prepare.check_writable(cfg)
         return launch.run(cfg, prepare.run_folder(cfg), ranks=ranks(cfg),
                           threads=prepare.threads_per_rank(cfg), cuts=prep.cuts, progress=progress)
+    return run_here(prep, store, epoch, progress=progress)
+
+
+def run_here(prep: prepare.Prepared, store: checkpoint.Checkpoints, epoch: int | None, *,
+             progress: bool, restart: dict | None = None) -> RunRecord:
+    """The sequential executor in this process, from the checkpoint of ``epoch`` (None: from
+    the start); ``restart``: what torchrun's restart of this process is noted as."""
+    cfg = prep.cfg
     resumed = store.load(epoch, prep.device) if epoch else None
     if resumed is None:
         store.remove()  # what an earlier attempt left is not continued
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # before the record: its provenance says so
-    record = prepare.open_record(prep, resumed)
+    record = prepare.open_record(prep, resumed, restart)
     start = time.perf_counter()
     try:
         sequential.train(prep, record, progress=progress, resumed=resumed,

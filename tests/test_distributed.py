@@ -267,16 +267,6 @@ def training_on_ranks(out: Path, *args: str) -> tuple[subprocess.Popen, int]:
     return proc, victim
 
 
-def test_a_rank_killed_fails_the_run_naming_it(tmp_path):
-    out = tmp_path / "out"
-    proc, victim = training_on_ranks(out)
-    os.kill(victim, signal.SIGKILL)
-    killed = time.monotonic()
-    _, stderr = proc.communicate(timeout=90)
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
-    check_failed(out, result, "rank 1 was killed by SIGKILL", killed)
-
-
 def test_a_rank_that_stops_answering_is_caught_within_the_rank_timeout(tmp_path):
     """SIGSTOP: the rank neither dies nor answers. Its peer gives up after --rank-timeout,
     the run fails in one line naming the rank, and no process is left (the stopped one

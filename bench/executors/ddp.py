@@ -11,6 +11,10 @@ BatchNorm layers normalise with their own slice's statistics, and rank 0's runni
 are the ones broadcast and evaluated (DDP's default), so a net with BatchNorm learns slightly
 differently from one-process BP.
 
+Checkpoints as the distributed executor's: each rank its replica's state (identical weights
+and optimizer state; its own BatchNorm statistics) and RNG states, rank 0 the rows; a run
+continues from the newest epoch complete on every rank, to the numbers of one never stopped.
+
 Records as the distributed executor's: per rank (``stage`` = rank 1..K) its busy time by
 phase (the all-reduce runs inside ``backward_time_s``), ``wall_time_s`` and memory; for the
 whole run the slowest rank's ``epoch_time_s``, the training loss and accuracy averaged over
@@ -25,14 +29,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from bench import prepare
+from bench import checkpoint, prepare
 from bench.config import RunConfig
 from bench.measure import memory, timing
 from bench.measure.provenance import now
 from bench.records import save_weights, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 
-from . import distributed, sequential
+from . import distributed, launch, sequential
 
 
 def shards(batches, rank: int, world: int):
@@ -60,11 +64,23 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     if world != cfg.workers:
         raise ValueError(f"torchrun started {world} ranks for --workers {cfg.workers}")
     device = distributed.device_for(int(os.environ.get("LOCAL_RANK", rank)), cfg)
+    if launch.diverged_before(prepare.run_folder(prepare.resolve(cfg))):
+        return
     prep = prepare.prepare(cfg, stage=0, device=device, cuts=cuts)
     cfg, task = prep.cfg, prep.task
-    record = prepare.open_record(prep) if rank == 0 else None
+    folder = prepare.run_folder(cfg)
+    store = checkpoint.Checkpoints(folder, checkpoint.fingerprint(cfg, prep.stages, prep.cuts), rank)
+    resumed = distributed.resume_point(store, cfg, device)
+    record = (prepare.open_record(prep, resumed, launch.restart_note(folder, world))
+              if rank == 0 else None)
     costs = prepare.static_rows(prep) if rank == 0 else {}
     (stage,) = prep.stages
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    done = 0
+    if resumed is not None:  # before DDP wraps the group: its state without "module."
+        done = resumed["epoch"]
+        stage.load_state_dict(resumed["stages"][0])
+        checkpoint.set_rng_state(resumed["rng"], device, generator)
     stage.group = DistributedDataParallel(
         stage.group, device_ids=[device] if device.type == "cuda" else None,
         gradient_as_bucket_view=True)  # the gradients live in DDP's buckets, not beside them
@@ -74,11 +90,10 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     label = str(rank + 1)
     shard = cfg.batch_size // world
     test_batch = prepare.eval_batch_size(cfg, task)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, task.steps(cfg.batch_size))
     compiled = prepare.warm_up_stage(prep, stage, 0, shard) if cfg.compile else None
     timer.pop()  # the warm-up's phases
-    for epoch, steps in enumerate(plan, 1):
+    for epoch, steps in enumerate(plan[done:], done + 1):
         memory.reset_device_peaks(device)
         prepare.reset_states([stage], shard)
         batches = scheduled(shards(task.train_batches(cfg.batch_size, generator), rank, world),
@@ -117,12 +132,21 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
                 merged["", "compile_time_s"] = max(part[l, "compile_time_s"] for l, _, part in gathered)
             record.add(epoch, merged)
             stop_if_diverged(record, merged["", "train_loss"], epoch)
+        if checkpoint.due(cfg.checkpoint_every, epoch):
+            with unwrapped(stage):
+                state = stage.state_dict()
+            store.save(epoch, {"stages": [state], "rng": checkpoint.rng_state(device, generator),
+                               "rows": record.rows if rank == 0 else None})
+            dist.barrier()  # every rank's part is written: rank 0 marks the epoch complete
+            store.commit(epoch)
     if cfg.save_weights and rank == 0:
         with unwrapped(stage):
-            save_weights(prepare.run_folder(cfg), "1", stage)
+            save_weights(folder, "1", stage)
     dist.barrier()
     if rank == 0:
         record.update(status="ok", ended=now())
+    dist.barrier()
+    store.remove()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ from bench.schedule import LRSchedule, epoch_steps
 from methods.adgl import ADGLStage
 from methods.pipebp import PipeBPStage
 
-from . import asynchronous, neurons, pipeline
+from . import asynchronous, launch, neurons, pipeline
 from methods.base import match_targets
 
 from .links import Links, Part
@@ -215,13 +215,16 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device_for(int(os.environ.get("LOCAL_RANK", rank)), cfg)
     cfg = prepare.resolve(cfg)
+    if launch.diverged_before(prepare.run_folder(cfg)):
+        return
     per_layer = ranks_per_layer(cfg)
     prep = prepare.prepare(cfg, stage=rank // per_layer, device=device, data=rank == 0, cuts=cuts)
     cfg = prep.cfg
     store = checkpoint.Checkpoints(prepare.run_folder(cfg),
                                    checkpoint.fingerprint(cfg, prep.stages, prep.cuts), rank)
     resumed = resume_point(store, cfg, device)
-    record = prepare.open_record(prep, resumed) if rank == 0 else None
+    record = (prepare.open_record(prep, resumed, launch.restart_note(prepare.run_folder(cfg), world))
+              if rank == 0 else None)
     task = prep.task
     counts = torch.tensor([task.steps(cfg.batch_size), task.test_size(prepare.eval_batch_size(cfg, task)),
                            prepare.eval_batch_size(cfg, task)] if rank == 0 else [0, 0, 0])
@@ -317,13 +320,16 @@ def main(argv: list[str] | None = None, *, executor: str = "distributed", body=w
     """One rank of ``executor``: read the config, join the process group and run
     ``body(cfg, cuts, progress)``; a rank that raises leaves its error in the run folder
     (``.rankN.error``, read by the launcher) and exits at once."""
+    launch.end_on_sigterm()
     argv = sys.argv[1:] if argv is None else argv
     config = json.loads(Path(argv[0]).read_text())
     cfg = RunConfig(**config.get("config", config))
     cfg = replace(cfg, executor=executor)
     backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.rank_timeout))
-    rank = dist.get_rank()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=cfg.rank_timeout)
+    dist.init_process_group(backend, store=launch.attempt_store(rank, world, timeout), rank=rank,
+                            world_size=world, timeout=timeout)
     torch.set_num_threads(prepare.threads_per_rank(cfg))
     try:
         body(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")

@@ -1,14 +1,20 @@
 """Starting a run on ranks on this node: torchrun with one process per stage
-(``distributed``) or per data-parallel replica (``ddp``).
+(``distributed``), per data-parallel replica (``ddp``), or the one process of a sequential
+run that may be restarted (``sequential`` with ``--max-restarts``).
 
 The parent watches torchrun; when a rank raises or is killed, torchrun stops the others,
 and the parent records the run as failed with one line naming the first failed rank. A rank
 that stops answering without dying (stopped, stuck in a collective) is noticed by a peer
 after ``--rank-timeout`` seconds (the process group's timeout): that peer fails, torchrun
 kills the rest, the silent one included, and the line names it.
+
+With ``--max-restarts N`` torchrun's elastic agent starts the ranks again instead, up to N
+times; each new attempt continues from the newest checkpoint complete on every rank, and
+its rank 0 notes in run.json which rank failed and why (``restart_note``).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -20,6 +26,8 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import torch.distributed as dist
 
 from bench.config import RunConfig
 from bench.measure.provenance import now
@@ -33,10 +41,23 @@ PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|remote (worker
 
 #: what a rank raises when a peer did not answer within the process group's timeout
 TIMED_OUT = re.compile(r"timed? ?out|timeout", re.I)
+#: what a rank leaves when torchrun (or the launcher) ends it with the rest of the group
+TERMINATED = "stopped by SIGTERM with the group"
+
+
+def end_on_sigterm() -> None:
+    """In a rank: SIGTERM (torchrun ending the group) raises SystemExit, so that the rank
+    leaves a note that it was alive and ended with the group: not the one that failed."""
+    def ended(signum, frame):
+        raise SystemExit(TERMINATED)
+    signal.signal(signal.SIGTERM, ended)
 
 
 #: the module each rank of an executor runs (``python -m MODULE CONFIG.json``)
-ENTRY = {"distributed": "bench.executors.distributed", "ddp": "bench.executors.ddp"}
+ENTRY = {"distributed": "bench.executors.distributed", "ddp": "bench.executors.ddp",
+         "sequential": "bench.executors.single"}
+#: torchrun tells each rank which attempt it belongs to (0: the first)
+ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 
 
 def free_port() -> int:
@@ -49,7 +70,17 @@ def torchrun_command(cfg: RunConfig, config_path: Path, ranks: int) -> list[str]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
             "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), "--monitor-interval", "0.5",
-            "-m", ENTRY[cfg.executor], str(config_path)]
+            "--max-restarts", str(cfg.max_restarts), "-m", ENTRY[cfg.executor], str(config_path)]
+
+
+def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The store a rank's process group meets in, its keys under a prefix of its own attempt:
+    torchrun's agent keeps one store across restarts, and a restarted group that read the
+    failed attempt's keys would try to join ranks that are gone, and hang."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=timeout)
+    return dist.PrefixStore(f"lcbench/attempt{os.environ.get(ATTEMPT, '0')}", store)
 
 
 def first_failure(folder: Path, log: str, ranks: int = 0) -> str:
@@ -57,10 +88,14 @@ def first_failure(folder: Path, log: str, ranks: int = 0) -> str:
     time and message) comes first, earliest first; then a rank killed by a signal (from
     torchrun's failure report); errors caused by a lost peer only where nothing else is
     known."""
-    errors = {}
+    errors, ended = {}, set()
     for path in folder.glob(".rank*.error"):
         stamp, _, message = path.read_text().partition(" ")
-        errors[int(path.name[5:-6])] = (float(stamp), message.strip())
+        rank = int(path.name[5:-6])
+        if TERMINATED in message:
+            ended.add(rank)
+        else:
+            errors[rank] = (float(stamp), message.strip())
     exits = {int(rank): int(code) for rank, code in FAILURE.findall(log)}
     own = sorted((t, r) for r, (t, message) in errors.items() if not PEER_LOST.search(message))
     if own:
@@ -68,12 +103,16 @@ def first_failure(folder: Path, log: str, ranks: int = 0) -> str:
         return f"rank {rank} failed: {errors[rank][1]}"
     killed = sorted(r for r, code in exits.items() if code < 0 and -code != signal.SIGTERM)
     waited = sorted(r for r, (_, message) in errors.items() if TIMED_OUT.search(message))
-    silent = killed or [r for r in range(ranks) if r not in errors and r not in exits]
+    silent = killed or [r for r in range(ranks) if r not in errors and r not in exits
+                        and r not in ended]
     if waited and silent:  # a peer gave up on it; it was then stopped with the rest
         return (f"rank {silent[0]} stopped answering: rank {waited[0]} waited --rank-timeout "
                 f"for it")
     if killed:
         return f"rank {killed[0]} was killed by {signal.Signals(-exits[killed[0]]).name}"
+    if silent and not exits and all(PEER_LOST.search(m) for _, m in errors.values()):
+        return f"rank {silent[0]} died without a word (killed?)" + (
+            f"; rank {min(errors)} lost it" if errors else "")
     if errors:
         rank = min(errors, key=lambda r: errors[r][0])
         return f"rank {rank} failed: {errors[rank][1]}"
@@ -104,10 +143,19 @@ def signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP: state T in /proc/PID/stat)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt"
+    except (OSError, IndexError):
+        return False
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Stop torchrun and every rank it started (SIGTERM, then SIGKILL); a stopped rank
-    (SIGSTOP) is continued so that it takes the signal at once."""
+    (SIGSTOP) is killed at once, since it would not answer."""
     ranks = children(proc.pid)
+    signal_all([p for p in ranks if stopped(p)], signal.SIGKILL)
     for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -130,15 +178,18 @@ def stop(proc: subprocess.Popen) -> None:
 AFTER_ERROR = 3.0
 
 
-def wait(proc: subprocess.Popen, folder: Path) -> int:
+def wait(proc: subprocess.Popen, folder: Path, restarts: int = 0) -> int:
     """torchrun's exit status; once a rank has reported an error (``.rankN.error``), the
-    group gets ``AFTER_ERROR`` seconds to end before it is stopped."""
+    group gets ``AFTER_ERROR`` seconds to end before it is stopped, unless torchrun may
+    restart it (``restarts``): then torchrun stops the group itself."""
     failed_at = None
     while True:
         try:
             return proc.wait(0.5)
         except subprocess.TimeoutExpired:
             pass
+        if restarts:
+            continue
         if failed_at is None and any(folder.glob(".rank*.error")):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > AFTER_ERROR:
@@ -168,7 +219,7 @@ def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[in
             proc = subprocess.Popen(torchrun_command(cfg, config_path, ranks), stdout=None,
                                     stderr=log, env=env, start_new_session=True)
             try:
-                code = wait(proc, folder)
+                code = wait(proc, folder, cfg.max_restarts)
             except BaseException:
                 stop(proc)
                 mark_failed(folder, "interrupted")
@@ -181,7 +232,34 @@ def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[in
             reason = first_failure(folder, text, ranks)
             mark_failed(folder, reason)
             raise RunFailed(reason)
-    return RunRecord.load(folder)
+        record = RunRecord.load(folder)
+        if record.info.get("restarts"):  # what each attempt said, beside what run.json notes
+            write_atomic(folder / "workers.log", text)
+    if record.info.get("status") == "diverged":  # a restart found it so and stopped at once
+        raise RunFailed(f"run {cfg.run_id} diverged: {record.info.get('error')}")
+    return record
+
+
+def diverged_before(folder: Path) -> bool:
+    """Whether this attempt was started again after the run diverged (nothing to continue:
+    every attempt would diverge where the first did)."""
+    info = read_json(Path(folder) / "run.json") if os.environ.get(ATTEMPT, "0") != "0" else None
+    return isinstance(info, dict) and info.get("status") == "diverged"
+
+
+def restart_note(folder: Path, ranks: int) -> dict | None:
+    """In an attempt that torchrun's elastic agent started again, for rank 0 to note: the
+    attempt, when, which rank failed in the attempt before and why (its ranks' error
+    files, removed once read); None in the first attempt."""
+    attempt = int(os.environ.get(ATTEMPT, "0"))
+    if attempt == 0:
+        return None
+    reason = first_failure(folder, "", ranks)
+    for path in folder.glob(".rank*.error"):
+        path.unlink(missing_ok=True)
+    rank = re.match(r"rank (\d+)", reason)
+    return {"attempt": attempt, "at": now(), "rank": int(rank[1]) if rank else None,
+            "reason": reason}
 
 
 def mark_failed(folder: Path, reason: str) -> None:

@@ -121,6 +121,8 @@ class Inference:
         self._add("ensemble_all", ((subs + logits[-1]).argmax(-1) == y).sum())
 
     def rows(self) -> dict[tuple[str, str], float]:
+        """The figures of the test batches added since the last call (one evaluation), then
+        the tallies start afresh for the next."""
         out = {}
         for t in self.thresholds:
             tag = f"{round(t * 100):02d}"
@@ -128,4 +130,5 @@ class Inference:
             out["", f"progressive_flops_t{tag}"] = float(self.sums[f"t{t}_flops"]) / self.n
         out["", "ensemble_submodels_acc"] = float(self.sums["ensemble_sub"]) / self.n
         out["", "ensemble_all_acc"] = float(self.sums["ensemble_all"]) / self.n
+        self.n, self.sums = 0, {}
         return out

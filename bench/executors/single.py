@@ -1,0 +1,45 @@
+"""The sequential executor as the one process of a torchrun group, so that torchrun's
+elastic agent can start it again (``--max-restarts``): each attempt continues from the
+newest checkpoint. Run as ``python -m bench.executors.single CONFIG.json``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import checkpoint, prepare, runner
+from bench.config import RunConfig
+
+from . import launch
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the config here; an error is left in the run folder (``.rank0.error``, read by
+    the launcher and by the next attempt) before the process exits with status 1."""
+    launch.end_on_sigterm()
+    argv = sys.argv[1:] if argv is None else argv
+    config = json.loads(Path(argv[0]).read_text())
+    cfg = RunConfig(**config["config"])
+    folder = prepare.run_folder(prepare.resolve(cfg))
+    if launch.diverged_before(folder):
+        return
+    try:
+        prep = prepare.prepare(cfg, cuts=config.get("cuts"))
+        store = checkpoint.Checkpoints(folder, checkpoint.fingerprint(prep.cfg, prep.stages, prep.cuts))
+        epoch = store.latest() if prep.cfg.checkpoint_every else None
+        runner.run_here(prep, store, epoch, progress=os.environ.get("LCBENCH_PROGRESS") == "1",
+                        restart=launch.restart_note(folder, 1))
+    except BaseException as e:
+        cause = e.__cause__ or e  # runner.RunFailed says which run; the error is its cause
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(cause).__name__}: {cause}"
+        if folder.exists():
+            (folder / ".rank0.error").write_text(f"{time.time()} {reason.splitlines()[0]}\n")
+        traceback.print_exc()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
