@@ -13,11 +13,12 @@ CIFAR10_DIR ?= $(HOME)/.cache/lcbench/cifar10-jpeg
 SCALE_paper := lc-vgg resnet101 wrn28-10 --task cifar10
 SCALE_smoke :=
 
-.PHONY: help setup data test test-all learning-check cifar10 fidelity-check fidelity-gpu \
-	dni-comparison reproduce-table2 plot bench clean
+.PHONY: help setup data lint test test-all learning-check cifar10 fidelity-check fidelity-gpu \
+	dni-comparison reproduce-table2 plot docs-figures bench clean
 
 help:
 	@echo "make setup           create .venv and install lcbench (+ test tools)"
+	@echo "make lint            ruff: lint and format check (make test runs it first)"
 	@echo "make test            the test suite (what CI runs; < 10 min on 2 CPU cores)"
 	@echo "make test-all        also the slow tests"
 	@echo "make reproduce-table2 [PRESET=paper|smoke]  the method-comparison table beside the"
@@ -26,6 +27,7 @@ help:
 	@echo "                     K = 2..64 GPUs over links of every bandwidth (lcbench scale; paper: lc-vgg,"
 	@echo "                     ResNet-101, WRN-28-10 under the shipped profiles; smoke: its own nets)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
+	@echo "make docs-figures    the README's figures (docs/figures/) from $(RESULTS)/smoke"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
 	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3) (the paper's synthesizer and plain L2 fit, and"
 	@echo "                     the running-RMS variant) and the no-signal floor on lc-vgg and a CIFAR-10"
@@ -55,7 +57,12 @@ data:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1; } || \
 	  echo "note: $(FMNIST) is missing; tests that need Fashion-MNIST will be skipped"
 
-test: $(STAMP) data
+# ruff (configured in pyproject.toml): lint, and the code formatted as ruff formats it
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(STAMP) data
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 test-all: $(STAMP) data
@@ -106,6 +113,12 @@ reproduce-table2: $(STAMP) data
 
 plot: $(STAMP)
 	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures
+
+# The README's two figures, from the smoke preset's results (make reproduce-table2 PRESET=smoke)
+docs-figures: $(STAMP)
+	$(BIN)/lcbench plot $(RESULTS)/smoke/table2 --out $(RESULTS)/smoke/figures
+	cp $(RESULTS)/smoke/figures/accuracy.png docs/figures/accuracy.png
+	cp $(RESULTS)/smoke/scale/scale-small-cnn-h100-25gbe.png docs/figures/scale-map.png
 
 # The GPU part runs where CUDA is (one line saying it was skipped elsewhere).
 bench: $(STAMP) data

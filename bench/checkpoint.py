@@ -7,6 +7,7 @@ optimizers, in-flight state, replay buffers), the RNG states, and with the run-l
 ``epochE.json``: the run's fingerprint. An epoch without its ``.json`` is incomplete and
 never read. Every file is written atomically; the newest ``KEEP`` epochs are kept.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,13 +43,21 @@ def fingerprint(cfg: RunConfig, stages, cuts: list[int]) -> dict:
     changes results), its cut points, lcbench's version, each rule's class with the version
     it declares (``Stage.version``, raised when its update changes; an edit that does not
     change it, a comment, leaves the checkpoint good), and the shapes of every stage's state."""
-    shapes = [[name, list(t.shape)] for stage in stages for module in stage.modules()
-              for name, t in module.state_dict().items()]
-    found = {"config": cfg.key(), "cuts": cuts, "lcbench": lcbench_version(),
-             "rules": sorted({f"{type(s).__module__}.{type(s).__qualname__}" for s in stages}),
-             "rule_version": sorted({f"{type(s).__qualname__} {type(s).version}" for s in stages}),
-             "shapes": hashlib.sha1(json.dumps(shapes).encode()).hexdigest()[:12],
-             "run_id": cfg.run_id}
+    shapes = [
+        [name, list(t.shape)]
+        for stage in stages
+        for module in stage.modules()
+        for name, t in module.state_dict().items()
+    ]
+    found = {
+        "config": cfg.key(),
+        "cuts": cuts,
+        "lcbench": lcbench_version(),
+        "rules": sorted({f"{type(s).__module__}.{type(s).__qualname__}" for s in stages}),
+        "rule_version": sorted({f"{type(s).__qualname__} {type(s).version}" for s in stages}),
+        "shapes": hashlib.sha1(json.dumps(shapes).encode()).hexdigest()[:12],
+        "run_id": cfg.run_id,
+    }
     return json.loads(json.dumps(found))  # as read back from a marker
 
 
@@ -58,8 +67,11 @@ def differences(saved, current: dict) -> str:
     out = []
     for key, value in current.items():
         if key == "config" and isinstance(saved.get(key), dict):
-            out += [f"{field} {saved[key].get(field)!r} there, {v!r} here"
-                    for field, v in value.items() if saved[key].get(field) != v]
+            out += [
+                f"{field} {saved[key].get(field)!r} there, {v!r} here"
+                for field, v in value.items()
+                if saved[key].get(field) != v
+            ]
         elif saved.get(key) != value and (key != "run_id" or not out):  # else said above
             out.append(f"{key} {saved.get(key)!r} there, {value!r} here")
     return "; ".join(out[:3]) or "unreadable"
@@ -72,8 +84,11 @@ def due(every: int, epoch: int) -> bool:
 
 def rng_state(device: torch.device, generator: torch.Generator) -> dict:
     """torch's global RNG (CPU, and the device's on CUDA) and the data order's generator."""
-    return {"cpu": torch.get_rng_state(), "data": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "cpu": torch.get_rng_state(),
+        "data": generator.get_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def set_rng_state(state: dict, device: torch.device, generator: torch.Generator) -> None:
@@ -109,9 +124,11 @@ class Checkpoints:
 
     def check(self, saved, path: Path) -> None:
         if saved != self.fingerprint:
-            raise Mismatch(f"checkpoint {path} is not this run's "
-                           f"({differences(saved, self.fingerprint)}): "
-                           f"remove {self.folder} to start the run over")
+            raise Mismatch(
+                f"checkpoint {path} is not this run's "
+                f"({differences(saved, self.fingerprint)}): "
+                f"remove {self.folder} to start the run over"
+            )
 
     def latest(self) -> int | None:
         """The newest complete epoch, its fingerprint checked (Mismatch), or None."""
@@ -126,8 +143,9 @@ class Checkpoints:
         """This process's state at the end of ``epoch`` (tensors on ``device``)."""
         path = self.part(epoch)
         if not path.is_file():
-            raise Mismatch(f"checkpoint {path} is missing: remove {self.folder} to start the "
-                           f"run over")
+            raise Mismatch(
+                f"checkpoint {path} is missing: remove {self.folder} to start the run over"
+            )
         state = torch.load(path, map_location=device, weights_only=True)
         self.check(state.get("fingerprint"), path)
         return state
@@ -159,8 +177,10 @@ class Checkpoints:
             kept = [e_ for e_ in self.epochs() if e_ < epoch]
             raise StorageFault(
                 f"cannot write the checkpoint of epoch {epoch} to {self.folder} "
-                f"({e.strerror or e}); " + (f"epoch {kept[-1]}'s is kept: " if kept else "")
-                + "run the same command again once the folder is writable") from None
+                f"({e.strerror or e}); "
+                + (f"epoch {kept[-1]}'s is kept: " if kept else "")
+                + "run the same command again once the folder is writable"
+            ) from None
 
     def remove(self) -> None:
         """Remove the run's checkpoints (the marking process) or this rank's files."""
@@ -180,7 +200,7 @@ class Checkpoints:
             files = [(self.folder / name, pattern.match(name)) for name in names]
             files = [(p, int(m[1]), bool(m[2])) for p, m in files if m]
             epochs = sorted({e for _, e, temporary in files if not temporary and e <= upto})
-            kept = epochs[max(0, len(epochs) - keep):]
+            kept = epochs[max(0, len(epochs) - keep) :]
             for path, epoch, temporary in files:
                 if temporary or epoch not in kept:
                     path.unlink(missing_ok=True)

@@ -1,14 +1,17 @@
 """The ``lcbench`` command line."""
+
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 import methods
 
-from . import models, prepare, runner, sweep as sweeps
+from . import models, prepare, runner
+from . import sweep as sweeps
 from .config import RunConfig, UsageError, ranks
 from .data import tasks
 from .executors import launch
@@ -55,91 +58,237 @@ def cli():
 
 @cli.command()
 @click.option("--method", "-m", required=True, help="Learning rule: " + ", ".join(methods.METHODS))
-@click.option("--groups", "-k", type=int, default=None,
-              help="Number of layer groups K (LC with K groups has K-1 critics)  [default: 2; "
-                   "ddp: 1]")
-@click.option("--task", "-t", default="fashion-mnist", show_default=True,
-              help="Task: " + ", ".join(tasks.TASKS))
+@click.option(
+    "--groups",
+    "-k",
+    type=int,
+    default=None,
+    help="Number of layer groups K (LC with K groups has K-1 critics)  [default: 2; ddp: 1]",
+)
+@click.option(
+    "--task",
+    "-t",
+    default="fashion-mnist",
+    show_default=True,
+    help="Task: " + ", ".join(tasks.TASKS),
+)
 @click.option("--model", default=None, help="Model (default: the task's). See `lcbench list`.")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier.")
 @click.option("--epochs", "-e", type=int, default=3, show_default=True)
-@click.option("--iterations", type=int, default=None,
-              help="Total training batches (overrides --epochs; the last epoch is cut short).")
+@click.option(
+    "--iterations",
+    type=int,
+    default=None,
+    help="Total training batches (overrides --epochs; the last epoch is cut short).",
+)
 @click.option("--batch-size", "-b", type=int, default=128, show_default=True)
-@click.option("--optimizer", type=click.Choice(methods.base.OPTIMIZERS), default="sgd",
-              show_default=True,
-              help="Optimizer of the main network: SGD with Nesterov momentum 0.9, or Adam "
-                   "(the DGL authors' DNI comparison). Critics and synthesizers keep their Adam.")
-@click.option("--lr", type=float, default=0.02, show_default=True,
-              help="Learning rate of the main network.")
-@click.option("--lr-milestones", default=None, metavar="I1,I2,...",
-              help="Iterations at which the main network's rate is multiplied by --lr-gamma.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(methods.base.OPTIMIZERS),
+    default="sgd",
+    show_default=True,
+    help="Optimizer of the main network: SGD with Nesterov momentum 0.9, or Adam "
+    "(the DGL authors' DNI comparison). Critics and synthesizers keep their Adam.",
+)
+@click.option(
+    "--lr", type=float, default=0.02, show_default=True, help="Learning rate of the main network."
+)
+@click.option(
+    "--lr-milestones",
+    default=None,
+    metavar="I1,I2,...",
+    help="Iterations at which the main network's rate is multiplied by --lr-gamma.",
+)
 @click.option("--lr-gamma", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--clip-grad", type=float, default=None,
-              help="Clip the gradient norm of each module (a group, a local module) to this value.")
+@click.option(
+    "--clip-grad",
+    type=float,
+    default=None,
+    help="Clip the gradient norm of each module (a group, a local module) to this value.",
+)
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
-@click.option("--split", default="flops", show_default=True,
-              help="Balance the layer groups by flops, params, activations or measured time "
-                   "(local modules included), or take the model's published cut points: paper.")
+@click.option(
+    "--split",
+    default="flops",
+    show_default=True,
+    help="Balance the layer groups by flops, params, activations or measured time "
+    "(local modules included), or take the model's published cut points: paper.",
+)
 @click.option("--cuts", default=None, help="Explicit cut points, e.g. 3,7 (overrides --split).")
-@click.option("--neuron-groups", "-G", type=int, default=None,
-              help="GN-DGL: neuron groups per layer group (default 2).")
-@click.option("--option", "-o", "option_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Option of the rule's local module, e.g. critic_lr=1e-3 (see `lcbench list`).")
-@click.option("--executor", default="sequential", show_default=True,
-              help="sequential (one process, reference semantics), distributed (one process "
-                   "per stage on torch.distributed, started with torchrun) or ddp (--method bp "
-                   "only: data-parallel BP, the whole net on each of --workers ranks with "
-                   "DistributedDataParallel, each on its slice of the global --batch-size).")
-@click.option("--workers", type=int, default=None,
-              help="ddp: the data-parallel ranks K (--batch-size must divide by K).")
-@click.option("--placement", default="stage", show_default=True,
-              help="distributed GN-DGL: stage (one rank per layer group) or neuron "
-                   "(one rank per neuron group of each layer group: K x G ranks).")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads per process (default: torch's; distributed, ddp: cores / ranks).")
+@click.option(
+    "--neuron-groups",
+    "-G",
+    type=int,
+    default=None,
+    help="GN-DGL: neuron groups per layer group (default 2).",
+)
+@click.option(
+    "--option",
+    "-o",
+    "option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option of the rule's local module, e.g. critic_lr=1e-3 (see `lcbench list`).",
+)
+@click.option(
+    "--executor",
+    default="sequential",
+    show_default=True,
+    help="sequential (one process, reference semantics), distributed (one process "
+    "per stage on torch.distributed, started with torchrun) or ddp (--method bp "
+    "only: data-parallel BP, the whole net on each of --workers ranks with "
+    "DistributedDataParallel, each on its slice of the global --batch-size).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="ddp: the data-parallel ranks K (--batch-size must divide by K).",
+)
+@click.option(
+    "--placement",
+    default="stage",
+    show_default=True,
+    help="distributed GN-DGL: stage (one rank per layer group) or neuron "
+    "(one rank per neuron group of each layer group: K x G ranks).",
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="CPU threads per process (default: torch's; distributed, ddp: cores / ranks).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", default="fp32", show_default=True,
-              help="fp32 (no TF32: the papers' semantics), tf32 (TF32 matmuls and convolutions "
-                   "on CUDA) or bf16 (autocast; fp32 weights, losses and messages between "
-                   "stages). Conv nets run channels-last whatever the precision.")
-@click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile each layer group and local module (with CUDA graphs where "
-                   "the executor and rule allow); the compile time is recorded apart "
-                   "(compile_time_s), not in epoch_time_s.")
-@click.option("--limit-train", type=int, default=None, help="Use only the first N training samples.")
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    help="fp32 (no TF32: the papers' semantics), tf32 (TF32 matmuls and convolutions "
+    "on CUDA) or bf16 (autocast; fp32 weights, losses and messages between "
+    "stages). Conv nets run channels-last whatever the precision.",
+)
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="torch.compile each layer group and local module (with CUDA graphs where "
+    "the executor and rule allow); the compile time is recorded apart "
+    "(compile_time_s), not in epoch_time_s.",
+)
+@click.option(
+    "--limit-train", type=int, default=None, help="Use only the first N training samples."
+)
 @click.option("--limit-test", type=int, default=None, help="Use only the first N test samples.")
-@click.option("--data-dir", default=None, envvar="LCBENCH_DATA",
-              help="Where data sets are looked for first [env LCBENCH_DATA].")
-@click.option("--experiment", default="adhoc", show_default=True,
-              help="Experiment name: the run goes to OUT/EXPERIMENT/RUN_ID/.")
+@click.option(
+    "--data-dir",
+    default=None,
+    envvar="LCBENCH_DATA",
+    help="Where data sets are looked for first [env LCBENCH_DATA].",
+)
+@click.option(
+    "--experiment",
+    default="adhoc",
+    show_default=True,
+    help="Experiment name: the run goes to OUT/EXPERIMENT/RUN_ID/.",
+)
 @click.option("--out", default="results", show_default=True, help="Results folder.")
-@click.option("--emit-config", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the resolved run (config and cut points) to this file and stop: what "
-                   "`torchrun ... -m bench.executors.distributed FILE` (ddp: bench.executors.ddp) "
-                   "takes on several nodes.")
-@click.option("--save-weights", is_flag=True,
-              help="Also write the trained stages' state dicts to RUN/weights/stageK.pt.")
-@click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="N",
-              help="Write a checkpoint (RUN/checkpoints/) every N epochs; the same command "
-                   "run again continues from the last one. Removed when the run ends ok.")
-@click.option("--rank-timeout", type=float, default=300.0, show_default=True, metavar="SECONDS",
-              help="distributed, ddp: how long a rank waits for a peer (a message, a "
-                   "collective) before the run fails naming the rank that stopped answering.")
-@click.option("--max-restarts", type=int, default=0, show_default=True, metavar="N",
-              help="When a rank (or the one process of a sequential run) dies or stops "
-                   "answering, torchrun's elastic agent starts the ranks again from the newest "
-                   "checkpoint, up to N times; run.json lists each restart.")
-@click.option("--no-checkpoint", is_flag=True,
-              help="Neither write nor continue from checkpoints (the run starts over).")
+@click.option(
+    "--emit-config",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the resolved run (config and cut points) to this file and stop: what "
+    "`torchrun ... -m bench.executors.distributed FILE` (ddp: bench.executors.ddp) "
+    "takes on several nodes.",
+)
+@click.option(
+    "--save-weights",
+    is_flag=True,
+    help="Also write the trained stages' state dicts to RUN/weights/stageK.pt.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Write a checkpoint (RUN/checkpoints/) every N epochs; the same command "
+    "run again continues from the last one. Removed when the run ends ok.",
+)
+@click.option(
+    "--rank-timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="distributed, ddp: how long a rank waits for a peer (a message, a "
+    "collective) before the run fails naming the rank that stopped answering.",
+)
+@click.option(
+    "--max-restarts",
+    type=int,
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="When a rank (or the one process of a sequential run) dies or stops "
+    "answering, torchrun's elastic agent starts the ranks again from the newest "
+    "checkpoint, up to N times; run.json lists each restart.",
+)
+@click.option(
+    "--tensorboard",
+    default=None,
+    metavar="DIR",
+    help="Also write every row, as it is measured, to TensorBoard event files under "
+    "DIR/RUN_ID (per stage where it has one; the config as hparams at the end); "
+    "needs `pip install 'lcbench[tensorboard]'`.",
+)
+@click.option(
+    "--no-checkpoint",
+    is_flag=True,
+    help="Neither write nor continue from checkpoints (the run starts over).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def run(method, groups, task, model, width, epochs, iterations, batch_size, optimizer, lr,
-        lr_milestones,
-        lr_gamma, weight_decay, clip_grad, seed, split,
-        cuts, neuron_groups, option_pairs, executor, workers, placement, threads, device,
-        precision, compile_, limit_train, limit_test, data_dir, experiment, out, emit_config,
-        save_weights, checkpoint_every, rank_timeout, max_restarts, no_checkpoint, quiet):
+def run(
+    method,
+    groups,
+    task,
+    model,
+    width,
+    epochs,
+    iterations,
+    batch_size,
+    optimizer,
+    lr,
+    lr_milestones,
+    lr_gamma,
+    weight_decay,
+    clip_grad,
+    seed,
+    split,
+    cuts,
+    neuron_groups,
+    option_pairs,
+    executor,
+    workers,
+    placement,
+    threads,
+    device,
+    precision,
+    compile_,
+    limit_train,
+    limit_test,
+    data_dir,
+    experiment,
+    out,
+    emit_config,
+    save_weights,
+    checkpoint_every,
+    rank_timeout,
+    max_restarts,
+    tensorboard,
+    no_checkpoint,
+    quiet,
+):
     """Train one network with one learning rule; write metrics.csv and run.json.
 
     A run killed or stopped (SIGTERM, Ctrl-C) continues from its last checkpoint when the
@@ -148,35 +297,64 @@ def run(method, groups, task, model, width, epochs, iterations, batch_size, opti
     options = parse_options(option_pairs)
     if neuron_groups is not None:
         options["neuron_groups"] = neuron_groups
-    cfg = RunConfig(method=method, groups=groups, task=task, model=model, width=width,
-                    epochs=epochs, iterations=iterations, batch_size=batch_size,
-                    optimizer=optimizer, lr=lr,
-                    lr_milestones=parse_ints(lr_milestones, "--lr-milestones"),
-                    lr_gamma=lr_gamma, weight_decay=weight_decay, clip_grad=clip_grad,
-                    seed=seed, split=split, cuts=parse_ints(cuts, "--cuts"), options=options,
-                    executor=executor, workers=workers, placement=placement, threads=threads,
-                    device=device, precision=precision, compile=compile_,
-                    limit_train=limit_train, limit_test=limit_test, data_dir=data_dir,
-                    experiment=experiment, out=out, save_weights=save_weights,
-                    checkpoint_every=0 if no_checkpoint else checkpoint_every,
-                    rank_timeout=rank_timeout, max_restarts=max_restarts)
+    cfg = RunConfig(
+        method=method,
+        groups=groups,
+        task=task,
+        model=model,
+        width=width,
+        epochs=epochs,
+        iterations=iterations,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        lr_milestones=parse_ints(lr_milestones, "--lr-milestones"),
+        lr_gamma=lr_gamma,
+        weight_decay=weight_decay,
+        clip_grad=clip_grad,
+        seed=seed,
+        split=split,
+        cuts=parse_ints(cuts, "--cuts"),
+        options=options,
+        executor=executor,
+        workers=workers,
+        placement=placement,
+        threads=threads,
+        device=device,
+        precision=precision,
+        compile=compile_,
+        limit_train=limit_train,
+        limit_test=limit_test,
+        data_dir=data_dir,
+        experiment=experiment,
+        out=out,
+        save_weights=save_weights,
+        checkpoint_every=0 if no_checkpoint else checkpoint_every,
+        rank_timeout=rank_timeout,
+        max_restarts=max_restarts,
+        tensorboard=tensorboard,
+    )
     prep = prepare.prepare(cfg)
     if emit_config:
         try:
             launch.write_config(emit_config, prep.cfg, prep.cuts)
         except OSError as e:
-            raise UsageError(f"cannot write --emit-config {emit_config}: {e.strerror or e}") from None
+            raise UsageError(
+                f"cannot write --emit-config {emit_config}: {e.strerror or e}"
+            ) from None
         entry = launch.ENTRY.get(prep.cfg.executor)
-        click.echo(f"wrote {emit_config}: {ranks(prep.cfg)} ranks" + (f" of -m {entry}" if entry else ""))
+        click.echo(
+            f"wrote {emit_config}: {ranks(prep.cfg)} ranks" + (f" of -m {entry}" if entry else "")
+        )
         return
     try:
         with sweeps.stop_on_signals():
             record = runner.execute(prep, progress=not quiet)
     except sweeps.Interrupted as e:
-        again = ("continue from its last checkpoint" if prep.cfg.checkpoint_every
-                 else "start it over")
-        click.echo(f"lcbench: run stopped by {e}; run the same command again to {again}",
-                   err=True)
+        again = (
+            "continue from its last checkpoint" if prep.cfg.checkpoint_every else "start it over"
+        )
+        click.echo(f"lcbench: run stopped by {e}; run the same command again to {again}", err=True)
         sys.exit(e.exit_code)
     if not quiet:
         click.echo(summary(record))
@@ -194,25 +372,49 @@ def summary(record) -> str:
         if r["epoch"] == last:
             table.setdefault(r["stage"], {})[r["metric"]] = r["value"]
     seconds = sum(r["value"] for r in record.rows if r["metric"] == "epoch_time_s")
-    lines = [f"{record.info['run_id']}  ({last} epochs, {seconds:.1f} s training)",
-             f"  {'output':<14}{'test_acc':>10}{'test_loss':>11}"]
+    lines = [
+        f"{record.info['run_id']}  ({last} epochs, {seconds:.1f} s training)",
+        f"  {'output':<14}{'test_acc':>10}{'test_loss':>11}",
+    ]
     for stage in sorted(table, key=lambda s: (s == "", s.zfill(4))):
         name = "final" if stage == "" else f"sub-model {stage}"
-        lines.append(f"  {name:<14}{table[stage]['test_acc']:>10.4f}{table[stage]['test_loss']:>11.4f}")
+        lines.append(
+            f"  {name:<14}{table[stage]['test_acc']:>10.4f}{table[stage]['test_loss']:>11.4f}"
+        )
     return "\n".join(lines)
 
 
 @cli.command()
 @click.argument("spec", metavar="SPEC.toml")
 @click.option("--preset", "-p", default=None, help="Lay the spec's [presets.NAME] over it.")
-@click.option("--out", default="results", show_default=True,
-              help="Results folder: runs go to OUT/NAME/RUN_ID/.")
-@click.option("--data-dir", default=None, envvar="LCBENCH_DATA",
-              help="Where data sets are looked for first [env LCBENCH_DATA].")
-@click.option("--quiet", "-q", is_flag=True,
-              help="No progress bars (the line per finished run and the tally remain).")
+@click.option(
+    "--out",
+    default="results",
+    show_default=True,
+    help="Results folder: runs go to OUT/NAME/RUN_ID/.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    envvar="LCBENCH_DATA",
+    help="Where data sets are looked for first [env LCBENCH_DATA].",
+)
+@click.option(
+    "--tensorboard",
+    default=None,
+    metavar="DIR",
+    help="Also write every row, as it is measured, to TensorBoard event files under "
+    "DIR/RUN_ID (per stage where it has one; the config as hparams at the end); "
+    "needs `pip install 'lcbench[tensorboard]'`.",
+)
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress bars (the line per finished run and the tally remain).",
+)
 @click.pass_context
-def sweep(ctx, spec, preset, out, data_dir, quiet):
+def sweep(ctx, spec, preset, out, data_dir, tensorboard, quiet):
     """Run the grid of an experiment spec, skipping runs already ok (so it resumes).
 
     \b
@@ -235,11 +437,14 @@ def sweep(ctx, spec, preset, out, data_dir, quiet):
     A malformed spec: one line and exit 2, nothing run.
     """
     cfgs = sweeps.load_spec(spec, preset, out=out, data_dir=data_dir)
+    if tensorboard:
+        cfgs = [replace(cfg, tensorboard=tensorboard).validated() for cfg in cfgs]
     try:
         tally = sweeps.run_sweep(cfgs, progress=not quiet)
     except sweeps.Interrupted as e:
-        click.echo(f"lcbench: sweep stopped by {e} ({e.tally.line()}); "
-                   f"run it again to resume", err=True)
+        click.echo(
+            f"lcbench: sweep stopped by {e} ({e.tally.line()}); run it again to resume", err=True
+        )
         ctx.exit(e.exit_code)
     click.echo(f"sweep {cfgs[0].experiment}: {tally.line()}")
     ctx.exit(1 if tally.failed else 0)
@@ -248,14 +453,19 @@ def sweep(ctx, spec, preset, out, data_dir, quiet):
 @cli.command()
 @click.argument("name", metavar="NAME")
 @click.argument("results", metavar="RESULTS_DIR", type=click.Path(file_okay=False))
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Where NAME.md, NAME.tex and NAME.csv go (default: RESULTS_DIR).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where NAME.md, NAME.tex and NAME.csv go (default: RESULTS_DIR).",
+)
 def table(name, results, out):
     """Our runs beside the published numbers (bench/references/NAME.csv), with the delta,
     time per epoch, speedup against BP on one worker and against data-parallel BP (DDP) on the
     same ranks, and peak memory per device beside BP's and DDP's, as Markdown (printed), LaTeX
     and CSV. Runs are read from RESULTS_DIR/NAME/ (or RESULTS_DIR)."""
     from .report import table as tables
+
     if not (tables.REFERENCES / f"{name}.csv").is_file():
         known = ", ".join(p.stem for p in sorted(tables.REFERENCES.glob("*.csv")))
         raise UsageError(f"no table '{name}' (choose from {known})")
@@ -271,13 +481,44 @@ def table(name, results, out):
 
 @cli.command()
 @click.argument("results", metavar="RESULTS_DIR", type=click.Path(file_okay=False))
-@click.option("--out", default="figures", show_default=True, type=click.Path(file_okay=False),
-              help="Where the figures go (PNG and PDF).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where report-EXPERIMENT.html goes (default: RESULTS_DIR).",
+)
+def report(results, out):
+    """One self-contained HTML page per experiment under RESULTS_DIR (report-NAME.html): the
+    table with the published numbers beside ours, every figure, each run's status and
+    provenance, failed runs with their one-line error. Readable offline in any browser."""
+    from .report import page
+
+    if not Path(results).is_dir():
+        raise UsageError(f"no results folder {results}")
+    try:
+        paths = page.write(Path(results), Path(out) if out else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write the report: {e.strerror or e}") from None
+    click.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@cli.command()
+@click.argument("results", metavar="RESULTS_DIR", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    default="figures",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the figures go (PNG and PDF).",
+)
 def plot(results, out):
     """Paper-style figures of the runs under RESULTS_DIR: accuracy against epoch, time per
     epoch and speedup, memory per device and per stage, accuracy against speedup, sub-model
     accuracy and progressive inference."""
     from .report import plots
+
     if not Path(results).is_dir():
         raise UsageError(f"no results folder {results}")
     try:
@@ -290,33 +531,81 @@ def plot(results, out):
 
 
 @cli.command()
-@click.option("--model", "model_names", multiple=True, default=("resnet20",), show_default=True,
-              help="Model whose blocks are timed (repeatable).")
-@click.option("--task", "-t", default="fashion-mnist", show_default=True,
-              help="Task: " + ", ".join(tasks.TASKS))
-@click.option("--method", "rules", multiple=True, default=("lc", "dgl", "dni", "cdni"),
-              show_default=True, help="Rule whose local modules are timed (repeatable).")
-@click.option("--batch-sizes", default="32,64,128", show_default=True, metavar="N1,N2,...",
-              help="Per-device batch sizes to time at (the forecast interpolates between them).")
+@click.option(
+    "--model",
+    "model_names",
+    multiple=True,
+    default=("resnet20",),
+    show_default=True,
+    help="Model whose blocks are timed (repeatable).",
+)
+@click.option(
+    "--task",
+    "-t",
+    default="fashion-mnist",
+    show_default=True,
+    help="Task: " + ", ".join(tasks.TASKS),
+)
+@click.option(
+    "--method",
+    "rules",
+    multiple=True,
+    default=("lc", "dgl", "dni", "cdni"),
+    show_default=True,
+    help="Rule whose local modules are timed (repeatable).",
+)
+@click.option(
+    "--batch-sizes",
+    default="32,64,128",
+    show_default=True,
+    metavar="N1,N2,...",
+    help="Per-device batch sizes to time at (the forecast interpolates between them).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads while timing (as a rank of a run would have them).")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="CPU threads while timing (as a rank of a run would have them).",
+)
 @click.option("--precision", default="fp32", show_default=True, help="fp32, tf32 or bf16.")
-@click.option("--link", "link_from", default="measure", show_default=True,
-              help="measure: a ping-pong and an all-reduce on two ranks (gloo on the CPU, NCCL "
-                   "on two GPUs); or the name of a shipped profile whose link to keep (one GPU).")
-@click.option("--data-dir", default=None, envvar="LCBENCH_DATA",
-              help="Where data sets are looked for first [env LCBENCH_DATA].")
+@click.option(
+    "--link",
+    "link_from",
+    default="measure",
+    show_default=True,
+    help="measure: a ping-pong and an all-reduce on two ranks (gloo on the CPU, NCCL "
+    "on two GPUs); or the name of a shipped profile whose link to keep (one GPU).",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    envvar="LCBENCH_DATA",
+    help="Where data sets are looked for first [env LCBENCH_DATA].",
+)
 @click.option("--name", default=None, help="The profile's name (default: the file's stem).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The profile (TOML).")
-def calibrate(model_names, task, rules, batch_sizes, device, threads, precision, link_from,
-              data_dir, name, out):
+def calibrate(
+    model_names,
+    task,
+    rules,
+    batch_sizes,
+    device,
+    threads,
+    precision,
+    link_from,
+    data_dir,
+    name,
+    out,
+):
     """Measure this machine for the forecast and write it as a profile: every block of each
     model timed in place (forward, backward, update) at a few batch sizes, each rule's local
     module, the input pipeline, the achieved FLOP/s and overhead fitted to them, and the link
     (latency, bandwidth, all-reduce) with the slowdown of two workers sharing the machine.
     `lcbench scale --profile FILE` forecasts from it."""
-    from .forecast import calibrate as calibration, profiles
+    from .forecast import calibrate as calibration
+    from .forecast import profiles
+
     sizes = parse_ints(batch_sizes, "--batch-sizes")
     if not sizes or min(sizes) < 1:
         raise UsageError(f"--batch-sizes must be positive integers, got '{batch_sizes}'")
@@ -338,32 +627,49 @@ def calibrate(model_names, task, rules, batch_sizes, device, threads, precision,
     if link_from != "measure":
         kept = _profile(link_from).link
     elif dev.type == "cuda" and __import__("torch").cuda.device_count() < 2:
-        raise UsageError("--link measure needs two GPUs on this machine; name a shipped profile "
-                         "whose link to keep instead (--link h100-sxm-nvlink, ...)")
+        raise UsageError(
+            "--link measure needs two GPUs on this machine; name a shipped profile "
+            "whose link to keep instead (--link h100-sxm-nvlink, ...)"
+        )
     _check_writable(Path(out))
     try:
         profile = calibration.calibrate(
-            model_names, task, methods_=[r for r in rules if r not in ("bp", "pipe-bp")],
-            batch_sizes=sizes, device=dev, threads=threads, precision=precision,
-            link=kept is None, data_dir=data_dir, name=name or Path(out).stem,
-            progress=lambda text: click.echo(text, err=True))
+            model_names,
+            task,
+            methods_=[r for r in rules if r not in ("bp", "pipe-bp")],
+            batch_sizes=sizes,
+            device=dev,
+            threads=threads,
+            precision=precision,
+            link=kept is None,
+            data_dir=data_dir,
+            name=name or Path(out).stem,
+            progress=lambda text: click.echo(text, err=True),
+        )
     except tasks.DataUnavailable as e:
         raise UsageError(str(e)) from None
     if kept is not None:
-        profile["link"] = {"name": kept.name, "latency_s": kept.latency_s,
-                           "bandwidth_bytes_per_s": kept.bandwidth, "efficiency": 1.0,
-                           "source": f"kept from profile {link_from}: {kept.source}"}
+        profile["link"] = {
+            "name": kept.name,
+            "latency_s": kept.latency_s,
+            "bandwidth_bytes_per_s": kept.bandwidth,
+            "efficiency": 1.0,
+            "source": f"kept from profile {link_from}: {kept.source}",
+        }
     calibration.write(profile, Path(out))
     device_ = profile["device"]
-    click.echo(f"wrote {out}: {device_['name']}, {device_['achieved_flops'][precision] / 1e9:.1f} "
-               f"GFLOP/s achieved, {1e6 * device_['overhead_s']:.0f} us per block per step, a step's "
-               f"time varying by {device_['step_cv']:.3f} of itself; link "
-               f"{1e6 * profile['link']['latency_s']:.1f} us + s / "
-               f"{profile['link']['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s")
+    click.echo(
+        f"wrote {out}: {device_['name']}, {device_['achieved_flops'][precision] / 1e9:.1f} "
+        f"GFLOP/s achieved, {1e6 * device_['overhead_s']:.0f} us per block per step, a step's "
+        f"time varying by {device_['step_cv']:.3f} of itself; link "
+        f"{1e6 * profile['link']['latency_s']:.1f} us + s / "
+        f"{profile['link']['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s"
+    )
 
 
 def _profile(name: str):
     from .forecast import profiles
+
     try:
         return profiles.load(name)
     except profiles.ProfileError as e:
@@ -374,6 +680,7 @@ def _check_writable(path: Path) -> None:
     """UsageError unless a file can be written at ``path`` (checked before minutes of work;
     nothing is left behind)."""
     import tempfile
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
@@ -385,44 +692,97 @@ def _check_writable(path: Path) -> None:
 @cli.command()
 @click.argument("model_names", metavar="[MODEL]...", nargs=-1)
 @click.option("--task", "-t", default=None, help="Task (default: the run's, else cifar10).")
-@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
-              help="Take the model, task, batch, rule options and precision from a run folder.")
-@click.option("--results", default=None, type=click.Path(file_okay=False),
-              help="A results folder: every model in it (unless MODELs are named), and their "
-                   "runs' learning curves for the time to 95% and 99% of BP's accuracy.")
-@click.option("--profile", "profile_names", multiple=True,
-              help="A shipped profile's name or a profile file (repeatable; default: every "
-                   "shipped profile).")
-@click.option("--workers", default=",".join(map(str, (2, 4, 8, 16, 32, 64))), show_default=True,
-              metavar="K1,K2,...", help="Numbers of workers.")
-@click.option("--rules", default="pipe-bp,dgl,adgl,lc,dni,cdni,gn", show_default=True,
-              help="The contenders set against DDP (and BP on one device).")
-@click.option("--batch-size", "-b", type=int, default=None,
-              help="Global batch (default: the run's, else 128).")
-@click.option("--precision", default=None, help="fp32, tf32 or bf16 (default: the run's, else fp32).")
-@click.option("--stages", type=int, default=None,
-              help="Pin the layer groups S of pipelined BP and the decoupled rules (default: "
-                   "the best for each K).")
-@click.option("--out", default="results/scale", show_default=True,
-              type=click.Path(file_okay=False), help="Where scale.csv, scale.md and the maps go.")
+@click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Take the model, task, batch, rule options and precision from a run folder.",
+)
+@click.option(
+    "--results",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A results folder: every model in it (unless MODELs are named), and their "
+    "runs' learning curves for the time to 95% and 99% of BP's accuracy.",
+)
+@click.option(
+    "--profile",
+    "profile_names",
+    multiple=True,
+    help="A shipped profile's name or a profile file (repeatable; default: every shipped profile).",
+)
+@click.option(
+    "--workers",
+    default=",".join(map(str, (2, 4, 8, 16, 32, 64))),
+    show_default=True,
+    metavar="K1,K2,...",
+    help="Numbers of workers.",
+)
+@click.option(
+    "--rules",
+    default="pipe-bp,dgl,adgl,lc,dni,cdni,gn",
+    show_default=True,
+    help="The contenders set against DDP (and BP on one device).",
+)
+@click.option(
+    "--batch-size",
+    "-b",
+    type=int,
+    default=None,
+    help="Global batch (default: the run's, else 128).",
+)
+@click.option(
+    "--precision", default=None, help="fp32, tf32 or bf16 (default: the run's, else fp32)."
+)
+@click.option(
+    "--stages",
+    type=int,
+    default=None,
+    help="Pin the layer groups S of pipelined BP and the decoupled rules (default: "
+    "the best for each K).",
+)
+@click.option(
+    "--out",
+    default="results/scale",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where scale.csv, scale.md and the maps go.",
+)
 @click.option("--no-maps", is_flag=True, help="Only the CSV and the summary.")
-def scale(model_names, task, run_dir, results, profile_names, workers, rules, batch_size,
-          precision, stages, out, no_maps):
+def scale(
+    model_names,
+    task,
+    run_dir,
+    results,
+    profile_names,
+    workers,
+    rules,
+    batch_size,
+    precision,
+    stages,
+    out,
+    no_maps,
+):
     """Forecast each rule against data-parallel BP (DDP) and pipelined BP on K workers over
     links of every bandwidth, from profiles of the hardware (shipped: data-sheet peaks at a
     stated efficiency; or measured by `lcbench calibrate`): scale.csv (a row per rule, model,
     profile, K and bandwidth: seconds per batch, speedups, memory per device, fits), scale.md
     (per rule and K, the bandwidth below which it beats DDP and whether it ever beats
     pipelined BP, and the assumptions) and a map per model and profile."""
-    from .forecast import profiles, scale as scaling
+    from .forecast import profiles
+    from .forecast import scale as scaling
     from .records import read_json
+
     ks = parse_ints(workers, "--workers")
     if not ks or min(ks) < 1:
         raise UsageError(f"--workers must be positive integers, got '{workers}'")
     chosen = [r.strip() for r in rules.split(",") if r.strip()]
     bad = [r for r in chosen if r not in scaling.RULES]
     if bad:
-        raise UsageError(f"unknown rule '{bad[0]}' for --rules (choose from {', '.join(scaling.RULES)})")
+        raise UsageError(
+            f"unknown rule '{bad[0]}' for --rules (choose from {', '.join(scaling.RULES)})"
+        )
     options, pairs = {}, []
     config = {}
     if run_dir:
@@ -437,6 +797,7 @@ def scale(model_names, task, run_dir, results, profile_names, workers, rules, ba
         pairs.append((task or models.REFERENCE_TASK.get(name, "cifar10"), name))
     if results and not model_names and not run_dir:
         from .report import table
+
         runs = table.load_runs(Path(results))
         pairs += list(dict.fromkeys(zip(runs["task"], runs["model"])))
     if not pairs:
@@ -458,9 +819,18 @@ def scale(model_names, task, run_dir, results, profile_names, workers, rules, ba
     for t, m in pairs:
         for profile in chosen_profiles:
             try:
-                rows += scaling.grid(m, t, profile, batch_size=batch_size, workers=ks,
-                                     rules=chosen, precision=precision, options=options,
-                                     stages=stages, progress=lambda text: click.echo(text, err=True))
+                rows += scaling.grid(
+                    m,
+                    t,
+                    profile,
+                    batch_size=batch_size,
+                    workers=ks,
+                    rules=chosen,
+                    precision=precision,
+                    options=options,
+                    stages=stages,
+                    progress=lambda text: click.echo(text, err=True),
+                )
             except profiles.ProfileError as e:
                 raise UsageError(str(e)) from None
     if results:
@@ -486,7 +856,9 @@ def list_(what):
             click.echo(f"  {name:<9}{m.summary}{extra}")
             defaults = methods.option_defaults(name)
             if defaults:
-                click.echo("           options: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+                click.echo(
+                    "           options: " + ", ".join(f"{k}={v}" for k, v in defaults.items())
+                )
     if what in (None, "models"):
         click.echo("models (parameters on the task named):")
         for name in models.MODELS:
@@ -498,8 +870,10 @@ def list_(what):
         click.echo("tasks:")
         for name, info in tasks.TASKS.items():
             shape = "x".join(map(str, info.input_shape))
-            click.echo(f"  {name:<14}{shape:<10}{info.num_classes:>4} classes  "
-                       f"default model {info.default_model}")
+            click.echo(
+                f"  {name:<14}{shape:<10}{info.num_classes:>4} classes  "
+                f"default model {info.default_model}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

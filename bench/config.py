@@ -1,7 +1,9 @@
 """The resolved configuration of one run, and its validation."""
+
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -37,7 +39,7 @@ class RunConfig:
     optimizer: str = "sgd"  # of the main network: sgd (Nesterov momentum) or adam
     lr: float = 0.02
     lr_milestones: list[int] | None = None  # iterations at which the main rate is multiplied by
-    lr_gamma: float = 0.1                   # lr_gamma (Adam-trained local modules keep theirs)
+    lr_gamma: float = 0.1  # lr_gamma (Adam-trained local modules keep theirs)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -52,7 +54,9 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32 (no TF32), tf32, or bf16 autocast (fp32 weights and messages)
     compile: bool = False  # torch.compile each group and local module (compile time apart)
-    threads: int | None = None  # per process; default: torch's (sequential), cores / ranks (on ranks)
+    threads: int | None = (
+        None  # per process; default: torch's (sequential), cores / ranks (on ranks)
+    )
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int | None = None  # default: the task's (1000; a language model: 10)
@@ -63,16 +67,17 @@ class RunConfig:
     experiment: str = "adhoc"
     out: str = "results"
     data_dir: str | None = None
+    tensorboard: str | None = None  # write every row to TensorBoard event files under DIR/RUN_ID
 
     #: fields that do not change what is computed (where, how it is reported)
-    OUTPUT_FIELDS = ("experiment", "out", "data_dir")
+    OUTPUT_FIELDS = ("experiment", "out", "data_dir", "tensorboard")
     #: ... nor how often its state is saved: none of them is part of the run's key
     UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every", "rank_timeout", "max_restarts")
     #: fields added after runs were recorded: left out of the key at these defaults, so that
     #: the ids of earlier runs stay the same (and their sweeps resume)
     LATER_FIELDS = {"workers": None, "precision": "fp32", "compile": False, "optimizer": "sgd"}
 
-    def validated(self) -> "RunConfig":
+    def validated(self) -> RunConfig:
         """Canonical method name and option defaults filled in; raise UsageError on bad values."""
         try:
             method = methods.resolve(self.method)
@@ -87,48 +92,93 @@ class RunConfig:
             (self.epochs >= 0, f"--epochs must not be negative (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
-            (self.optimizer in methods.base.OPTIMIZERS, f"unknown optimizer '{self.optimizer}' "
-             f"(choose from {', '.join(methods.base.OPTIMIZERS)})"),
-            (self.iterations is None or self.iterations >= 1,
-             f"--iterations must be at least 1 (got {self.iterations})"),
-            (self.clip_grad is None or self.clip_grad > 0,
-             f"--clip-grad must be positive (got {self.clip_grad})"),
+            (
+                self.optimizer in methods.base.OPTIMIZERS,
+                f"unknown optimizer '{self.optimizer}' "
+                f"(choose from {', '.join(methods.base.OPTIMIZERS)})",
+            ),
+            (
+                self.iterations is None or self.iterations >= 1,
+                f"--iterations must be at least 1 (got {self.iterations})",
+            ),
+            (
+                self.clip_grad is None or self.clip_grad > 0,
+                f"--clip-grad must be positive (got {self.clip_grad})",
+            ),
             (0 < self.lr_gamma, f"lr_gamma must be positive (got {self.lr_gamma})"),
             (self.width > 0, f"--width must be positive (got {self.width})"),
-            (self.checkpoint_every >= 0,
-             f"--checkpoint-every must not be negative (got {self.checkpoint_every})"),
-            (math.isfinite(self.rank_timeout) and self.rank_timeout > 0,
-             f"--rank-timeout must be a positive number of seconds (got {self.rank_timeout})"),
-            (isinstance(self.max_restarts, int) and self.max_restarts >= 0,
-             f"--max-restarts must not be negative (got {self.max_restarts})"),
-            (self.threads is None or self.threads >= 1,
-             f"--threads must be at least 1 (got {self.threads})"),
-            (self.split in SPLITS, f"unknown split '{self.split}' (choose from {', '.join(SPLITS)})"),
-            (self.executor in EXECUTORS,
-             f"unknown executor '{self.executor}' (choose from {', '.join(EXECUTORS)})"),
-            (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-             f"unknown device '{self.device}' (auto, cpu, cuda, cuda:N)"),
-            (self.precision in PRECISIONS,
-             f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})"),
-            (self.placement in PLACEMENTS,
-             f"unknown placement '{self.placement}' (choose from {', '.join(PLACEMENTS)})"),
-            (self.placement == "stage" or (method.name == "gn" and self.executor == "distributed"),
-             "--placement neuron needs --method gn and --executor distributed"),
-            (not ddp or method.name == "bp",
-             f"--executor ddp trains BP (data-parallel backprop), not --method {method.name}"),
-            (not ddp or groups == 1,
-             f"--executor ddp puts the whole net on every rank: --groups must be 1 (got {groups})"),
+            (
+                self.checkpoint_every >= 0,
+                f"--checkpoint-every must not be negative (got {self.checkpoint_every})",
+            ),
+            (
+                math.isfinite(self.rank_timeout) and self.rank_timeout > 0,
+                f"--rank-timeout must be a positive number of seconds (got {self.rank_timeout})",
+            ),
+            (
+                self.tensorboard is None or importlib.util.find_spec("tensorboard") is not None,
+                "--tensorboard needs the tensorboard package: pip install 'lcbench[tensorboard]'",
+            ),
+            (
+                isinstance(self.max_restarts, int) and self.max_restarts >= 0,
+                f"--max-restarts must not be negative (got {self.max_restarts})",
+            ),
+            (
+                self.threads is None or self.threads >= 1,
+                f"--threads must be at least 1 (got {self.threads})",
+            ),
+            (
+                self.split in SPLITS,
+                f"unknown split '{self.split}' (choose from {', '.join(SPLITS)})",
+            ),
+            (
+                self.executor in EXECUTORS,
+                f"unknown executor '{self.executor}' (choose from {', '.join(EXECUTORS)})",
+            ),
+            (
+                self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+                f"unknown device '{self.device}' (auto, cpu, cuda, cuda:N)",
+            ),
+            (
+                self.precision in PRECISIONS,
+                f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})",
+            ),
+            (
+                self.placement in PLACEMENTS,
+                f"unknown placement '{self.placement}' (choose from {', '.join(PLACEMENTS)})",
+            ),
+            (
+                self.placement == "stage"
+                or (method.name == "gn" and self.executor == "distributed"),
+                "--placement neuron needs --method gn and --executor distributed",
+            ),
+            (
+                not ddp or method.name == "bp",
+                f"--executor ddp trains BP (data-parallel backprop), not --method {method.name}",
+            ),
+            (
+                not ddp or groups == 1,
+                f"--executor ddp puts the whole net on every rank: --groups must be 1 (got {groups})",
+            ),
             (not ddp or self.workers is not None, "--executor ddp needs --workers K (its ranks)"),
-            (ddp or self.workers is None,
-             "--workers is for --executor ddp (the distributed executor has a rank per layer group)"),
-            (self.workers is None or self.workers >= 1,
-             f"--workers must be at least 1 (got {self.workers})"),
-            (options.get("microbatches", 1) <= self.batch_size,
-             f"-o microbatches={options.get('microbatches')} cuts a batch of {self.batch_size} "
-             f"into more micro-batches than it has samples"),
-            (not ddp or not self.workers or self.batch_size % self.workers == 0,
-             f"--batch-size {self.batch_size} does not split into {self.workers} equal shards "
-             f"(--workers {self.workers})"),
+            (
+                ddp or self.workers is None,
+                "--workers is for --executor ddp (the distributed executor has a rank per layer group)",
+            ),
+            (
+                self.workers is None or self.workers >= 1,
+                f"--workers must be at least 1 (got {self.workers})",
+            ),
+            (
+                options.get("microbatches", 1) <= self.batch_size,
+                f"-o microbatches={options.get('microbatches')} cuts a batch of {self.batch_size} "
+                f"into more micro-batches than it has samples",
+            ),
+            (
+                not ddp or not self.workers or self.batch_size % self.workers == 0,
+                f"--batch-size {self.batch_size} does not split into {self.workers} equal shards "
+                f"(--workers {self.workers})",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -140,8 +190,12 @@ class RunConfig:
     def key(self) -> dict:
         """The fields that determine the results (where they go, how often they are saved,
         and later fields at their defaults excluded)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.UNKEYED_FIELDS
-                and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in self.UNKEYED_FIELDS
+            and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])
+        }
 
     @property
     def run_id(self) -> str:

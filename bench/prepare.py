@@ -1,5 +1,6 @@
 """A run made ready: config -> task, model, split, stages, all built and checked before
 anything is written; then its record opened. Shared by every executor."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,8 @@ from . import checkpoint, models
 from .config import LAUNCHED, RunConfig, UsageError, ranks, ranks_per_layer
 from .data import tasks
 from .measure import profile, submodels
-from .measure.provenance import now, provenance
 from .measure.profile import dummy_input
+from .measure.provenance import now, provenance
 from .models import paper, rnn, runtime, slicing, split
 from .records import RunRecord, read_json
 
@@ -31,7 +32,11 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     target per sequence."""
     logits = match_targets(logits, y)
     if y.dim() == 2:
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        return (
+            F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            .view(y.shape)
+            .mean(1)
+        )
     return F.cross_entropy(logits, y, reduction="none")
 
 
@@ -79,8 +84,9 @@ class _PassThrough(nn.Module):
         return x * self.scale
 
 
-def local_parts(cfg: RunConfig, shape: tuple, classes: int, batch_size: int,
-                device: torch.device | None = None):
+def local_parts(
+    cfg: RunConfig, shape: tuple, classes: int, batch_size: int, device: torch.device | None = None
+):
     """The rule's local work on features of per-sample ``shape``, one batch at a time, as two
     callables: the stage's forward call (its local module's forward and backward, the update)
     and what it does when the upstream message comes (``None`` where the rule sends none),
@@ -88,8 +94,15 @@ def local_parts(cfg: RunConfig, shape: tuple, classes: int, batch_size: int,
     as ``place`` runs a stage there; else on the CPU as built). The second stands for the
     message of the last batch the first ran."""
     last = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
-    stage = methods.build_stages(cfg.method, [_PassThrough(), last], [shape, (classes,)], classes,
-                                 classification_loss, train_options(cfg, device), cfg.options)[0]
+    stage = methods.build_stages(
+        cfg.method,
+        [_PassThrough(), last],
+        [shape, (classes,)],
+        classes,
+        classification_loss,
+        train_options(cfg, device),
+        cfg.options,
+    )[0]
     if device is not None:
         place(replace(cfg, compile=False), [stage], device)
     x = torch.randn(batch_size, *shape, device=device)
@@ -138,9 +151,15 @@ def local_training_flops(cfg: RunConfig, shape: tuple, classes: int) -> float:
 
 def train_options(cfg: RunConfig, device: torch.device | None = None) -> TrainOptions:
     """The optimizers' settings; fused optimizer steps on a GPU."""
-    return TrainOptions(optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                        weight_decay=cfg.weight_decay, clip=cfg.clip_grad,
-                        fused=device is not None and device.type == "cuda")
+    return TrainOptions(
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        clip=cfg.clip_grad,
+        fused=device is not None and device.type == "cuda",
+    )
 
 
 def cudagraphs(cfg: RunConfig) -> bool:
@@ -158,11 +177,16 @@ def place(cfg: RunConfig, stages, device: torch.device) -> None:
     for stage in stages:
         for module in stage.modules():
             module.to(device)
-    runtime.apply(stages, precision=cfg.precision, compile=cfg.compile, device=device,
-                  cudagraphs=cudagraphs(cfg))
+    runtime.apply(
+        stages,
+        precision=cfg.precision,
+        compile=cfg.compile,
+        device=device,
+        cudagraphs=cudagraphs(cfg),
+    )
 
 
-def stand_in(prep: "Prepared", k: int, module: nn.Module, rows: int):
+def stand_in(prep: Prepared, k: int, module: nn.Module, rows: int):
     """A random batch of ``rows`` shaped as stage ``k`` receives it (word ids where
     ``module`` starts with an embedding) and labels: what a warm-up trains on."""
     info = tasks.TASKS[prep.cfg.task]
@@ -176,19 +200,23 @@ def rehearse(stage: methods.Stage, batch: int, x: torch.Tensor, y: torch.Tensor)
     upstream message where the rule waits for one."""
     h, _ = stage.forward(batch, *stage.input(batch, x, y))
     if stage.upstream is not None and not stage.last:
-        message = (torch.randn_like(h) if stage.upstream == "gradient"
-                   else torch.rand(y.shape[0], device=h.device))
+        message = (
+            torch.randn_like(h)
+            if stage.upstream == "gradient"
+            else torch.rand(y.shape[0], device=h.device)
+        )
         stage.receive(batch, message)
 
 
-def warm_up_stage(prep: "Prepared", stage: methods.Stage, k: int, rows: int) -> float:
+def warm_up_stage(prep: Prepared, stage: methods.Stage, k: int, rows: int) -> float:
     """Seconds to compile what ``stage`` (of layer group ``k``) runs in training: two
     stand-in batches of ``rows`` through it alone (``rehearse``), after which it is as it
     was (``runtime.warm_up``). On ranks, every rank at once: some stages gather or reduce
     across ranks."""
     reset_states([stage], rows)
     return runtime.warm_up(
-        [stage], lambda: rehearse(stage, -1, *stand_in(prep, k, stage.group, rows)), prep.device)
+        [stage], lambda: rehearse(stage, -1, *stand_in(prep, k, stage.group, rows)), prep.device
+    )
 
 
 def threads_per_rank(cfg: RunConfig) -> int:
@@ -216,8 +244,10 @@ def paper_cuts(model: str, groups: int) -> list[int]:
     known = paper.PAPER_CUTS.get(model, {})
     if groups not in known:
         have = ", ".join(f"K={k}" for k in known) or "none"
-        raise UsageError(f"--split paper: no published cut points for {model} with K={groups} "
-                         f"(published: {have})")
+        raise UsageError(
+            f"--split paper: no published cut points for {model} with K={groups} "
+            f"(published: {have})"
+        )
     return known[groups]
 
 
@@ -230,20 +260,37 @@ def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | No
         cuts = paper_cuts(cfg.model, cfg.groups)
     local = lambda shape: local_cost(cfg, shape, classes)  # noqa: E731
     with torch_threads(threads_per_rank(cfg)):  # time the blocks as the ranks will run them
-        cuts = split.resolve_cuts(model, cfg.groups, input_shape=input_shape, by=cfg.split,
-                                  cuts=cfg.cuts if cuts is None else cuts,
-                                  batch_size=cfg.batch_size, local_cost=local)
+        cuts = split.resolve_cuts(
+            model,
+            cfg.groups,
+            input_shape=input_shape,
+            by=cfg.split,
+            cuts=cfg.cuts if cuts is None else cuts,
+            batch_size=cfg.batch_size,
+            local_cost=local,
+        )
     if cfg.method == "gn":
         torch.manual_seed(cfg.seed)
-        model = models.build_model(cfg.model, input_shape, classes, width=cfg.width,
-                                   neuron_groups=cfg.options["neuron_groups"],
-                                   mix_at=[0, *cuts])
+        model = models.build_model(
+            cfg.model,
+            input_shape,
+            classes,
+            width=cfg.width,
+            neuron_groups=cfg.options["neuron_groups"],
+            mix_at=[0, *cuts],
+        )
     groups = split.split_model(model, cfg.groups, input_shape=input_shape, cuts=cuts)
     return groups, cuts
 
 
-def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | None = None,
-            data: bool = True, cuts: list[int] | None = None) -> Prepared:
+def prepare(
+    cfg: RunConfig,
+    *,
+    stage: int | None = None,
+    device: torch.device | None = None,
+    data: bool = True,
+    cuts: list[int] | None = None,
+) -> Prepared:
     """Resolve, load and build; any bad input raises UsageError before a file is written.
 
     A rank of a distributed run moves only its ``stage`` to ``device``, only rank 0 loads
@@ -259,36 +306,52 @@ def prepare(cfg: RunConfig, *, stage: int | None = None, device: torch.device | 
         groups, cuts = build_groups(cfg, info.input_shape, info.num_classes, cuts)
         shapes = split.group_output_shapes(groups, info.input_shape)
         torch.manual_seed(cfg.seed)
-        stages = methods.build_stages(cfg.method, groups, shapes, info.num_classes,
-                                      classification_loss, train_options(cfg, device),
-                                      cfg.options)
+        stages = methods.build_stages(
+            cfg.method,
+            groups,
+            shapes,
+            info.num_classes,
+            classification_loss,
+            train_options(cfg, device),
+            cfg.options,
+        )
         if cfg.placement == "neuron" and stage is None:  # can each layer group be sliced?
             for group in groups:
                 body = list(group)[:-1] if group is groups[-1] else list(group)
                 slicing.neuron_slice(nn.Sequential(*body), 0, ranks_per_layer(cfg))
     except ValueError as e:  # SplitError, channel/neuron-group mismatch, bad option value
         raise UsageError(str(e)) from None
-    if (cfg.executor in LAUNCHED and stage is None and device.type == "cuda"
-            and torch.cuda.device_count() < ranks(cfg)):
+    if (
+        cfg.executor in LAUNCHED
+        and stage is None
+        and device.type == "cuda"
+        and torch.cuda.device_count() < ranks(cfg)
+    ):
         fewer = "--workers" if cfg.executor == "ddp" else "--groups"
-        raise UsageError(f"--executor {cfg.executor} on CUDA gives each of the {ranks(cfg)} ranks "
-                         f"a GPU of its own, and this machine has {torch.cuda.device_count()}: "
-                         f"add --device cpu (gloo) or use fewer {fewer}")
+        raise UsageError(
+            f"--executor {cfg.executor} on CUDA gives each of the {ranks(cfg)} ranks "
+            f"a GPU of its own, and this machine has {torch.cuda.device_count()}: "
+            f"add --device cpu (gloo) or use fewer {fewer}"
+        )
     if cfg.batch_size % stages[0].microbatches:
-        raise UsageError(f"--batch-size {cfg.batch_size} does not split into "
-                         f"{stages[0].microbatches} micro-batches")
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} does not split into "
+            f"{stages[0].microbatches} micro-batches"
+        )
     place(cfg, stages if stage is None else [stages[stage]], device)
     parameters = [sum(p.numel() for p in g.parameters()) for g in groups]
     if not data:
         return Prepared(cfg, None, device, cuts, shapes, parameters, stages)
     try:
-        task = tasks.load_task(cfg.task, cfg.data_dir, limit_train=cfg.limit_train,
-                               limit_test=cfg.limit_test).to(device)
+        task = tasks.load_task(
+            cfg.task, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test
+        ).to(device)
     except tasks.DataUnavailable as e:
         raise UsageError(str(e)) from None
     if task.steps(cfg.batch_size) < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size} leaves no whole training batch "
-                         f"in {cfg.task}")
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} leaves no whole training batch in {cfg.task}"
+        )
     return Prepared(cfg, task, device, cuts, shapes, parameters, stages)
 
 
@@ -313,9 +376,11 @@ def split_balance(prep: Prepared, rows: dict) -> float:
     stages comes near the rule's bound at perfect balance."""
     count, classes = len(prep.stages), tasks.TASKS[prep.cfg.task].num_classes
     with torch.random.fork_rng(devices=[]):  # the counting run draws; the run's draws stay put
-        costs = [3 * rows[str(k + 1), "group_flops"]
-                 + (local_training_flops(prep.cfg, prep.shapes[k], classes) if k < count - 1 else 0.0)
-                 for k in range(count)]
+        costs = [
+            3 * rows[str(k + 1), "group_flops"]
+            + (local_training_flops(prep.cfg, prep.shapes[k], classes) if k < count - 1 else 0.0)
+            for k in range(count)
+        ]
     return sum(costs) / count / max(costs)
 
 
@@ -345,8 +410,9 @@ def check_writable(cfg: RunConfig) -> None:
         raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
 
 
-def open_record(prep: Prepared, resumed: dict | None = None,
-                restart: dict | None = None) -> RunRecord:
+def open_record(
+    prep: Prepared, resumed: dict | None = None, restart: dict | None = None
+) -> RunRecord:
     """Create the run folder (UsageError if it cannot be written) and its files. A run
     ``resumed`` from a checkpoint (its ``epoch`` and ``rows``) keeps its run.json, the
     resume noted in ``resumes`` (or, when torchrun's elastic agent started it again, the
@@ -355,29 +421,51 @@ def open_record(prep: Prepared, resumed: dict | None = None,
     cfg = prep.cfg
     folder = run_folder(cfg)
     machine = provenance(prep.device)
-    info = {"run_id": cfg.run_id, "experiment": cfg.experiment, "status": "running",
-            "error": None, "config": asdict(cfg), "started": now(), "ended": None,
-            "split": {"by": cfg.split if cfg.cuts is None else "explicit", "cuts": prep.cuts},
-            "parameters_per_stage": prep.stage_params, "provenance": machine}
+    info = {
+        "run_id": cfg.run_id,
+        "experiment": cfg.experiment,
+        "status": "running",
+        "error": None,
+        "config": asdict(cfg),
+        "started": now(),
+        "ended": None,
+        "split": {"by": cfg.split if cfg.cuts is None else "explicit", "cuts": prep.cuts},
+        "parameters_per_stage": prep.stage_params,
+        "provenance": machine,
+    }
     record = RunRecord(folder, {**asdict(cfg), "run_id": cfg.run_id}, info)
     if resumed is not None or restart is not None:
         before = read_json(folder / "run.json")
         if isinstance(before, dict) and before.get("run_id") == cfg.run_id:
             info.update({k: before[k] for k in ("started", "resumes", "restarts") if k in before})
     if restart is not None:
-        info["restarts"] = [*info.get("restarts", []), {
-            **restart, "from_epoch": resumed["epoch"] if resumed else 0}]
+        info["restarts"] = [
+            *info.get("restarts", []),
+            {**restart, "from_epoch": resumed["epoch"] if resumed else 0},
+        ]
     elif resumed is not None:
-        info["resumes"] = [*info.get("resumes", []), {
-            "epoch": resumed["epoch"], "at": now(), "host": machine["hostname"]}]
+        info["resumes"] = [
+            *info.get("resumes", []),
+            {"epoch": resumed["epoch"], "at": now(), "host": machine["hostname"]},
+        ]
     if resumed is not None:
         record.rows = list(resumed["rows"])
+    if cfg.tensorboard:
+        from bench.measure.curves import Curves
+
+        try:
+            record.curves = Curves(
+                cfg.tensorboard, cfg.run_id, asdict(cfg), resumed["epoch"] if resumed else 0
+            )
+        except OSError as e:
+            raise UsageError(
+                f"cannot write to --tensorboard {cfg.tensorboard}: {e.strerror or e}"
+            ) from None
     try:
         record.start()
     except OSError as e:
         raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
     return record
-
 
 
 def reset_states(stages, rows: int) -> None:

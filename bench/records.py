@@ -3,16 +3,18 @@
 Every write goes to a temporary name in the same folder and is renamed over the target,
 so a reader (or a run killed at any instant) never sees a half-written file.
 """
+
 from __future__ import annotations
 
 import csv
-import math
 import io
 import json
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import torch
 
@@ -21,8 +23,19 @@ from bench.measure.provenance import now
 UMASK = os.umask(0)
 os.umask(UMASK)
 
-COLUMNS = ["run_id", "method", "task", "model", "groups", "executor", "seed",
-           "epoch", "stage", "metric", "value"]
+COLUMNS = [
+    "run_id",
+    "method",
+    "task",
+    "model",
+    "groups",
+    "executor",
+    "seed",
+    "epoch",
+    "stage",
+    "metric",
+    "value",
+]
 
 
 class RunFailed(RuntimeError):
@@ -65,9 +78,10 @@ class RunRecord:
         self.identity = {k: identity[k] for k in COLUMNS[:7]}
         self.info = info
         self.rows: list[dict] = []
+        self.curves = None  # bench.measure.curves.Curves where --tensorboard asks for them
 
     @classmethod
-    def load(cls, folder: Path) -> "RunRecord":
+    def load(cls, folder: Path) -> RunRecord:
         """The record of a finished run, read back from its files."""
         folder = Path(folder)
         info = read_json(folder / "run.json") or {}
@@ -76,7 +90,7 @@ class RunRecord:
         for row in rows:
             row["epoch"], row["value"] = int(row["epoch"]), float(row["value"])
         record = cls.__new__(cls)
-        record.folder, record.info, record.rows = folder, info, rows
+        record.folder, record.info, record.rows, record.curves = folder, info, rows, None
         record.identity = {k: rows[0][k] for k in COLUMNS[:7]} if rows else {}
         return record
 
@@ -88,9 +102,12 @@ class RunRecord:
     def add(self, epoch: int, metrics: dict[tuple[str, str], float]) -> None:
         """Append ``{(stage, metric): value}`` rows for ``epoch`` and write them out."""
         for (stage, metric), value in metrics.items():
-            self.rows.append({**self.identity, "epoch": epoch, "stage": stage,
-                              "metric": metric, "value": value})
+            self.rows.append(
+                {**self.identity, "epoch": epoch, "stage": stage, "metric": metric, "value": value}
+            )
         self.write_metrics()
+        if self.curves is not None:
+            self.curves.add(epoch, metrics)
 
     def write_metrics(self) -> None:
         buffer = io.StringIO()
@@ -102,6 +119,9 @@ class RunRecord:
     def update(self, **fields) -> None:
         self.info.update(fields)
         write_atomic(self.folder / "run.json", json.dumps(self.info, indent=2, default=str) + "\n")
+        if self.curves is not None and fields.get("status") in ("ok", "failed", "diverged"):
+            self.curves.close()
+            self.curves = None
 
 
 def save_weights(folder: Path, label: str, stage) -> None:
@@ -109,13 +129,16 @@ def save_weights(folder: Path, label: str, stage) -> None:
     written atomically."""
     path = folder / "weights" / f"stage{label}.pt"
     path.parent.mkdir(exist_ok=True)
-    replace_atomic(path, lambda f: torch.save([module.state_dict() for module in stage.modules()], f))
+    replace_atomic(
+        path, lambda f: torch.save([module.state_dict() for module in stage.modules()], f)
+    )
 
 
 def stop_if_diverged(record: RunRecord, loss: float, epoch: int) -> None:
     """Mark the run ``diverged`` in run.json and raise RunFailed if the training ``loss`` of
     ``epoch`` is not finite."""
     if not math.isfinite(loss):
-        record.update(status="diverged", error=f"non-finite training loss at epoch {epoch}",
-                      ended=now())
+        record.update(
+            status="diverged", error=f"non-finite training loss at epoch {epoch}", ended=now()
+        )
         raise RunFailed(f"run {record.info.get('run_id')} diverged at epoch {epoch}")

@@ -1,4 +1,5 @@
 """The training schedule: how many batches each epoch has and the SGD rate of each one."""
+
 from __future__ import annotations
 
 import bisect

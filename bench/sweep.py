@@ -6,19 +6,20 @@ A run that fails, diverges or is invalid for its cell is recorded and the sweep 
 SIGINT / SIGTERM stop it cleanly: the current run is recorded ``failed`` ("interrupted").
 The spec format is described in ``bench/experiments/example.toml``.
 """
+
 from __future__ import annotations
 
 import itertools
 import signal
 import sys
 import threading
-import tomllib
 import types
 import typing
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tomllib
 from tqdm import tqdm
 
 import methods
@@ -30,16 +31,21 @@ from .records import RunFailed, RunRecord, read_json
 
 LAYER = ("experiment", "grid", "settings", "options")  # what the spec and each preset may set
 EXPERIMENT_KEYS = ("name", "description")
-FIELD_TYPES = {k: v for k, v in typing.get_type_hints(RunConfig).items()
-               if k not in (*RunConfig.OUTPUT_FIELDS, "options")}
+FIELD_TYPES = {
+    k: v
+    for k, v in typing.get_type_hints(RunConfig).items()
+    if k not in (*RunConfig.OUTPUT_FIELDS, "options")
+}
 
-Key = typing.Union[str, tuple]  # a RunConfig field, or (method, option)
+Key = str | tuple  # a RunConfig field, or (method, option)
 
 
 # -- reading a spec ---------------------------------------------------------------------
 
-def load_spec(path, preset: str | None = None, *, out: str = "results",
-              data_dir: str | None = None) -> list[RunConfig]:
+
+def load_spec(
+    path, preset: str | None = None, *, out: str = "results", data_dir: str | None = None
+) -> list[RunConfig]:
     """The runs of the spec at ``path`` (``preset`` laid over it), each resolved, in grid
     order, without duplicates. A malformed spec raises UsageError naming the file."""
     try:
@@ -55,13 +61,15 @@ def load_spec(path, preset: str | None = None, *, out: str = "results",
         raise UsageError(f"{path}: {e}") from None
 
 
-def expand(spec: dict, preset: str | None, default_name: str, *, out: str,
-           data_dir: str | None) -> list[RunConfig]:
+def expand(
+    spec: dict, preset: str | None, default_name: str, *, out: str, data_dir: str | None
+) -> list[RunConfig]:
     """Validate the parsed spec and return its resolved runs."""
     check_keys(spec, (*LAYER, "presets"), "the spec's top level")
     presets = table(spec, "presets", "")
-    layers = {name: parse_layer(table(presets, name, "presets."), f"presets.{name}.")
-              for name in presets}
+    layers = {
+        name: parse_layer(table(presets, name, "presets."), f"presets.{name}.") for name in presets
+    }
     experiment, fixed, grids, _ = parse_layer({k: v for k, v in spec.items() if k != "presets"}, "")
     if preset is not None:
         if preset not in layers:
@@ -75,7 +83,7 @@ def expand(spec: dict, preset: str | None, default_name: str, *, out: str,
             for axes in grids:
                 axes.pop(key, None)
             fixed[key] = value
-        for key, values in (p_grids[0].items() if p_grids and not p_replaces else ()):
+        for key, values in p_grids[0].items() if p_grids and not p_replaces else ():
             fixed.pop(key, None)
             for axes in grids:
                 axes[key] = values
@@ -92,10 +100,13 @@ def expand(spec: dict, preset: str | None, default_name: str, *, out: str,
         for combo in itertools.product(*axes.values()):
             values = {**fixed, **dict(zip(axes, combo))}
             method = canonical_method(values["method"], "method")
-            options = {k[1]: v for k, v in values.items() if isinstance(k, tuple) and k[0] == method}
+            options = {
+                k[1]: v for k, v in values.items() if isinstance(k, tuple) and k[0] == method
+            }
             settings = {k: v for k, v in values.items() if isinstance(k, str)}
-            cfg = prepare.resolve(RunConfig(**settings, options=options, experiment=name, out=out,
-                                           data_dir=data_dir))
+            cfg = prepare.resolve(
+                RunConfig(**settings, options=options, experiment=name, out=out, data_dir=data_dir)
+            )
             runs.setdefault(cfg.run_id, cfg)
     return list(runs.values())
 
@@ -111,8 +122,10 @@ def parse_layer(layer: dict, where: str) -> tuple[dict, dict, list[dict], bool]:
         if not isinstance(value, str):
             raise UsageError(f"[{where}experiment] {key} must be a string, got {value!r}")
     fixed = {}
-    settings = {**table(layer, "settings", where),
-                **option_items(table(layer, "options", where), f"{where}options")}
+    settings = {
+        **table(layer, "settings", where),
+        **option_items(table(layer, "options", where), f"{where}options"),
+    }
     for key, value in settings.items():
         label = f"{where}settings" if isinstance(key, str) else f"{where}options.{key[0]}"
         hint = checked_key(key, label)
@@ -127,8 +140,10 @@ def parse_layer(layer: dict, where: str) -> tuple[dict, dict, list[dict], bool]:
         axes = parse_grid(grid, label)
         clash = [key for key in fixed if key in axes]
         if clash:
-            raise UsageError(f"'{name_of(clash[0])}' is both a grid axis and a fixed value"
-                             f"{' in [' + where[:-1] + ']' if where else ''}")
+            raise UsageError(
+                f"'{name_of(clash[0])}' is both a grid axis and a fixed value"
+                f"{' in [' + where[:-1] + ']' if where else ''}"
+            )
         grids.append(axes)
     return experiment, fixed, grids, listed
 
@@ -153,7 +168,7 @@ def parse_grid(grid: dict, where: str) -> dict:
 def option_items(tables: dict, where: str) -> dict:
     """``{method: {option: value}}`` flattened to ``{(method, option): value}``."""
     items = {}
-    for method, options in tables.items():
+    for method in tables:
         name = canonical_method(method, f"[{where}.{method}]")
         items.update({(name, k): v for k, v in table(tables, method, f"{where}.").items()})
     return items
@@ -177,8 +192,9 @@ def canonical_method(name, where: str) -> str:
     try:
         return methods.resolve(name).name
     except ValueError:
-        raise UsageError(f"{where}: unknown method '{name}' (choose from "
-                         f"{', '.join(methods.METHODS)})") from None
+        raise UsageError(
+            f"{where}: unknown method '{name}' (choose from {', '.join(methods.METHODS)})"
+        ) from None
 
 
 def checked_key(key: Key, where: str):
@@ -187,12 +203,16 @@ def checked_key(key: Key, where: str):
         method, option = key
         hints = typing.get_type_hints(methods.resolve(method).options)
         if option not in hints:
-            raise UsageError(f"unknown option '{option}' for {method} in [{where}] "
-                             f"(choose from {', '.join(hints) or 'none'})")
+            raise UsageError(
+                f"unknown option '{option}' for {method} in [{where}] "
+                f"(choose from {', '.join(hints) or 'none'})"
+            )
         return hints[option]
     if key in RunConfig.OUTPUT_FIELDS:
-        raise UsageError(f"'{key}' cannot be set in a spec (the experiment name, --out and "
-                         f"--data-dir decide where runs go and what they read)")
+        raise UsageError(
+            f"'{key}' cannot be set in a spec (the experiment name, --out and "
+            f"--data-dir decide where runs go and what they read)"
+        )
     if key == "options":
         raise UsageError(f"'options' in [{where}]: use [options.METHOD] tables")
     if key not in FIELD_TYPES:
@@ -237,6 +257,7 @@ def name_of(key: Key) -> str:
 
 
 # -- running it -------------------------------------------------------------------------
+
 
 @dataclass
 class Tally:
@@ -303,18 +324,26 @@ def run_sweep(cfgs: list[RunConfig], *, progress: bool = True) -> Tally:
             cfgs = [prepare.resolve(cfg) for cfg in cfgs]
             todo = [cfg for cfg in cfgs if status_of(cfg) != "ok"]
             tally.skipped = len(cfgs) - len(todo)
-            tqdm.write(f"{len(cfgs)} runs: {tally.skipped} already ok, {len(todo)} to run",
-                       file=sys.stderr)
-            with tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True,
-                      file=sys.stderr) as bar:
+            tqdm.write(
+                f"{len(cfgs)} runs: {tally.skipped} already ok, {len(todo)} to run", file=sys.stderr
+            )
+            with tqdm(
+                total=len(todo),
+                unit="run",
+                disable=not progress,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            ) as bar:
                 for i, cfg in enumerate(todo, 1):
                     bar.set_description(f"run {i} of {len(todo)}")
                     status, detail = run_one(cfg, progress=progress)
                     tally.ok += status == "ok"
                     tally.failed += status != "ok"
                     tally.diverged += status == "diverged"
-                    tqdm.write(f"run {i} of {len(todo)}: {status:<8} {cfg.run_id}  {detail}",
-                               file=sys.stderr)
+                    tqdm.write(
+                        f"run {i} of {len(todo)}: {status:<8} {cfg.run_id}  {detail}",
+                        file=sys.stderr,
+                    )
                     bar.update()
         except KeyboardInterrupt as e:
             stop = e if isinstance(e, Interrupted) else Interrupted()
@@ -345,8 +374,15 @@ def run_one(cfg: RunConfig, *, progress: bool) -> tuple[str, str]:
 
 def record_invalid(cfg: RunConfig, error: str) -> None:
     """A run folder for a cell that could not even be prepared: status failed, its error."""
-    info = {"run_id": cfg.run_id, "experiment": cfg.experiment, "status": "failed",
-            "error": error, "config": asdict(cfg), "started": now(), "ended": None}
+    info = {
+        "run_id": cfg.run_id,
+        "experiment": cfg.experiment,
+        "status": "failed",
+        "error": error,
+        "config": asdict(cfg),
+        "started": now(),
+        "ended": None,
+    }
     record = RunRecord(prepare.run_folder(cfg), {**asdict(cfg), "run_id": cfg.run_id}, info)
     try:
         record.start()

@@ -1,8 +1,9 @@
 """Learning rules behind one stage interface, registered by name."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 from torch import nn
 
@@ -26,26 +27,58 @@ class Method:
     has_submodels: bool
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("bp", BPStage, BPOptions, "backprop through all groups (reference)", False),
-    Method("pipe-bp", PipeBPStage, PipeBPOptions,
-           "pipelined backprop over micro-batches (GPipe / 1F1B schedules)", False),
-    Method("dgl", DGLStage, DGLOptions, "decoupled greedy learning: auxiliary classifiers", True),
-    Method("adgl", ADGLStage, ADGLOptions,
-           "asynchronous DGL: inputs drawn from a replay buffer of the stage above", True),
-    Method("lc", LCStage, LCOptions, "local critic training: cascaded loss-matching critics", True),
-    Method("dni", DNIStage, DNIOptions, "decoupled neural interfaces: synthetic gradients", False),
-    Method("cdni", CDNIStage, DNIOptions, "DNI with label-conditioned synthesizers", False),
-    Method("gn", GNStage, GNOptions, "GN-DGL: local learning with neuron groups", True),
-    Method("frozen", FrozenStage, FrozenOptions,
-           "no-signal floor: groups 1..K-1 held at their initial weights, the last trained", False),
-]}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("bp", BPStage, BPOptions, "backprop through all groups (reference)", False),
+        Method(
+            "pipe-bp",
+            PipeBPStage,
+            PipeBPOptions,
+            "pipelined backprop over micro-batches (GPipe / 1F1B schedules)",
+            False,
+        ),
+        Method(
+            "dgl", DGLStage, DGLOptions, "decoupled greedy learning: auxiliary classifiers", True
+        ),
+        Method(
+            "adgl",
+            ADGLStage,
+            ADGLOptions,
+            "asynchronous DGL: inputs drawn from a replay buffer of the stage above",
+            True,
+        ),
+        Method(
+            "lc", LCStage, LCOptions, "local critic training: cascaded loss-matching critics", True
+        ),
+        Method(
+            "dni", DNIStage, DNIOptions, "decoupled neural interfaces: synthetic gradients", False
+        ),
+        Method("cdni", CDNIStage, DNIOptions, "DNI with label-conditioned synthesizers", False),
+        Method("gn", GNStage, GNOptions, "GN-DGL: local learning with neuron groups", True),
+        Method(
+            "frozen",
+            FrozenStage,
+            FrozenOptions,
+            "no-signal floor: groups 1..K-1 held at their initial weights, the last trained",
+            False,
+        ),
+    ]
+}
 
 ALIASES = {
-    "backprop": "bp", "pipelined-bp": "pipe-bp", "pipeline": "pipe-bp", "async-dgl": "adgl",
-    "local-critic": "lc", "local-critic-training": "lc",
-    "greedy": "dgl", "decoupled-greedy": "dgl", "synthetic-gradients": "dni",
-    "neuron-groups": "gn", "gn-dgl": "gn", "floor": "frozen",
+    "backprop": "bp",
+    "pipelined-bp": "pipe-bp",
+    "pipeline": "pipe-bp",
+    "async-dgl": "adgl",
+    "local-critic": "lc",
+    "local-critic-training": "lc",
+    "greedy": "dgl",
+    "decoupled-greedy": "dgl",
+    "synthetic-gradients": "dni",
+    "neuron-groups": "gn",
+    "gn-dgl": "gn",
+    "floor": "frozen",
 }
 
 
@@ -67,20 +100,42 @@ def variant(name: str, options: dict) -> str:
     ``VARIANT_OPTIONS`` away from their defaults), e.g. ``synth_fit=rms``; empty if none."""
     method = resolve(name)
     defaults = option_defaults(method.name)
-    return ",".join(f"{k}={options[k]}" for k in getattr(method.options, "VARIANT_OPTIONS", ())
-                    if k in options and options[k] != defaults[k])
+    return ",".join(
+        f"{k}={options[k]}"
+        for k in getattr(method.options, "VARIANT_OPTIONS", ())
+        if k in options and options[k] != defaults[k]
+    )
 
 
-def build_stages(name: str, groups: Sequence[nn.Module], shapes: Sequence[tuple], classes: int,
-                 criterion: Criterion, train: TrainOptions, options: dict | None = None
-                 ) -> list[Stage]:
+def build_stages(
+    name: str,
+    groups: Sequence[nn.Module],
+    shapes: Sequence[tuple],
+    classes: int,
+    criterion: Criterion,
+    train: TrainOptions,
+    options: dict | None = None,
+) -> list[Stage]:
     """One stage per layer group; ``shapes[k]`` is the per-sample output shape of group k."""
     method = resolve(name)
     opts = options_from(method.options, dict(options or {}), method.name)
     count = len(groups)
-    return [method.stage(k, count, group, criterion, train, shape=shapes[k], classes=classes,
-                         options=opts) for k, group in enumerate(groups)]
+    return [
+        method.stage(
+            k, count, group, criterion, train, shape=shapes[k], classes=classes, options=opts
+        )
+        for k, group in enumerate(groups)
+    ]
 
 
-__all__ = ["METHODS", "ALIASES", "Method", "Stage", "TrainOptions", "build_stages", "resolve",
-           "option_defaults", "variant"]
+__all__ = [
+    "METHODS",
+    "ALIASES",
+    "Method",
+    "Stage",
+    "TrainOptions",
+    "build_stages",
+    "resolve",
+    "option_defaults",
+    "variant",
+]

@@ -7,6 +7,7 @@ has, and a stage below a slow one is not stalled. With ``buffer_size = max_reuse
 rule is DGL. ``slow_stage`` / ``slow_ms`` make one stage slower on purpose (a sleep in its
 forward pass) to show how the others cope.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,8 +55,11 @@ class ReplayBuffer:
         return sum(e[2] == 0 for e in self.entries)
 
     def state_dict(self) -> dict:
-        return {"entries": self.entries, "discarded": self.discarded,
-                "generator": self.generator.get_state()}
+        return {
+            "entries": self.entries,
+            "discarded": self.discarded,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.entries = [list(entry) for entry in state["entries"]]
@@ -78,13 +82,20 @@ class ADGLStage(DGLStage):
 
     version = 1
 
-    def __init__(self, index, count, group, criterion, train, *, shape, classes,
-                 options: ADGLOptions):
-        super().__init__(index, count, group, criterion, train, shape=shape, classes=classes,
-                         options=options)
+    def __init__(
+        self, index, count, group, criterion, train, *, shape, classes, options: ADGLOptions
+    ):
+        super().__init__(
+            index, count, group, criterion, train, shape=shape, classes=classes, options=options
+        )
         seed = torch.initial_seed() + index  # the run's seed, without drawing from its stream
-        self.buffer = None if index == 0 else ReplayBuffer(
-            options.buffer_size, options.max_reuse, torch.Generator().manual_seed(seed))
+        self.buffer = (
+            None
+            if index == 0
+            else ReplayBuffer(
+                options.buffer_size, options.max_reuse, torch.Generator().manual_seed(seed)
+            )
+        )
         self.delay = options.slow_ms / 1000 if options.slow_stage == index + 1 else 0.0
 
     def input(self, batch, x, y):
@@ -98,8 +109,10 @@ class ADGLStage(DGLStage):
         return x, y
 
     def state_dict(self):
-        return {**super().state_dict(),
-                "buffer": None if self.buffer is None else self.buffer.state_dict()}
+        return {
+            **super().state_dict(),
+            "buffer": None if self.buffer is None else self.buffer.state_dict(),
+        }
 
     def load_state_dict(self, state):
         super().load_state_dict(state)

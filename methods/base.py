@@ -14,13 +14,15 @@ optimizers. Stages exchange only tensors tagged with a batch id:
 
 A stage keeps, per batch in flight, only what it needs to act on the upstream message.
 """
+
 from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -65,8 +67,9 @@ def main_optimizer(params, opts: TrainOptions) -> torch.optim.Optimizer:
     same settings joins it as a parameter group of its own (``optimizer.add_param_group``):
     one step for the stage."""
     if opts.optimizer == "adam":
-        return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay,
-                                fused=opts.fused or None)
+        return torch.optim.Adam(
+            params, lr=opts.lr, weight_decay=opts.weight_decay, fused=opts.fused or None
+        )
     return torch.optim.SGD(
         params,
         lr=opts.lr,
@@ -112,8 +115,9 @@ class Stage:
     #: or a refactoring, keeps checkpoints good)
     version = 1
 
-    def __init__(self, index: int, count: int, group: nn.Module, criterion: Criterion,
-                 train: TrainOptions):
+    def __init__(
+        self, index: int, count: int, group: nn.Module, criterion: Criterion, train: TrainOptions
+    ):
         self.index = index
         self.count = count
         self.group = group
@@ -179,9 +183,12 @@ class Stage:
     def state_dict(self) -> dict:
         """What carries the stage from one batch to the next: its modules' and optimizers'
         states, what it keeps for batches in flight and its running tallies."""
-        return {"modules": [module.state_dict() for module in self.modules()],
-                "optimizers": [optimizer.state_dict() for optimizer in self.optimizers()],
-                "kept": self.kept, "tallies": self._sums}
+        return {
+            "modules": [module.state_dict() for module in self.modules()],
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers()],
+            "kept": self.kept,
+            "tallies": self._sums,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``'s ``state``."""
@@ -269,24 +276,39 @@ def check_option(cls, name: str, value, method: str) -> None:
     if value is None and optional:
         return
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = {int: isinstance(value, int) and not isinstance(value, bool),
-          float: number and math.isfinite(value), bool: isinstance(value, bool),
-          str: isinstance(value, str)}[kind]
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: number and math.isfinite(value),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
     rule = f.metadata
     if ok and rule.get("choices") is not None and value not in rule["choices"]:
-        raise ValueError(f"option {name} of {method} must be one of {', '.join(rule['choices'])} "
-                         f"(got {value!r})")
+        raise ValueError(
+            f"option {name} of {method} must be one of {', '.join(rule['choices'])} (got {value!r})"
+        )
     if ok and rule.get("least") is not None:
         ok = value >= rule["least"]
     if ok and rule.get("above") is not None:
         ok = value > rule["above"]
     if not ok:
-        bound = (f" at least {rule['least']}" if rule.get("least") is not None else
-                 f" above {rule['above']}" if rule.get("above") is not None else "")
-        what = {int: "an integer", float: "a finite number", bool: "true or false",
-                str: "a string"}[kind]
-        raise ValueError(f"option {name} of {method} must be {what}{bound}"
-                         f"{' or unset' if optional else ''} (got {value!r})")
+        bound = (
+            f" at least {rule['least']}"
+            if rule.get("least") is not None
+            else f" above {rule['above']}"
+            if rule.get("above") is not None
+            else ""
+        )
+        what = {
+            int: "an integer",
+            float: "a finite number",
+            bool: "true or false",
+            str: "a string",
+        }[kind]
+        raise ValueError(
+            f"option {name} of {method} must be {what}{bound}"
+            f"{' or unset' if optional else ''} (got {value!r})"
+        )
 
 
 def options_from(cls, values: dict, method: str):
@@ -295,10 +317,16 @@ def options_from(cls, values: dict, method: str):
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown option(s) for {method}: {', '.join(unknown)} "
-                         f"(choose from {', '.join(sorted(names)) or 'none'})")
+        raise ValueError(
+            f"unknown option(s) for {method}: {', '.join(unknown)} "
+            f"(choose from {', '.join(sorted(names)) or 'none'})"
+        )
     for name, value in values.items():
         check_option(cls, name, value, method)
     hints = typing.get_type_hints(cls)
-    return cls(**{k: float(v) if _kind(hints[k])[0] is float and v is not None else v
-                  for k, v in values.items()})
+    return cls(
+        **{
+            k: float(v) if _kind(hints[k])[0] is float and v is not None else v
+            for k, v in values.items()
+        }
+    )

@@ -1,4 +1,5 @@
 """Backprop split into stages: the gradient dL/dh_k travels upstream, every group steps on it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,18 @@ class BPStage(Stage):
     upstream = "gradient"
     decoupled = False
 
-    def __init__(self, index, count, group, criterion, train, *, shape=None, classes=None,
-                 options: BPOptions | None = None):
+    def __init__(
+        self,
+        index,
+        count,
+        group,
+        criterion,
+        train,
+        *,
+        shape=None,
+        classes=None,
+        options: BPOptions | None = None,
+    ):
         super().__init__(index, count, group, criterion, train)
 
     def forward(self, batch, x, y):

@@ -1,11 +1,11 @@
 """Decoupled greedy learning: each group trains on its own auxiliary classifier's loss."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from . import modules
 from .base import Stage, option
-
 
 #: the auxiliary nets: "mlp-sr", the DGL paper's "MLP-SR-aux" (its CIFAR and ImageNet
 #: tables); "conv", that of the authors' DNI comparison (``modules.conv_auxiliary``)
@@ -27,13 +27,27 @@ class DGLStage(Stage):
 
     version = 1
 
-    def __init__(self, index, count, group, criterion, train, *, shape, classes,
-                 options: DGLOptions, head=None):
+    def __init__(
+        self,
+        index,
+        count,
+        group,
+        criterion,
+        train,
+        *,
+        shape,
+        classes,
+        options: DGLOptions,
+        head=None,
+    ):
         super().__init__(index, count, group, criterion, train)
         self.aux = None
         if not self.last:
-            self.aux = head if head is not None else AUX_NETS[options.aux_net](
-                shape, classes, channels=options.aux_channels)
+            self.aux = (
+                head
+                if head is not None
+                else AUX_NETS[options.aux_net](shape, classes, channels=options.aux_channels)
+            )
             self.optimizer.add_param_group({"params": list(self.aux.parameters())})
 
     def forward(self, batch, x, y):

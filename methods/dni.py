@@ -9,6 +9,7 @@ their running RMS (``modules.Synthesizer``; see DESIGN.md, DNI).
 A label-blind synthesizer can learn at most E[dL/dh | h]; on lc-vgg at lr 0.1 that part moves
 faster than it can follow (``python -m bench.studies.dni_signal``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ class DNIOptions:
 
     def __post_init__(self):
         if self.synth_kernel % 2 == 0:
-            raise ValueError(f"option synth_kernel of dni must be odd: a conv of even size does "
-                             f"not preserve the resolution (got {self.synth_kernel})")
+            raise ValueError(
+                f"option synth_kernel of dni must be odd: a conv of even size does "
+                f"not preserve the resolution (got {self.synth_kernel})"
+            )
 
 
 class DNIStage(Stage):
@@ -55,15 +58,22 @@ class DNIStage(Stage):
     upstream = "gradient"
     conditioned = False
 
-    def __init__(self, index, count, group, criterion, train, *, shape, classes,
-                 options: DNIOptions):
+    def __init__(
+        self, index, count, group, criterion, train, *, shape, classes, options: DNIOptions
+    ):
         super().__init__(index, count, group, criterion, train)
         self.synth = None
         if not self.last:
             self.synth = modules.Synthesizer(
-                shape, classes, conditioned=self.conditioned, filters=options.synth_filters,
-                kernel=options.synth_kernel, layers=options.synth_layers,
-                batchnorm=options.synth_batchnorm, fit=options.synth_fit)
+                shape,
+                classes,
+                conditioned=self.conditioned,
+                filters=options.synth_filters,
+                kernel=options.synth_kernel,
+                layers=options.synth_layers,
+                batchnorm=options.synth_batchnorm,
+                fit=options.synth_fit,
+            )
             self.synth_optimizer = adam(self.synth.parameters(), options.synth_lr, train)
 
     def _label(self, y):

@@ -1,6 +1,7 @@
 """The no-signal floor: groups 1..K-1 held at their initial weights, the last group trained
 on the true loss. What a decoupled rule's local signal adds is its accuracy above this
 floor, on the same net, split and protocol (an lcbench control, not a published rule)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,18 @@ class FrozenStage(Stage):
 
     version = 1
 
-    def __init__(self, index, count, group, criterion, train, *, shape=None, classes=None,
-                 options: FrozenOptions | None = None):
+    def __init__(
+        self,
+        index,
+        count,
+        group,
+        criterion,
+        train,
+        *,
+        shape=None,
+        classes=None,
+        options: FrozenOptions | None = None,
+    ):
         super().__init__(index, count, group, criterion, train)
 
     def forward(self, batch, x, y):

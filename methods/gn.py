@@ -4,6 +4,7 @@ width-wise into G neuron groups, each with its own head and loss, plus a diversi
 The group itself must be width-grouped (grouped convs inside, full mixing only where a
 layer group starts); the model builder does that. Here a neuron group is a channel slice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,18 +52,22 @@ class GNStage(Stage):
 
     version = 1
 
-    def __init__(self, index, count, group, criterion, train, *, shape, classes,
-                 options: GNOptions):
+    def __init__(
+        self, index, count, group, criterion, train, *, shape, classes, options: GNOptions
+    ):
         super().__init__(index, count, group, criterion, train)
         self.options = options
         self.heads = None
         if not self.last:
             channels = shape[-1] if len(shape) == 2 else shape[0]
             if channels % options.neuron_groups:
-                raise ValueError(f"{channels} channels do not split into "
-                                 f"{options.neuron_groups} neuron groups")
-            build = {"group": lambda: modules.group_head(shape, classes, hidden=options.head_hidden),
-                     "mlp-sr": lambda: modules.auxiliary(shape, classes)}
+                raise ValueError(
+                    f"{channels} channels do not split into {options.neuron_groups} neuron groups"
+                )
+            build = {
+                "group": lambda: modules.group_head(shape, classes, hidden=options.head_hidden),
+                "mlp-sr": lambda: modules.auxiliary(shape, classes),
+            }
             self.heads = nn.ModuleList(build[options.head]() for _ in range(options.neuron_groups))
             self.optimizer.add_param_group({"params": list(self.heads.parameters())})
 
@@ -77,8 +82,9 @@ class GNStage(Stage):
             chunks = h.chunk(self.options.neuron_groups, dim=channels)
             logits, losses = [], []
             for g, head in enumerate(self.heads):
-                seen = torch.cat([c if j == g else c.detach() for j, c in enumerate(chunks)],
-                                 channels)
+                seen = torch.cat(
+                    [c if j == g else c.detach() for j, c in enumerate(chunks)], channels
+                )
                 logits.append(head(seen))
                 losses.append(self.criterion(logits[-1], y))
             div = diversity(logits, y, self.options.temperature)

@@ -1,4 +1,5 @@
 """Local critic training (Lee & Lee): critics approximate the true loss, cascaded."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,13 +29,15 @@ class LCStage(Stage):
     version = 1
     upstream = "loss"
 
-    def __init__(self, index, count, group, criterion, train, *, shape, classes,
-                 options: LCOptions):
+    def __init__(
+        self, index, count, group, criterion, train, *, shape, classes, options: LCOptions
+    ):
         super().__init__(index, count, group, criterion, train)
         self.critic = None
         if not self.last:
-            self.critic = modules.critic(shape, classes, filters=options.critic_filters,
-                                         layers=options.critic_layers)
+            self.critic = modules.critic(
+                shape, classes, filters=options.critic_filters, layers=options.critic_layers
+            )
             self.critic_optimizer = adam(self.critic.parameters(), options.critic_lr, train)
 
     def forward(self, batch, x, y):

@@ -5,6 +5,7 @@ features, ``(D,)`` for vectors, ``(T, D)`` for sequences. On sequences a module 
 every step (``nn.Linear`` acts on the last dimension); where the targets are one per
 sequence, the loss reads its last step (``methods.base.match_targets``).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,16 +42,25 @@ def auxiliary(shape, classes: int, *, channels: int | None = None) -> nn.Module:
         return _mlp(shape[0], width, classes)
     if len(shape) == 2:  # sequences: the 3-layer MLP at every step, without BatchNorm
         width = channels or shape[1]
-        return nn.Sequential(nn.Linear(shape[1], width), nn.ReLU(), nn.Linear(width, width),
-                             nn.ReLU(), nn.Linear(width, classes))
+        return nn.Sequential(
+            nn.Linear(shape[1], width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, classes),
+        )
     c, h, _ = shape
     width = channels or c
     convs = []
     for i in range(3):
         convs += [nn.Conv2d(c if i == 0 else width, width, 1), nn.BatchNorm2d(width), nn.ReLU()]
     return nn.Sequential(
-        nn.AdaptiveAvgPool2d(math.ceil(h / 4)), *convs,
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), _mlp(4 * width, 4 * width, classes))
+        nn.AdaptiveAvgPool2d(math.ceil(h / 4)),
+        *convs,
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        _mlp(4 * width, 4 * width, classes),
+    )
 
 
 def conv_auxiliary(shape, classes: int, *, channels: int | None = None) -> nn.Module:
@@ -61,18 +71,29 @@ def conv_auxiliary(shape, classes: int, *, channels: int | None = None) -> nn.Mo
     if len(shape) != 3:
         return auxiliary(shape, classes, channels=channels)
     width = channels or shape[0]
-    convs = [nn.Conv2d(shape[0], width, 5, padding=2), nn.BatchNorm2d(width), nn.ReLU(),
-             nn.Conv2d(width, width, 5, padding=2), nn.BatchNorm2d(width), nn.ReLU(),
-             nn.Conv2d(width, width, 5, padding=2)]
+    convs = [
+        nn.Conv2d(shape[0], width, 5, padding=2),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 5, padding=2),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 5, padding=2),
+    ]
     nn.init.zeros_(convs[-1].weight)
     return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
 
 
 def _mlp(cin: int, width: int, classes: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(cin, width), nn.BatchNorm1d(width), nn.ReLU(),
-        nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(),
-        nn.Linear(width, classes))
+        nn.Linear(cin, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Linear(width, classes),
+    )
 
 
 #: how a synthesizer is fitted: "l2", the published plain L2 on the raw targets; "rms", the
@@ -103,8 +124,18 @@ class Synthesizer(nn.Module):
     #: weight of the newest batch in the running RMS of the targets (``fit="rms"``)
     SCALE_MOMENTUM = 0.01
 
-    def __init__(self, shape, classes: int, *, conditioned: bool, filters: int = 128,
-                 kernel: int = 3, layers: int = 1, batchnorm: bool = False, fit: str = "l2"):
+    def __init__(
+        self,
+        shape,
+        classes: int,
+        *,
+        conditioned: bool,
+        filters: int = 128,
+        kernel: int = 3,
+        layers: int = 1,
+        batchnorm: bool = False,
+        fit: str = "l2",
+    ):
         super().__init__()
         if fit not in SYNTH_FITS:
             raise ValueError(f"unknown synth_fit {fit!r} (choose from {', '.join(SYNTH_FITS)})")
@@ -149,8 +180,11 @@ class Synthesizer(nn.Module):
             return (output - target.detach() / n).pow(2).sum() / n
         rms = target.detach().pow(2).mean().sqrt()
         with torch.no_grad():  # the first nonzero target sets the scale
-            self.scale.copy_(torch.where(self.scale > 0, self.scale + self.SCALE_MOMENTUM * (rms - self.scale),
-                                         rms))
+            self.scale.copy_(
+                torch.where(
+                    self.scale > 0, self.scale + self.SCALE_MOMENTUM * (rms - self.scale), rms
+                )
+            )
         return nn.functional.mse_loss(output, target / self.scale.clamp_min(1e-30))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,6 +208,12 @@ def group_head(shape, classes: int, *, hidden: int = 128) -> nn.Module:
         return nn.Sequential(nn.Linear(shape[-1], hidden), nn.ReLU(), nn.Linear(hidden, classes))
     c = shape[0]
     return nn.Sequential(
-        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(2 * c, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+        nn.BatchNorm2d(2 * c),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * c, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )

@@ -6,6 +6,7 @@ the chunks accumulate and every group steps once per batch on the mean loss. Thi
 torch.distributed.pipelining computes with either schedule; the schedule only changes the
 order of the chunks' forward and backward passes, hence time and memory, not the result.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,20 +32,32 @@ class PipeBPStage(BPStage):
 
     version = 1
 
-    def __init__(self, index, count, group, criterion, train, *, shape=None, classes=None,
-                 options: PipeBPOptions):
+    def __init__(
+        self,
+        index,
+        count,
+        group,
+        criterion,
+        train,
+        *,
+        shape=None,
+        classes=None,
+        options: PipeBPOptions,
+    ):
         super().__init__(index, count, group, criterion, train)
         self.microbatches = options.microbatches
         self.schedule = options.schedule
         # GPipe runs every forward before any backward; 1F1B starts backward passes as
         # soon as the last stage can, so stage k holds at most K - k micro-batches
-        self.in_flight = (self.microbatches if self.schedule == "gpipe"
-                          else min(self.microbatches, count - index))
+        self.in_flight = (
+            self.microbatches if self.schedule == "gpipe" else min(self.microbatches, count - index)
+        )
 
     def chunks(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if t.shape[0] % self.microbatches:
-            raise ValueError(f"a batch of {t.shape[0]} does not split into "
-                             f"{self.microbatches} micro-batches")
+            raise ValueError(
+                f"a batch of {t.shape[0]} does not split into {self.microbatches} micro-batches"
+            )
         return t.chunk(self.microbatches)
 
     def forward(self, batch, x, y):

@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules."""
+
 import urllib.error
 import urllib.request
 

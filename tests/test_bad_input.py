@@ -3,6 +3,7 @@ command itself, so a new option is covered without being listed here), every rul
 (read from the rules' option classes) and every field a sweep spec may set. Each draw ends
 in exit 2 with one line and nothing written, or in a run that starts (``runner.execute`` is
 stopped at its door: what is checked is everything before it)."""
+
 import dataclasses
 import json
 import math
@@ -21,11 +22,24 @@ from bench.config import RunConfig
 
 #: options that name where things go: drawn elsewhere (unwritable folders have their tests)
 PLACES = {"out", "data_dir", "emit_config", "experiment"}
-BASE = ["--task", "digits", "--epochs", "1", "--limit-train", "64", "--limit-test", "32",
-        "--quiet", "--no-checkpoint"]
-DRAWS = settings(max_examples=40, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                        HealthCheck.too_slow])
+BASE = [
+    "--task",
+    "digits",
+    "--epochs",
+    "1",
+    "--limit-train",
+    "64",
+    "--limit-test",
+    "32",
+    "--quiet",
+    "--no-checkpoint",
+]
+DRAWS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 class Started(BaseException):
@@ -34,10 +48,13 @@ class Started(BaseException):
 
 def numbers(integer: bool):
     """Zero, negative, small, huge, non-finite and non-numeric text."""
-    values = st.integers(-3, 12) | st.sampled_from([10**9, 10**15, -10**9])
+    values = st.integers(-3, 12) | st.sampled_from([10**9, 10**15, -(10**9)])
     if not integer:
-        values = values | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
-            [0.0, -0.5, 1e-300, 1e300])
+        values = (
+            values
+            | st.floats(allow_nan=True, allow_infinity=True)
+            | st.sampled_from([0.0, -0.5, 1e-300, 1e300])
+        )
     return values.map(str) | st.sampled_from(["", "x", "1,2", "nan", "--", "1e999"])
 
 
@@ -53,11 +70,16 @@ def value_for(param: click.Option):
         return numbers(True)
     if param.type is click.FLOAT:
         return numbers(False)
-    known = {"method": list(methods.METHODS), "task": ["digits", "cifar10", "ptb"],
-             "model": ["small-cnn", "resnet8", "lstm", "dni-cnn"],
-             "split": ["flops", "time", "paper", "params"],
-             "executor": ["sequential", "distributed", "ddp"], "device": ["cpu", "cuda", "cuda:7"],
-             "placement": ["stage", "neuron"], "precision": ["fp32", "bf16", "fp8"]}
+    known = {
+        "method": list(methods.METHODS),
+        "task": ["digits", "cifar10", "ptb"],
+        "model": ["small-cnn", "resnet8", "lstm", "dni-cnn"],
+        "split": ["flops", "time", "paper", "params"],
+        "executor": ["sequential", "distributed", "ddp"],
+        "device": ["cpu", "cuda", "cuda:7"],
+        "placement": ["stage", "neuron"],
+        "precision": ["fp32", "bf16", "fp8"],
+    }
     if param.name in known:
         return names(known[param.name])
     if param.name in ("cuts", "lr_milestones"):
@@ -77,20 +99,32 @@ def rule_option(draw):
     return f"{draw(st.sampled_from(keys))}={value}"
 
 
-RUN_OPTIONS = [p for p in cli_module.run.params
-               if isinstance(p, click.Option) and not p.is_flag and p.name not in PLACES]
+RUN_OPTIONS = [
+    p
+    for p in cli_module.run.params
+    if isinstance(p, click.Option) and not p.is_flag and p.name not in PLACES
+]
 
 
 def test_every_value_option_of_run_is_drawn():
     """The draws below cover every option `lcbench run` takes a value for."""
-    assert {p.name for p in RUN_OPTIONS} >= {"groups", "batch_size", "lr", "width", "threads",
-                                              "workers", "option_pairs", "iterations"}
+    assert {p.name for p in RUN_OPTIONS} >= {
+        "groups",
+        "batch_size",
+        "lr",
+        "width",
+        "threads",
+        "workers",
+        "option_pairs",
+        "iterations",
+    }
 
 
 @pytest.fixture
 def stop_at_execute(monkeypatch):
     def execute(prep, **_):
         raise Started(prep.cfg)
+
     monkeypatch.setattr(runner, "execute", execute)
     monkeypatch.setattr(sweep.runner, "execute", execute)
 
@@ -112,18 +146,27 @@ def outcome(argv, out, capsys) -> None:
             assert info["status"] == "failed" and "\n" not in info["error"].strip(), info
             assert "allocate" not in info["error"], info  # refused before it was built
             return
-        assert e.code == 2 and err.count("\n") == 1 and err.startswith("lcbench: error:"), (argv, err)
+        assert e.code == 2 and err.count("\n") == 1 and err.startswith("lcbench: error:"), (
+            argv,
+            err,
+        )
         assert not out.exists() or not any(out.rglob("*")), (argv, list(out.rglob("*")))
         return
     pytest.fail(f"{argv}: neither a usage error nor a run")
 
 
 @DRAWS
-@given(draws=st.lists(st.sampled_from(RUN_OPTIONS).flatmap(
-    lambda p: st.tuples(st.just(p), value_for(p))), min_size=1, max_size=3),
-       method=names(methods.METHODS))
+@given(
+    draws=st.lists(
+        st.sampled_from(RUN_OPTIONS).flatmap(lambda p: st.tuples(st.just(p), value_for(p))),
+        min_size=1,
+        max_size=3,
+    ),
+    method=names(methods.METHODS),
+)
 def test_run_options_drawn_at_random_are_refused_in_one_line_or_start_a_run(
-        draws, method, tmp_path_factory, stop_at_execute, capsys):
+    draws, method, tmp_path_factory, stop_at_execute, capsys
+):
     out = tmp_path_factory.mktemp("run") / "out"
     argv = ["run", "--method", method, *BASE, "--out", str(out)]
     for param, value in draws:
@@ -131,13 +174,16 @@ def test_run_options_drawn_at_random_are_refused_in_one_line_or_start_a_run(
     outcome(argv, out, capsys)
 
 
-FIELDS = {k: v for k, v in typing.get_type_hints(RunConfig).items()
-          if k not in (*RunConfig.OUTPUT_FIELDS, "options", "method")}
+FIELDS = {
+    k: v
+    for k, v in typing.get_type_hints(RunConfig).items()
+    if k not in (*RunConfig.OUTPUT_FIELDS, "options", "method")
+}
 
 
 def toml_value():
     """A TOML literal of any kind: numbers of every sign and size, strings, lists."""
-    literal = (st.integers(-3, 12) | st.sampled_from([10**9, -10**9])).map(str)
+    literal = (st.integers(-3, 12) | st.sampled_from([10**9, -(10**9)])).map(str)
     literal = literal | st.floats(-1e9, 1e9, allow_nan=False).map(repr)
     literal = literal | st.sampled_from(['"x"', '""', "true", "nan", "inf", "[1, 2]", "[]"])
     return literal
@@ -146,7 +192,8 @@ def toml_value():
 @DRAWS
 @given(key=st.sampled_from(sorted(FIELDS)), data=st.data())
 def test_sweep_settings_drawn_at_random_are_refused_in_one_line_or_start_a_run(
-        key, data, tmp_path_factory, stop_at_execute, capsys):
+    key, data, tmp_path_factory, stop_at_execute, capsys
+):
     root = tmp_path_factory.mktemp("sweep")
     value = data.draw(toml_value())
     method = data.draw(names(methods.METHODS))
@@ -154,12 +201,17 @@ def test_sweep_settings_drawn_at_random_are_refused_in_one_line_or_start_a_run(
     name, _, option_value = option.partition("=")
     option_value = option_value if _is_toml_number(option_value) else f'"{option_value}"'
     spec = root / "spec.toml"
-    spec.write_text(f'[grid]\nmethod = ["{method}"]\n\n[settings]\ntask = "digits"\n'
-                    f"epochs = 1\nlimit_train = 64\nlimit_test = 32\n"
-                    + (f"{key} = {value}\n" if key not in ("task", "epochs", "limit_train",
-                                                          "limit_test") else "")
-                    + f"\n[options.{methods.ALIASES.get(method, method) or 'lc'}]\n"
-                      f"{name} = {option_value}\n")
+    spec.write_text(
+        f'[grid]\nmethod = ["{method}"]\n\n[settings]\ntask = "digits"\n'
+        f"epochs = 1\nlimit_train = 64\nlimit_test = 32\n"
+        + (
+            f"{key} = {value}\n"
+            if key not in ("task", "epochs", "limit_train", "limit_test")
+            else ""
+        )
+        + f"\n[options.{methods.ALIASES.get(method, method) or 'lc'}]\n"
+        f"{name} = {option_value}\n"
+    )
     out = root / "out"
     outcome(["sweep", str(spec), "--out", str(out), "--quiet"], out, capsys)
 

@@ -1,6 +1,7 @@
 """Checkpoints: a run stopped anywhere (an exception, SIGTERM, SIGKILL) continues from its last
 epoch to the rows and weights of a run never stopped; checkpoints are written atomically,
 pruned, and refused when they are not the run's."""
+
 import csv
 import json
 import os
@@ -22,10 +23,31 @@ from bench.executors import sequential
 from bench.records import RunFailed
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(task="digits", model="mlp", epochs=3, batch_size=64, limit_train=256, limit_test=128,
-            save_weights=True)
-ARGS = ["--task", "digits", "--model", "mlp", "--epochs", "3", "--batch-size", "64",
-        "--limit-train", "256", "--limit-test", "128", "--save-weights", "--quiet"]
+TINY = dict(
+    task="digits",
+    model="mlp",
+    epochs=3,
+    batch_size=64,
+    limit_train=256,
+    limit_test=128,
+    save_weights=True,
+)
+ARGS = [
+    "--task",
+    "digits",
+    "--model",
+    "mlp",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "64",
+    "--limit-train",
+    "256",
+    "--limit-test",
+    "128",
+    "--save-weights",
+    "--quiet",
+]
 #: stops a subprocess in the middle of epoch 2 (epoch 1's checkpoint written) and waits
 HOOK = """
 import os
@@ -51,16 +73,20 @@ def run_folder(out: Path) -> Path:
 def learning_rows(folder: Path) -> list[dict]:
     """metrics.csv in order, time and memory figures left out."""
     with open(folder / "metrics.csv") as f:
-        return [r for r in csv.DictReader(f) if not (
-            r["metric"] == "samples_per_s" or r["metric"].endswith(("_time_s", "_bytes")))]
+        return [
+            r
+            for r in csv.DictReader(f)
+            if not (r["metric"] == "samples_per_s" or r["metric"].endswith(("_time_s", "_bytes")))
+        ]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
     names = sorted(p.name for p in (a / "weights").glob("stage*.pt"))
     assert names and names == sorted(p.name for p in (b / "weights").glob("stage*.pt"))
     for name in names:
-        for x, y in zip(torch.load(a / "weights" / name), torch.load(b / "weights" / name),
-                        strict=True):
+        for x, y in zip(
+            torch.load(a / "weights" / name), torch.load(b / "weights" / name), strict=True
+        ):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
@@ -98,7 +124,8 @@ def call(args, capsys):
 
 @pytest.mark.parametrize("method", ["bp", "lc", "dni", "adgl"])
 def test_a_run_stopped_mid_epoch_continues_to_the_rows_and_weights_of_one_never_stopped(
-        method, tmp_path, monkeypatch):
+    method, tmp_path, monkeypatch
+):
     whole = execute(RunConfig(method=method, **TINY, out=str(tmp_path / "whole")))
     cfg = RunConfig(method=method, **TINY, out=str(tmp_path / "stopped"))
     with monkeypatch.context() as patch:
@@ -157,8 +184,10 @@ def test_a_checkpoint_torn_before_its_marker_is_never_read(tmp_path, monkeypatch
 
 
 def test_checkpoint_every_n_and_no_checkpoint_leave_the_run_id_alone(tmp_path, monkeypatch):
-    configs = [RunConfig(method="bp", **TINY, checkpoint_every=n, out=str(tmp_path / str(n)))
-               for n in (1, 2, 0)]
+    configs = [
+        RunConfig(method="bp", **TINY, checkpoint_every=n, out=str(tmp_path / str(n)))
+        for n in (1, 2, 0)
+    ]
     assert len({prepare.resolve(cfg).run_id for cfg in configs}) == 1
     for cfg in configs[1:]:
         with monkeypatch.context() as patch:
@@ -193,8 +222,13 @@ def test_only_the_newest_two_complete_epochs_are_kept(tmp_path):
         for store in reversed(ranks):  # only rank 0 marks
             store.commit(epoch)
     assert checkpoint_files(tmp_path / "dist") == [
-        "epoch2.json", "epoch2.rank0.pt", "epoch2.rank1.pt", "epoch3.json", "epoch3.rank0.pt",
-        "epoch3.rank1.pt"]
+        "epoch2.json",
+        "epoch2.rank0.pt",
+        "epoch2.rank1.pt",
+        "epoch3.json",
+        "epoch3.rank0.pt",
+        "epoch3.rank1.pt",
+    ]
 
 
 def test_a_checkpoint_that_is_not_the_runs_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
@@ -203,8 +237,9 @@ def test_a_checkpoint_that_is_not_the_runs_is_refused_in_one_line(tmp_path, monk
         stop_in_epoch(patch, 2)
         assert call(args, capsys)[0] == 1
     mine = run_folder(tmp_path)
-    other = prepare.run_folder(prepare.resolve(RunConfig(method="lc", **TINY, lr=0.05,
-                                                         out=str(tmp_path))))
+    other = prepare.run_folder(
+        prepare.resolve(RunConfig(method="lc", **TINY, lr=0.05, out=str(tmp_path)))
+    )
     shutil.copytree(mine / "checkpoints", other / "checkpoints")  # another config's
     code, _, err = call([*args, "--lr", "0.05"], capsys)
     assert code == 2 and err.count("\n") == 1, err
@@ -255,9 +290,15 @@ def test_sigterm_stops_a_run_that_the_same_command_continues(tmp_path, monkeypat
 
 
 def lcbench(*args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "bench", "run", *args], cwd=ROOT,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", "run", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_sigkill_mid_epoch_then_the_same_command_matches_a_run_never_killed(tmp_path):
@@ -268,8 +309,12 @@ def test_sigkill_mid_epoch_then_the_same_command_matches_a_run_never_killed(tmp_
     (hook / "sitecustomize.py").write_text(HOOK)
     ready = tmp_path / "ready"
     out = tmp_path / "killed"
-    proc = lcbench(*args, "--out", str(out), env={
-        "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "LCBENCH_TEST_READY": str(ready)})
+    proc = lcbench(
+        *args,
+        "--out",
+        str(out),
+        env={"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "LCBENCH_TEST_READY": str(ready)},
+    )
     deadline = time.monotonic() + 240
     while not ready.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -289,15 +334,17 @@ def test_sigkill_mid_epoch_then_the_same_command_matches_a_run_never_killed(tmp_
     assert_same_weights(folder, run_folder(tmp_path / "whole"))
 
 
-@pytest.mark.parametrize("errno_, words", [(28, "No space left on device"),
-                                           (30, "Read-only file system")])
+@pytest.mark.parametrize(
+    "errno_, words", [(28, "No space left on device"), (30, "Read-only file system")]
+)
 def test_a_checkpoint_folder_that_fills_up_or_turns_read_only_keeps_the_last_one(
-        errno_, words, tmp_path, monkeypatch, capsys):
+    errno_, words, tmp_path, monkeypatch, capsys
+):
     """Epoch 2's checkpoint cannot be written (the folder full or read-only: the OSError the
     file system raises, injected). The run fails in one line saying so, epoch 1's checkpoint
     is whole and readable, and once the fault is gone the same command continues from it and
     ends ok with every epoch once. (On a real tmpfs the continuation's next torch.save failed
-    with "unexpected pos": not yet understood, see the README.)"""
+    with "unexpected pos": not yet understood, see docs/checkpoints.md.)"""
     args = ["run", "--method", "lc", *ARGS, "--out", str(tmp_path)]
     folder = prepare.run_folder(prepare.resolve(RunConfig(method="lc", **TINY, out=str(tmp_path))))
     write = checkpoint.replace_atomic
@@ -320,8 +367,11 @@ def test_a_checkpoint_folder_that_fills_up_or_turns_read_only_keeps_the_last_one
     info = json.loads((folder / "run.json").read_text())
     assert info["status"] == "ok" and [r["epoch"] for r in info["resumes"]] == [1]
     with open(folder / "metrics.csv") as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r["metric"] == "test_acc"
-                  and r["stage"] == ""]
+        epochs = [
+            int(r["epoch"])
+            for r in csv.DictReader(f)
+            if r["metric"] == "test_acc" and r["stage"] == ""
+        ]
     assert epochs == [1, 2, 3]
 
 

@@ -1,4 +1,5 @@
 """`lcbench run` / `lcbench list`: records, determinism and bad input."""
+
 import csv
 import json
 import subprocess
@@ -15,8 +16,9 @@ TINY = ["--task", "digits", "--epochs", "2", "--batch-size", "64", "--quiet"]
 
 
 def lcbench(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def read_rows(folder: Path) -> list[dict]:
@@ -32,29 +34,48 @@ def call(args, capsys):
     return exit_info.value.code, out, err
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--method", "sgd"], "unknown method 'sgd'"),
-    (["--method", "lc", "--task", "mnist-x"], "unknown task 'mnist-x'"),
-    (["--method", "lc", "--model", "vgg99"], "unknown model 'vgg99'"),
-    (["--method", "lc", "--groups", "0"], "--groups must be at least 1"),
-    (["--method", "lc", "--groups", "6"], "cannot split 5 blocks into 6 groups"),
-    (["--method", "lc", "--epochs", "-1"], "--epochs must not be negative"),
-    (["--method", "lc", "--option", "critic_size=3"], "unknown option(s) for lc: critic_size"),
-    (["--method", "gn", "--neuron-groups", "3", "--model", "resnet8", "--task", "cifar10"],
-     "do not split into 3 neuron groups"),
-    (["--method", "lc", "--cuts", "3,2", "--groups", "3"], "cuts"),
-    (["--method", "lc", "--groups", "two"], "'two' is not a valid integer"),
-    (["--method", "gn", "--neuron-groups", "0"], "option neuron_groups of gn must be an integer at least 1"),
-    (["--method", "dni", "-o", "synth_lr=-1"], "option synth_lr of dni must be a finite number above 0"),
-    (["--method", "pipe-bp", "-o", "microbatches=200", "--batch-size", "64"],
-     "more micro-batches than it has samples"),
-    (["--method", "lc", "--precision", "bogus"],
-     "unknown precision 'bogus' (choose from fp32, tf32, bf16)"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--method", "sgd"], "unknown method 'sgd'"),
+        (["--method", "lc", "--task", "mnist-x"], "unknown task 'mnist-x'"),
+        (["--method", "lc", "--model", "vgg99"], "unknown model 'vgg99'"),
+        (["--method", "lc", "--groups", "0"], "--groups must be at least 1"),
+        (["--method", "lc", "--groups", "6"], "cannot split 5 blocks into 6 groups"),
+        (["--method", "lc", "--epochs", "-1"], "--epochs must not be negative"),
+        (["--method", "lc", "--option", "critic_size=3"], "unknown option(s) for lc: critic_size"),
+        (
+            ["--method", "gn", "--neuron-groups", "3", "--model", "resnet8", "--task", "cifar10"],
+            "do not split into 3 neuron groups",
+        ),
+        (["--method", "lc", "--cuts", "3,2", "--groups", "3"], "cuts"),
+        (["--method", "lc", "--groups", "two"], "'two' is not a valid integer"),
+        (
+            ["--method", "gn", "--neuron-groups", "0"],
+            "option neuron_groups of gn must be an integer at least 1",
+        ),
+        (
+            ["--method", "dni", "-o", "synth_lr=-1"],
+            "option synth_lr of dni must be a finite number above 0",
+        ),
+        (
+            ["--method", "pipe-bp", "-o", "microbatches=200", "--batch-size", "64"],
+            "more micro-batches than it has samples",
+        ),
+        (
+            ["--method", "lc", "--precision", "bogus"],
+            "unknown precision 'bogus' (choose from fp32, tf32, bf16)",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = call(["run", *args, "--task", "digits", "--out", str(out)]
-                        if "--task" not in args else ["run", *args, "--out", str(out)], capsys)
+    code, _, err = call(
+        ["run", *args, "--task", "digits", "--out", str(out)]
+        if "--task" not in args
+        else ["run", *args, "--out", str(out)],
+        capsys,
+    )
     assert code == 2
     assert err.count("\n") == 1 and words in err, err
     assert "Traceback" not in err
@@ -73,18 +94,25 @@ def test_missing_data_offline_is_one_line_and_exit_2(tmp_path, capsys, offline):
     empty = tmp_path / "data"
     empty.mkdir()
     out = tmp_path / "out"
-    code, _, err = call(["run", "--method", "lc", "--task", "cifar10", "--data-dir", str(empty),
-                         "--out", str(out)], capsys)
+    code, _, err = call(
+        ["run", "--method", "lc", "--task", "cifar10", "--data-dir", str(empty), "--out", str(out)],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1 and str(empty) in err
     assert not out.exists()
 
 
+@pytest.mark.slow  # make test-all; the restart and checkpoint tests compare whole runs too
 def test_same_seed_twice_gives_identical_metrics(tmp_path):
     for name in ("a", "b"):
-        result = lcbench("run", "--method", "lc", *TINY, "--seed", "3", "--out", str(tmp_path / name))
+        result = lcbench(
+            "run", "--method", "lc", *TINY, "--seed", "3", "--out", str(tmp_path / name)
+        )
         assert result.returncode == 0, result.stderr
+
     def timing(metric):  # clocks and the process's RSS vary; everything else must not
         return metric.endswith(("_time_s", "_per_s")) or metric == "peak_rss_bytes"
+
     a, b = ([r for r in read_rows(tmp_path / n) if not timing(r["metric"])] for n in "ab")
     assert a == b and len(a) > 0
     other = lcbench("run", "--method", "lc", *TINY, "--seed", "4", "--out", str(tmp_path / "c"))
@@ -95,9 +123,23 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path):
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_lc_four_groups_on_fashion_mnist_writes_records(tmp_path):
-    result = lcbench("run", "--method", "lc", "--groups", "4", "--task", "fashion-mnist",
-                     "--epochs", "1", "--limit-train", "1024", "--limit-test", "500",
-                     "--out", str(tmp_path))
+    result = lcbench(
+        "run",
+        "--method",
+        "lc",
+        "--groups",
+        "4",
+        "--task",
+        "fashion-mnist",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "1024",
+        "--limit-test",
+        "500",
+        "--out",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     assert "sub-model 3" in result.stdout
     (run,) = (tmp_path / "adhoc").iterdir()
@@ -110,7 +152,11 @@ def test_lc_four_groups_on_fashion_mnist_writes_records(tmp_path):
         assert {(stage, "test_acc"), (stage, "test_loss"), (stage, "train_loss")} <= got
     assert {("1", "critic_loss"), ("", "epoch_time_s"), ("", "split_balance")} <= got
     for stage in ("1", "2", "3"):  # the local signals, every epoch
-        assert {(stage, "critic_corr"), (stage, "update_cosine"), (stage, "update_norm_ratio")} <= got
+        assert {
+            (stage, "critic_corr"),
+            (stage, "update_cosine"),
+            (stage, "update_norm_ratio"),
+        } <= got
     assert ("4", "update_cosine") not in got
     assert {r["method"] for r in rows} == {"lc"} and {r["groups"] for r in rows} == {"4"}
     info = json.loads((run / "run.json").read_text())
@@ -124,8 +170,21 @@ def test_lc_four_groups_on_fashion_mnist_writes_records(tmp_path):
 def test_list_names_every_method_model_and_task(capsys):
     code, out, _ = call(["list"], capsys)
     assert code == 0
-    for name in ("bp", "dgl", "lc", "dni", "cdni", "gn", "resnet110", "small-cnn",
-                 "fashion-mnist", "digits", "cifar10", "cifar100", "critic_lr=0.0001"):
+    for name in (
+        "bp",
+        "dgl",
+        "lc",
+        "dni",
+        "cdni",
+        "gn",
+        "resnet110",
+        "small-cnn",
+        "fashion-mnist",
+        "digits",
+        "cifar10",
+        "cifar100",
+        "critic_lr=0.0001",
+    ):
         assert name in out
 
 

@@ -1,5 +1,6 @@
 """The PTB and ImageNet32 loaders on small files written in the real formats, and the
 sequential Fashion-MNIST view."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +30,9 @@ def test_ptb_reads_mikolovs_files_into_word_ids(tmp_path, offline):
     words = "the cat sat on mat <eos> a dog <unk> N years ago".split()
     vocab = {w: i for i, w in enumerate(words)}  # order of first appearance in train
     train = [vocab[w] for line in PTB_LINES["train"] for w in line.split() + ["<eos>"]]
-    test = [vocab.get(w, vocab["<unk>"]) for line in PTB_LINES["test"] for w in line.split() + ["<eos>"]]
+    test = [
+        vocab.get(w, vocab["<unk>"]) for line in PTB_LINES["test"] for w in line.split() + ["<eos>"]
+    ]
     assert task.train_tokens.tolist() == train and task.test_tokens.tolist() == test
     assert (task.input_shape, task.num_classes, task.default_model) == ((35,), 10000, "lstm-lm")
 
@@ -44,8 +47,8 @@ def test_ptb_windows_are_parallel_streams_with_next_word_targets(tmp_path):
     assert task.steps(2) == len(batches) == 2
     streams, targets = tokens[:16].view(2, 8), tokens[1:17].view(2, 8)
     for t, (x, y) in enumerate(batches):
-        assert torch.equal(x, streams[:, 3 * t:3 * t + 3])
-        assert torch.equal(y, targets[:, 3 * t:3 * t + 3])
+        assert torch.equal(x, streams[:, 3 * t : 3 * t + 3])
+        assert torch.equal(y, targets[:, 3 * t : 3 * t + 3])
     assert task.test_size(2) == 2 * len(list(task.test_batches(2)))
 
 
@@ -87,15 +90,19 @@ def test_imagenet32_reads_the_npz_batches(tmp_path, offline):
     assert (task.input_shape, task.num_classes) == ((3, 32, 32), 1000)
     assert task.n_train == 30 and task.n_test == 4
     first = written["train_data_batch_1.npz"]
-    assert torch.equal(task.train_x[0], torch.from_numpy(first[0][0]).view(3, 32, 32))  # R, G, B planes
+    assert torch.equal(
+        task.train_x[0], torch.from_numpy(first[0][0]).view(3, 32, 32)
+    )  # R, G, B planes
     assert task.train_x.dtype == torch.uint8  # kept raw on the device
     assert task.train_y[:3].tolist() == (first[1] - 1).tolist()  # labels from 0
     raw = np.concatenate([written[f"train_data_batch_{i}.npz"][0] for i in range(1, 11)])
     raw = raw.reshape(-1, 3, 1024).astype(np.float64)
     mean, std = raw.mean((0, 2)), raw.std((0, 2), ddof=1)
-    (x, y), = list(task.test_batches(10))
-    expected = (torch.from_numpy(written["val_data.npz"][0][:4]).view(4, 3, 32, 32).double()
-                - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    ((x, y),) = list(task.test_batches(10))
+    expected = (
+        torch.from_numpy(written["val_data.npz"][0][:4]).view(4, 3, 32, 32).double()
+        - torch.tensor(mean).view(3, 1, 1)
+    ) / torch.tensor(std).view(3, 1, 1)
     torch.testing.assert_close(x.double(), expected, rtol=1e-5, atol=1e-5)
     assert y.tolist() == (written["val_data.npz"][1][:4] - 1).tolist()
     batches = list(task.train_batches(8, torch.Generator().manual_seed(0)))
@@ -118,14 +125,22 @@ def test_imagenet_missing_says_what_to_put_where(tmp_path):
 
 def test_sequential_fashion_mnist_is_the_images_row_by_row(tmp_path, monkeypatch):
     from tests.test_tasks import _idx
+
     rng = np.random.default_rng(1)
     system = tmp_path / "datasets" / "fashion-mnist"
     system.mkdir(parents=True)
     for split, n in [("train", 6), ("t10k", 4)]:
         x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         (system / f"{split}-images-idx3-ubyte.gz").write_bytes(_idx(0x803, (n, 28, 28), x))
-        (system / f"{split}-labels-idx1-ubyte.gz").write_bytes(_idx(0x801, (n,), rng.integers(0, 10, n, dtype=np.uint8)))
+        (system / f"{split}-labels-idx1-ubyte.gz").write_bytes(
+            _idx(0x801, (n,), rng.integers(0, 10, n, dtype=np.uint8))
+        )
     monkeypatch.setenv("LCBENCH_SYSTEM_DATA", str(tmp_path / "datasets"))
-    images, rows = load_task("fashion-mnist", tmp_path / "x"), load_task("seq-fashion-mnist", tmp_path / "x")
+    images, rows = (
+        load_task("fashion-mnist", tmp_path / "x"),
+        load_task("seq-fashion-mnist", tmp_path / "x"),
+    )
     assert rows.input_shape == (28, 28) and rows.default_model == "lstm"
-    assert torch.equal(rows.train_x, images.train_x[:, 0]) and torch.equal(rows.test_y, images.test_y)
+    assert torch.equal(rows.train_x, images.train_x[:, 0]) and torch.equal(
+        rows.test_y, images.test_y
+    )

@@ -1,5 +1,6 @@
 """Data-parallel BP (``--executor ddp``) on 2 CPU ranks (gloo, torchrun): one step equals plain
 backprop on the global batch, the records, bad input, a failing rank."""
+
 import json
 import os
 import time
@@ -14,8 +15,25 @@ from bench.data import tasks
 from bench.executors.ddp import shards
 from tests.test_distributed import FAULT, check_failed, lcbench, metrics, run_folder, weights
 
-DDP = ["--method", "bp", "--executor", "ddp", "--workers", "2", "--task", "digits", "--model",
-       "mlp", "--batch-size", "64", "--limit-train", "384", "--limit-test", "64", "--quiet"]
+DDP = [
+    "--method",
+    "bp",
+    "--executor",
+    "ddp",
+    "--workers",
+    "2",
+    "--task",
+    "digits",
+    "--model",
+    "mlp",
+    "--batch-size",
+    "64",
+    "--limit-train",
+    "384",
+    "--limit-test",
+    "64",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +52,9 @@ def plain_step(seed=0, batch_size=64, limit_train=384) -> dict:
     model = models.build_model("mlp", (1, 8, 8), 10)
     task = tasks.load_task("digits", limit_train=limit_train)
     x, y = next(task.train_batches(batch_size, torch.Generator().manual_seed(seed)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
     return model.state_dict()
@@ -62,9 +81,17 @@ def test_ddp_records_name_the_executor_with_figures_per_rank(one_step):
         assert {line.split(",")[5] for line in f.readlines()[1:]} == {"ddp"}
     got = metrics(one_step)
     for rank in ("1", "2"):
-        for metric in ("forward_time_s", "backward_time_s", "update_time_s", "busy_time_s",
-                       "wall_time_s", "param_bytes", "activation_bytes", "peak_mem_bytes",
-                       "peak_rss_bytes"):
+        for metric in (
+            "forward_time_s",
+            "backward_time_s",
+            "update_time_s",
+            "busy_time_s",
+            "wall_time_s",
+            "param_bytes",
+            "activation_bytes",
+            "peak_mem_bytes",
+            "peak_rss_bytes",
+        ):
             assert got[1, rank, metric] > 0, (rank, metric)
     assert got[1, "", "epoch_time_s"] == max(got[1, r, "wall_time_s"] for r in ("1", "2"))
     assert got[1, "", "samples_per_s"] == pytest.approx(64 / got[1, "", "epoch_time_s"])
@@ -72,23 +99,32 @@ def test_ddp_records_name_the_executor_with_figures_per_rank(one_step):
 
 
 def test_each_rank_takes_its_slice_of_the_global_batch():
-    x, y = torch.arange(12.).view(6, 2), torch.arange(6)
+    x, y = torch.arange(12.0).view(6, 2), torch.arange(6)
     parts = [next(shards(iter([(x, y)]), rank, 3)) for rank in range(3)]
     assert [p[1].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), x)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--method", "lc", "--executor", "ddp", "--workers", "2"], "--executor ddp trains BP"),
-    (["--method", "bp", "--executor", "ddp", "--workers", "3", "--batch-size", "64"],
-     "--batch-size 64 does not split into 3 equal shards"),
-    (["--method", "bp", "--executor", "ddp"], "--executor ddp needs --workers"),
-    (["--method", "bp", "--executor", "ddp", "--workers", "2", "--groups", "2"],
-     "--groups must be 1"),
-    (["--method", "bp", "--executor", "distributed", "--workers", "2"],
-     "--workers is for --executor ddp"),
-    (["--method", "bp", "--executor", "ddp", "--workers", "0"], "--workers must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--method", "lc", "--executor", "ddp", "--workers", "2"], "--executor ddp trains BP"),
+        (
+            ["--method", "bp", "--executor", "ddp", "--workers", "3", "--batch-size", "64"],
+            "--batch-size 64 does not split into 3 equal shards",
+        ),
+        (["--method", "bp", "--executor", "ddp"], "--executor ddp needs --workers"),
+        (
+            ["--method", "bp", "--executor", "ddp", "--workers", "2", "--groups", "2"],
+            "--groups must be 1",
+        ),
+        (
+            ["--method", "bp", "--executor", "distributed", "--workers", "2"],
+            "--workers is for --executor ddp",
+        ),
+        (["--method", "bp", "--executor", "ddp", "--workers", "0"], "--workers must be at least 1"),
+    ],
+)
 def test_bad_ddp_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["run", *args, "--task", "digits", "--out", str(tmp_path / "out")])
@@ -102,6 +138,12 @@ def test_a_ddp_rank_that_raises_fails_the_run_naming_it(tmp_path):
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAULT)
     started = time.monotonic()
-    result = lcbench(*DDP, "--epochs", "2", "--out", str(tmp_path / "out"),
-                     env={"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.getcwd()}"})
+    result = lcbench(
+        *DDP,
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        env={"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.getcwd()}"},
+    )
     check_failed(tmp_path / "out", result, "rank 1 failed: RuntimeError: injected fault", started)

@@ -1,5 +1,6 @@
 """The local-signal diagnostics against figures computed independently: the true gradient by
 autograd through an unsplit copy of the network, the correlation by hand."""
+
 import copy
 
 import pytest
@@ -20,11 +21,17 @@ def ce(logits, y):
 
 def build(method):
     torch.manual_seed(0)
-    groups = [nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh()),
-              nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Sequential(nn.Linear(4, 3))]
-    options = {"lc": {"critic_filters": 7}, "dgl": {"aux_channels": 7},
-               "frozen": {}}.get(method, {"synth_filters": 7})
-    stages = methods.build_stages(method, groups, [(5,), (4,), (3,)], 3, ce, TrainOptions(), options)
+    groups = [
+        nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh()),
+        nn.Sequential(nn.Linear(5, 4), nn.Tanh()),
+        nn.Sequential(nn.Linear(4, 3)),
+    ]
+    options = {"lc": {"critic_filters": 7}, "dgl": {"aux_channels": 7}, "frozen": {}}.get(
+        method, {"synth_filters": 7}
+    )
+    stages = methods.build_stages(
+        method, groups, [(5,), (4,), (3,)], 3, ce, TrainOptions(), options
+    )
     for stage in stages[:-1]:
         for local in stage.modules()[1:]:
             for p in local.parameters():
@@ -113,7 +120,8 @@ def test_synth_cosine_of_the_synthesizer_itself():
     for k, (h, g) in enumerate(zip((h1, h2), grads)):
         s = stages[k].synth.train().gradient(h).detach() / 16
         assert rows[str(k + 1), "synth_cosine"] == pytest.approx(
-            float((s * g).sum() / (s.norm() * g.norm())))
+            float((s * g).sum() / (s.norm() * g.norm()))
+        )
 
 
 def test_critic_corr_is_the_per_sample_correlation_with_the_true_loss():
@@ -150,10 +158,13 @@ def test_weight_norm_and_feature_drift_say_which_groups_moved():
     """Against the outputs at the start: the floor's frozen groups have drift 0 and their
     weight norm as built; a trained group moves, its drift computed by hand on the same batch."""
     from bench.executors.sequential import train_step
+
     x, y = data()
     for method in ("frozen", "dgl"):
         groups, stages = build(method)
-        norms = [float(torch.cat([p.detach().flatten() for p in g.parameters()]).norm()) for g in groups]
+        norms = [
+            float(torch.cat([p.detach().flatten() for p in g.parameters()]).norm()) for g in groups
+        ]
         start = diagnostics.group_outputs(stages, x)
         assert len(start) == 2
         for t in range(3):
@@ -164,8 +175,12 @@ def test_weight_norm_and_feature_drift_say_which_groups_moved():
             h1 = net[0](x)
             h2 = net[1](h1)
         for k, (h, then) in enumerate(zip((h1, h2), start), 1):
-            assert rows[str(k), "feature_drift"] == pytest.approx(float((h - then).norm() / then.norm()))
-        now = [float(torch.cat([p.detach().flatten() for p in g.parameters()]).norm()) for g in groups]
+            assert rows[str(k), "feature_drift"] == pytest.approx(
+                float((h - then).norm() / then.norm())
+            )
+        now = [
+            float(torch.cat([p.detach().flatten() for p in g.parameters()]).norm()) for g in groups
+        ]
         assert [rows[str(k), "weight_norm"] for k in (1, 2, 3)] == pytest.approx(now)
         if method == "frozen":
             assert rows["1", "feature_drift"] == rows["2", "feature_drift"] == 0

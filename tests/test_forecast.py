@@ -1,5 +1,6 @@
 """The cost model (bench.forecast.model): every formula against a hand computation or an
 independent event-by-event simulation of the same schedule."""
+
 import math
 
 import pytest
@@ -35,8 +36,9 @@ def test_ddp_buckets_fill_in_backward_order_first_one_small():
 
 def test_ddp_overlaps_each_bucket_with_the_rest_of_the_backward_pass():
     link = Link(0.0, 25 * MiB)  # a 25 MiB bucket takes 1 s on two ranks (2 (D-1)/D = 1)
-    stage = StageCost(forward_s=1.0, backward_s=3.0, update_s=0.5,
-                      grad_blocks=((3 * MiB, 1.0), (30 * MiB, 2.0)))
+    stage = StageCost(
+        forward_s=1.0, backward_s=3.0, update_s=0.5, grad_blocks=((3 * MiB, 1.0), (30 * MiB, 2.0))
+    )
     # all-reduces one after another: 1 MiB from 1/3 s, 25 MiB from 2.533 s, 7 MiB after that
     first = 1 / 3 + 1 / 25
     second = max(1 + 2 * 23 / 30, first) + 1.0
@@ -105,9 +107,14 @@ def test_balanced_pipeline_takes_m_plus_s_minus_1_slots(schedule):
     assert simulate_pipeline([(f, g, u)] * s, 0.0, m, schedule) == pytest.approx(want)
 
 
-@pytest.mark.parametrize("times, hop", [([(1.0, 2.0, 0.1), (2.0, 3.0, 0.2), (0.5, 1.0, 0.1)], 0.0),
-                                        ([(1.0, 2.0, 0.1), (1.5, 2.5, 0.1)], 0.3),
-                                        ([(0.2, 0.4, 0.0), (0.2, 0.4, 0.0)], 0.5)])
+@pytest.mark.parametrize(
+    "times, hop",
+    [
+        ([(1.0, 2.0, 0.1), (2.0, 3.0, 0.2), (0.5, 1.0, 0.1)], 0.0),
+        ([(1.0, 2.0, 0.1), (1.5, 2.5, 0.1)], 0.3),
+        ([(0.2, 0.4, 0.0), (0.2, 0.4, 0.0)], 0.5),
+    ],
+)
 def test_gpipe_equals_the_schedule_simulated_op_by_op(times, hop):
     """Unbalanced stages, links slower than a stage: GPipe's formula is exact."""
     m = 5
@@ -116,8 +123,10 @@ def test_gpipe_equals_the_schedule_simulated_op_by_op(times, hop):
     assert got == pytest.approx(simulate_pipeline(times, hop, m, "gpipe"))
 
 
-@pytest.mark.parametrize("times", [[(1.0, 2.0, 0.1), (2.0, 3.0, 0.2), (0.5, 1.0, 0.1)],
-                                   [(1.0, 2.0, 0.0), (1.2, 2.4, 0.0)]])
+@pytest.mark.parametrize(
+    "times",
+    [[(1.0, 2.0, 0.1), (2.0, 3.0, 0.2), (0.5, 1.0, 0.1)], [(1.0, 2.0, 0.0), (1.2, 2.4, 0.0)]],
+)
 def test_1f1b_is_within_a_tenth_of_the_schedule_simulated(times):
     """Unbalanced: 1F1B's formula (the slowest stage's F+G sets the pace) against the
     simulation; with a dominant stage the two agree closely."""
@@ -129,11 +138,14 @@ def test_1f1b_is_within_a_tenth_of_the_schedule_simulated(times):
 
 def test_lockstep_workers_pay_the_expected_slowest_by_hand_and_by_sampling():
     import torch
+
     assert model.expected_max_normal(1) == 0.0
     assert model.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-9)
     assert model.expected_max_normal(3) == pytest.approx(1.5 / math.sqrt(math.pi), rel=1e-9)
     draws = torch.randn(400_000, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert model.expected_max_normal(8) == pytest.approx(draws.max(1).values.mean().item(), rel=0.01)
+    assert model.expected_max_normal(8) == pytest.approx(
+        draws.max(1).values.mean().item(), rel=0.01
+    )
     # Clark's formula: exact for two, close to sampling for unequal stages
     assert model.expected_max([2.0, 2.0], 0.1) == pytest.approx(model.lockstep(2.0, 0.1, 2))
     means = torch.tensor([1.0, 0.8, 0.9], dtype=torch.float64)
@@ -141,11 +153,14 @@ def test_lockstep_workers_pay_the_expected_slowest_by_hand_and_by_sampling():
     assert model.expected_max(means.tolist(), 0.2) == pytest.approx(sampled, rel=0.01)
     assert model.expected_max([1.0, 0.5], 0.0) == 1.0
     # DDP: its compute waits for the slowest of D ranks; the all-reduce after it does not vary
-    link, stage = Link(1e-3, 1e9), StageCost(forward_s=1.0, backward_s=2.0, update_s=0.5,
-                                             grad_blocks=((4e9, 2.0),))
+    link, stage = (
+        Link(1e-3, 1e9),
+        StageCost(forward_s=1.0, backward_s=2.0, update_s=0.5, grad_blocks=((4e9, 2.0),)),
+    )
     plain = model.ddp_step(stage, link, 4)
     assert model.ddp_step(stage, link, 4, cv=0.1) == pytest.approx(
-        plain + 3.5 * 0.1 * model.expected_max_normal(4))
+        plain + 3.5 * 0.1 * model.expected_max_normal(4)
+    )
     # balanced 1F1B: the M - 1 steady slots each wait for the slowest of the S stages
     f, g, u, s, m, cv = 1.0, 2.0, 0.25, 4, 8, 0.1
     stages = [StageCost(forward_s=f, backward_s=g, update_s=u)] * s
@@ -155,6 +170,7 @@ def test_lockstep_workers_pay_the_expected_slowest_by_hand_and_by_sampling():
 
 def test_step_cv_is_the_cv_that_prices_the_straggle_it_was_measured_from():
     from bench.forecast import calibrate
+
     d = 0.07  # one rank 7% above the mean and the other 7% below, in turn
     ranks = [[1 + d, 1 - d] * 10, [1 - d, 1 + d] * 10]
     cv = calibrate.step_cv(ranks)
@@ -212,19 +228,34 @@ def test_decoupled_period_is_the_slowest_stage_or_link_or_the_upstream_loop():
     slow_link = [StageCost(forward_s=1.0, down_bytes=2.0), StageCost(forward_s=1.0)]
     assert model.decoupled_period(slow_link, link, lag=None) == pytest.approx(2.0)
     # LC-like: stage 2 answers; the loop F1 + down + F2 + up + R1 = 1 + 1 + 1 + 1 + 0.2 over 2
-    lc = [StageCost(forward_s=1.0, receive_s=0.2, down_bytes=1.0), StageCost(forward_s=1.0, up_bytes=1.0)]
+    lc = [
+        StageCost(forward_s=1.0, receive_s=0.2, down_bytes=1.0),
+        StageCost(forward_s=1.0, up_bytes=1.0),
+    ]
     assert model.decoupled_period(lc, link, lag=1) == pytest.approx(4.2 / 2)
     assert model.decoupled_period(lc, Link(0.0, 1e12), lag=1) == pytest.approx(1.2)
 
 
-@pytest.mark.parametrize("stages, down, up", [([(1.0, 0.2), (1.5, 0.0)], 0.1, 0.1),
-                                              ([(1.0, 0.3), (0.8, 0.0)], 1.2, 1.2),
-                                              ([(0.5, 0.1), (0.5, 0.1), (0.6, 0.0)], 0.0, 0.0)])
+@pytest.mark.parametrize(
+    "stages, down, up",
+    [
+        ([(1.0, 0.2), (1.5, 0.0)], 0.1, 0.1),
+        ([(1.0, 0.3), (0.8, 0.0)], 1.2, 1.2),
+        ([(0.5, 0.1), (0.5, 0.1), (0.6, 0.0)], 0.0, 0.0),
+    ],
+)
 def test_decoupled_epoch_against_the_executors_loop_simulated(stages, down, up):
     n = 40
     link = Link(0.0, 1.0)
-    costs = [StageCost(forward_s=f, receive_s=r, down_bytes=down if k < len(stages) - 1 else 0.0,
-                       up_bytes=up if k else 0.0) for k, (f, r) in enumerate(stages)]
+    costs = [
+        StageCost(
+            forward_s=f,
+            receive_s=r,
+            down_bytes=down if k < len(stages) - 1 else 0.0,
+            up_bytes=up if k else 0.0,
+        )
+        for k, (f, r) in enumerate(stages)
+    ]
     got = model.decoupled_epoch(costs, link, n, lag=1)
     assert got == pytest.approx(simulate_decoupled(stages, down, up, n, 1), rel=0.03)
 
@@ -235,8 +266,14 @@ def test_memory_by_hand():
     assert model.in_flight("gpipe", 8, 4, 0) == 8
     assert [model.in_flight("1f1b", 8, 4, k) for k in range(4)] == [4, 3, 2, 1]
     assert [model.in_flight("1f1b", 2, 4, k) for k in range(4)] == [2, 2, 2, 1]
-    memory = model.StageMemory(param_bytes=100, grad_bytes=100, optimizer_bytes=100,
-                               activation_bytes=50, in_flight=3, local_activation_bytes=7)
+    memory = model.StageMemory(
+        param_bytes=100,
+        grad_bytes=100,
+        optimizer_bytes=100,
+        activation_bytes=50,
+        in_flight=3,
+        local_activation_bytes=7,
+    )
     assert memory.total == 457
     assert model.fits(90, 100, 0.1) and not model.fits(91, 100, 0.1)
 
@@ -244,8 +281,6 @@ def test_memory_by_hand():
 # -- from a model to a forecast (bench.forecast.workload, profiles, predict) -------------
 
 import tomllib  # noqa: E402
-
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench import prepare, runner  # noqa: E402
@@ -256,11 +291,19 @@ from bench.forecast.predict import Setup, Times  # noqa: E402
 
 def stated(**device) -> profiles.Profile:
     """A stated profile with round figures (1 TFLOP/s, 1 ms per block, 1 GB/s link)."""
-    data = {"profile": {"name": "round", "kind": "stated"},
-            "device": {"name": "d", "memory_bytes": 1e12, "peak_flops": {"fp32": 2e12, "bf16": 4e12},
-                       "efficiency": 0.5, "overhead_s": 1e-3, "memory_bandwidth_bytes_per_s": 5e9,
-                       **device},
-            "link": {"name": "l", "latency_s": 1e-5, "bandwidth_bytes_per_s": 2e9, "efficiency": 0.5}}
+    data = {
+        "profile": {"name": "round", "kind": "stated"},
+        "device": {
+            "name": "d",
+            "memory_bytes": 1e12,
+            "peak_flops": {"fp32": 2e12, "bf16": 4e12},
+            "efficiency": 0.5,
+            "overhead_s": 1e-3,
+            "memory_bandwidth_bytes_per_s": 5e9,
+            **device,
+        },
+        "link": {"name": "l", "latency_s": 1e-5, "bandwidth_bytes_per_s": 2e9, "efficiency": 0.5},
+    }
     return profiles.parse(data, "test")
 
 
@@ -275,8 +318,9 @@ def test_a_stated_profile_turns_peaks_and_bytes_into_seconds_by_hand():
     local = work.local[1]
     forward, receive = times.local(1, 64)
     assert forward == pytest.approx(1e-3 + local.forward_flops * 64 / 1e12)
-    assert receive == pytest.approx(1e-3 + local.receive_flops * 64 / 1e12
-                                    + 4 * local.params * 7 / 5 / 1e9)  # Adam: 7 passes
+    assert receive == pytest.approx(
+        1e-3 + local.receive_flops * 64 / 1e12 + 4 * local.params * 7 / 5 / 1e9
+    )  # Adam: 7 passes
     assert profile.link.link() == Link(1e-5, 1e9)
     assert Times(work, profile, "bf16").rate == 2e12
 
@@ -290,12 +334,17 @@ def test_timed_blocks_are_interpolated_between_the_batch_sizes():
 
 def test_workload_counts_flops_params_and_the_bytes_a_group_saves():
     work = workload.workload("resnet8", "fashion-mnist", "dni")
-    net = __import__("bench.models", fromlist=["build_model"]).build_model("resnet8", (1, 28, 28), 10)
+    net = __import__("bench.models", fromlist=["build_model"]).build_model(
+        "resnet8", (1, 28, 28), 10
+    )
     assert work.params == sum(p.numel() for p in net.parameters())
     assert [b.params for b in work.blocks] == [sum(p.numel() for p in b.parameters()) for b in net]
     assert work.blocks[-1].out_shape == (10,) and work.local[-1] is None
-    assert all(loc.up_numel == math.prod(b.out_shape) for b, loc in zip(work.blocks, work.local[:-1]))
+    assert all(
+        loc.up_numel == math.prod(b.out_shape) for b, loc in zip(work.blocks, work.local[:-1])
+    )
     from bench.measure.profile import SavedTensorMeter
+
     torch.manual_seed(0)
     group = torch.nn.Sequential(*list(net)[1:4]).train()
     x = torch.randn(5, 16, 28, 28, requires_grad=True)
@@ -304,14 +353,32 @@ def test_workload_counts_flops_params_and_the_bytes_a_group_saves():
     assert workload.group_saved(work.blocks[1:4], 5) == meter.bytes
 
 
-@pytest.mark.parametrize("method, options", [("lc", {}), ("dni", {}), ("dgl", {}),
-                                             ("gn", {"neuron_groups": 2}),
-                                             ("pipe-bp", {"schedule": "gpipe", "microbatches": 4}),
-                                             ("pipe-bp", {"schedule": "1f1b", "microbatches": 4})])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("lc", {}),
+        ("dni", {}),
+        ("dgl", {}),
+        ("gn", {"neuron_groups": 2}),
+        ("pipe-bp", {"schedule": "gpipe", "microbatches": 4}),
+        ("pipe-bp", {"schedule": "1f1b", "microbatches": 4}),
+    ],
+)
 def test_memory_model_equals_the_bytes_a_run_measured(tmp_path, method, options):
-    cfg = RunConfig(method=method, groups=2, task="digits", model="small-cnn", epochs=1,
-                    batch_size=32, limit_train=64, limit_test=32, options=options, device="cpu",
-                    out=str(tmp_path), checkpoint_every=0)
+    cfg = RunConfig(
+        method=method,
+        groups=2,
+        task="digits",
+        model="small-cnn",
+        epochs=1,
+        batch_size=32,
+        limit_train=64,
+        limit_test=32,
+        options=options,
+        device="cpu",
+        out=str(tmp_path),
+        checkpoint_every=0,
+    )
     prep = prepare.prepare(cfg)
     record = runner.execute(prep, progress=False)
     measured = {(r["stage"], r["metric"]): r["value"] for r in record.rows if r["epoch"] == 1}
@@ -322,17 +389,29 @@ def test_memory_model_equals_the_bytes_a_run_measured(tmp_path, method, options)
         assert memory.grad_bytes == measured[stage, "grad_bytes"]
         assert memory.optimizer_bytes == measured[stage, "optimizer_state_bytes"]
         assert memory.activation_bytes * memory.in_flight == pytest.approx(
-            measured[stage, "activation_bytes"], abs=64)
-        assert memory.local_activation_bytes == pytest.approx(measured[stage, "local_activation_bytes"],
-                                                              abs=64)
+            measured[stage, "activation_bytes"], abs=64
+        )
+        assert memory.local_activation_bytes == pytest.approx(
+            measured[stage, "local_activation_bytes"], abs=64
+        )
         assert memory.total == pytest.approx(measured[stage, "peak_mem_bytes"], abs=256)
 
 
 def test_adgl_replay_buffer_forecast_equals_the_bytes_a_full_buffer_holds(tmp_path):
-    cfg = RunConfig(method="adgl", groups=2, task="digits", model="small-cnn", epochs=1,
-                    batch_size=32, limit_train=160, limit_test=32, device="cpu",
-                    options={"buffer_size": 3, "max_reuse": 100}, out=str(tmp_path),
-                    checkpoint_every=0)
+    cfg = RunConfig(
+        method="adgl",
+        groups=2,
+        task="digits",
+        model="small-cnn",
+        epochs=1,
+        batch_size=32,
+        limit_train=160,
+        limit_test=32,
+        device="cpu",
+        options={"buffer_size": 3, "max_reuse": 100},
+        out=str(tmp_path),
+        checkpoint_every=0,
+    )
     prep = prepare.prepare(cfg)
     runner.execute(prep, progress=False)
     entries = prep.stages[1].buffer.entries
@@ -349,15 +428,22 @@ def test_a_contender_at_twice_the_bandwidth_never_slows_and_ddp_pays_for_its_all
     base = Times(workload.workload("resnet20", "cifar10", "bp"), profile)
     lc = Times(workload.workload("resnet20", "cifar10", "lc"), profile)
     slow, fast = Link(1e-5, 1e8), Link(1e-5, 2e8)
-    for times, setup in [(base, Setup("ddp", 4)), (lc, Setup("lc", 4, stages=2)),
-                         (base, Setup("pipe-bp", 4, stages=4, microbatches=8))]:
-        assert predict.predict(times, setup, fast, 128).step_s <= predict.predict(
-            times, setup, slow, 128).step_s
+    for times, setup in [
+        (base, Setup("ddp", 4)),
+        (lc, Setup("lc", 4, stages=2)),
+        (base, Setup("pipe-bp", 4, stages=4, microbatches=8)),
+    ]:
+        assert (
+            predict.predict(times, setup, fast, 128).step_s
+            <= predict.predict(times, setup, slow, 128).step_s
+        )
     bp = predict.predict(base, Setup("bp", 1), slow, 128)
     ddp = predict.predict(base, Setup("ddp", 4), Link(0.0, 1e15), 128)
     # four replicas at a quarter of the batch, an infinitely fast link: BP's FLOPs / 4 plus
     # the fixed overheads and updates each replica pays in full
-    overhead = len(base.work.blocks) * 1e-3 + sum(base.update(j) for j in range(len(base.work.blocks)))
+    overhead = len(base.work.blocks) * 1e-3 + sum(
+        base.update(j) for j in range(len(base.work.blocks))
+    )
     assert ddp.step_s == pytest.approx((bp.step_s - overhead) / 4 + overhead)
 
 
@@ -365,19 +451,37 @@ def test_setups_are_the_splits_k_workers_allow():
     assert scale.setups("ddp", 8, 10, 128) == [Setup("ddp", 8)]
     pipes = scale.setups("pipe-bp", 8, 10, 128)
     assert {(s.stages, s.replicas, s.microbatches) for s in pipes} == {
-        (2, 4, 2), (2, 4, 4), (2, 4, 8), (4, 2, 4), (4, 2, 8), (4, 2, 16), (8, 1, 8), (8, 1, 16),
-        (8, 1, 32)}
+        (2, 4, 2),
+        (2, 4, 4),
+        (2, 4, 8),
+        (4, 2, 4),
+        (4, 2, 8),
+        (4, 2, 16),
+        (8, 1, 8),
+        (8, 1, 16),
+        (8, 1, 32),
+    }
     assert [(s.stages, s.replicas) for s in scale.setups("lc", 8, 3, 128)] == [(2, 4)]
     assert [(s.stages, s.neuron_groups, s.replicas) for s in scale.setups("gn", 8, 10, 128)] == [
-        (2, 2, 2), (4, 2, 1)]
+        (2, 2, 2),
+        (4, 2, 1),
+    ]
     assert scale.setups("lc", 8, 10, 128, stages=4) == [Setup("lc", 8, 4)]
 
 
 def test_profiles_round_trip_as_toml_and_shipped_ones_cite_their_figures():
-    data = {"profile": {"name": "x", "kind": "measured"}, "device": {"achieved_flops": {"fp32": 1e9},
-            "memory_bytes": 1.0, "name": "cpu"},
-            "workloads": [{"model": "m", "batch_sizes": [1, 2], "blocks": [{"forward_s": [0.1, 0.2]}],
-                           "local": [{"method": "lc", "options": {}, "shape": [3, 4]}]}]}
+    data = {
+        "profile": {"name": "x", "kind": "measured"},
+        "device": {"achieved_flops": {"fp32": 1e9}, "memory_bytes": 1.0, "name": "cpu"},
+        "workloads": [
+            {
+                "model": "m",
+                "batch_sizes": [1, 2],
+                "blocks": [{"forward_s": [0.1, 0.2]}],
+                "local": [{"method": "lc", "options": {}, "shape": [3, 4]}],
+            }
+        ],
+    }
     assert tomllib.loads(profiles.dumps(data)) == data
     for name in profiles.shipped():
         profile = profiles.load(name)
@@ -389,12 +493,16 @@ def test_profiles_round_trip_as_toml_and_shipped_ones_cite_their_figures():
         assert profile.device.flops["bf16"] >= profile.device.flops["fp32"]
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda d: d.pop("link"), "no [link] table"),
-    (lambda d: d["device"].update(efficiency=-1), "'efficiency' must be a positive number"),
-    (lambda d: d["device"].update(peak_flops={"fp64": 1e12}), "FLOP/s for fp32, tf32, bf16"),
-    (lambda d: d["profile"].update(kind="guessed"), "kind must be 'stated' or 'measured'"),
-    (lambda d: d["device"].update(step_cv=-0.1), "'step_cv' must be a number")])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda d: d.pop("link"), "no [link] table"),
+        (lambda d: d["device"].update(efficiency=-1), "'efficiency' must be a positive number"),
+        (lambda d: d["device"].update(peak_flops={"fp64": 1e12}), "FLOP/s for fp32, tf32, bf16"),
+        (lambda d: d["profile"].update(kind="guessed"), "kind must be 'stated' or 'measured'"),
+        (lambda d: d["device"].update(step_cv=-0.1), "'step_cv' must be a number"),
+    ],
+)
 def test_a_bad_profile_is_one_line_naming_what_is_wrong(change, words):
     data = tomllib.loads((profiles.SHIPPED / "a100-pcie.toml").read_text())
     change(data)
@@ -405,21 +513,31 @@ def test_a_bad_profile_is_one_line_naming_what_is_wrong(change, words):
 def test_fits_recover_the_rate_overhead_latency_and_bandwidth_they_were_made_from():
     flops = [1e6, 2e6, 0.0]
     sizes = [8, 16, 32]
-    blocks = [{"forward_s": [2e-3 / 3 + f * n / 1e9 for n in sizes],
-               "backward_s": [4e-3 / 3 + 2 * f * n / 1e9 for n in sizes]} for f in flops]
+    blocks = [
+        {
+            "forward_s": [2e-3 / 3 + f * n / 1e9 for n in sizes],
+            "backward_s": [4e-3 / 3 + 2 * f * n / 1e9 for n in sizes],
+        }
+        for f in flops
+    ]
     rate, overhead = calibrate.fit_rate(flops, {"blocks": blocks}, sizes)
     assert rate == pytest.approx(1e9) and overhead == pytest.approx(2e-3)
-    noise = [{"forward_s": [1e-3, 0.9e-3, 0.8e-3], "backward_s": [0.0] * 3}]  # all overhead, falling
+    noise = [
+        {"forward_s": [1e-3, 0.9e-3, 0.8e-3], "backward_s": [0.0] * 3}
+    ]  # all overhead, falling
     rate, overhead = calibrate.fit_rate([1e6], {"blocks": noise}, sizes)
-    assert overhead == 0.0 and rate == pytest.approx(sum((3e6 * n) ** 2 for n in sizes) / sum(
-        3e6 * n * t for n, t in zip(sizes, noise[0]["forward_s"])))
+    assert overhead == 0.0 and rate == pytest.approx(
+        sum((3e6 * n) ** 2 for n in sizes)
+        / sum(3e6 * n * t for n, t in zip(sizes, noise[0]["forward_s"]))
+    )
     sizes = calibrate.SIZES
     alpha, beta = calibrate.fit_link(sizes, [5e-5 + s / 2e9 for s in sizes])
     assert beta == pytest.approx(2e9, rel=1e-3) and alpha == pytest.approx(5e-5, rel=0.02)
     alpha, beta = calibrate.fit_link(sizes, [2 * 5e-5 + s / 1e9 for s in sizes], hops=2)
     assert beta == pytest.approx(1e9, rel=1e-3) and alpha == pytest.approx(5e-5, rel=0.02)
-    assert calibrate.merge([{"a": [1, 5], "b": "x"}, {"a": [3, 4], "b": "y"}, {"a": [2, 9], "b": "z"}]) == {
-        "a": [2, 5], "b": "x"}
+    assert calibrate.merge(
+        [{"a": [1, 5], "b": "x"}, {"a": [3, 4], "b": "y"}, {"a": [2, 9], "b": "z"}]
+    ) == {"a": [2, 5], "b": "x"}
 
 
 import re  # noqa: E402
@@ -431,15 +549,20 @@ def test_workers_sharing_a_machine_slow_each_other_as_much_as_they_compute_at_on
     alone, shared = stated(), stated(colocated_slowdown=1.5)
     fast = Link(0.0, 1e15)
     work = workload.workload("resnet20", "cifar10", "bp")
-    ddp = [predict.predict(Times(work, p), Setup("ddp", 2), fast, 128).step_s for p in (alone, shared)]
+    ddp = [
+        predict.predict(Times(work, p), Setup("ddp", 2), fast, 128).step_s for p in (alone, shared)
+    ]
     assert ddp[1] == pytest.approx(1.5 * ddp[0])
     assert predict.predict(Times(work, shared), Setup("bp", 1), fast, 128).step_s == pytest.approx(
-        predict.predict(Times(work, alone), Setup("bp", 1), fast, 128).step_s)
+        predict.predict(Times(work, alone), Setup("bp", 1), fast, 128).step_s
+    )
     dgl = workload.workload("resnet20", "cifar10", "dgl")
     setup = Setup("dgl", 2, stages=2, cuts=(9,))  # the first stage does nearly all the work
     plain = predict.predict(Times(dgl, alone), setup, fast, 128)
     slowed = predict.predict(Times(dgl, shared), setup, fast, 128)
     times = Times(dgl, alone)
-    second = sum(times.forward(j, 128) + times.backward(j, 128, j > 9) + times.update(j)
-                 for j in range(9, len(dgl.blocks)))
+    second = sum(
+        times.forward(j, 128) + times.backward(j, 128, j > 9) + times.update(j)
+        for j in range(9, len(dgl.blocks))
+    )
     assert slowed.step_s == pytest.approx(plain.step_s * (1 + 0.5 * second / plain.step_s))

@@ -1,14 +1,22 @@
 """The package's shape: imports flow one way (cli -> sweep, perf, report, studies, forecast -> runner ->
 executors -> prepare -> data, models, measurement, records, checkpoints -> methods) and no module imports
 one that imports it back."""
+
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; a module may import only from its own layer or below
     ["methods"],
-    ["bench.config", "bench.records", "bench.checkpoint", "bench.schedule", "bench.data",
-     "bench.models", "bench.measure"],
+    [
+        "bench.config",
+        "bench.records",
+        "bench.checkpoint",
+        "bench.schedule",
+        "bench.data",
+        "bench.models",
+        "bench.measure",
+    ],
     ["bench.prepare"],
     ["bench.executors"],
     ["bench.runner"],
@@ -41,15 +49,20 @@ def imports(name: str, path: Path, known: dict) -> set[str]:
             if node.level:
                 anchor = name.split(".")[: len(name.split(".")) - node.level + is_package]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
-                       for a in node.names]
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            ]
         else:
             continue
         for target in targets:
             parts = target.split(".")
             for i in range(1, len(parts) + 1):  # the module and the packages above it
                 candidate = ".".join(parts[:i])
-                if candidate in known and not name.startswith(candidate + ".") and candidate != name:
+                if (
+                    candidate in known
+                    and not name.startswith(candidate + ".")
+                    and candidate != name
+                ):
                     found.add(candidate)
     return found
 
@@ -60,8 +73,15 @@ def graph() -> dict[str, set[str]]:
 
 
 def layer(name: str) -> int:
-    best = max((prefix for level in LAYERS for prefix in level
-                if name == prefix or name.startswith(prefix + ".")), key=len)
+    best = max(
+        (
+            prefix
+            for level in LAYERS
+            for prefix in level
+            if name == prefix or name.startswith(prefix + ".")
+        ),
+        key=len,
+    )
     return next(i for i, level in enumerate(LAYERS) if best in level)
 
 
@@ -81,7 +101,7 @@ def test_no_module_imports_one_that_imports_it_back():
         state[node] = 1
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = path[path.index(nxt) :] + [nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, path + [nxt])
@@ -93,12 +113,23 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_imports_flow_down_the_layers():
-    upward = [f"{a} -> {b}" for a, targets in graph().items() for b in targets
-              if layer(b) > layer(a)]
+    upward = [
+        f"{a} -> {b}" for a, targets in graph().items() for b in targets if layer(b) > layer(a)
+    ]
     assert not upward, "imports against the layering: " + ", ".join(sorted(upward))
 
 
 def test_every_bench_module_sits_in_a_sub_package_or_the_top_few():
     top = {p.stem for p in (ROOT / "bench").glob("*.py")}
-    assert top == {"__init__", "__main__", "checkpoint", "cli", "config", "prepare", "records",
-                   "runner", "schedule", "sweep"}
+    assert top == {
+        "__init__",
+        "__main__",
+        "checkpoint",
+        "cli",
+        "config",
+        "prepare",
+        "records",
+        "runner",
+        "schedule",
+        "sweep",
+    }

@@ -1,4 +1,5 @@
 """Memory and time accounting checked against figures computed by hand."""
+
 import csv
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import methods
-from bench.measure import memory, timing
 from bench.executors.sequential import train_step
+from bench.measure import memory, timing
 from bench.models import build_model
 from bench.models.split import resolve_cuts, split_model
 from methods.base import TrainOptions
@@ -26,10 +27,13 @@ def ce(logits, y):
 def test_tiny_stage_memory_by_hand():
     """Linear(5,7) -> ReLU -> Linear(7,3) trained by DGL (K=2) on float32, batch 4."""
     torch.manual_seed(0)
-    groups = [nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU()),
-              nn.Sequential(nn.Linear(HIDDEN, CLASSES))]
-    stages = methods.build_stages("lc", groups, [(HIDDEN,), (CLASSES,)], CLASSES, ce,
-                                  TrainOptions(), {"critic_filters": 6})
+    groups = [
+        nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU()),
+        nn.Sequential(nn.Linear(HIDDEN, CLASSES)),
+    ]
+    stages = methods.build_stages(
+        "lc", groups, [(HIDDEN,), (CLASSES,)], CLASSES, ce, TrainOptions(), {"critic_filters": 6}
+    )
     probes = [memory.ActivationProbe(s) for s in stages]
     x, y = torch.randn(B, D_IN), torch.randint(0, CLASSES, (B,))
     with memory.probing(probes):
@@ -84,20 +88,47 @@ def test_resnet56_stage_activations_add_up_to_the_whole_network():
 
 
 def test_run_writes_time_and_memory_for_every_stage(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "run", "--method", "dni", "--groups",
-                             "3", "--task", "digits", "--epochs", "1", "--quiet",
-                             "--out", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            "--method",
+            "dni",
+            "--groups",
+            "3",
+            "--task",
+            "digits",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     (path,) = tmp_path.glob("adhoc/*/metrics.csv")
     rows = list(csv.DictReader(open(path)))
     got = {(r["stage"], r["metric"]): float(r["value"]) for r in rows}
     for k in ("1", "2", "3"):
-        for metric in ("forward_time_s", "backward_time_s", "update_time_s", "busy_time_s",
-                       "param_bytes", "grad_bytes", "optimizer_state_bytes",
-                       "activation_bytes", "peak_mem_bytes"):
+        for metric in (
+            "forward_time_s",
+            "backward_time_s",
+            "update_time_s",
+            "busy_time_s",
+            "param_bytes",
+            "grad_bytes",
+            "optimizer_state_bytes",
+            "activation_bytes",
+            "peak_mem_bytes",
+        ):
             assert got[k, metric] > 0, (k, metric)
         assert got[k, "busy_time_s"] == pytest.approx(
-            sum(got[k, f"{p}_time_s"] for p in ("forward", "backward", "update")))
+            sum(got[k, f"{p}_time_s"] for p in ("forward", "backward", "update"))
+        )
     busy = [got[k, "busy_time_s"] for k in ("1", "2", "3")]
     assert got["", "modelled_time_s"] < sum(busy)  # decoupled: the stages overlap
     assert got["", "modelled_time_s"] >= max(busy)

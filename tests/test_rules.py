@@ -1,5 +1,6 @@
 """Each learning rule checked against an expectation computed independently of methods/:
 plain autograd on copies of the networks and hand-written optimizer steps."""
+
 import copy
 
 import pytest
@@ -11,8 +12,6 @@ import methods
 from bench.executors.sequential import train_step
 from methods.base import TrainOptions
 from methods.gn import diversity
-
-
 
 pytestmark = pytest.mark.usefixtures("float64")  # the rules are compared in float64
 
@@ -64,16 +63,28 @@ def assert_all_close(actual, expected, **kw):
         torch.testing.assert_close(a, e, **kw)
 
 
-@pytest.mark.parametrize("method, k, options", [
-    ("bp", 2, {}), ("bp", 3, {}), ("bp", 4, {}),
-    # micro-batches change nothing but rounding where no layer mixes samples
-    ("pipe-bp", 2, {"microbatches": 2}), ("pipe-bp", 3, {"microbatches": 4})])
+@pytest.mark.parametrize(
+    "method, k, options",
+    [
+        ("bp", 2, {}),
+        ("bp", 3, {}),
+        ("bp", 4, {}),
+        # micro-batches change nothing but rounding where no layer mixes samples
+        ("pipe-bp", 2, {"microbatches": 2}),
+        ("pipe-bp", 3, {"microbatches": 4}),
+    ],
+)
 def test_bp_split_equals_unsplit_autograd(method, k, options):
     groups = mlp_groups(k)
     whole = copy.deepcopy(nn.Sequential(*groups))
     stages = stages_for(method, groups, **options)
-    reference = torch.optim.SGD(whole.parameters(), lr=OPTS.lr, momentum=OPTS.momentum,
-                                nesterov=True, weight_decay=OPTS.weight_decay)
+    reference = torch.optim.SGD(
+        whole.parameters(),
+        lr=OPTS.lr,
+        momentum=OPTS.momentum,
+        nesterov=True,
+        weight_decay=OPTS.weight_decay,
+    )
     for step in range(5):
         x, y = data(seed=step)
         train_step(stages, step, x, y)
@@ -137,8 +148,9 @@ def test_lc_group_and_critic_updates_equal_hand_computed():
     for name, critic, mine, target in (("c0", c[0], l1, l2), ("c1", c[1], l2, l3)):
         match = (mine - target.detach()).abs().mean()
         grads = torch.autograd.grad(match, list(critic.parameters()), retain_graph=True)
-        expected[name] = [adam_first_step(p.detach(), g, 1e-3)
-                          for p, g in zip(critic.parameters(), grads)]
+        expected[name] = [
+            adam_first_step(p.detach(), g, 1e-3) for p, g in zip(critic.parameters(), grads)
+        ]
     train_step(stages, 0, x, y)
     assert_all_close(params(groups[0]), expected["f0"])
     assert_all_close(params(groups[1]), expected["f1"])
@@ -150,8 +162,16 @@ def _two_forward_reference(method, groups, locals_, batches, local_lr):
     """The rule as it was written before the forward pass of the local module was kept:
     the group steps on a pass of the local module, which runs again for its own update when
     the message comes (plain torch: SGD for the groups, Adam for the local modules)."""
-    sgd = [torch.optim.SGD(g.parameters(), lr=OPTS.lr, momentum=OPTS.momentum, nesterov=True,
-                           weight_decay=OPTS.weight_decay) for g in groups]
+    sgd = [
+        torch.optim.SGD(
+            g.parameters(),
+            lr=OPTS.lr,
+            momentum=OPTS.momentum,
+            nesterov=True,
+            weight_decay=OPTS.weight_decay,
+        )
+        for g in groups
+    ]
     adam = [torch.optim.Adam(m.parameters(), lr=local_lr) for m in locals_]
     for x, y in batches:
         hs, messages = [x], {}
@@ -165,10 +185,12 @@ def _two_forward_reference(method, groups, locals_, batches, local_lr):
             else:
                 synthetic = locals_[k].gradient(h.detach()).detach()
                 weights = list(g.parameters())
-                grads = torch.autograd.grad(h, weights + [xin] * (k > 0), grad_outputs=synthetic / BATCH)
+                grads = torch.autograd.grad(
+                    h, weights + [xin] * (k > 0), grad_outputs=synthetic / BATCH
+                )
                 if k > 0:
                     messages[k - 1] = grads[-1] * BATCH
-                grads = grads[:len(weights)]
+                grads = grads[: len(weights)]
             for p, gr in zip(g.parameters(), grads):
                 p.grad = gr
             sgd[k].step()
@@ -182,8 +204,11 @@ def _two_forward_reference(method, groups, locals_, batches, local_lr):
         sgd[-1].zero_grad()
         for k in reversed(range(len(groups) - 1)):
             if method == "lc":
-                loss = (F.cross_entropy(locals_[k](hs[k + 1]), y, reduction="none")
-                        - messages[k]).abs().mean()
+                loss = (
+                    (F.cross_entropy(locals_[k](hs[k + 1]), y, reduction="none") - messages[k])
+                    .abs()
+                    .mean()
+                )
             else:
                 loss = locals_[k].fit_loss(locals_[k](hs[k + 1]), messages[k])
             loss.backward()
@@ -217,7 +242,11 @@ def test_a_kept_pass_survives_an_update_of_its_module_before_its_message(method)
     groups = mlp_groups(2)
     stage = stages_for(method, groups)[0]
     (x0, y0), (x1, y1) = data(2), data(3)
-    message = (lambda x, y: torch.rand(BATCH)) if method == "lc" else (lambda x, y: torch.randn(BATCH, DIM))
+    message = (
+        (lambda x, y: torch.rand(BATCH))
+        if method == "lc"
+        else (lambda x, y: torch.randn(BATCH, DIM))
+    )
     stage.forward(0, x0, y0)
     stage.forward(1, x1, y1)
     local = stage.critic if method == "lc" else stage.synth
@@ -267,8 +296,9 @@ def test_dni_targets_are_bootstrapped_gradients(method):
     (target_1,) = torch.autograd.grad(F.cross_entropy(f[2](h2), y, reduction="sum"), h2)
     received = {}
     for s in stages[:2]:
-        s.receive = (lambda orig, i: lambda b, m: (received.__setitem__(i, m.clone()),
-                                                   orig(b, m))[1])(s.receive, s.index)
+        s.receive = (
+            lambda orig, i: lambda b, m: (received.__setitem__(i, m.clone()), orig(b, m))[1]
+        )(s.receive, s.index)
     train_step(stages, 0, x, y)
     torch.testing.assert_close(received[0], target_0)
     torch.testing.assert_close(received[1], target_1)
@@ -281,7 +311,9 @@ def test_dni_group_steps_on_synthetic_gradient():
     _randomise(stages[0].synth, 3)
     f, m = copy.deepcopy(groups[0]), copy.deepcopy(stages[0].synth)
     h = f(x)
-    grads = torch.autograd.grad(h, list(f.parameters()), grad_outputs=m.gradient(h.detach()).detach() / BATCH)
+    grads = torch.autograd.grad(
+        h, list(f.parameters()), grad_outputs=m.gradient(h.detach()).detach() / BATCH
+    )
     expected = [sgd_first_step(p.detach(), g) for p, g in zip(f.parameters(), grads)]
     train_step(stages, 0, x, y)
     assert_all_close(params(groups[0]), expected)
@@ -330,8 +362,9 @@ def test_dni_synthesizer_rms_variant_fits_targets_divided_by_their_running_rms()
     stage.forward(1, x, y)
     stage.receive(1, 3 * message)
     torch.testing.assert_close(stage.synth.scale, rms + 0.01 * (3 * rms - rms))
-    torch.testing.assert_close(stage.synthetic_gradient(h, y),
-                               stage.synth.scale * stage.synth(h) / BATCH)
+    torch.testing.assert_close(
+        stage.synthetic_gradient(h, y), stage.synth.scale * stage.synth(h) / BATCH
+    )
 
 
 def test_dni_synthesizer_scale_is_set_by_the_first_nonzero_target():
@@ -353,7 +386,9 @@ def test_dni_rms_fit_does_not_depend_on_the_targets_scale():
     target = torch.randn(BATCH, DIM)
     predictions = []
     for c in (1.0, 1e-5):
-        synth = methods.modules.Synthesizer((DIM,), CLASSES, conditioned=False, filters=16, fit="rms")
+        synth = methods.modules.Synthesizer(
+            (DIM,), CLASSES, conditioned=False, filters=16, fit="rms"
+        )
         _randomise(synth, 8)
         synth.scale.zero_()
         opt = torch.optim.Adam(synth.parameters(), lr=1e-3)
@@ -374,17 +409,29 @@ def test_each_tables_synthesizer_shape():
     lc_table = methods.modules.Synthesizer(shape, 10, conditioned=False)
     convs = [m for m in lc_table.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
-        (16, 128, (3, 3)), (128, 16, (3, 3))]
+        (16, 128, (3, 3)),
+        (128, 16, (3, 3)),
+    ]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in lc_table.modules())
     assert not convs[-1].weight.any() and not convs[-1].bias.any()
-    dgl = methods.modules.Synthesizer(shape, 10, conditioned=True, layers=2, kernel=5, batchnorm=True)
+    dgl = methods.modules.Synthesizer(
+        shape, 10, conditioned=True, layers=2, kernel=5, batchnorm=True
+    )
     convs = [m for m in dgl.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
-        (16, 128, (5, 5)), (128, 128, (5, 5)), (128, 16, (5, 5))]
+        (16, 128, (5, 5)),
+        (128, 128, (5, 5)),
+        (128, 16, (5, 5)),
+    ]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in dgl.modules()) == 2
     assert methods.option_defaults("dni") == {
-        "synth_layers": 1, "synth_kernel": 3, "synth_filters": 128, "synth_batchnorm": False,
-        "synth_fit": "l2", "synth_lr": 1e-4}
+        "synth_layers": 1,
+        "synth_kernel": 3,
+        "synth_filters": 128,
+        "synth_batchnorm": False,
+        "synth_fit": "l2",
+        "synth_lr": 1e-4,
+    }
     with pytest.raises(ValueError, match="synth_fit"):
         stages_for("dni", mlp_groups(2), synth_fit="scaled")
 
@@ -405,8 +452,10 @@ def test_floor_trains_the_last_group_and_leaves_the_others_bitwise_unchanged():
     assert all(not torch.equal(a, b) for a, b in zip(params(groups[-1]), before[-1]))
     stages = stages_for("frozen", [copy.deepcopy(g) for g in mlp_groups(3)])
     train_step(stages, 0, x, y)  # one step: the last group's is plain SGD on the true loss
-    assert_all_close(params(stages[-1].group),
-                     [sgd_first_step(p.detach(), g) for p, g in zip(last.parameters(), grad)])
+    assert_all_close(
+        params(stages[-1].group),
+        [sgd_first_step(p.detach(), g) for p, g in zip(last.parameters(), grad)],
+    )
 
 
 def test_adam_as_the_main_optimizer_is_torchs_adam():
@@ -415,15 +464,24 @@ def test_adam_as_the_main_optimizer_is_torchs_adam():
     groups = mlp_groups(2)
     ref = copy.deepcopy(groups[0])
     torch.manual_seed(1)
-    stages = methods.build_stages("dgl", groups, [(DIM,), (CLASSES,)], CLASSES, per_sample_ce,
-                                  TrainOptions(optimizer="adam", lr=1e-3, weight_decay=0.0), {})
+    stages = methods.build_stages(
+        "dgl",
+        groups,
+        [(DIM,), (CLASSES,)],
+        CLASSES,
+        per_sample_ce,
+        TrainOptions(optimizer="adam", lr=1e-3, weight_decay=0.0),
+        {},
+    )
     aux = copy.deepcopy(stages[0].aux)
     loss = per_sample_ce(aux(ref(x)), y).mean()
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     train_step(stages, 0, x, y)
     assert isinstance(stages[0].optimizer, torch.optim.Adam)
-    assert_all_close(params(groups[0]), [adam_first_step(p.detach(), g, 1e-3)
-                                         for p, g in zip(ref.parameters(), grads)])
+    assert_all_close(
+        params(groups[0]),
+        [adam_first_step(p.detach(), g, 1e-3) for p, g in zip(ref.parameters(), grads)],
+    )
     stages[0].scale_lr(0.1)
     assert stages[0].optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
@@ -431,7 +489,9 @@ def test_adam_as_the_main_optimizer_is_torchs_adam():
 def test_dgl_comparison_auxiliary_net():
     aux = methods.modules.conv_auxiliary((128, 10, 10), 10)
     convs = [m for m in aux.modules() if isinstance(m, nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(128, 128, (5, 5))] * 3
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (128, 128, (5, 5))
+    ] * 3
     assert not convs[-1].weight.any() and aux(torch.randn(2, 128, 10, 10)).shape == (2, 10)
     stage = stages_for("dgl", mlp_groups(2), aux_net="conv")[0]  # vectors: the MLP
     assert isinstance(stage.aux[0], nn.Linear)
@@ -455,8 +515,9 @@ def test_cdni_synthesizer_sees_labels_dni_does_not():
 def grouped_conv_groups():
     """A width-grouped conv layer group (mixing first conv, then groups=2) + classifier."""
     torch.manual_seed(0)
-    first = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.ReLU())
+    first = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.ReLU()
+    )
     last = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, CLASSES))
     return [first, last]
 
@@ -470,21 +531,28 @@ def test_gn_no_gradient_crosses_between_neuron_groups():
     for head_seed in (0, 9):
         groups = grouped_conv_groups()
         torch.manual_seed(1)
-        stages = methods.build_stages("gn", groups, [(4, 6, 6), (CLASSES,)], CLASSES,
-                                      per_sample_ce, OPTS,
-                                      {"neuron_groups": 2, "diversity_weight": 0.0})
+        stages = methods.build_stages(
+            "gn",
+            groups,
+            [(4, 6, 6), (CLASSES,)],
+            CLASSES,
+            per_sample_ce,
+            OPTS,
+            {"neuron_groups": 2, "diversity_weight": 0.0},
+        )
         _randomise(stages[0].heads[1], head_seed)
         train_step(stages, 0, x, y)
         slices.append([(p[:2].clone(), p[2:].clone()) for p in groups[0].parameters()])
-    for (own_a, other_a), (own_b, other_b) in zip(*slices):
+    for (own_a, _), (own_b, _) in zip(*slices):
         assert torch.equal(own_a, own_b)
     assert any(not torch.equal(a[1], b[1]) for a, b in zip(*slices))
 
 
 def test_gn_heads_see_other_groups_detached():
     groups = grouped_conv_groups()
-    stage = methods.build_stages("gn", groups, [(4, 6, 6), (CLASSES,)], CLASSES, per_sample_ce,
-                                 OPTS, {"neuron_groups": 2})[0]
+    stage = methods.build_stages(
+        "gn", groups, [(4, 6, 6), (CLASSES,)], CLASSES, per_sample_ce, OPTS, {"neuron_groups": 2}
+    )[0]
     h = torch.randn(BATCH, 4, 6, 6, requires_grad=True)
     _, y = data()
     chunks = h.chunk(2, dim=1)
@@ -502,7 +570,7 @@ def test_gn_diversity_matches_formula():
         p = torch.softmax(logits / 3.0, 1)
         rows = []
         for i in range(BATCH):
-            r = torch.cat([p[i, :y[i]], p[i, y[i] + 1:]])
+            r = torch.cat([p[i, : y[i]], p[i, y[i] + 1 :]])
             r = r / r.sum()
             rows.append(r / r.norm())
         q.append(torch.stack(rows))
@@ -532,8 +600,10 @@ def test_unknown_option_is_rejected():
 def test_pipelined_bp_normalises_each_micro_batch_on_its_own():
     """With BatchNorm the update is the mean over micro-batches of each one's own gradient."""
     torch.manual_seed(0)
-    groups = [nn.Sequential(nn.Linear(DIM, DIM), nn.BatchNorm1d(DIM), nn.Tanh()),
-              nn.Sequential(nn.Linear(DIM, CLASSES))]
+    groups = [
+        nn.Sequential(nn.Linear(DIM, DIM), nn.BatchNorm1d(DIM), nn.Tanh()),
+        nn.Sequential(nn.Linear(DIM, CLASSES)),
+    ]
     whole = copy.deepcopy(nn.Sequential(*groups))
     stages = stages_for("pipe-bp", groups, microbatches=2)
     x, y = data()
@@ -578,6 +648,7 @@ def test_async_dgl_stage_trains_on_buffered_inputs_with_their_own_labels():
 
 def test_replay_buffer_keeps_the_newest_and_counts_evictions():
     from methods.adgl import ReplayBuffer
+
     buffer = ReplayBuffer(2, 3, torch.Generator().manual_seed(0))
     for i in range(4):
         buffer.push(torch.tensor([i]), torch.tensor([i]))
@@ -588,6 +659,7 @@ def test_replay_buffer_keeps_the_newest_and_counts_evictions():
 def test_step_decay_scales_sgd_rates_and_leaves_adam_critics_alone():
     from bench.config import RunConfig
     from bench.schedule import LRSchedule, epoch_steps
+
     stages = stages_for("lc", mlp_groups(2))
     schedule = LRSchedule(RunConfig(method="lc", lr_milestones=[3, 5], lr_gamma=0.1))
     rates = []
@@ -602,10 +674,18 @@ def test_step_decay_scales_sgd_rates_and_leaves_adam_critics_alone():
 
 def test_clip_bounds_each_optimizers_gradient_norm():
     groups = mlp_groups(1)
-    stage = methods.build_stages("bp", groups, [(CLASSES,)], CLASSES, per_sample_ce,
-                                 TrainOptions(lr=1.0, momentum=0.0, weight_decay=0.0, clip=1e-3))[0]
+    stage = methods.build_stages(
+        "bp",
+        groups,
+        [(CLASSES,)],
+        CLASSES,
+        per_sample_ce,
+        TrainOptions(lr=1.0, momentum=0.0, weight_decay=0.0, clip=1e-3),
+    )[0]
     before = params(groups[0])
     x, y = data()
     train_step([stage], 0, x * 100, y)
     moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(params(groups[0]), before)))
-    assert moved == pytest.approx(1e-3, rel=1e-6)  # plain SGD at lr 1: the step is the clipped gradient
+    assert moved == pytest.approx(
+        1e-3, rel=1e-6
+    )  # plain SGD at lr 1: the step is the clipped gradient

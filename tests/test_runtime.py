@@ -3,6 +3,7 @@ module with fp32 weights, losses and messages; channels-last conv nets; compiled
 compiled before the timed epochs. Compilation takes the "aot_eager" backend here (the same
 graphs, no code generation); one test with inductor is marked slow. The CUDA paths (TF32,
 CUDA graphs, fused optimizers) are in test_gpu.py."""
+
 import copy
 import csv
 import json
@@ -25,8 +26,19 @@ from bench.measure.profile import count_flops
 from bench.models import runtime
 
 TINY = dict(task="digits", groups=2, limit_train=64, limit_test=32, batch_size=16, device="cpu")
-RUN = ["--task", "digits", "--epochs", "2", "--limit-train", "128", "--limit-test", "64",
-       "--batch-size", "32", "--quiet"]
+RUN = [
+    "--task",
+    "digits",
+    "--epochs",
+    "2",
+    "--limit-train",
+    "128",
+    "--limit-test",
+    "64",
+    "--batch-size",
+    "32",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +61,9 @@ def parameters(stages) -> list[torch.Tensor]:
 def rows_of(out: Path) -> dict[tuple, float]:
     (path,) = out.glob("*/*/metrics.csv")
     with open(path) as f:
-        return {(int(r["epoch"]), r["stage"], r["metric"]): float(r["value"])
-                for r in csv.DictReader(f)}
+        return {
+            (int(r["epoch"]), r["stage"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)
+        }
 
 
 def test_bf16_computes_inside_the_modules_and_keeps_weights_losses_and_messages_fp32():
@@ -66,8 +79,14 @@ def test_bf16_computes_inside_the_modules_and_keeps_weights_losses_and_messages_
     assert h.dtype == torch.float32 and loss.dtype == torch.float32  # down, and up (L_2)
     first.receive(0, loss)
     assert all(p.dtype == torch.float32 for p in parameters(prep.stages))
-    state = [v for s in prep.stages for o in s.optimizers() for st in o.state.values()
-             for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
+    state = [
+        v
+        for s in prep.stages
+        for o in s.optimizers()
+        for st in o.state.values()
+        for v in st.values()
+        if torch.is_tensor(v) and v.numel() > 1
+    ]
     assert state and all(v.dtype == torch.float32 for v in state)
     assert all(math.isfinite(v) for s in prep.stages for v in s.pop_metrics().values())
 
@@ -126,17 +145,24 @@ def test_warm_up_puts_the_stages_and_the_random_state_back():
     for saved, stage in zip(before, prep.stages):
         now = stage.state_dict()
         torch.testing.assert_close(now["modules"], saved["modules"], rtol=0, atol=0)
-        torch.testing.assert_close([o["state"] for o in now["optimizers"]],
-                                   [o["state"] for o in saved["optimizers"]], rtol=0, atol=0)
+        torch.testing.assert_close(
+            [o["state"] for o in now["optimizers"]],
+            [o["state"] for o in saved["optimizers"]],
+            rtol=0,
+            atol=0,
+        )
         torch.testing.assert_close(now["tallies"], saved["tallies"], rtol=0, atol=0)
-        assert not now["kept"] and all(p.grad is None for m in stage.modules()
-                                       for p in m.parameters())
+        assert not now["kept"] and all(
+            p.grad is None for m in stage.modules() for p in m.parameters()
+        )
 
 
 @pytest.mark.parametrize("method", ["bp", "lc"])
-def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(method, tmp_path,
-                                                                           capsys, monkeypatch):
+def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(
+    method, tmp_path, capsys, monkeypatch
+):
     from torch._dynamo.utils import counters
+
     compiled_in_epochs = []
     epoch = sequential.train_epoch
 
@@ -149,21 +175,39 @@ def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(meth
     monkeypatch.setattr(sequential, "train_epoch", counted)
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         with pytest.raises(SystemExit) as exit_info:
-            main(["run", "--method", method, "--groups", "2", *RUN, *extra, "--save-weights",
-                  "--out", str(tmp_path / name)])
+            main(
+                [
+                    "run",
+                    "--method",
+                    method,
+                    "--groups",
+                    "2",
+                    *RUN,
+                    *extra,
+                    "--save-weights",
+                    "--out",
+                    str(tmp_path / name),
+                ]
+            )
         assert exit_info.value.code == 0, capsys.readouterr().err
     eager, compiled = rows_of(tmp_path / "eager"), rows_of(tmp_path / "compiled")
-    learning = [k for k in eager if k[2] in ("train_loss", "train_acc", "test_loss", "test_acc",
-                                             "critic_loss")]
-    assert learning and all(compiled[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-6)
-                            for k in learning)
+    learning = [
+        k
+        for k in eager
+        if k[2] in ("train_loss", "train_acc", "test_loss", "test_acc", "critic_loss")
+    ]
+    assert learning and all(
+        compiled[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-6) for k in learning
+    )
     assert compiled[1, "", "compile_time_s"] > 0
     assert [k for k in compiled if k[2] == "compile_time_s"] == [(1, "", "compile_time_s")]
     assert not [k for k in eager if k[2] == "compile_time_s"]
     assert compiled[1, "", "epoch_time_s"] > 0
     assert compiled_in_epochs == [0, 0, 0, 0]  # eager, then compiled: all in the warm-up
-    saved = [torch.load(next((tmp_path / name).glob("*/*/weights/stage1.pt")))
-             for name in ("eager", "compiled")]
+    saved = [
+        torch.load(next((tmp_path / name).glob("*/*/weights/stage1.pt")))
+        for name in ("eager", "compiled")
+    ]
     assert [list(m) for m in saved[0]] == [list(m) for m in saved[1]]  # the same keys
     (info,) = (tmp_path / "compiled").glob("*/*/run.json")
     config = json.loads(info.read_text())["config"]
@@ -173,8 +217,10 @@ def test_a_compiled_run_learns_as_the_eager_one_with_its_compile_time_apart(meth
 def test_precision_and_compile_are_in_the_run_key_only_when_set():
     plain = RunConfig(method="bp").validated()
     assert "precision" not in plain.key() and "compile" not in plain.key()  # earlier ids stay
-    ids = {RunConfig(method="bp", **kw).validated().run_id
-           for kw in ({}, {"precision": "bf16"}, {"precision": "tf32"}, {"compile": True})}
+    ids = {
+        RunConfig(method="bp", **kw).validated().run_id
+        for kw in ({}, {"precision": "bf16"}, {"precision": "tf32"}, {"compile": True})
+    }
     assert len(ids) == 4
 
 
@@ -187,17 +233,42 @@ def test_tf32_only_with_precision_tf32():
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("args", [["--method", "lc", "--groups", "2", "--executor",
-                                   "distributed"],
-                                  pytest.param(["--method", "pipe-bp", "--groups", "2",
-                                                "--executor", "distributed"], marks=pytest.mark.slow),
-                                  pytest.param(["--method", "bp", "--executor", "ddp", "--workers",
-                                                "2", "--groups", "1"], marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "lc", "--groups", "2", "--executor", "distributed"],
+        pytest.param(
+            ["--method", "pipe-bp", "--groups", "2", "--executor", "distributed"],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["--method", "bp", "--executor", "ddp", "--workers", "2", "--groups", "1"],
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_both_options_on_ranks(args, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "run", *args, *RUN, "--epochs", "1",
-                             "--precision", "bf16", "--compile", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "LCBENCH_COMPILE_BACKEND": "aot_eager"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            *args,
+            *RUN,
+            "--epochs",
+            "1",
+            "--precision",
+            "bf16",
+            "--compile",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LCBENCH_COMPILE_BACKEND": "aot_eager"},
+    )
     assert result.returncode == 0, result.stderr
     got = rows_of(tmp_path)
     assert got[1, "", "compile_time_s"] > 0 and got[1, "1", "compile_time_s"] > 0
@@ -211,8 +282,21 @@ def test_inductor_compiles_a_run_that_learns_as_the_eager_one(tmp_path, monkeypa
     monkeypatch.setattr(runtime, "BACKEND", "inductor")
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         with pytest.raises(SystemExit) as exit_info:
-            main(["run", "--method", "lc", "--groups", "2", *RUN, "--epochs", "1", *extra,
-                  "--out", str(tmp_path / name)])
+            main(
+                [
+                    "run",
+                    "--method",
+                    "lc",
+                    "--groups",
+                    "2",
+                    *RUN,
+                    "--epochs",
+                    "1",
+                    *extra,
+                    "--out",
+                    str(tmp_path / name),
+                ]
+            )
         assert exit_info.value.code == 0
     eager, compiled = rows_of(tmp_path / "eager"), rows_of(tmp_path / "compiled")
     assert compiled[1, "", "compile_time_s"] > 0

@@ -1,10 +1,11 @@
 """`lcbench scale` and `lcbench calibrate`: the forecast's rows, summary and maps, a profile
 measured here, and bad input."""
+
 import csv
 import math
-import tomllib
 
 import pytest
+import tomllib
 
 from bench.cli import main
 from bench.forecast import profiles, scale
@@ -19,9 +20,25 @@ def call(args, capsys):
 
 def test_scale_writes_rows_a_summary_and_a_map_per_model_and_profile(tmp_path, capsys):
     out = tmp_path / "scale"
-    code, text, _ = call(["scale", "small-cnn", "--task", "fashion-mnist", "--profile",
-                          "h100-sxm-nvlink", "--profile", "rtx4090-10gbe", "--workers", "2,4",
-                          "--rules", "pipe-bp,dgl,lc", "--out", str(out)], capsys)
+    code, text, _ = call(
+        [
+            "scale",
+            "small-cnn",
+            "--task",
+            "fashion-mnist",
+            "--profile",
+            "h100-sxm-nvlink",
+            "--profile",
+            "rtx4090-10gbe",
+            "--workers",
+            "2,4",
+            "--rules",
+            "pipe-bp,dgl,lc",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     with open(out / "scale.csv") as f:
         rows = list(csv.DictReader(f))
@@ -33,9 +50,15 @@ def test_scale_writes_rows_a_summary_and_a_map_per_model_and_profile(tmp_path, c
         assert int(r["stages"]) * int(r["replicas"]) * int(r["neuron_groups"]) == int(r["workers"])
         assert float(r["step_s"]) > 0 and r["kind"] == "forecast" and r["times"] == "flops"
         assert float(r["speedup_vs_ddp"]) == pytest.approx(
-            next(float(d["step_s"]) for d in rows if d["rule"] == "ddp" and
-                 (d["profile"], d["workers"], d["bandwidth_gbps"], d["own_link"]) ==
-                 (r["profile"], r["workers"], r["bandwidth_gbps"], r["own_link"])) / float(r["step_s"]))
+            next(
+                float(d["step_s"])
+                for d in rows
+                if d["rule"] == "ddp"
+                and (d["profile"], d["workers"], d["bandwidth_gbps"], d["own_link"])
+                == (r["profile"], r["workers"], r["bandwidth_gbps"], r["own_link"])
+            )
+            / float(r["step_s"])
+        )
     assert "Where each rule beats data-parallel BP" in text and "Assumptions:" in text
     summary = (out / "scale.md").read_text()
     assert "| profile (link) | rule | K=2 | K=4 |" in summary and "**small-cnn**" in summary
@@ -60,8 +83,14 @@ def test_on_a_slow_link_ddps_all_reduce_dominates_and_a_decoupled_rule_wins():
     ring = 2 * 3 * profile.link.latency_s + 2 * 3 / 4 * params / (ddp["bandwidth_gbps"] * 1e9 / 8)
     assert ddp["step_s"] >= ring > dgl["step_s"]
     (cross,) = scale.crossovers(rows)
-    first_loss = next(r["bandwidth_gbps"] for r in swept if r["rule"] == "dgl" and r["speedup_vs_ddp"] <= 1)
-    last_win = max(r["bandwidth_gbps"] for r in swept if r["rule"] == "dgl" and r["bandwidth_gbps"] < first_loss)
+    first_loss = next(
+        r["bandwidth_gbps"] for r in swept if r["rule"] == "dgl" and r["speedup_vs_ddp"] <= 1
+    )
+    last_win = max(
+        r["bandwidth_gbps"]
+        for r in swept
+        if r["rule"] == "dgl" and r["bandwidth_gbps"] < first_loss
+    )
     assert cross["beats_ddp"].startswith(f"<{scale._gbps(last_win)}")
     line = next(x for x in scale.summary(rows).splitlines() if "| DGL |" in x)
     assert f"| {cross['beats_ddp']}" in line
@@ -77,22 +106,31 @@ def test_the_bandwidths_a_rule_wins_at_are_told_as_runs():
     assert scale._ranges(grid, [True, False, False, True]) == "<1, >1000"
 
 
-@pytest.mark.parametrize("args, words", [
-    (["scale", "vgg99"], "unknown model 'vgg99'"),
-    (["scale", "resnet20", "--workers", "0"], "--workers must be positive integers"),
-    (["scale", "resnet20", "--workers", "a,b"], "--workers expects comma-separated integers"),
-    (["scale", "resnet20", "--profile", "tpu-v9"], "no profile 'tpu-v9'"),
-    (["scale", "resnet20", "--rules", "sgd"], "unknown rule 'sgd'"),
-    (["scale", "resnet20", "--precision", "fp64"], "--precision must be one of fp32, tf32, bf16"),
-    (["scale", "resnet20", "--stages", "1"], "--stages at least 2"),
-    (["scale"], "name a MODEL, a --run or a --results folder"),
-    (["scale", "resnet20", "--out", "/proc/lcbench"], "cannot write"),
-    (["calibrate", "--model", "vgg99", "--out", "p.toml"], "unknown model 'vgg99'"),
-    (["calibrate", "--batch-sizes", "0,8", "--out", "p.toml"], "--batch-sizes must be positive"),
-    (["calibrate", "--method", "sgd", "--out", "p.toml"], "unknown method 'sgd'"),
-    (["calibrate", "--link", "tpu-v9", "--out", "p.toml"], "no profile 'tpu-v9'"),
-    (["calibrate", "--out", "/proc/lcbench/p.toml"], "cannot write"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["scale", "vgg99"], "unknown model 'vgg99'"),
+        (["scale", "resnet20", "--workers", "0"], "--workers must be positive integers"),
+        (["scale", "resnet20", "--workers", "a,b"], "--workers expects comma-separated integers"),
+        (["scale", "resnet20", "--profile", "tpu-v9"], "no profile 'tpu-v9'"),
+        (["scale", "resnet20", "--rules", "sgd"], "unknown rule 'sgd'"),
+        (
+            ["scale", "resnet20", "--precision", "fp64"],
+            "--precision must be one of fp32, tf32, bf16",
+        ),
+        (["scale", "resnet20", "--stages", "1"], "--stages at least 2"),
+        (["scale"], "name a MODEL, a --run or a --results folder"),
+        (["scale", "resnet20", "--out", "/proc/lcbench"], "cannot write"),
+        (["calibrate", "--model", "vgg99", "--out", "p.toml"], "unknown model 'vgg99'"),
+        (
+            ["calibrate", "--batch-sizes", "0,8", "--out", "p.toml"],
+            "--batch-sizes must be positive",
+        ),
+        (["calibrate", "--method", "sgd", "--out", "p.toml"], "unknown method 'sgd'"),
+        (["calibrate", "--link", "tpu-v9", "--out", "p.toml"], "no profile 'tpu-v9'"),
+        (["calibrate", "--out", "/proc/lcbench/p.toml"], "cannot write"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = call(args, capsys)
@@ -103,16 +141,33 @@ def test_bad_input_is_one_line_and_exit_2(args, words, capsys, tmp_path, monkeyp
 def test_a_malformed_profile_file_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[profile]\nkind = 'measured'\n[device]\n")
-    code, _, err = call(["scale", "resnet20", "--profile", str(bad), "--out", str(tmp_path / "o")],
-                        capsys)
+    code, _, err = call(
+        ["scale", "resnet20", "--profile", str(bad), "--out", str(tmp_path / "o")], capsys
+    )
     assert code == 2 and "no [link] table" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.dist
 def test_calibrate_measures_this_machine_and_scale_forecasts_from_it(tmp_path, capsys):
     path = tmp_path / "here.toml"
-    code, out, _ = call(["calibrate", "--model", "mlp", "--task", "digits", "--method", "dgl",
-                         "--batch-sizes", "8,16", "--threads", "1", "--out", str(path)], capsys)
+    code, out, _ = call(
+        [
+            "calibrate",
+            "--model",
+            "mlp",
+            "--task",
+            "digits",
+            "--method",
+            "dgl",
+            "--batch-sizes",
+            "8,16",
+            "--threads",
+            "1",
+            "--out",
+            str(path),
+        ],
+        capsys,
+    )
     assert code == 0 and "GFLOP/s achieved" in out
     data = tomllib.loads(path.read_text())
     (timed,) = data["workloads"]

@@ -1,5 +1,6 @@
 """Every learning rule on the LSTM tasks: the rule invariants of tests/test_rules.py on LSTM
 layer groups (float64), and a few real steps of every method on both RNN tasks."""
+
 import copy
 import csv
 import math
@@ -15,8 +16,8 @@ import methods
 from bench.executors.sequential import train_step
 from bench.models import build_model
 from bench.models.rnn import reset_states
-from bench.prepare import classification_loss
 from bench.models.split import group_output_shapes, split_model
+from bench.prepare import classification_loss
 from methods.base import TrainOptions
 from tests.test_datasets import write_ptb
 
@@ -72,8 +73,13 @@ def test_bp_on_lstm_groups_equals_unsplit_truncated_bptt(method):
     whole = copy.deepcopy(nn.Sequential(*groups))
     options = {"microbatches": 2} if method == "pipe-bp" else {}
     stages = stages_for(method, groups, (T,), VOCAB, **options)
-    reference = torch.optim.SGD(whole.parameters(), lr=OPTS.lr, momentum=OPTS.momentum,
-                                nesterov=True, weight_decay=OPTS.weight_decay)
+    reference = torch.optim.SGD(
+        whole.parameters(),
+        lr=OPTS.lr,
+        momentum=OPTS.momentum,
+        nesterov=True,
+        weight_decay=OPTS.weight_decay,
+    )
     for module in [whole, *groups]:
         reset_states(module, B)
     for step in range(3):
@@ -145,9 +151,23 @@ ALL = ["bp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn", "frozen"]
 
 
 def run(tmp_path, *args):
-    result = subprocess.run([sys.executable, "-m", "bench", "run", *args, "--epochs", "1",
-                             "--quiet", "--out", str(tmp_path / "out")], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            *args,
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (path,) = (tmp_path / "out").glob("*/*/metrics.csv")
     with open(path) as f:
@@ -158,8 +178,20 @@ def run(tmp_path, *args):
 def test_every_method_trains_the_lstm_language_model_on_ptb_files(method, tmp_path):
     write_ptb(tmp_path / "data" / "ptb", repeat=60)
     options = ["-o", "microbatches=2"] if method == "pipe-bp" else []
-    got = run(tmp_path, "--method", method, "--task", "ptb", "--data-dir", str(tmp_path / "data"),
-              "--batch-size", "2", "--width", "0.05", *options)
+    got = run(
+        tmp_path,
+        "--method",
+        method,
+        "--task",
+        "ptb",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--batch-size",
+        "2",
+        "--width",
+        "0.05",
+        *options,
+    )
     assert math.isfinite(got["", "train_loss"]) and got["", "test_ppl"] > 1
     assert got["", "test_ppl"] == pytest.approx(math.exp(got["", "test_loss"]))
 
@@ -171,8 +203,19 @@ def test_a_test_split_smaller_than_one_batch_trains_without_the_probe(method, tm
     write_ptb(tmp_path / "data" / "ptb", repeat=60)
     test = tmp_path / "data" / "ptb" / "ptb.test.txt"
     test.write_text(" a cat sat on a dog \n")  # 7 words: not one window of 20 streams
-    got = run(tmp_path, "--method", method, "--task", "ptb", "--data-dir", str(tmp_path / "data"),
-              "--batch-size", "20", "--width", "0.05")
+    got = run(
+        tmp_path,
+        "--method",
+        method,
+        "--task",
+        "ptb",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--batch-size",
+        "20",
+        "--width",
+        "0.05",
+    )
     assert math.isfinite(got["", "train_loss"])
     assert not any(metric in ("update_cosine", "feature_drift") for _, metric in got)
 
@@ -180,8 +223,21 @@ def test_a_test_split_smaller_than_one_batch_trains_without_the_probe(method, tm
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 @pytest.mark.parametrize("method", ALL)
 def test_every_method_trains_on_sequential_fashion_mnist(method, tmp_path):
-    got = run(tmp_path, "--method", method, "--task", "seq-fashion-mnist", "--limit-train", "512",
-              "--limit-test", "256", "--batch-size", "64", "--lr", "0.1")
+    got = run(
+        tmp_path,
+        "--method",
+        method,
+        "--task",
+        "seq-fashion-mnist",
+        "--limit-train",
+        "512",
+        "--limit-test",
+        "256",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.1",
+    )
     assert math.isfinite(got["", "train_loss"]) and 0 <= got["", "test_acc"] <= 1
     if methods.resolve(method).has_submodels:
         assert ("1", "test_acc") in got and ("", "ensemble_all_acc") in got

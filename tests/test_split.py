@@ -5,10 +5,22 @@ import pytest
 import torch
 from torch import nn
 
+from bench.measure.profile import (
+    SavedTensorMeter,
+    count_flops,
+    grad_bytes,
+    optimizer_state_bytes,
+    param_bytes,
+)
 from bench.models import build_model
-from bench.measure.profile import SavedTensorMeter, count_flops, grad_bytes, optimizer_state_bytes, param_bytes
-from bench.models.split import (SplitError, balanced_cuts, block_costs, group_output_shapes, resolve_cuts,
-                         split_model)
+from bench.models.split import (
+    SplitError,
+    balanced_cuts,
+    block_costs,
+    group_output_shapes,
+    resolve_cuts,
+    split_model,
+)
 
 CIFAR = (3, 32, 32)
 
@@ -50,15 +62,18 @@ def test_split_error_is_value_error():
     assert issubclass(SplitError, ValueError)
 
 
-@pytest.mark.parametrize("k, cuts, match", [
-    (3, [4], "3 groups need 2 cuts"),
-    (3, [4, 4], "strictly increasing"),
-    (3, [6, 4], "strictly increasing"),
-    (2, [0], r"1\.\.10"),
-    (2, [11], r"1\.\.10"),
-    (12, None, "cannot split 11 blocks into 12 groups"),
-    (0, [], "cannot split 11 blocks into 0 groups"),
-])
+@pytest.mark.parametrize(
+    "k, cuts, match",
+    [
+        (3, [4], "3 groups need 2 cuts"),
+        (3, [4, 4], "strictly increasing"),
+        (3, [6, 4], "strictly increasing"),
+        (2, [0], r"1\.\.10"),
+        (2, [11], r"1\.\.10"),
+        (12, None, "cannot split 11 blocks into 12 groups"),
+        (0, [], "cannot split 11 blocks into 0 groups"),
+    ],
+)
 def test_explicit_cuts_validation(k, cuts, match):
     model = build_model("resnet20", CIFAR, 10)
     with pytest.raises(SplitError, match=match):
@@ -124,6 +139,7 @@ def test_block_costs_activations_leave_model_untouched():
 
 # --- bench.measure.profile ---
 
+
 @pytest.mark.parametrize("input_grad", [False, True])
 def test_saved_tensor_meter_mlp(input_grad):
     batch, d_in, hidden, d_out = 4, 5, 7, 3
@@ -165,7 +181,9 @@ def test_flops_and_byte_counters():
     sgd.step()
     adam.step()
     assert optimizer_state_bytes(sgd) == 4 * n  # one momentum buffer per parameter
-    assert optimizer_state_bytes(adam) == 2 * 4 * n + 4 * 4  # two moments, plus a float32 step per tensor
+    assert (
+        optimizer_state_bytes(adam) == 2 * 4 * n + 4 * 4
+    )  # two moments, plus a float32 step per tensor
 
 
 def test_balanced_cuts_charge_a_local_module_to_the_group_it_ends():
@@ -183,11 +201,18 @@ def test_split_by_measured_time_charges_the_local_module(monkeypatch):
     model = build_model("resnet8", CIFAR, 10)
     monkeypatch.setattr("bench.models.split.seconds", lambda work: 1.0)
     shapes = {}
-    cuts = resolve_cuts(model, 2, input_shape=CIFAR, by="time",
-                        local_cost=lambda shape: shapes.setdefault(shape, 3.0))
+    cuts = resolve_cuts(
+        model,
+        2,
+        input_shape=CIFAR,
+        by="time",
+        local_cost=lambda shape: shapes.setdefault(shape, 3.0),
+    )
     assert cuts == [1]  # 1 block + 3 vs 4 blocks
     assert set(shapes) == {(16, 32, 32), (32, 16, 16), (64, 8, 8)}  # the classifier has none
-    assert resolve_cuts(model, 2, input_shape=CIFAR, by="time") == [2]  # no local work: 2 | 3 blocks
+    assert resolve_cuts(model, 2, input_shape=CIFAR, by="time") == [
+        2
+    ]  # no local work: 2 | 3 blocks
 
 
 def test_split_by_flops_charges_each_stage_its_training_flops_and_local_work():
@@ -200,7 +225,11 @@ def test_split_by_flops_charges_each_stage_its_training_flops_and_local_work():
     cuts = resolve_cuts(model, 2, input_shape=CIFAR, local_cost=lambda shape: local[shape])
     shapes = [tuple(s) for s in group_output_shapes(list(model), CIFAR)]
     ends = [local.get(s, 0.0) for s in shapes[:-1]] + [0.0]
-    assert cuts == balanced_cuts([3 * c for c in forward], 2, ends) != resolve_cuts(model, 2, input_shape=CIFAR)
+    assert (
+        cuts
+        == balanced_cuts([3 * c for c in forward], 2, ends)
+        != resolve_cuts(model, 2, input_shape=CIFAR)
+    )
     assert shapes[cuts[0] - 1] != (16, 32, 32)
 
 
@@ -210,6 +239,7 @@ def test_local_cost_counts_the_rules_own_local_work():
     none for backprop."""
     from bench.config import RunConfig
     from bench.prepare import local_cost
+
     shape = (16, 32, 32)
     critic_forward = 2 * 9 * 16 * 128 * 32 * 32 + 2 * 128 * 32 * 32 * 10
     linear_input_grad = 2 * 128 * 32 * 32 * 10
@@ -220,8 +250,9 @@ def test_local_cost_counts_the_rules_own_local_work():
     synth_forward = 2 * 9 * 128 * 32 * 32 * (16 + 16)  # the tables' one conv + output conv
     dni = local_cost(RunConfig(method="dni").validated(), shape, 10)
     assert 2 * synth_forward < dni < 3 * synth_forward  # no input gradient into its first conv
-    dgl_comparison = RunConfig(method="dni", options={"synth_layers": 2, "synth_kernel": 5,
-                                                      "synth_batchnorm": True}).validated()
+    dgl_comparison = RunConfig(
+        method="dni", options={"synth_layers": 2, "synth_kernel": 5, "synth_batchnorm": True}
+    ).validated()
     synth_forward = 2 * 25 * 128 * 32 * 32 * (16 + 128 + 16)
     assert 2 * synth_forward < local_cost(dgl_comparison, shape, 10) < 3 * synth_forward
 
@@ -232,6 +263,7 @@ def test_split_balance_row_is_the_best_bound_any_cut_allows():
     T_BP / max_k c_k) is the best of every cut, found here by trying them all."""
     from bench import prepare
     from bench.config import RunConfig
+
     shape = (1, 28, 28)
     cfg = RunConfig(method="lc", groups=2, task="fashion-mnist", model="resnet20", device="cpu")
     prep = prepare.prepare(cfg, data=False)
@@ -249,6 +281,8 @@ def test_split_balance_row_is_the_best_bound_any_cut_allows():
     best = max(sum(forward) / max(stage_costs(c)) for c in range(1, len(forward)))
     assert 2 * sum(forward) / sum(chosen) * balance == pytest.approx(best)
     assert 0.5 < balance < 1
-    bp = prepare.prepare(RunConfig(method="bp", groups=1, task="fashion-mnist", model="resnet20",
-                                   device="cpu"), data=False)
+    bp = prepare.prepare(
+        RunConfig(method="bp", groups=1, task="fashion-mnist", model="resnet20", device="cpu"),
+        data=False,
+    )
     assert prepare.static_rows(bp)["", "split_balance"] == 1.0

@@ -1,5 +1,6 @@
 """The DNI signal study: its offline fit against the best predictor computed by hand, and its
 runs wired to the rule's own stages and diagnostics."""
+
 from dataclasses import replace
 
 import pandas as pd
@@ -10,9 +11,18 @@ from torch.nn import functional as F
 from bench.config import UsageError
 from bench.studies import dni_signal
 
-TINY = replace(dni_signal.FIDELITY, task="digits", model="small-cnn", groups=3, split="flops",
-               width=1.0, batch_size=32, limit_train=512, limit_test=256,
-               options={"synth_filters": 8})
+TINY = replace(
+    dni_signal.FIDELITY,
+    task="digits",
+    model="small-cnn",
+    groups=3,
+    split="flops",
+    width=1.0,
+    batch_size=32,
+    limit_train=512,
+    limit_test=256,
+    options={"synth_filters": 8},
+)
 
 
 def toy(n, generator):
@@ -36,26 +46,38 @@ def test_the_offline_fit_reaches_the_best_label_blind_predictor():
     g, g_test = target(h, y), target(h_test, y_test)
     # the best label-blind predictor, E[g | h]: the label's part replaced by its mean
     best = torch.einsum("nchw,cd->ndhw", h_test, mix) + by_label.mean(0)
-    expected = sum(F.cosine_similarity(best[i:i + 256].flatten(), g_test[i:i + 256].flatten(), dim=0)
-                   for i in range(0, 1024, 256)) / 4
+    expected = (
+        sum(
+            F.cosine_similarity(best[i : i + 256].flatten(), g_test[i : i + 256].flatten(), dim=0)
+            for i in range(0, 1024, 256)
+        )
+        / 4
+    )
     assert 0.4 < expected < 0.8  # the label's part matters, and so does h's
 
-    blind = dni_signal.fit_synthesizer(h, g, y, conditioned=False, filters=16, epochs=4,
-                                       lr=3e-3, classes=4)
+    blind = dni_signal.fit_synthesizer(
+        h, g, y, conditioned=False, filters=16, epochs=4, lr=3e-3, classes=4
+    )
     cosine, ratio = dni_signal.cosine(blind, h_test, g_test, y_test)
     assert cosine == pytest.approx(float(expected), abs=0.03)
     assert cosine < expected + 0.02  # no label-blind predictor does better
     assert ratio == pytest.approx(cosine, abs=0.05)  # an L2 fit's residual is orthogonal to it
-    conditioned = dni_signal.fit_synthesizer(h, g, y, conditioned=True, filters=16, epochs=4,
-                                             lr=3e-3, classes=4)
+    conditioned = dni_signal.fit_synthesizer(
+        h, g, y, conditioned=True, filters=16, epochs=4, lr=3e-3, classes=4
+    )
     assert dni_signal.cosine(conditioned, h_test, g_test, y_test)[0] > 0.95
 
 
 def test_the_study_runs_the_rule_and_reports_every_stage(isolated_env):
-    rows = dni_signal.run(TINY, steps=4, samples=128, held_out=64, epochs=1, later=(2,),
-                          progress=lambda text: None)
+    rows = dni_signal.run(
+        TINY, steps=4, samples=128, held_out=64, epochs=1, later=(2,), progress=lambda text: None
+    )
     parts = {(r["part"], r["stage"], r["synthesizer"]) for r in rows}
-    for part in ("online, as published", "online, synthesizers at lr 0.001", "online, groups at lr 0"):
+    for part in (
+        "online, as published",
+        "online, synthesizers at lr 0.001",
+        "online, groups at lr 0",
+    ):
         assert {(part, k, "label-blind") for k in (1, 2)} <= parts
     for k in (1, 2):
         assert {("offline fit", k, "label-blind"), ("offline fit", k, "conditioned")} <= parts
@@ -103,10 +125,17 @@ def test_an_unwritable_output_is_one_line_and_exit_2(tmp_path, capsys):
 def test_main_writes_the_rows(isolated_env, monkeypatch, tmp_path):
     monkeypatch.setattr(dni_signal, "FIDELITY", TINY)
     out = tmp_path / "study" / "rows.csv"
-    dni_signal.main(["--steps", "2", "--samples", "64", "--held-out", "32", "--epochs", "1",
-                     "--out", str(out)])
+    dni_signal.main(
+        ["--steps", "2", "--samples", "64", "--held-out", "32", "--epochs", "1", "--out", str(out)]
+    )
     frame = pd.read_csv(out)
-    assert list(frame.columns) == ["part", "stage", "synthesizer", "step", "synth_cosine",
-                                   "synth_norm_ratio"]
+    assert list(frame.columns) == [
+        "part",
+        "stage",
+        "synthesizer",
+        "step",
+        "synth_cosine",
+        "synth_norm_ratio",
+    ]
     assert sorted(frame[frame.part == "staleness"].step) == [7, 17, 42]
     assert list(out.parent.iterdir()) == [out]  # no temporary file left

@@ -1,12 +1,13 @@
 """Sub-models at inference: costs, progressive inference and ensembles, checked against
 figures computed by hand."""
+
 import pytest
 import torch
 from torch import nn
 
 import methods
-from bench.measure import submodels
 from bench.executors.sequential import evaluate
+from bench.measure import submodels
 from bench.prepare import classification_loss
 from methods.base import TrainOptions
 
@@ -18,8 +19,9 @@ def lc_stages(k=3, seed=0):
     groups = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(sizes, sizes[1:])]
     groups.append(nn.Sequential(nn.Linear(sizes[-1], 3)))
     shapes = [(s,) for s in sizes[1:]] + [(3,)]
-    return methods.build_stages("lc", groups, shapes, 3, classification_loss, TrainOptions(),
-                                {"critic_filters": 7})
+    return methods.build_stages(
+        "lc", groups, shapes, 3, classification_loss, TrainOptions(), {"critic_filters": 7}
+    )
 
 
 def test_costs_count_each_group_head_and_sub_model_by_hand():
@@ -35,16 +37,20 @@ def test_costs_count_each_group_head_and_sub_model_by_hand():
     assert submodels.exit_flops(rows, stages) == [
         rows["1", "submodel_flops"],
         rows["1", "submodel_flops"] + rows["2", "group_flops"] + rows["2", "local_flops"],
-        rows["1", "submodel_flops"] + rows["2", "submodel_flops"] - rows["1", "group_flops"]
-        + rows["3", "group_flops"]]
+        rows["1", "submodel_flops"]
+        + rows["2", "submodel_flops"]
+        - rows["1", "group_flops"]
+        + rows["3", "group_flops"],
+    ]
 
 
 @pytest.mark.parametrize("method", ["dni", "cdni"])
 def test_costs_count_the_synthesizer_as_a_local_module_without_a_sub_model(method):
     torch.manual_seed(0)
     groups = [nn.Sequential(nn.Linear(6, 5), nn.ReLU()), nn.Sequential(nn.Linear(5, 3))]
-    stages = methods.build_stages(method, groups, [(5,), (3,)], 3, classification_loss,
-                                  TrainOptions(), {"synth_filters": 7})
+    stages = methods.build_stages(
+        method, groups, [(5,), (3,)], 3, classification_loss, TrainOptions(), {"synth_filters": 7}
+    )
     rows = submodels.costs(stages, (6,))
     linear = lambda a, b: 2 * a * b  # noqa: E731
     assert rows["1", "local_flops"] == linear(5, 7) + linear(7, 5)  # the label: a lookup
@@ -107,7 +113,9 @@ def test_evaluate_reports_sub_models_progressive_inference_and_ensembles():
         h2 = stages[1].group(h1)
         out = [stages[0].critic(h1), stages[1].critic(h2), stages[2].group(h2)]
     acc = [float((z.argmax(1) == y).float().mean()) for z in out]
-    assert rows["1", "test_acc"] == pytest.approx(acc[0]) and rows["", "test_acc"] == pytest.approx(acc[2])
+    assert rows["1", "test_acc"] == pytest.approx(acc[0]) and rows["", "test_acc"] == pytest.approx(
+        acc[2]
+    )
     assert rows["", "progressive_acc_t00"] == pytest.approx(acc[0])
     assert rows["", "progressive_acc_t200"] == pytest.approx(acc[2])
     ensemble = float(((out[0] + out[1]).argmax(1) == y).float().mean())
@@ -126,20 +134,54 @@ def test_lc_on_resnet101_with_the_official_cut_on_cifar10_files(tmp_path, monkey
 
     from bench.cli import main
     from tests.test_tasks import _fake_cifar
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity",
-                        lambda fpath, md5=None: os.path.isfile(fpath))
-    _fake_cifar(tmp_path / "data", 10, {f"data_batch_{i}": 4 for i in range(1, 6)} | {"test_batch": 6})
+
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
+    _fake_cifar(
+        tmp_path / "data", 10, {f"data_batch_{i}": 4 for i in range(1, 6)} | {"test_batch": 6}
+    )
     with pytest.raises(SystemExit) as done:
-        main(["run", "--method", "lc", "--groups", "2", "--model", "resnet101", "--task", "cifar10",
-              "--split", "paper", "--epochs", "1", "--batch-size", "8", "--data-dir",
-              str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--quiet"])
+        main(
+            [
+                "run",
+                "--method",
+                "lc",
+                "--groups",
+                "2",
+                "--model",
+                "resnet101",
+                "--task",
+                "cifar10",
+                "--split",
+                "paper",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
     assert done.value.code == 0, capsys.readouterr().err
     (path,) = (tmp_path / "out").glob("*/*/metrics.csv")
     with open(path) as f:
         got = {(r["stage"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)}
-    assert {("1", "test_acc"), ("", "test_acc"), ("1", "critic_loss"), ("", "ensemble_all_acc"),
-            ("1", "submodel_flops"), ("2", "group_flops")} <= set(got)
-    assert got["1", "group_params"] + got["2", "group_params"] == got["", "model_params"] == 42_505_290
+    assert {
+        ("1", "test_acc"),
+        ("", "test_acc"),
+        ("1", "critic_loss"),
+        ("", "ensemble_all_acc"),
+        ("1", "submodel_flops"),
+        ("2", "group_flops"),
+    } <= set(got)
+    assert (
+        got["1", "group_params"] + got["2", "group_params"] == got["", "model_params"] == 42_505_290
+    )
     import json
+
     info = json.loads((path.parent / "run.json").read_text())
     assert info["split"] == {"by": "paper", "cuts": [18]}

@@ -1,4 +1,5 @@
 """`lcbench sweep`: spec checking, resuming after SIGKILL, failures recorded, signals."""
+
 import csv
 import json
 import os
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from bench import sweep
-from bench.executors import sequential
 from bench.cli import main
+from bench.executors import sequential
 from bench.records import COLUMNS
 
 EXAMPLE = Path(__file__).parents[1] / "bench" / "experiments" / "example.toml"
@@ -111,8 +112,11 @@ def test_sigkill_then_resume_repeats_nothing_and_matches_uninterrupted(reference
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     check_complete(out)
-    done = {run_id: (info["started"], (out / "tiny" / run_id / "metrics.csv").read_bytes())
-            for run_id, info in runs(out).items() if info["status"] == "ok"}
+    done = {
+        run_id: (info["started"], (out / "tiny" / run_id / "metrics.csv").read_bytes())
+        for run_id, info in runs(out).items()
+        if info["status"] == "ok"
+    }
     assert done
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -137,9 +141,12 @@ def test_second_invocation_skips_everything(reference, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.*")} == before
 
 
-def test_failed_diverged_and_invalid_runs_are_recorded_and_the_sweep_goes_on(tmp_path, capsys,
-                                                                           monkeypatch):
-    spec = write(tmp_path, """
+def test_failed_diverged_and_invalid_runs_are_recorded_and_the_sweep_goes_on(
+    tmp_path, capsys, monkeypatch
+):
+    spec = write(
+        tmp_path,
+        """
 [grid]
 method = ["lc", "bp"]
 lr = [1e6, 0.02]
@@ -150,7 +157,8 @@ epochs = 2
 batch_size = 32
 limit_train = 192
 limit_test = 128
-""")
+""",
+    )
     real_train = sequential.train
 
     def train(prep, record, **kw):  # lc breaks at run time
@@ -163,8 +171,10 @@ limit_test = 128
     code, stdout, err = call(["sweep", str(spec), "--out", str(out), "-q"], capsys)
     assert code == 1 and "1 ok, 0 skipped, 7 failed (1 diverged)" in stdout, err
     check_complete(out)
-    found = {(i["config"]["method"], i["config"]["lr"], i["config"]["groups"]): i
-             for i in runs(out).values()}
+    found = {
+        (i["config"]["method"], i["config"]["lr"], i["config"]["groups"]): i
+        for i in runs(out).values()
+    }
     assert len(found) == 8
     assert found["bp", 0.02, 2]["status"] == "ok"  # the last run: the sweep went on
     assert found["bp", 1e6, 2]["status"] == "diverged"
@@ -193,7 +203,9 @@ def test_sigterm_stops_cleanly_and_marks_the_run_interrupted(tmp_path, capsys, m
     assert code == 143
     assert "stopped by SIGTERM (1 ok, 0 skipped, 0 failed)" in err.splitlines()[-1]
     assert sorted((i["status"], i["error"]) for i in runs(out).values()) == [
-        ("failed", "interrupted"), ("ok", None)]
+        ("failed", "interrupted"),
+        ("ok", None),
+    ]
     assert signal.getsignal(signal.SIGTERM) == handler
     check_complete(out)
 
@@ -201,13 +213,18 @@ def test_sigterm_stops_cleanly_and_marks_the_run_interrupted(tmp_path, capsys, m
 def test_example_spec_presets_and_option_axes(tmp_path):
     smoke = sweep.load_spec(EXAMPLE, "smoke")
     assert [(c.method, c.seed) for c in smoke] == [("bp", 0), ("bp", 1), ("lc", 0), ("lc", 1)]
-    assert all((c.task, c.model, c.groups, c.epochs, c.limit_train, c.experiment)
-               == ("fashion-mnist", "small-cnn", 2, 1, 1024, "example") for c in smoke)
+    assert all(
+        (c.task, c.model, c.groups, c.epochs, c.limit_train, c.experiment)
+        == ("fashion-mnist", "small-cnn", 2, 1, 1024, "example")
+        for c in smoke
+    )
     assert smoke[2].options["critic_lr"] == 1e-4
     assert [c.run_id for c in sweep.load_spec(EXAMPLE, "smoke")] == [c.run_id for c in smoke]
     assert len({c.run_id for c in smoke + sweep.load_spec(EXAMPLE)}) == 8
 
-    spec = write(tmp_path, """
+    spec = write(
+        tmp_path,
+        """
 [grid]
 method = ["bp", "lc"]
 seed = [0, 1]
@@ -215,30 +232,42 @@ seed = [0, 1]
 critic_lr = [1e-4, 1e-3]
 [presets.one-seed]
 settings = { seed = 3 }
-""")
+""",
+    )
     cfgs = sweep.load_spec(spec, "one-seed")  # bp has no critic: its two cells are one run
     assert [(c.method, c.seed, c.options.get("critic_lr")) for c in cfgs] == [
-        ("bp", 3, None), ("lc", 3, 1e-4), ("lc", 3, 1e-3)]
+        ("bp", 3, None),
+        ("lc", 3, 1e-4),
+        ("lc", 3, 1e-3),
+    ]
     assert cfgs[0].experiment == "spec"
 
 
-@pytest.mark.parametrize("text, words", [
-    ("[grid\nmethod = ['bp']\n", "bad TOML"),
-    ("[grid]\nmethod = ['bp']\n[sweep]\nx = 1\n", "unknown key 'sweep'"),
-    ("[grid]\nmethod = ['bp']\n[settings]\nepoch = 2\n", "unknown key 'epoch' in [settings]"),
-    ("[grid]\nmethod = ['lc']\n[options.lc]\ncritic_size = 3\n", "unknown option 'critic_size'"),
-    ("[grid]\nmethod = ['bp']\n[presets.smoke]\nsettings = { foo = 1 }\n",
-     "unknown key 'foo' in [presets.smoke.settings]"),
-    ("[grid]\nmethod = ['bp', 'sgd']\n", "unknown method 'sgd'"),
-    ("[grid]\nmethod = ['bp']\ntask = ['mnist-x']\n", "unknown task 'mnist-x'"),
-    ("[grid]\nmethod = ['bp']\nmodel = ['vgg99']\n", "unknown model 'vgg99'"),
-    ("[grid]\n[settings]\nmethod = 'bp'\n", "empty grid"),
-    ("[grid]\nmethod = ['bp']\nseed = []\n", "seed is an empty list"),
-    ("[grid]\nmethod = ['bp']\nseed = [0, 'one']\n", "seed must be an integer"),
-    ("[grid]\nmethod = ['bp']\nseed = 0\n", "seed must be a list"),
-    ("[grid]\nmethod = ['bp']\n[settings]\nout = 'elsewhere'\n", "'out' cannot be set"),
-    ("[grid]\nmethod = ['bp']\ngroups = [0]\n", "--groups must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[grid\nmethod = ['bp']\n", "bad TOML"),
+        ("[grid]\nmethod = ['bp']\n[sweep]\nx = 1\n", "unknown key 'sweep'"),
+        ("[grid]\nmethod = ['bp']\n[settings]\nepoch = 2\n", "unknown key 'epoch' in [settings]"),
+        (
+            "[grid]\nmethod = ['lc']\n[options.lc]\ncritic_size = 3\n",
+            "unknown option 'critic_size'",
+        ),
+        (
+            "[grid]\nmethod = ['bp']\n[presets.smoke]\nsettings = { foo = 1 }\n",
+            "unknown key 'foo' in [presets.smoke.settings]",
+        ),
+        ("[grid]\nmethod = ['bp', 'sgd']\n", "unknown method 'sgd'"),
+        ("[grid]\nmethod = ['bp']\ntask = ['mnist-x']\n", "unknown task 'mnist-x'"),
+        ("[grid]\nmethod = ['bp']\nmodel = ['vgg99']\n", "unknown model 'vgg99'"),
+        ("[grid]\n[settings]\nmethod = 'bp'\n", "empty grid"),
+        ("[grid]\nmethod = ['bp']\nseed = []\n", "seed is an empty list"),
+        ("[grid]\nmethod = ['bp']\nseed = [0, 'one']\n", "seed must be an integer"),
+        ("[grid]\nmethod = ['bp']\nseed = 0\n", "seed must be a list"),
+        ("[grid]\nmethod = ['bp']\n[settings]\nout = 'elsewhere'\n", "'out' cannot be set"),
+        ("[grid]\nmethod = ['bp']\ngroups = [0]\n", "--groups must be at least 1"),
+    ],
+)
 def test_malformed_spec_is_one_line_naming_the_file_and_exit_2(text, words, tmp_path, capsys):
     spec = write(tmp_path, text, "broken.toml")
     out = tmp_path / "out"
@@ -257,7 +286,9 @@ def test_unknown_preset_and_missing_file(tmp_path, capsys):
 
 
 def test_several_grids_are_a_union_and_a_preset_can_replace_them(tmp_path):
-    spec = write(tmp_path, """
+    spec = write(
+        tmp_path,
+        """
 [[grid]]
 method = ["bp", "lc"]
 groups = [2]
@@ -271,16 +302,21 @@ settings = { epochs = 1 }
 [[presets.other.grid]]
 method = ["dgl"]
 groups = [3]
-""")
+""",
+    )
     cells = [(c.method, c.groups, c.epochs) for c in sweep.load_spec(spec)]
     assert cells == [("bp", 2, 3), ("lc", 2, 3), ("lc", 4, 3)]
     assert [(c.method, c.groups, c.epochs) for c in sweep.load_spec(spec, "quick")] == [
-        ("bp", 2, 1), ("lc", 2, 1), ("lc", 4, 1)]
+        ("bp", 2, 1),
+        ("lc", 2, 1),
+        ("lc", 4, 1),
+    ]
     assert [(c.method, c.groups) for c in sweep.load_spec(spec, "other")] == [("dgl", 3)]
 
 
-def test_a_stopped_run_continues_from_its_checkpoint_when_the_sweep_runs_again(tmp_path,
-                                                                               monkeypatch):
+def test_a_stopped_run_continues_from_its_checkpoint_when_the_sweep_runs_again(
+    tmp_path, monkeypatch
+):
     spec = write(tmp_path, TINY.replace('["bp", "lc"]', '["lc"]').replace("[0, 1]", "[0]"))
     cfgs = sweep.load_spec(spec, out=str(tmp_path / "out"))
     step, starts = sequential.train_step, []

@@ -22,7 +22,9 @@ def no_md5_check(monkeypatch):
     """torchvision's CIFAR loaders compare each file's md5 with the published files'
     (CIFAR10._check_integrity and _load_meta call torchvision.datasets.cifar.check_integrity);
     small test files cannot match, so check only that the files exist."""
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
 
 
 def _standardised(train, test):
@@ -47,22 +49,42 @@ def _fake_cifar(root, classes, sizes):
     for name, n in sizes.items():
         x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
         y = rng.integers(0, classes, n).tolist()
-        batch = {"batch_label": name, "data": x.reshape(n, 3072), label_key: y, "filenames": [f"{i}.png" for i in range(n)]}
+        batch = {
+            "batch_label": name,
+            "data": x.reshape(n, 3072),
+            label_key: y,
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
         if classes == 100:
             batch["coarse_labels"] = [c // 5 for c in y]
         _dump(folder / name, batch)
         splits[name] = (x, y)
     if classes == 10:
-        _dump(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": 3, "num_vis": 3072})
+        _dump(
+            folder / "batches.meta",
+            {
+                "label_names": [f"c{i}" for i in range(10)],
+                "num_cases_per_batch": 3,
+                "num_vis": 3072,
+            },
+        )
     else:
-        _dump(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"k{i}" for i in range(20)]})
+        _dump(
+            folder / "meta",
+            {
+                "fine_label_names": [f"f{i}" for i in range(100)],
+                "coarse_label_names": [f"k{i}" for i in range(20)],
+            },
+        )
     return splits
 
 
 @pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_loads_real_format(tmp_path, no_md5_check, offline, name, classes):
     if classes == 10:
-        splits = _fake_cifar(tmp_path, 10, {f"data_batch_{i}": 3 for i in range(1, 6)} | {"test_batch": 4})
+        splits = _fake_cifar(
+            tmp_path, 10, {f"data_batch_{i}": 3 for i in range(1, 6)} | {"test_batch": 4}
+        )
         train = [splits[f"data_batch_{i}"] for i in range(1, 6)]
         test = splits["test_batch"]
     else:
@@ -74,7 +96,12 @@ def test_cifar_loads_real_format(tmp_path, no_md5_check, offline, name, classes)
     task = load_task(name, tmp_path)
 
     assert not offline
-    assert (task.input_shape, task.num_classes, task.augment, task.default_model) == ((3, 32, 32), classes, "crop-flip", "resnet20")
+    assert (task.input_shape, task.num_classes, task.augment, task.default_model) == (
+        (3, 32, 32),
+        classes,
+        "crop-flip",
+        "resnet20",
+    )
     assert task.train_x.shape == (15, 3, 32, 32) and task.test_x.shape == (4, 3, 32, 32)
     assert task.train_x.dtype == torch.float32 and task.train_y.dtype == torch.int64
     assert task.train_y.tolist() == train_y and task.test_y.tolist() == test[1]
@@ -85,7 +112,9 @@ def test_cifar_loads_real_format(tmp_path, no_md5_check, offline, name, classes)
     torch.testing.assert_close(task.train_x.std((0, 2, 3)), torch.ones(3), atol=1e-5, rtol=0)
 
     small = load_task(name, tmp_path, limit_train=2, limit_test=3)
-    assert torch.equal(small.train_x, task.train_x[:2]) and torch.equal(small.test_y, task.test_y[:3])
+    assert torch.equal(small.train_x, task.train_x[:2]) and torch.equal(
+        small.test_y, task.test_y[:3]
+    )
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch, no_md5_check, offline):
@@ -104,7 +133,13 @@ def test_missing_data_offline_says_where_to_put_it(tmp_path, monkeypatch, offlin
     assert offline, "the loader should have tried to download"
     assert "\n" not in message
     assert str(data_dir.resolve()) in message
-    assert ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python" if name == "cifar100" else "t10k-images-idx3-ubyte") in message
+    assert (
+        "cifar-10-batches-py"
+        if name == "cifar10"
+        else "cifar-100-python"
+        if name == "cifar100"
+        else "t10k-images-idx3-ubyte"
+    ) in message
 
 
 def test_unknown_task():
@@ -115,7 +150,12 @@ def test_unknown_task():
 def test_digits_split_is_fixed():
     a, b = load_task("digits"), load_task("digits")
     assert a.train_x.shape == (1437, 1, 8, 8) and a.test_x.shape == (360, 1, 8, 8)
-    assert (a.input_shape, a.num_classes, a.augment, a.default_model) == ((1, 8, 8), 10, "none", "small-cnn")
+    assert (a.input_shape, a.num_classes, a.augment, a.default_model) == (
+        (1, 8, 8),
+        10,
+        "none",
+        "small-cnn",
+    )
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert set(a.train_y.tolist()) == set(range(10)) == set(a.test_y.tolist())
     torch.testing.assert_close(a.train_x.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
@@ -134,8 +174,12 @@ def test_fashion_mnist_from_system_copy(tmp_path, monkeypatch, offline):
     for split, n in [("train", 7), ("t10k", 5)]:
         x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         y = rng.integers(0, 10, n, dtype=np.uint8)
-        (system / "fashion-mnist" / f"{split}-images-idx3-ubyte.gz").write_bytes(_idx(0x803, (n, 28, 28), x))
-        (system / "fashion-mnist" / f"{split}-labels-idx1-ubyte.gz").write_bytes(_idx(0x801, (n,), y))
+        (system / "fashion-mnist" / f"{split}-images-idx3-ubyte.gz").write_bytes(
+            _idx(0x803, (n, 28, 28), x)
+        )
+        (system / "fashion-mnist" / f"{split}-labels-idx1-ubyte.gz").write_bytes(
+            _idx(0x801, (n,), y)
+        )
         raw[split] = (x[:, None], y)
     monkeypatch.setenv("LCBENCH_SYSTEM_DATA", str(system))
 
@@ -144,22 +188,41 @@ def test_fashion_mnist_from_system_copy(tmp_path, monkeypatch, offline):
     assert not offline
     assert task.input_shape == (1, 28, 28) and task.augment == "none"
     assert task.train_x.shape == (7, 1, 28, 28) and task.test_x.shape == (5, 1, 28, 28)
-    assert task.train_y.tolist() == raw["train"][1].tolist() and task.test_y.tolist() == raw["t10k"][1].tolist()
+    assert (
+        task.train_y.tolist() == raw["train"][1].tolist()
+        and task.test_y.tolist() == raw["t10k"][1].tolist()
+    )
     expected_train, expected_test = _standardised(raw["train"][0], raw["t10k"][0])
     torch.testing.assert_close(task.train_x, expected_train, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(task.test_x, expected_test, atol=1e-5, rtol=1e-5)
 
     unpacked = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
-    assert sorted(p.name for p in unpacked) == sorted(["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+    assert sorted(p.name for p in unpacked) == sorted(
+        [
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ]
+    )
     assert torch.equal(load_task("fashion-mnist", tmp_path / "empty").test_x, task.test_x)
-    assert unpacked == {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert unpacked == {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()
+    }
 
 
-@pytest.mark.skipif(not SYSTEM_FASHION_MNIST.is_dir(), reason=f"no system Fashion-MNIST at {SYSTEM_FASHION_MNIST} (Debian package dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not SYSTEM_FASHION_MNIST.is_dir(),
+    reason=f"no system Fashion-MNIST at {SYSTEM_FASHION_MNIST} (Debian package dataset-fashion-mnist)",
+)
 def test_fashion_mnist_system_copy_is_complete(tmp_path, offline):
     task = load_task("fashion-mnist", tmp_path / "empty")
     assert task.train_x.shape == (60000, 1, 28, 28) and task.test_x.shape == (10000, 1, 28, 28)
-    assert task.train_y.min() == 0 and task.train_y.max() == 9 and task.test_y.unique().tolist() == list(range(10))
+    assert (
+        task.train_y.min() == 0
+        and task.train_y.max() == 9
+        and task.test_y.unique().tolist() == list(range(10))
+    )
 
 
 def _task(augment, x):
@@ -196,16 +259,27 @@ def test_crop_flip_outputs_are_exactly_the_padded_crops_and_flips():
     """Every output is one of the 81 crops x 2 flips of the image, and all 162 occur."""
     image = torch.randn(2, 12, 12)
     padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
-    candidates = torch.stack([
-        crop.flip(-1) if flip else crop
-        for dy in range(9) for dx in range(9) for flip in (False, True)
-        for crop in [padded[:, dy : dy + 12, dx : dx + 12]]
-    ])
+    candidates = torch.stack(
+        [
+            crop.flip(-1) if flip else crop
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            for crop in [padded[:, dy : dy + 12, dx : dx + 12]]
+        ]
+    )
     x = image.expand(4000, 2, 12, 12)
     out = _task("crop-flip", x).augment_batch(x, _seeded(0))
 
     probe = torch.randn(2 * 12 * 12, dtype=torch.float64)
-    match = ((out.flatten(1).double() @ probe)[:, None] - (candidates.flatten(1).double() @ probe)[None]).abs().argmin(1)
+    match = (
+        (
+            (out.flatten(1).double() @ probe)[:, None]
+            - (candidates.flatten(1).double() @ probe)[None]
+        )
+        .abs()
+        .argmin(1)
+    )
     assert torch.equal(out, candidates[match])
     assert match.unique().numel() == 162
     centred_flip = 2 * (4 * 9 + 4) + 1
@@ -221,24 +295,46 @@ def test_task_to_casts_x_only():
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_iterate_batches_covers_each_index_once(drop_last):
-    batches = list(iterate_batches(103, 10, shuffle=True, generator=_seeded(0), drop_last=drop_last))
+    batches = list(
+        iterate_batches(103, 10, shuffle=True, generator=_seeded(0), drop_last=drop_last)
+    )
     seen = torch.cat(batches)
     assert [len(b) for b in batches] == [10] * 10 + ([] if drop_last else [3])
     assert seen.unique().numel() == len(seen)
     if not drop_last:
         assert torch.equal(seen.sort().values, torch.arange(103))
     assert not torch.equal(seen, torch.arange(len(seen)))
-    assert torch.equal(seen, torch.cat(list(iterate_batches(103, 10, shuffle=True, generator=_seeded(0), drop_last=drop_last))))
+    assert torch.equal(
+        seen,
+        torch.cat(
+            list(iterate_batches(103, 10, shuffle=True, generator=_seeded(0), drop_last=drop_last))
+        ),
+    )
 
 
 def test_iterate_batches_in_order_without_shuffle():
-    assert torch.equal(torch.cat(list(iterate_batches(7, 3, shuffle=False, generator=None))), torch.arange(7))
+    assert torch.equal(
+        torch.cat(list(iterate_batches(7, 3, shuffle=False, generator=None))), torch.arange(7)
+    )
 
 
 def test_task_registry():
-    assert set(TASKS) == {"fashion-mnist", "seq-fashion-mnist", "digits", "synthetic", "cifar10", "cifar100",
-                          "imagenet32", "imagenet", "ptb"}
-    assert TASKS["cifar100"].num_classes == 100 and TASKS["fashion-mnist"].input_shape == (1, 28, 28)
+    assert set(TASKS) == {
+        "fashion-mnist",
+        "seq-fashion-mnist",
+        "digits",
+        "synthetic",
+        "cifar10",
+        "cifar100",
+        "imagenet32",
+        "imagenet",
+        "ptb",
+    }
+    assert TASKS["cifar100"].num_classes == 100 and TASKS["fashion-mnist"].input_shape == (
+        1,
+        28,
+        28,
+    )
 
 
 def test_synthetic_task_is_fixed_and_has_every_class():
@@ -250,14 +346,25 @@ def test_synthetic_task_is_fixed_and_has_every_class():
 
 
 CIFAR10_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                 "truck"]
+CIFAR10_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _write_image_folders(root, classes, per_class, suffix=".png"):
     """Random images saved as ``root/<split>/<class>/<i><suffix>``; returns, per split, the
     written images (C, H, W) with the class name of each."""
     from PIL import Image
+
     rng = np.random.default_rng(1)
     written = {}
     for split, n in per_class.items():
@@ -274,16 +381,23 @@ def _write_image_folders(root, classes, per_class, suffix=".png"):
 @pytest.mark.parametrize("nested", [False, True])
 def test_cifar10_reads_image_folders_with_cifar_labels(tmp_path, offline, nested, monkeypatch):
     from bench.data import tasks
+
     root = tmp_path / "data"
-    written = _write_image_folders(root / "cifar10" if nested else root, CIFAR10_NAMES,
-                                   {"train": 3, "test": 2})
+    written = _write_image_folders(
+        root / "cifar10" if nested else root, CIFAR10_NAMES, {"train": 3, "test": 2}
+    )
     train_x, train_y, test_x, test_y = tasks.TASKS["cifar10"].load(root)
-    for (x, y), pairs in ((((train_x, train_y)), written["train"]), ((test_x, test_y), written["test"])):
+    for (x, y), pairs in (
+        (((train_x, train_y)), written["train"]),
+        ((test_x, test_y), written["test"]),
+    ):
         assert x.dtype == torch.uint8 and x.shape == (len(pairs), 3, 32, 32)
         assert sorted(y.tolist()) == sorted(CIFAR10_NAMES.index(name) for _, name in pairs)
         by_image = {bytes(image.numpy()): CIFAR10_NAMES.index(name) for image, name in pairs}
         assert [by_image[bytes(image.numpy())] for image in x] == y.tolist()  # PNG: lossless
-    assert train_y[:10].tolist() != sorted(train_y[:10].tolist())  # shuffled: a slice has every class
+    assert train_y[:10].tolist() != sorted(
+        train_y[:10].tolist()
+    )  # shuffled: a slice has every class
     task = load_task("cifar10", root, limit_train=7)
     assert task.train_x.shape == (7, 3, 32, 32) and task.test_y.shape == (20,)
     monkeypatch.setattr(tasks, "_decode_folder", lambda *a: pytest.fail("decoded twice"))
@@ -312,17 +426,25 @@ def test_the_shared_cifar10_jpeg_copy_decodes_with_cifar_labels(tmp_path, offlin
     """A slice of the public JPEG copy (cifar10/{train,test}/<class>/NNNN.jpg): each image
     decodes as PIL decodes it, under its class's CIFAR label."""
     import zipfile
+
     from PIL import Image
+
     with zipfile.ZipFile(CIFAR10_ZIP) as archive:
         names = [n for n in archive.namelist() if n.endswith(".jpg")]
-        chosen = [n for split in ("train", "test") for c in CIFAR10_NAMES
-                  for n in [m for m in names if m.startswith(f"cifar10/{split}/{c}/")][:2]]
+        chosen = [
+            n
+            for split in ("train", "test")
+            for c in CIFAR10_NAMES
+            for n in [m for m in names if m.startswith(f"cifar10/{split}/{c}/")][:2]
+        ]
         archive.extractall(tmp_path, chosen)
     train_x, train_y, test_x, test_y = TASKS["cifar10"].load(tmp_path)
     assert train_x.shape == (20, 3, 32, 32) and test_x.shape == (20, 3, 32, 32)
     expected = {}
     for name in chosen:
-        image = torch.from_numpy(np.array(Image.open(tmp_path / name).convert("RGB"))).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(Image.open(tmp_path / name).convert("RGB"))).permute(
+            2, 0, 1
+        )
         expected[bytes(image.contiguous().numpy())] = CIFAR10_NAMES.index(name.split("/")[2])
     for x, y in ((train_x, train_y), (test_x, test_y)):
         assert [expected[bytes(image.numpy())] for image in x] == y.tolist()

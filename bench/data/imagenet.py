@@ -9,6 +9,7 @@
   archives or folders), streamed from disk with the usual augmentation (random resized
   crop 224, flip; test: resize 256, centre crop 224).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -24,17 +25,25 @@ from .tasks import DataUnavailable, Task
 
 IMAGENET32_TRAIN = [f"train_data_batch_{i}.npz" for i in range(1, 11)]
 IMAGENET32_TEST = "val_data.npz"
-IMAGENET32_WHERE = ("download Imagenet32_train_npz.zip and Imagenet32_val_npz.zip (Downsampled "
-                    "ImageNet 32x32) from https://image-net.org/download-images and unpack "
-                    f"{IMAGENET32_TRAIN[0]} .. {IMAGENET32_TRAIN[-1]} and {IMAGENET32_TEST} into")
+IMAGENET32_WHERE = (
+    "download Imagenet32_train_npz.zip and Imagenet32_val_npz.zip (Downsampled "
+    "ImageNet 32x32) from https://image-net.org/download-images and unpack "
+    f"{IMAGENET32_TRAIN[0]} .. {IMAGENET32_TRAIN[-1]} and {IMAGENET32_TEST} into"
+)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet statistics
 
 
 def _find_imagenet32(root: Path) -> tuple[Path, Path] | None:
     """Folders of the training batches and of the validation file."""
-    for train, test in ((root, root), (root / "imagenet32", root / "imagenet32"),
-                        (root / "Imagenet32_train_npz", root / "Imagenet32_val_npz")):
-        if all((train / f).is_file() for f in IMAGENET32_TRAIN) and (test / IMAGENET32_TEST).is_file():
+    for train, test in (
+        (root, root),
+        (root / "imagenet32", root / "imagenet32"),
+        (root / "Imagenet32_train_npz", root / "Imagenet32_val_npz"),
+    ):
+        if (
+            all((train / f).is_file() for f in IMAGENET32_TRAIN)
+            and (test / IMAGENET32_TEST).is_file()
+        ):
             return train, test
     return None
 
@@ -63,26 +72,39 @@ def channel_stats(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, to
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
     for i in range(0, x.shape[0], chunk):
-        part = x[i:i + chunk].to(torch.float64)
+        part = x[i : i + chunk].to(torch.float64)
         total += part.sum((0, 2, 3))
-        squares += (part ** 2).sum((0, 2, 3))
+        squares += (part**2).sum((0, 2, 3))
     n = x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / n
-    std = ((squares - n * mean ** 2) / (n - 1)).sqrt()
+    std = ((squares - n * mean**2) / (n - 1)).sqrt()
     return mean.float().view(-1, 1, 1), std.float().view(-1, 1, 1)
 
 
-def build_imagenet32(root: Path, *, limit_train: int | None = None,
-                     limit_test: int | None = None) -> Task:
+def build_imagenet32(
+    root: Path, *, limit_train: int | None = None, limit_test: int | None = None
+) -> Task:
     found = _find_imagenet32(root)
     if found is None:
-        raise DataUnavailable(f"imagenet32: not found in {root.resolve()}; {IMAGENET32_WHERE} "
-                              f"{(root / 'imagenet32').resolve()} (or pass --data-dir)")
+        raise DataUnavailable(
+            f"imagenet32: not found in {root.resolve()}; {IMAGENET32_WHERE} "
+            f"{(root / 'imagenet32').resolve()} (or pass --data-dir)"
+        )
     train_dir, test_dir = found
     train_x, train_y = _read_split([train_dir / f for f in IMAGENET32_TRAIN], limit_train)
     test_x, test_y = _read_split([test_dir / IMAGENET32_TEST], limit_test)
-    return Task("imagenet32", (3, 32, 32), 1000, train_x, train_y, test_x, test_y,
-                "resnet32x2", "crop-flip", scale=channel_stats(train_x))
+    return Task(
+        "imagenet32",
+        (3, 32, 32),
+        1000,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        "resnet32x2",
+        "crop-flip",
+        scale=channel_stats(train_x),
+    )
 
 
 @dataclass
@@ -111,27 +133,46 @@ class FolderTask:
 
     def train_batches(self, batch_size: int, generator: torch.Generator):
         seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
-        loader = DataLoader(self.train_set, batch_size, shuffle=True, drop_last=True,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(
+            self.train_set,
+            batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )
         return self._batches(loader)
 
     def test_batches(self, batch_size: int):
-        return self._batches(DataLoader(self.test_set, batch_size, num_workers=self.workers,
-                                        pin_memory=self.device.type == "cuda"))
+        return self._batches(
+            DataLoader(
+                self.test_set,
+                batch_size,
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+            )
+        )
 
-    def to(self, device, dtype=None) -> "FolderTask":
+    def to(self, device, dtype=None) -> FolderTask:
         return replace(self, device=torch.device(device))
 
 
-def build_imagenet(root: Path, *, limit_train: int | None = None,
-                   limit_test: int | None = None) -> FolderTask:
+def build_imagenet(
+    root: Path, *, limit_train: int | None = None, limit_test: int | None = None
+) -> FolderTask:
     normalise = transforms.Normalize(MEAN, STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(224),
-                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                                   normalise])
-    test_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
-                                  transforms.ToTensor(), normalise])
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalise,
+        ]
+    )
+    test_tf = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalise]
+    )
     folder = root / "imagenet" if (root / "imagenet").is_dir() else root
     try:
         train = torchvision.datasets.ImageNet(str(folder), "train", transform=train_tf)
@@ -141,7 +182,8 @@ def build_imagenet(root: Path, *, limit_train: int | None = None,
         raise DataUnavailable(
             f"imagenet: not usable in {folder.resolve()} ({reason}); put "
             f"ILSVRC2012_devkit_t12.tar.gz and ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar "
-            f"(or their extracted train/ and val/ folders) there (or pass --data-dir)") from e
+            f"(or their extracted train/ and val/ folders) there (or pass --data-dir)"
+        ) from e
     if limit_train is not None:
         train = Subset(train, range(min(limit_train, len(train))))
     if limit_test is not None:

@@ -12,9 +12,9 @@ import hashlib
 import importlib
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +90,15 @@ class Task:
     def train_batches(self, batch_size: int, generator: torch.Generator):
         """One epoch of shuffled, augmented (x, y) batches of ``batch_size`` (the last partial
         one dropped); order and augmentation from ``generator``."""
-        for idx in iterate_batches(self.n_train, batch_size, shuffle=True, generator=generator,
-                                   drop_last=True):
+        for idx in iterate_batches(
+            self.n_train, batch_size, shuffle=True, generator=generator, drop_last=True
+        ):
             yield self.augment_batch(self._ready(self.train_x[idx]), generator), self.train_y[idx]
 
     def test_batches(self, batch_size: int):
         """The test split in order, in batches of at most ``batch_size``."""
         for i in range(0, self.n_test, batch_size):
-            yield self._ready(self.test_x[i:i + batch_size]), self.test_y[i:i + batch_size]
+            yield self._ready(self.test_x[i : i + batch_size]), self.test_y[i : i + batch_size]
 
     def augment_batch(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """This task's training augmentation of batch `x`, all randomness from `generator` (on x.device)."""
@@ -119,7 +120,9 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> 
     cols = dx + torch.arange(w, device=dev)  # (n, w): source columns
     cols = torch.where(flip, cols.flip(1), cols)
     padded = F.pad(x, (padding,) * 4)
-    index = rows[:, :, None] * padded.shape[3] + cols[:, None, :]  # (n, h, w): flat source positions
+    index = (
+        rows[:, :, None] * padded.shape[3] + cols[:, None, :]
+    )  # (n, h, w): flat source positions
     return padded.flatten(2).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
@@ -151,13 +154,15 @@ def _splits(cls, root: Path) -> tuple:
     return cls(root, train=True), cls(root, train=False)
 
 
-def unavailable(name: str, root: Path, error: Exception, expected: str,
-                folder: Path | None = None) -> DataUnavailable:
+def unavailable(
+    name: str, root: Path, error: Exception, expected: str, folder: Path | None = None
+) -> DataUnavailable:
     """The one-line error for data that is neither here nor downloadable: what to put where."""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return DataUnavailable(
         f"{name}: not found in {root.resolve()} and download failed ({reason}); "
-        f"put {expected} in {(folder or root).resolve()} (or pass --data-dir / set LCBENCH_DATA)")
+        f"put {expected} in {(folder or root).resolve()} (or pass --data-dir / set LCBENCH_DATA)"
+    )
 
 
 def _download(cls, root: Path, name: str, expected: str) -> tuple:
@@ -208,8 +213,18 @@ def _load_fashion_mnist(root: Path) -> Splits:
 
 
 #: CIFAR-10's label order (CIFAR-100's fine labels are in alphabetical order)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 def _image_folder_root(root: Path, name: str) -> Path | None:
@@ -220,14 +235,18 @@ def _image_folder_root(root: Path, name: str) -> Path | None:
     return None
 
 
-def _decode_folder(folder: Path, classes: tuple[str, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_folder(
+    folder: Path, classes: tuple[str, ...] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of ``folder/<class>/*`` (PNG or JPEG, read by torchvision's ImageFolder) as
     uint8 (N, C, H, W) and labels in CIFAR's class order, shuffled by a fixed permutation so
     that the first N samples (``--limit-train``) hold every class."""
     data = torchvision.datasets.ImageFolder(folder)
     if classes is not None and tuple(data.classes) != tuple(sorted(classes)):
-        raise DataUnavailable(f"{folder}: class folders {', '.join(data.classes)} are not "
-                              f"CIFAR's ({', '.join(classes)})")
+        raise DataUnavailable(
+            f"{folder}: class folders {', '.join(data.classes)} are not "
+            f"CIFAR's ({', '.join(classes)})"
+        )
     order = {c: (classes.index(c) if classes else i) for i, c in enumerate(data.classes)}
     images, labels = [], []
     for path, index in data.samples:
@@ -242,7 +261,9 @@ def _load_image_folders(root: Path, name: str, classes: tuple[str, ...] | None) 
     """A copy laid out as ``train/<class>/*`` and ``test/<class>/*``, decoded once into a
     cache file (keyed by the folder, its file count and newest change)."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    stamp = repr((str(root.resolve()), len(files), max((p.stat().st_mtime_ns for p in files), default=0)))
+    stamp = repr(
+        (str(root.resolve()), len(files), max((p.stat().st_mtime_ns for p in files), default=0))
+    )
     cached = cache_dir() / f"{name}-folders-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.pt"
     if cached.is_file():
         return torch.load(cached)
@@ -257,9 +278,11 @@ def _load_image_folders(root: Path, name: str, classes: tuple[str, ...] | None) 
     return splits
 
 
-def _cifar_loader(cls, name: str, expected: str,
-                  classes: tuple[str, ...] | None) -> Callable[[Path], Splits]:
+def _cifar_loader(
+    cls, name: str, expected: str, classes: tuple[str, ...] | None
+) -> Callable[[Path], Splits]:
     """torchvision's CIFAR files under ``root``, else image folders, else a download."""
+
     def load(root: Path) -> Splits:
         try:
             train, test = _splits(cls, root)
@@ -267,7 +290,9 @@ def _cifar_loader(cls, name: str, expected: str,
             folders = _image_folder_root(root, name)
             if folders is not None:
                 return _load_image_folders(folders, name, classes)
-            train, test = _download(cls, root, name, expected + " or train/<class>/, test/<class>/ image folders")
+            train, test = _download(
+                cls, root, name, expected + " or train/<class>/, test/<class>/ image folders"
+            )
         x = [torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous() for d in (train, test)]
         y = [torch.tensor(d.targets, dtype=torch.int64) for d in (train, test)]
         return x[0], y[0], x[1], y[1]
@@ -297,6 +322,7 @@ def _load_synthetic(root: Path) -> Splits:
 
 def _build(module: str, function: str):
     """A task builder of ``bench.<module>`` (imported when used: those modules import this one)."""
+
     def build(root: Path, **limits):
         return getattr(importlib.import_module(f"bench.data.{module}"), function)(root, **limits)
 
@@ -310,20 +336,39 @@ TASKS: dict[str, TaskInfo] = {
     "digits": TaskInfo((1, 8, 8), 10, "small-cnn", "none", _load_digits),
     "synthetic": TaskInfo((3, 32, 32), 10, "resnet20", "none", _load_synthetic),
     "cifar10": TaskInfo(
-        (3, 32, 32), 10, "resnet20", "crop-flip",
-        _cifar_loader(torchvision.datasets.CIFAR10, "cifar10",
-                      "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/",
-                      CIFAR10_CLASSES),
+        (3, 32, 32),
+        10,
+        "resnet20",
+        "crop-flip",
+        _cifar_loader(
+            torchvision.datasets.CIFAR10,
+            "cifar10",
+            "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/",
+            CIFAR10_CLASSES,
+        ),
     ),
     "cifar100": TaskInfo(
-        (3, 32, 32), 100, "resnet20", "crop-flip",
-        _cifar_loader(torchvision.datasets.CIFAR100, "cifar100",
-                      "cifar-100-python.tar.gz or its extracted cifar-100-python/", None),
+        (3, 32, 32),
+        100,
+        "resnet20",
+        "crop-flip",
+        _cifar_loader(
+            torchvision.datasets.CIFAR100,
+            "cifar100",
+            "cifar-100-python.tar.gz or its extracted cifar-100-python/",
+            None,
+        ),
     ),
-    "imagenet32": TaskInfo((3, 32, 32), 1000, "resnet32x2", "crop-flip",
-                           build=_build("imagenet", "build_imagenet32")),
-    "imagenet": TaskInfo((3, 224, 224), 1000, "tv-vgg13-bn", "torchvision",
-                         build=_build("imagenet", "build_imagenet")),
+    "imagenet32": TaskInfo(
+        (3, 32, 32), 1000, "resnet32x2", "crop-flip", build=_build("imagenet", "build_imagenet32")
+    ),
+    "imagenet": TaskInfo(
+        (3, 224, 224),
+        1000,
+        "tv-vgg13-bn",
+        "torchvision",
+        build=_build("imagenet", "build_imagenet"),
+    ),
     # word-level language model: windows of 35 words, 10,000 words of vocabulary
     "ptb": TaskInfo((35,), 10000, "lstm-lm", "none", build=_build("text", "build_ptb")),
 }
@@ -380,7 +425,11 @@ def iterate_batches(
 ) -> Iterator[torch.Tensor]:
     """Index tensors covering range(n) once, in random order when `shuffle`, on the generator's device."""
     device = generator.device if generator is not None else torch.device("cpu")
-    order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
+    order = (
+        torch.randperm(n, generator=generator, device=device)
+        if shuffle
+        else torch.arange(n, device=device)
+    )
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]

@@ -9,6 +9,7 @@ targets are the same windows one word later (truncated backprop through time: th
 carries its state from one window to the next). Only whole windows are used, in training
 and in the test (which drops fewer than ``batch_size * T`` of its last words).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -39,10 +40,10 @@ class TokenTask:
     def windows(self, tokens: torch.Tensor, rows: int):
         """(x, y) windows of ``rows`` parallel streams, in order."""
         length = (tokens.numel() - 1) // rows
-        x = tokens[:rows * length].view(rows, length)
-        y = tokens[1:rows * length + 1].view(rows, length)
+        x = tokens[: rows * length].view(rows, length)
+        y = tokens[1 : rows * length + 1].view(rows, length)
         for t in range(0, length - self.bptt + 1, self.bptt):
-            yield x[:, t:t + self.bptt], y[:, t:t + self.bptt]
+            yield x[:, t : t + self.bptt], y[:, t : t + self.bptt]
 
     def _windows(self, tokens: torch.Tensor, rows: int) -> int:
         return (tokens.numel() - 1) // rows // self.bptt
@@ -62,9 +63,10 @@ class TokenTask:
     def test_batches(self, batch_size: int):
         return self.windows(self.test_tokens, batch_size)
 
-    def to(self, device, dtype=None) -> "TokenTask":
-        return replace(self, train_tokens=self.train_tokens.to(device),
-                       test_tokens=self.test_tokens.to(device))
+    def to(self, device, dtype=None) -> TokenTask:
+        return replace(
+            self, train_tokens=self.train_tokens.to(device), test_tokens=self.test_tokens.to(device)
+        )
 
 
 def find_ptb(root: Path) -> Path | None:
@@ -95,8 +97,9 @@ def read_words(path: Path) -> list[str]:
     return words
 
 
-def build_ptb(root: Path, *, limit_train: int | None = None,
-              limit_test: int | None = None) -> TokenTask:
+def build_ptb(
+    root: Path, *, limit_train: int | None = None, limit_test: int | None = None
+) -> TokenTask:
     """The PTB task from ``root`` (downloaded there if missing); ``limit_*`` keep the first
     N words of a split."""
     from .tasks import DataUnavailable
@@ -107,16 +110,21 @@ def build_ptb(root: Path, *, limit_train: int | None = None,
     for word in train:
         vocab.setdefault(word, len(vocab))
     if len(vocab) > VOCAB:
-        raise DataUnavailable(f"ptb: {folder / FILES[0]} has {len(vocab)} distinct words, "
-                              f"more than PTB's {VOCAB}: not the preprocessed PTB")
+        raise DataUnavailable(
+            f"ptb: {folder / FILES[0]} has {len(vocab)} distinct words, "
+            f"more than PTB's {VOCAB}: not the preprocessed PTB"
+        )
     unk = vocab.get("<unk>")
     missing = {w for w in test if w not in vocab}
     if missing and unk is None:
-        raise DataUnavailable(f"ptb: {folder / FILES[2]} has words outside the training "
-                              f"vocabulary and there is no <unk>: not the preprocessed PTB")
+        raise DataUnavailable(
+            f"ptb: {folder / FILES[2]} has words outside the training "
+            f"vocabulary and there is no <unk>: not the preprocessed PTB"
+        )
 
     def ids(words, limit):
         return torch.tensor([vocab.get(w, unk) for w in words[:limit]], dtype=torch.int64)
 
-    return TokenTask("ptb", (BPTT,), VOCAB, ids(train, limit_train), ids(test, limit_test),
-                     "lstm-lm")
+    return TokenTask(
+        "ptb", (BPTT,), VOCAB, ids(train, limit_train), ids(test, limit_test), "lstm-lm"
+    )

@@ -5,13 +5,14 @@ Each message downstream is (header = batch id, h, y). A sender thread per rank m
 outputs to the next rank; when ``MAX_IN_FLIGHT`` outputs are already waiting for it, a new
 one is dropped (the stage below is slower; its buffer would have evicted it anyway). A
 receiver thread per rank k > 0 takes messages from the rank above as they come (keeping the
-newest ``buffer_size``); between steps the stage moves whatever arrived into its replay buffer, trains on the buffer, and
-blocks only while the buffer is empty. An epoch ends for rank 0 after its batches; for
+newest ``buffer_size``); between steps the stage moves whatever arrived into its replay
+buffer, trains on the buffer, and blocks only while the buffer is empty. An epoch ends for rank 0 after its batches; for
 rank k > 0 when the rank above says so (header -1) and every entry has been trained on at
 least once. (Threads, because gloo reports a pending point-to-point op as complete only
 once it has been waited on, so it cannot be polled.) Counts per rank (steps, inputs
 received, inputs discarded before any use, outputs dropped) go to the records.
 """
+
 from __future__ import annotations
 
 import queue
@@ -135,14 +136,34 @@ class Upstream:
                 buffer.push(*message)
 
 
-def train_epoch(stage: ADGLStage, links, *, batches, steps: int, batch_size: int,
-                in_shape: tuple, y_shape: tuple, device, dtype, probe=None) -> dict[str, float]:
+def train_epoch(
+    stage: ADGLStage,
+    links,
+    *,
+    batches,
+    steps: int,
+    batch_size: int,
+    in_shape: tuple,
+    y_shape: tuple,
+    device,
+    dtype,
+    probe=None,
+) -> dict[str, float]:
     """One asynchronous epoch of this rank; returns its counts."""
     rank, world = links.rank, links.world
     down = Downstream(links, device) if rank < world - 1 else None
-    up = None if rank == 0 else Upstream(links, shape=(batch_size, *in_shape),
-                                         y_shape=(batch_size, *y_shape), dtype=dtype,
-                                         device=device, size=stage.buffer.size)
+    up = (
+        None
+        if rank == 0
+        else Upstream(
+            links,
+            shape=(batch_size, *in_shape),
+            y_shape=(batch_size, *y_shape),
+            dtype=dtype,
+            device=device,
+            size=stage.buffer.size,
+        )
+    )
     done = 0
 
     def train(x, y):

@@ -20,6 +20,7 @@ phase (the all-reduce runs inside ``backward_time_s``), ``wall_time_s`` and memo
 whole run the slowest rank's ``epoch_time_s``, the training loss and accuracy averaged over
 the ranks, and rank 0's test figures.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def shards(batches, rank: int, world: int):
     """Rank ``rank``'s slice of each global ``(x, y)`` batch (``world`` equal slices)."""
     for x, y in batches:
         size = x.shape[0] // world
-        yield x[rank * size:(rank + 1) * size], y[rank * size:(rank + 1) * size]
+        yield x[rank * size : (rank + 1) * size], y[rank * size : (rank + 1) * size]
 
 
 @contextmanager
@@ -69,10 +70,15 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     prep = prepare.prepare(cfg, stage=0, device=device, cuts=cuts)
     cfg, task = prep.cfg, prep.task
     folder = prepare.run_folder(cfg)
-    store = checkpoint.Checkpoints(folder, checkpoint.fingerprint(cfg, prep.stages, prep.cuts), rank)
+    store = checkpoint.Checkpoints(
+        folder, checkpoint.fingerprint(cfg, prep.stages, prep.cuts), rank
+    )
     resumed = distributed.resume_point(store, cfg, device)
-    record = (prepare.open_record(prep, resumed, launch.restart_note(folder, world))
-              if rank == 0 else None)
+    record = (
+        prepare.open_record(prep, resumed, launch.restart_note(folder, world))
+        if rank == 0
+        else None
+    )
     costs = prepare.static_rows(prep) if rank == 0 else {}
     (stage,) = prep.stages
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -82,8 +88,10 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         stage.load_state_dict(resumed["stages"][0])
         checkpoint.set_rng_state(resumed["rng"], device, generator)
     stage.group = DistributedDataParallel(
-        stage.group, device_ids=[device] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True)  # the gradients live in DDP's buckets, not beside them
+        stage.group,
+        device_ids=[device] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+    )  # the gradients live in DDP's buckets, not beside them
     timer = timing.PhaseTimer(device)
     stage.phase = timer
     probe = memory.ActivationProbe(stage)
@@ -96,19 +104,31 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     for epoch, steps in enumerate(plan[done:], done + 1):
         memory.reset_device_peaks(device)
         prepare.reset_states([stage], shard)
-        batches = scheduled(shards(task.train_batches(cfg.batch_size, generator), rank, world),
-                            [stage], schedule, sum(plan[:epoch - 1]), steps)
+        batches = scheduled(
+            shards(task.train_batches(cfg.batch_size, generator), rank, world),
+            [stage],
+            schedule,
+            sum(plan[: epoch - 1]),
+            steps,
+        )
         dist.barrier()
         seconds = sequential.train_epoch(
-            [stage], batches, device=device, total=steps, progress=progress and rank == 0,
+            [stage],
+            batches,
+            device=device,
+            total=steps,
+            progress=progress and rank == 0,
             desc=f"epoch {epoch}/{len(plan)}",
-            first_batch=(lambda: probe) if epoch == 1 else nullcontext)
+            first_batch=(lambda: probe) if epoch == 1 else nullcontext,
+        )
         phases = timer.pop()
         rows = {(label, f"{name}_time_s"): v for name, v in phases.items()}
         rows[label, "busy_time_s"] = sum(phases.values())
         rows[label, "wall_time_s"] = seconds
         if epoch == 1:
-            rows.update({(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()})
+            rows.update(
+                {(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()}
+            )
             rows.update(costs)
             if compiled is not None:
                 rows[label, "compile_time_s"] = compiled
@@ -117,8 +137,11 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         if rank == 0:
             prepare.reset_states([stage], test_batch)
             with unwrapped(stage):
-                rows.update(sequential.evaluate([stage], task.test_batches(test_batch),
-                                                prepare.classification_loss))
+                rows.update(
+                    sequential.evaluate(
+                        [stage], task.test_batches(test_batch), prepare.classification_loss
+                    )
+                )
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((label, trained, rows), gathered, dst=0)
         if rank == 0:
@@ -129,14 +152,22 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             merged["", "epoch_time_s"] = wall
             merged["", "samples_per_s"] = steps * cfg.batch_size / wall
             if compiled is not None and epoch == 1:
-                merged["", "compile_time_s"] = max(part[l, "compile_time_s"] for l, _, part in gathered)
+                merged["", "compile_time_s"] = max(
+                    part[who, "compile_time_s"] for who, _, part in gathered
+                )
             record.add(epoch, merged)
             stop_if_diverged(record, merged["", "train_loss"], epoch)
         if checkpoint.due(cfg.checkpoint_every, epoch):
             with unwrapped(stage):
                 state = stage.state_dict()
-            store.save(epoch, {"stages": [state], "rng": checkpoint.rng_state(device, generator),
-                               "rows": record.rows if rank == 0 else None})
+            store.save(
+                epoch,
+                {
+                    "stages": [state],
+                    "rng": checkpoint.rng_state(device, generator),
+                    "rows": record.rows if rank == 0 else None,
+                },
+            )
             dist.barrier()  # every rank's part is written: rank 0 marks the epoch complete
             store.commit(epoch)
     if cfg.save_weights and rank == 0:

@@ -8,6 +8,7 @@ messages in batch order, waiting for the oldest only when more than ``lag`` batc
 flight (0 for BP, which is exact; 1 for the decoupled rules). Only point-to-point ops of
 torch.distributed move tensors.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,13 +34,13 @@ from bench.measure.provenance import now
 from bench.records import save_weights, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps
 from methods.adgl import ADGLStage
+from methods.base import match_targets
 from methods.pipebp import PipeBPStage
 
 from . import asynchronous, launch, neurons, pipeline
-from methods.base import match_targets
-
 from .links import Links, Part
 from .sequential import Scores, stage_label, synchronize
+
 
 def upstream_shape(stage, h_shape: tuple) -> tuple | None:
     """Shape of the message this stage receives from the stage below, per batch."""
@@ -48,9 +49,22 @@ def upstream_shape(stage, h_shape: tuple) -> tuple | None:
     return h_shape if stage.upstream == "gradient" else h_shape[:1]
 
 
-def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
-                in_shape: tuple, y_shape: tuple, out_shape: tuple, device, dtype, probe=None,
-                on_step=lambda t: None, progress: bool = False) -> None:
+def train_epoch(
+    stage,
+    links: Links,
+    *,
+    batches,
+    steps: int,
+    batch_size: int,
+    in_shape: tuple,
+    y_shape: tuple,
+    out_shape: tuple,
+    device,
+    dtype,
+    probe=None,
+    on_step=lambda t: None,
+    progress: bool = False,
+) -> None:
     """One epoch of stage ``stage`` on its rank; ``batches`` yields data on rank 0 only.
     ``probe`` (a context manager) is entered around the first two iterations, which hold
     the first forward and the first upstream update."""
@@ -67,8 +81,10 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
             links.send(reply, k - 1)
 
     def post_input():  # the next batch's input travels while this one is computed
-        return (links.irecv((batch_size, *in_shape), dtype, device, k - 1),
-                links.irecv((batch_size, *y_shape), torch.int64, device, k - 1))
+        return (
+            links.irecv((batch_size, *in_shape), dtype, device, k - 1),
+            links.irecv((batch_size, *y_shape), torch.int64, device, k - 1),
+        )
 
     ahead = post_input() if k > 0 and steps else None
     for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch", file=sys.stdout):
@@ -97,8 +113,19 @@ def train_epoch(stage, links: Links, *, batches, steps: int, batch_size: int,
     links.flush()
 
 
-def trainer(stage, links: Links, *, batch_size: int, in_shape: tuple, y_shape: tuple,
-            out_shape: tuple, device, dtype, timer, progress: bool):
+def trainer(
+    stage,
+    links: Links,
+    *,
+    batch_size: int,
+    in_shape: tuple,
+    y_shape: tuple,
+    out_shape: tuple,
+    device,
+    dtype,
+    timer,
+    progress: bool,
+):
     """``epoch(batches, probe, steps, on_step) -> counts``: one training epoch of ``steps``
     batches of this rank under its rule (pipelined BP on a pipeline schedule, asynchronous DGL
     without waiting, the others with late upstream messages); ``probe`` is entered around the
@@ -108,8 +135,9 @@ def trainer(stage, links: Links, *, batch_size: int, in_shape: tuple, y_shape: t
         pipeline.time_phases(stage, timer)
 
         def epoch(batches, probe, steps, on_step):
-            for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch",
-                          file=sys.stdout):
+            for t in tqdm(
+                range(steps), disable=not progress, leave=False, unit="batch", file=sys.stdout
+            ):
                 on_step(t)
                 x, y = next(batches) if links.rank == 0 else (None, None)
                 with probe if probe is not None and t == 0 else nullcontext():
@@ -117,24 +145,58 @@ def trainer(stage, links: Links, *, batch_size: int, in_shape: tuple, y_shape: t
             links.flush()
             return {}
     elif isinstance(stage, ADGLStage):
+
         def epoch(batches, probe, steps, on_step):
             on_step(0)  # ranks below the first run their own number of steps: one rate an epoch
-            return asynchronous.train_epoch(stage, links, batches=batches, steps=steps,
-                                            batch_size=batch_size, in_shape=in_shape,
-                                            y_shape=y_shape, device=device, dtype=dtype,
-                                            probe=probe)
+            return asynchronous.train_epoch(
+                stage,
+                links,
+                batches=batches,
+                steps=steps,
+                batch_size=batch_size,
+                in_shape=in_shape,
+                y_shape=y_shape,
+                device=device,
+                dtype=dtype,
+                probe=probe,
+            )
     else:
+
         def epoch(batches, probe, steps, on_step):
-            train_epoch(stage, links, batches=batches, steps=steps, batch_size=batch_size,
-                        in_shape=in_shape, y_shape=y_shape, out_shape=out_shape, device=device,
-                        dtype=dtype, probe=probe, on_step=on_step, progress=progress)
+            train_epoch(
+                stage,
+                links,
+                batches=batches,
+                steps=steps,
+                batch_size=batch_size,
+                in_shape=in_shape,
+                y_shape=y_shape,
+                out_shape=out_shape,
+                device=device,
+                dtype=dtype,
+                probe=probe,
+                on_step=on_step,
+                progress=progress,
+            )
             return {}
+
     return epoch
 
 
 @torch.no_grad()
-def evaluate(stage, links: Links, *, batches, sizes: list[int], in_shape, y_shape, device,
-             dtype, criterion, inference=None) -> dict:
+def evaluate(
+    stage,
+    links: Links,
+    *,
+    batches,
+    sizes: list[int],
+    in_shape,
+    y_shape,
+    device,
+    dtype,
+    criterion,
+    inference=None,
+) -> dict:
     """Pipelined evaluation: test batches flow down (``batches`` on rank 0; ``sizes`` their
     sizes); each rank scores its own sub-model. With ``inference`` (rank 0's
     ``submodels.Inference``; on the other ranks any true value) every scoring rank also sends
@@ -161,8 +223,11 @@ def evaluate(stage, links: Links, *, batches, sizes: list[int], in_shape, y_shap
             links.send(match_targets(logits, y), 0)
         elif inference:
             classes = logits.shape[-1]
-            inference.add([match_targets(logits, y)] + [
-                links.recv((n, classes), dtype, device, r) for r in range(1, world)], y)
+            inference.add(
+                [match_targets(logits, y)]
+                + [links.recv((n, classes), dtype, device, r) for r in range(1, world)],
+                y,
+            )
     links.flush()
     rows = scores.rows()
     if inference and k == 0:
@@ -180,21 +245,48 @@ def device_for(local_rank: int, cfg: RunConfig) -> torch.device:
     return device
 
 
-def stage_part(prep: prepare.Prepared, links: Links, *, y_shape: tuple, device, dtype, timer,
-               progress: bool, inference=None) -> Part:
+def stage_part(
+    prep: prepare.Prepared,
+    links: Links,
+    *,
+    y_shape: tuple,
+    device,
+    dtype,
+    timer,
+    progress: bool,
+    inference=None,
+) -> Part:
     """Rank k trains stage k (one layer group)."""
     cfg, rank = prep.cfg, links.rank
     stage = prep.stages[rank]
     in_shape = tuple(tasks.TASKS[cfg.task].input_shape) if rank == 0 else prep.shapes[rank - 1]
 
     def evaluate_part(batches, sizes):
-        return evaluate(stage, links, batches=batches, sizes=sizes, in_shape=in_shape,
-                        y_shape=y_shape, device=device, dtype=dtype,
-                        criterion=prepare.classification_loss, inference=inference)
+        return evaluate(
+            stage,
+            links,
+            batches=batches,
+            sizes=sizes,
+            in_shape=in_shape,
+            y_shape=y_shape,
+            device=device,
+            dtype=dtype,
+            criterion=prepare.classification_loss,
+            inference=inference,
+        )
 
-    epoch = trainer(stage, links, batch_size=cfg.batch_size, in_shape=in_shape,
-                    y_shape=y_shape, out_shape=prep.shapes[rank], device=device, dtype=dtype,
-                    timer=timer, progress=progress)
+    epoch = trainer(
+        stage,
+        links,
+        batch_size=cfg.batch_size,
+        in_shape=in_shape,
+        y_shape=y_shape,
+        out_shape=prep.shapes[rank],
+        device=device,
+        dtype=dtype,
+        timer=timer,
+        progress=progress,
+    )
     return Part(stage, str(rank + 1), rank, epoch, evaluate_part)
 
 
@@ -220,14 +312,25 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     per_layer = ranks_per_layer(cfg)
     prep = prepare.prepare(cfg, stage=rank // per_layer, device=device, data=rank == 0, cuts=cuts)
     cfg = prep.cfg
-    store = checkpoint.Checkpoints(prepare.run_folder(cfg),
-                                   checkpoint.fingerprint(cfg, prep.stages, prep.cuts), rank)
+    store = checkpoint.Checkpoints(
+        prepare.run_folder(cfg), checkpoint.fingerprint(cfg, prep.stages, prep.cuts), rank
+    )
     resumed = resume_point(store, cfg, device)
-    record = (prepare.open_record(prep, resumed, launch.restart_note(prepare.run_folder(cfg), world))
-              if rank == 0 else None)
+    record = (
+        prepare.open_record(prep, resumed, launch.restart_note(prepare.run_folder(cfg), world))
+        if rank == 0
+        else None
+    )
     task = prep.task
-    counts = torch.tensor([task.steps(cfg.batch_size), task.test_size(prepare.eval_batch_size(cfg, task)),
-                           prepare.eval_batch_size(cfg, task)] if rank == 0 else [0, 0, 0])
+    counts = torch.tensor(
+        [
+            task.steps(cfg.batch_size),
+            task.test_size(prepare.eval_batch_size(cfg, task)),
+            prepare.eval_batch_size(cfg, task),
+        ]
+        if rank == 0
+        else [0, 0, 0]
+    )
     dist.broadcast(counts, src=0)
     steps, n_test, test_batch = (int(c) for c in counts)
     sizes = [min(test_batch, n_test - i) for i in range(0, n_test, test_batch)]
@@ -237,12 +340,21 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     links = Links(rank, world)
     costs = prepare.static_rows(prep) if rank == 0 else {}
     if per_layer > 1:
-        part = neurons.part(prep, links, device=device, dtype=dtype, timer=timer,
-                            progress=progress and rank == 0)
+        part = neurons.part(
+            prep, links, device=device, dtype=dtype, timer=timer, progress=progress and rank == 0
+        )
     else:
         wanted = prepare.inference(prep, costs) if rank == 0 else prepare.wants_inference(prep)
-        part = stage_part(prep, links, y_shape=y_shape, device=device, dtype=dtype, timer=timer,
-                          progress=progress and rank == 0, inference=wanted)
+        part = stage_part(
+            prep,
+            links,
+            y_shape=y_shape,
+            device=device,
+            dtype=dtype,
+            timer=timer,
+            progress=progress and rank == 0,
+            inference=wanted,
+        )
     prep.stages = None  # the other stages live on other ranks
     stage = part.stage
     stage.phase = timer
@@ -254,19 +366,22 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         done = resumed["epoch"]
         stage.load_state_dict(resumed["stages"][0])
         checkpoint.set_rng_state(resumed["rng"], device, generator)
-    compiled = prepare.warm_up_stage(prep, stage, part.layer, cfg.batch_size) if cfg.compile else None
+    compiled = (
+        prepare.warm_up_stage(prep, stage, part.layer, cfg.batch_size) if cfg.compile else None
+    )
     timer.pop()  # the warm-up's phases
     for epoch, steps in enumerate(plan[done:], done + 1):
         stage.train(True)
         prepare.reset_states([stage], cfg.batch_size)
         data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
         memory.reset_device_peaks(device)
-        first = sum(plan[:epoch - 1])
+        first = sum(plan[: epoch - 1])
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()
-        counts = part.epoch(data, probe if epoch == 1 else None, steps,
-                            lambda t: schedule.apply([stage], first + t))
+        counts = part.epoch(
+            data, probe if epoch == 1 else None, steps, lambda t: schedule.apply([stage], first + t)
+        )
         synchronize(device)
         seconds = time.perf_counter() - start
         label = part.label
@@ -280,7 +395,9 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         if compiled is not None and epoch == done + 1:
             rows[label, "compile_time_s"] = compiled
         if epoch == 1:
-            rows.update({(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()})
+            rows.update(
+                {(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()}
+            )
             rows.update(costs)
         rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
         prepare.reset_states([stage], test_batch)
@@ -288,23 +405,34 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((part.layer, label, rows), gathered, dst=0)
         if rank == 0:
-            merged = {key: value for _, _, part_rows in gathered for key, value in part_rows.items()}
+            merged = {
+                key: value for _, _, part_rows in gathered for key, value in part_rows.items()
+            }
             busy = [0.0] * cfg.groups  # per layer group: its slowest rank
             for layer, rank_label, part_rows in gathered:
                 busy[layer] = max(busy[layer], part_rows[rank_label, "busy_time_s"])
-            wall = max(part_rows[rank_label, "wall_time_s"] for _, rank_label, part_rows in gathered)
+            wall = max(
+                part_rows[rank_label, "wall_time_s"] for _, rank_label, part_rows in gathered
+            )
             merged["", "epoch_time_s"] = wall
             merged["", "samples_per_s"] = steps * cfg.batch_size / wall
             merged["", "modelled_time_s"] = timing.stage_modelled_time(stage, busy, steps)
             merged["", "wall_over_modelled"] = wall / merged["", "modelled_time_s"]
             if compiled is not None and epoch == done + 1:
-                merged["", "compile_time_s"] = max(r[l, "compile_time_s"] for _, l, r in gathered)
+                merged["", "compile_time_s"] = max(
+                    r[who, "compile_time_s"] for _, who, r in gathered
+                )
             record.add(epoch, merged)
             stop_if_diverged(record, merged["", "train_loss"], epoch)
         if checkpoint.due(cfg.checkpoint_every, epoch):
-            store.save(epoch, {"stages": [stage.state_dict()],
-                               "rng": checkpoint.rng_state(device, generator),
-                               "rows": record.rows if rank == 0 else None})
+            store.save(
+                epoch,
+                {
+                    "stages": [stage.state_dict()],
+                    "rng": checkpoint.rng_state(device, generator),
+                    "rows": record.rows if rank == 0 else None,
+                },
+            )
             dist.barrier()  # every rank's part is written: rank 0 marks the epoch complete
             store.commit(epoch)
     if cfg.save_weights:
@@ -328,8 +456,13 @@ def main(argv: list[str] | None = None, *, executor: str = "distributed", body=w
     backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=cfg.rank_timeout)
-    dist.init_process_group(backend, store=launch.attempt_store(rank, world, timeout), rank=rank,
-                            world_size=world, timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=launch.attempt_store(rank, world, timeout),
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+    )
     torch.set_num_threads(prepare.threads_per_rank(cfg))
     try:
         body(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")

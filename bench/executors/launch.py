@@ -12,6 +12,7 @@ With ``--max-restarts N`` torchrun's elastic agent starts the ranks again instea
 times; each new attempt continues from the newest checkpoint complete on every rank, and
 its rank 0 notes in run.json which rank failed and why (``restart_note``).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,8 +36,11 @@ from bench.records import RunFailed, RunRecord, read_json, write_atomic
 
 FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
 #: what a rank raises when a peer died first: never the cause of a failure
-PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|remote (worker|process)|"
-                       r"connection refused|timed? ?out", re.I)
+PEER_LOST = re.compile(
+    r"closed by peer|reset by peer|broken pipe|remote (worker|process)|"
+    r"connection refused|timed? ?out",
+    re.I,
+)
 
 
 #: what a rank raises when a peer did not answer within the process group's timeout
@@ -48,14 +52,19 @@ TERMINATED = "stopped by SIGTERM with the group"
 def end_on_sigterm() -> None:
     """In a rank: SIGTERM (torchrun ending the group) raises SystemExit, so that the rank
     leaves a note that it was alive and ended with the group: not the one that failed."""
+
     def ended(signum, frame):
         raise SystemExit(TERMINATED)
+
     signal.signal(signal.SIGTERM, ended)
 
 
 #: the module each rank of an executor runs (``python -m MODULE CONFIG.json``)
-ENTRY = {"distributed": "bench.executors.distributed", "ddp": "bench.executors.ddp",
-         "sequential": "bench.executors.single"}
+ENTRY = {
+    "distributed": "bench.executors.distributed",
+    "ddp": "bench.executors.ddp",
+    "sequential": "bench.executors.single",
+}
 #: torchrun tells each rank which attempt it belongs to (0: the first)
 ATTEMPT = "TORCHELASTIC_RESTART_COUNT"
 
@@ -67,10 +76,26 @@ def free_port() -> int:
 
 
 def torchrun_command(cfg: RunConfig, config_path: Path, ranks: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-            "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "--monitor-interval", "0.5",
-            "--max-restarts", str(cfg.max_restarts), "-m", ENTRY[cfg.executor], str(config_path)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "--monitor-interval",
+        "0.5",
+        "--max-restarts",
+        str(cfg.max_restarts),
+        "-m",
+        ENTRY[cfg.executor],
+        str(config_path),
+    ]
 
 
 def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
@@ -78,8 +103,13 @@ def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.St
     torchrun's agent keeps one store across restarts, and a restarted group that read the
     failed attempt's keys would try to join ranks that are gone, and hang."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent,
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"lcbench/attempt{os.environ.get(ATTEMPT, '0')}", store)
 
 
@@ -103,16 +133,17 @@ def first_failure(folder: Path, log: str, ranks: int = 0) -> str:
         return f"rank {rank} failed: {errors[rank][1]}"
     killed = sorted(r for r, code in exits.items() if code < 0 and -code != signal.SIGTERM)
     waited = sorted(r for r, (_, message) in errors.items() if TIMED_OUT.search(message))
-    silent = killed or [r for r in range(ranks) if r not in errors and r not in exits
-                        and r not in ended]
+    silent = killed or [
+        r for r in range(ranks) if r not in errors and r not in exits and r not in ended
+    ]
     if waited and silent:  # a peer gave up on it; it was then stopped with the rest
-        return (f"rank {silent[0]} stopped answering: rank {waited[0]} waited --rank-timeout "
-                f"for it")
+        return f"rank {silent[0]} stopped answering: rank {waited[0]} waited --rank-timeout for it"
     if killed:
         return f"rank {killed[0]} was killed by {signal.Signals(-exits[killed[0]]).name}"
     if silent and not exits and all(PEER_LOST.search(m) for _, m in errors.values()):
         return f"rank {silent[0]} died without a word (killed?)" + (
-            f"; rank {min(errors)} lost it" if errors else "")
+            f"; rank {min(errors)} lost it" if errors else ""
+        )
     if errors:
         rank = min(errors, key=lambda r: errors[r][0])
         return f"rank {rank} failed: {errors[rank][1]}"
@@ -127,7 +158,10 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
                 found.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
@@ -168,7 +202,9 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             continue
     deadline = time.monotonic() + 2
-    while (left := [p for p in ranks if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+    while (
+        left := [p for p in ranks if Path(f"/proc/{p}").exists()]
+    ) and time.monotonic() < deadline:
         time.sleep(0.1)
     signal_all(left, signal.SIGKILL)
 
@@ -181,7 +217,8 @@ AFTER_ERROR = 3.0
 def wait(proc: subprocess.Popen, folder: Path, restarts: int = 0) -> int:
     """torchrun's exit status; once a rank has reported an error (``.rankN.error``), the
     group gets ``AFTER_ERROR`` seconds to end before it is stopped, unless torchrun may
-    restart it (``restarts``): then torchrun stops the group itself."""
+    restart it (``restarts``): then torchrun stops the group itself, a stopped rank (which
+    would keep torchrun waiting its 30 s) killed at once."""
     failed_at = None
     while True:
         try:
@@ -189,6 +226,8 @@ def wait(proc: subprocess.Popen, folder: Path, restarts: int = 0) -> int:
         except subprocess.TimeoutExpired:
             pass
         if restarts:
+            if any(folder.glob(".rank*.error")):
+                signal_all([p for p in children(proc.pid) if stopped(p)], signal.SIGKILL)
             continue
         if failed_at is None and any(folder.glob(".rank*.error")):
             failed_at = time.monotonic()
@@ -202,8 +241,9 @@ def write_config(path: Path, cfg: RunConfig, cuts: list[int]) -> None:
     write_atomic(Path(path), json.dumps({"config": asdict(cfg), "cuts": cuts}, indent=2) + "\n")
 
 
-def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[int],
-        progress: bool) -> RunRecord:
+def run(
+    cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[int], progress: bool
+) -> RunRecord:
     """Run ``cfg`` on ``ranks`` local processes of ``threads`` CPU threads, the model cut at
     ``cuts``; return the record rank 0 wrote."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -213,11 +253,19 @@ def run(cfg: RunConfig, folder: Path, *, ranks: int, threads: int, cuts: list[in
         config_path = Path(tmp) / "config.json"
         write_config(config_path, cfg, cuts)
         log_path = Path(tmp) / "workers.log"
-        env = {**os.environ, "LCBENCH_PROGRESS": "1" if progress else "0",
-               "OMP_NUM_THREADS": str(threads)}
+        env = {
+            **os.environ,
+            "LCBENCH_PROGRESS": "1" if progress else "0",
+            "OMP_NUM_THREADS": str(threads),
+        }
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(torchrun_command(cfg, config_path, ranks), stdout=None,
-                                    stderr=log, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                torchrun_command(cfg, config_path, ranks),
+                stdout=None,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
             try:
                 code = wait(proc, folder, cfg.max_restarts)
             except BaseException:
@@ -258,8 +306,12 @@ def restart_note(folder: Path, ranks: int) -> dict | None:
     for path in folder.glob(".rank*.error"):
         path.unlink(missing_ok=True)
     rank = re.match(r"rank (\d+)", reason)
-    return {"attempt": attempt, "at": now(), "rank": int(rank[1]) if rank else None,
-            "reason": reason}
+    return {
+        "attempt": attempt,
+        "at": now(),
+        "rank": int(rank[1]) if rank else None,
+        "reason": reason,
+    }
 
 
 def mark_failed(folder: Path, reason: str) -> None:

@@ -1,11 +1,12 @@
 """What one rank of a distributed run holds: its part of the model, and its point-to-point
 traffic on torch.distributed with the time spent waiting."""
+
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

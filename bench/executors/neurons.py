@@ -12,6 +12,7 @@ attached, which gives its slice the exact backprop gradient and every rank the s
 classifier update. Rank (k, g) sends the full h_k downstream to rank (k+1, g); the G ranks
 of layer group 0 get the batch by broadcast from rank 0.
 """
+
 from __future__ import annotations
 
 import sys
@@ -115,8 +116,10 @@ def part(prep: prepare.Prepared, links, *, device, dtype, timer, progress: bool)
     def inputs(n: int, x=None, y=None):
         """This rank's (x, y): broadcast in layer group 0, received from above elsewhere."""
         if k > 0:
-            return (links.recv((n, *in_shape), dtype, device, rank - G),
-                    links.recv((n,), torch.int64, device, rank - G))
+            return (
+                links.recv((n, *in_shape), dtype, device, rank - G),
+                links.recv((n,), torch.int64, device, rank - G),
+            )
         if rank != 0:
             x = torch.empty((n, *in_shape), dtype=dtype, device=device)
             y = torch.empty((n,), dtype=torch.int64, device=device)
@@ -129,8 +132,9 @@ def part(prep: prepare.Prepared, links, *, device, dtype, timer, progress: bool)
         links.send(y, rank + G)
 
     def epoch(batches, probe, steps, on_step):
-        for t in tqdm(range(steps), disable=not progress, leave=False, unit="batch",
-                      file=sys.stdout):
+        for t in tqdm(
+            range(steps), disable=not progress, leave=False, unit="batch", file=sys.stdout
+        ):
             on_step(t)
             x, y = inputs(cfg.batch_size, *(next(batches) if rank == 0 else (None, None)))
             if probe is not None and t == 0:

@@ -6,6 +6,7 @@ Rank 0 feeds the batches and sends the labels to the last rank, which computes t
 Busy time per phase comes from hooks on the group: forward from its forward hooks,
 backward from the gradient of its output arriving to the last gradient of its parameters.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,8 @@ def time_phases(stage: PipeBPStage, timer) -> list:
         module.register_forward_pre_hook(lambda m, a: forward.append(timer.start("forward"))),
         module.register_forward_hook(lambda m, a, o: timer.stop(forward.pop())),
         module.register_full_backward_pre_hook(
-            lambda m, g: backward.append(timer.start("backward"))),
+            lambda m, g: backward.append(timer.start("backward"))
+        ),
         torch.autograd.graph.register_multi_grad_hook(params, end_backward),
     ]
 
@@ -58,8 +60,10 @@ class Pipeline:
         self.y_shape = y_shape  # of a batch's labels
         pipe_stage = PipelineStage(Contiguous(stage.group), self.rank, self.world, device)
         self.schedule = SCHEDULES[stage.schedule](
-            pipe_stage, n_microbatches=stage.microbatches,
-            loss_fn=lambda out, y: stage.criterion(out, y).mean())
+            pipe_stage,
+            n_microbatches=stage.microbatches,
+            loss_fn=lambda out, y: stage.criterion(out, y).mean(),
+        )
         self.device = device
 
     def step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> None:

@@ -1,19 +1,22 @@
 """The reference executor: one process; per batch every stage in order, then the upstream
 messages of that same batch. Deterministic for a seed."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Sequence
 
 import torch
 from tqdm import tqdm
 
 from bench import checkpoint, prepare
 from bench.measure import diagnostics, memory, timing
+from bench.measure.provenance import now
 from bench.models import runtime
-from bench.records import RunRecord, stop_if_diverged
+from bench.records import RunFailed, RunRecord, save_weights, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 from methods import Stage
 from methods.base import correct
@@ -38,17 +41,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_epoch(stages: Sequence[Stage], batches, *, device: torch.device, total: int | None = None,
-                desc: str = "", progress: bool = True,
-                first_batch: Callable[[], ContextManager] = nullcontext) -> float:
+def train_epoch(
+    stages: Sequence[Stage],
+    batches,
+    *,
+    device: torch.device,
+    total: int | None = None,
+    desc: str = "",
+    progress: bool = True,
+    first_batch: Callable[[], ContextManager] = nullcontext,
+) -> float:
     """Train on every ``(x, y)`` of ``batches``; return the wall-clock seconds it took.
     ``first_batch()`` is entered around the first batch (e.g. a memory probe)."""
     for stage in stages:
         stage.train(True)
     synchronize(device)
     start = time.perf_counter()
-    for batch, (x, y) in enumerate(tqdm(batches, total=total, desc=desc, leave=False, disable=not progress,
-                                        unit="batch", dynamic_ncols=True)):
+    for batch, (x, y) in enumerate(
+        tqdm(
+            batches,
+            total=total,
+            desc=desc,
+            leave=False,
+            disable=not progress,
+            unit="batch",
+            dynamic_ncols=True,
+        )
+    ):
         if batch == 0:
             with first_batch():
                 train_step(stages, batch, x, y)
@@ -88,8 +107,9 @@ class Scores:
 
 
 @torch.no_grad()
-def evaluate(stages: Sequence[Stage], batches, criterion: Callable,
-             inference=None) -> dict[tuple[str, str], float]:
+def evaluate(
+    stages: Sequence[Stage], batches, criterion: Callable, inference=None
+) -> dict[tuple[str, str], float]:
     """``{(stage, metric): value}`` over the test ``batches``: loss and accuracy of the final
     output ("") and of every sub-model ("1".."K-1"), and (``inference``, a
     ``submodels.Inference``) progressive inference and ensembles."""
@@ -112,9 +132,11 @@ def evaluate(stages: Sequence[Stage], batches, criterion: Callable,
 def warm_up(prep: prepare.Prepared) -> float:
     """Seconds to compile every module the stages run in training: two batches on stand-in
     data, then the stages and random states as they were (``runtime.warm_up``)."""
+
     def step():
-        train_step(prep.stages, -1, *prepare.stand_in(prep, 0, prep.stages[0].group,
-                                                      prep.cfg.batch_size))
+        train_step(
+            prep.stages, -1, *prepare.stand_in(prep, 0, prep.stages[0].group, prep.cfg.batch_size)
+        )
 
     prepare.reset_states(prep.stages, prep.cfg.batch_size)
     return runtime.warm_up(prep.stages, step, prep.device)
@@ -125,8 +147,14 @@ def stage_label(stage: Stage) -> str:
     return "" if stage.last else str(stage.index + 1)
 
 
-def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
-          resumed: dict | None = None, store: checkpoint.Checkpoints | None = None) -> None:
+def train(
+    prep: prepare.Prepared,
+    record: RunRecord,
+    *,
+    progress: bool = True,
+    resumed: dict | None = None,
+    store: checkpoint.Checkpoints | None = None,
+) -> None:
     """The epochs: train, measure, evaluate, write rows, checkpoint (to ``store``, when
     due); RunFailed on divergence. A run ``resumed`` from a checkpoint continues after its
     epoch as if it had never stopped: at an epoch's end no batch is in flight, so the
@@ -141,7 +169,7 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
     costs = prepare.static_rows(prep)
     probe = next(iter(task.test_batches(cfg.batch_size)), None)
     signals = probe is not None and diagnostics.wanted(prep.stages)
-    drift_x = probe[0][:diagnostics.DRIFT_SAMPLES] if probe is not None else None
+    drift_x = probe[0][: diagnostics.DRIFT_SAMPLES] if probe is not None else None
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
     done = 0
     if resumed is not None:
@@ -159,12 +187,22 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
     for epoch, steps in enumerate(plan[done:], done + 1):
         memory.reset_device_peaks(device)
         prepare.reset_states(prep.stages, cfg.batch_size)
-        batches = scheduled(task.train_batches(cfg.batch_size, generator), prep.stages, schedule,
-                            sum(plan[:epoch - 1]), steps)
+        batches = scheduled(
+            task.train_batches(cfg.batch_size, generator),
+            prep.stages,
+            schedule,
+            sum(plan[: epoch - 1]),
+            steps,
+        )
         seconds = train_epoch(
-            prep.stages, batches, device=device, total=steps, progress=progress,
+            prep.stages,
+            batches,
+            device=device,
+            total=steps,
+            progress=progress,
             desc=f"epoch {epoch}/{len(plan)}",
-            first_batch=(lambda: memory.probing(probes)) if epoch == 1 else nullcontext)
+            first_batch=(lambda: memory.probing(probes)) if epoch == 1 else nullcontext,
+        )
         rows = {}
         for stage in prep.stages:
             for metric, value in stage.pop_metrics().items():
@@ -180,8 +218,14 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
         memory.reset_device_peaks(device)
         size = prepare.eval_batch_size(cfg, task)
         prepare.reset_states(prep.stages, size)
-        rows.update(evaluate(prep.stages, task.test_batches(size), prepare.classification_loss,
-                             prepare.inference(prep, costs)))
+        rows.update(
+            evaluate(
+                prep.stages,
+                task.test_batches(size),
+                prepare.classification_loss,
+                prepare.inference(prep, costs),
+            )
+        )
         if device.type == "cuda":
             rows.update({("", k): v for k, v in memory.device_memory(device, "eval").items()})
         if signals:
@@ -193,8 +237,58 @@ def train(prep: prepare.Prepared, record: RunRecord, *, progress: bool = True,
         record.add(epoch, rows)
         stop_if_diverged(record, rows["", "train_loss"], epoch)
         if store is not None and checkpoint.due(cfg.checkpoint_every, epoch):
-            store.save(epoch, {"stages": [stage.state_dict() for stage in prep.stages],
-                               "rng": checkpoint.rng_state(device, generator),
-                               "drift_start": drift_start if drift_x is not None else None,
-                               "rows": record.rows})
+            store.save(
+                epoch,
+                {
+                    "stages": [stage.state_dict() for stage in prep.stages],
+                    "rng": checkpoint.rng_state(device, generator),
+                    "drift_start": drift_start if drift_x is not None else None,
+                    "rows": record.rows,
+                },
+            )
             store.commit(epoch)
+
+
+def run(
+    prep: prepare.Prepared,
+    store: checkpoint.Checkpoints,
+    epoch: int | None,
+    *,
+    progress: bool,
+    restart: dict | None = None,
+) -> RunRecord:
+    """The sequential executor in this process, from the checkpoint of ``epoch`` (None: from
+    the start); ``restart``: what torchrun's restart of this process is noted as."""
+    cfg = prep.cfg
+    resumed = store.load(epoch, prep.device) if epoch else None
+    if resumed is None:
+        store.remove()  # what an earlier attempt left is not continued
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # before the record: its provenance says so
+    record = prepare.open_record(prep, resumed, restart)
+    start = time.perf_counter()
+    try:
+        train(
+            prep,
+            record,
+            progress=progress,
+            resumed=resumed,
+            store=store if cfg.checkpoint_every else None,
+        )
+    except RunFailed:
+        raise
+    except BaseException as e:
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        try:
+            record.update(status="failed", error=reason, ended=now())
+        except OSError as lost:  # the run's folder itself is gone or unwritable
+            reason += f" (and run.json could not be written: {lost.strerror or lost})"
+        if isinstance(e, Exception):
+            raise RunFailed(f"run {cfg.run_id} failed: {reason}") from e
+        raise
+    if cfg.save_weights:
+        for stage in prep.stages:
+            save_weights(record.folder, str(stage.index + 1), stage)
+    record.update(status="ok", ended=now(), wall_time_s=time.perf_counter() - start)
+    store.remove()
+    return record

@@ -1,6 +1,7 @@
 """The sequential executor as the one process of a torchrun group, so that torchrun's
 elastic agent can start it again (``--max-restarts``): each attempt continues from the
 newest checkpoint. Run as ``python -m bench.executors.single CONFIG.json``."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import checkpoint, prepare, runner
+from bench import checkpoint, prepare
 from bench.config import RunConfig
 
-from . import launch
+from . import launch, sequential
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,13 +29,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         prep = prepare.prepare(cfg, cuts=config.get("cuts"))
-        store = checkpoint.Checkpoints(folder, checkpoint.fingerprint(prep.cfg, prep.stages, prep.cuts))
+        store = checkpoint.Checkpoints(
+            folder, checkpoint.fingerprint(prep.cfg, prep.stages, prep.cuts)
+        )
         epoch = store.latest() if prep.cfg.checkpoint_every else None
-        runner.run_here(prep, store, epoch, progress=os.environ.get("LCBENCH_PROGRESS") == "1",
-                        restart=launch.restart_note(folder, 1))
+        sequential.run(
+            prep,
+            store,
+            epoch,
+            progress=os.environ.get("LCBENCH_PROGRESS") == "1",
+            restart=launch.restart_note(folder, 1),
+        )
     except BaseException as e:
-        cause = e.__cause__ or e  # runner.RunFailed says which run; the error is its cause
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(cause).__name__}: {cause}"
+        cause = e.__cause__ or e  # RunFailed says which run; the error is its cause
+        reason = (
+            "interrupted"
+            if isinstance(e, KeyboardInterrupt)
+            else f"{type(cause).__name__}: {cause}"
+        )
         if folder.exists():
             (folder / ".rank0.error").write_text(f"{time.time()} {reason.splitlines()[0]}\n")
         traceback.print_exc()

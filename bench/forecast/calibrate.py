@@ -15,6 +15,7 @@ as a profile (TOML, ``kind = "measured"``).
   much a step taken by both in lockstep waits for the slower (``step_cv``), at the middle
   calibrated batch size.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ from .profiles import dumps
 
 REPEATS = 5
 #: message sizes of the ping-pong and the all-reduce (bytes): 4 B to 16 MiB
-SIZES = tuple(4 ** i for i in range(1, 13))
+SIZES = tuple(4**i for i in range(1, 13))
 #: sizes at or below which a message's time is all latency; at or above which, bandwidth
 SMALL, LARGE = 1024, 256 * 1024
 
@@ -81,10 +82,18 @@ class Clock:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
-def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: torch.device,
-                *, width: float = 1.0, precision: str = "fp32", repeats: int = 2 * REPEATS,
-                held_sizes: Sequence[int] = (),
-                progress: Callable[[str], None] = lambda _: None) -> dict:
+def time_blocks(
+    model_name: str,
+    task: str,
+    batch_sizes: Sequence[int],
+    device: torch.device,
+    *,
+    width: float = 1.0,
+    precision: str = "fp32",
+    repeats: int = 2 * REPEATS,
+    held_sizes: Sequence[int] = (),
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict:
     """Every block's forward and backward seconds at each batch size, timed in place during
     whole training steps (forward, loss, backward; hooks mark where each block starts and
     ends), so that each block meets its input as a run does (caches included): medians over
@@ -108,15 +117,25 @@ def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: 
     stamps: dict = {}
     hooks = []
     for j, block in enumerate(net):
-        hooks += [block.register_forward_pre_hook(lambda m, a, j=j: stamps.__setitem__(("f", j), clock.stamp())),
-                  block.register_forward_hook(lambda m, a, o, j=j: stamps.__setitem__(("F", j), clock.stamp())),
-                  block.register_full_backward_pre_hook(
-                      lambda m, g, j=j: stamps.__setitem__(("b", j), clock.stamp()))]
+        hooks += [
+            block.register_forward_pre_hook(
+                lambda m, a, j=j: stamps.__setitem__(("f", j), clock.stamp())
+            ),
+            block.register_forward_hook(
+                lambda m, a, o, j=j: stamps.__setitem__(("F", j), clock.stamp())
+            ),
+            block.register_full_backward_pre_hook(
+                lambda m, g, j=j: stamps.__setitem__(("b", j), clock.stamp())
+            ),
+        ]
     inputs = {}
     for n in sorted(set(batch_sizes) | set(held_sizes)):
         x = dummy_input(net, info.input_shape, n, device=device)
-        inputs[n] = (x.contiguous(memory_format=torch.channels_last) if conv and x.dim() == 4 else x,
-                     torch.randint(info.num_classes, (n,), device=device))
+        inputs[n] = (
+            x.contiguous(memory_format=torch.channels_last) if conv and x.dim() == 4 else x,
+            torch.randint(info.num_classes, (n,), device=device),
+        )
+
     def loss(x, y):
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             logits = net(x)
@@ -138,8 +157,10 @@ def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: 
             torch.cuda.synchronize(device)
         forward = [clock.between(stamps["f", j], stamps["F", j]) for j in range(count)]
         forward[-1] += clock.between(stamps["F", count - 1], stamps["loss"])
-        backward = [clock.between(stamps["b", j], stamps["b", j - 1] if j else stamps["end"])
-                    for j in range(count)]
+        backward = [
+            clock.between(stamps["b", j], stamps["b", j - 1] if j else stamps["end"])
+            for j in range(count)
+        ]
         backward[-1] += clock.between(stamps["loss"], stamps["b", count - 1])
         if held:
             timed.backward()
@@ -165,7 +186,7 @@ def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: 
         ratios.append(without / with_grad if with_grad > 0 else 1.0)
         with torch.no_grad():
             x = block(x)
-    for (n, held), figures in times.items():
+    for (_, held), figures in times.items():
         suffix = "_held_s" if held else "_s"
         for j, ratio in enumerate(ratios):
             forward = statistics.median(f[j] for f, _ in figures)
@@ -174,8 +195,11 @@ def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: 
                 backward, first = backward / ratio, backward
             else:
                 first = backward * ratio
-            for key, value in (("forward", forward), ("backward", backward),
-                               ("backward_first", first)):
+            for key, value in (
+                ("forward", forward),
+                ("backward", backward),
+                ("backward_first", first),
+            ):
                 blocks[j].setdefault(key + suffix, []).append(value)
     train = prepare.train_options(RunConfig(method="bp").validated(), device)
     for j, block in enumerate(net):
@@ -184,47 +208,70 @@ def time_blocks(model_name: str, task: str, batch_sizes: Sequence[int], device: 
         if params:
             for p in params:
                 p.grad = torch.zeros_like(p)
-            optimizer = torch.optim.SGD(params, lr=1e-9, momentum=train.momentum,
-                                        nesterov=train.nesterov, weight_decay=train.weight_decay,
-                                        fused=train.fused or None)
+            optimizer = torch.optim.SGD(
+                params,
+                lr=1e-9,
+                momentum=train.momentum,
+                nesterov=train.nesterov,
+                weight_decay=train.weight_decay,
+                fused=train.fused or None,
+            )
             blocks[j]["update_s"] = seconds(optimizer.step, device)
     return {"blocks": blocks}
 
 
 def _alone(block, x, grad: bool, device, precision: str) -> float:
     """Seconds of ``block``'s backward pass alone on ``x`` (its input's gradient or not)."""
+
     def step():
         x_in = x.detach().requires_grad_(grad and x.is_floating_point())
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             out = block(x_in)
         out.float().sum().backward()
+
     def forward():
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             block(x.detach().requires_grad_(grad and x.is_floating_point()))
+
     return max(0.0, seconds(step, device, 3) - seconds(forward, device, 3))
 
 
-def time_input(task: str, batch_sizes: Sequence[int], device: torch.device, data_dir=None,
-               limit: int = 4096) -> list[float]:
+def time_input(
+    task: str, batch_sizes: Sequence[int], device: torch.device, data_dir=None, limit: int = 4096
+) -> list[float]:
     """Seconds to draw one augmented training batch of each size, as a run's rank 0 does."""
     data = tasks.load_task(task, data_dir, limit_train=limit, limit_test=1).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     out = []
     for n in batch_sizes:
+
         def draw(n=n):
             batches = data.train_batches(n, generator)
             for _ in range(min(4, data.steps(n))):
                 next(batches)
+
         out.append(seconds(draw, device) / min(4, data.steps(n)))
     return out
 
 
-def time_local(method: str, task: str, shape: tuple, batch_sizes: Sequence[int],
-               device: torch.device, options: dict | None = None, precision: str = "fp32") -> dict:
+def time_local(
+    method: str,
+    task: str,
+    shape: tuple,
+    batch_sizes: Sequence[int],
+    device: torch.device,
+    options: dict | None = None,
+    precision: str = "fp32",
+) -> dict:
     """The rule's local work on features of ``shape`` at each batch size: its stage's forward
     call and the update the upstream message brings (``prepare.local_parts``)."""
-    cfg = RunConfig(method=method, task=task, options=dict(options or {}), precision=precision,
-                    device=str(device)).validated()
+    cfg = RunConfig(
+        method=method,
+        task=task,
+        options=dict(options or {}),
+        precision=precision,
+        device=str(device),
+    ).validated()
     classes = tasks.TASKS[task].num_classes
     forward_s, receive_s = [], []
     for n in batch_sizes:
@@ -235,15 +282,20 @@ def time_local(method: str, task: str, shape: tuple, batch_sizes: Sequence[int],
         forward_s.append(seconds(lambda: (forward(), receive()), device))
         receive_s.append(max(0.0, forward_s[-1] - seconds(forward, device)))
         forward_s[-1] -= receive_s[-1]
-    out = {"method": cfg.method, "shape": list(shape),
-           "options": {k: v for k, v in cfg.options.items() if v is not None},
-           "forward_s": forward_s}
+    out = {
+        "method": cfg.method,
+        "shape": list(shape),
+        "options": {k: v for k, v in cfg.options.items() if v is not None},
+        "forward_s": forward_s,
+    }
     if receive_s:
         out["receive_s"] = receive_s
     return out
 
 
-def fit_rate(flops: Sequence[float], timed: dict, batch_sizes: Sequence[int]) -> tuple[float, float]:
+def fit_rate(
+    flops: Sequence[float], timed: dict, batch_sizes: Sequence[int]
+) -> tuple[float, float]:
     """``(FLOP/s, overhead_s)``: least squares of a block's forward and backward seconds
     against t = overhead + 3 F n / rate over every block with FLOPs and every batch size
     (through the origin where the blocks are too small to tell the two apart)."""
@@ -262,7 +314,9 @@ def fit_rate(flops: Sequence[float], timed: dict, batch_sizes: Sequence[int]) ->
     return 1 / slope, mt - slope * mx
 
 
-def fit_link(sizes: Sequence[int], times: Sequence[float], hops: float = 1.0) -> tuple[float, float]:
+def fit_link(
+    sizes: Sequence[int], times: Sequence[float], hops: float = 1.0
+) -> tuple[float, float]:
     """``(alpha, beta)`` of t = hops x alpha + s / beta: alpha from the small messages' times,
     beta from the large ones' (least squares through the latency)."""
     small = [t for s, t in zip(sizes, times) if s <= SMALL] or [min(times)]
@@ -293,7 +347,7 @@ def _ping_pong(rank: int, device: torch.device, size: int, repeats: int) -> floa
     peer = 1 - rank
 
     def round_trip():
-        for transfer in ((dist.send, dist.recv) if rank == 0 else (dist.recv, dist.send)):
+        for transfer in (dist.send, dist.recv) if rank == 0 else (dist.recv, dist.send):
             transfer(buf, peer)
 
     return _median_seconds(round_trip, device, repeats) / 2
@@ -308,6 +362,7 @@ def _shared(rank: int, work: Callable[[], None], device: torch.device, rounds: i
     """How much slower ``work`` runs on this rank while the other rank runs it too than
     while the other waits: the median over ``rounds`` of (both at once) / (alone), each
     phase two calls, the phases of a round one after the other (the machine's speed drifts)."""
+
     def timed() -> float:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
@@ -377,25 +432,60 @@ def link_worker(config: dict) -> None:
     figures = [None, None] if rank == 0 else None
     dist.gather_object((slowdown, steps), figures, dst=0)
     if rank == 0:
-        Path(config["out"]).write_text(json.dumps(
-            {"sizes": list(SIZES), "pingpong_s": pingpong, "allreduce_s": allreduce,
-             "colocated_slowdown": statistics.fmean(f[0] for f in figures),
-             "step_cv": step_cv([f[1] for f in figures]), "backend": backend}))
+        Path(config["out"]).write_text(
+            json.dumps(
+                {
+                    "sizes": list(SIZES),
+                    "pingpong_s": pingpong,
+                    "allreduce_s": allreduce,
+                    "colocated_slowdown": statistics.fmean(f[0] for f in figures),
+                    "step_cv": step_cv([f[1] for f in figures]),
+                    "backend": backend,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
-def measure_link(device: torch.device, *, threads: int | None, model: str, task: str,
-                 batch_size: int, timeout: float = 600) -> dict:
+def measure_link(
+    device: torch.device,
+    *,
+    threads: int | None,
+    model: str,
+    task: str,
+    batch_size: int,
+    timeout: float = 600,
+) -> dict:
     """The link and the shared-machine slowdown, on two ranks started by torchrun."""
     from bench.executors.launch import free_port
+
     with tempfile.TemporaryDirectory(prefix="lcbench-calibrate-") as tmp:
-        config = {"device": device.type, "threads": threads, "model": model, "task": task,
-                  "batch_size": batch_size, "out": str(Path(tmp) / "link.json")}
+        config = {
+            "device": device.type,
+            "threads": threads,
+            "model": model,
+            "task": task,
+            "batch_size": batch_size,
+            "out": str(Path(tmp) / "link.json"),
+        }
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(config))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                   "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                   str(free_port()), "-m", "bench.forecast.calibrate", str(path)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "bench.forecast.calibrate",
+            str(path),
+        ]
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
         if done.returncode != 0 or not Path(config["out"]).is_file():
@@ -404,12 +494,23 @@ def measure_link(device: torch.device, *, threads: int | None, model: str, task:
         return json.loads(Path(config["out"]).read_text())
 
 
-def calibrate(model_names: Sequence[str], task: str, *, methods_: Sequence[str] = (),
-              batch_sizes: Sequence[int] = (32, 64, 128), device: torch.device = torch.device("cpu"),
-              threads: int | None = None, precision: str = "fp32", link: bool = True,
-              local_sizes: Sequence[int] | None = None, local_after: dict | None = None,
-              held_sizes: Sequence[int] = (), data_dir=None, name: str = "measured",
-              progress: Callable[[str], None] = lambda _: None) -> dict:
+def calibrate(
+    model_names: Sequence[str],
+    task: str,
+    *,
+    methods_: Sequence[str] = (),
+    batch_sizes: Sequence[int] = (32, 64, 128),
+    device: torch.device = torch.device("cpu"),  # noqa: B008 (immutable)
+    threads: int | None = None,
+    precision: str = "fp32",
+    link: bool = True,
+    local_sizes: Sequence[int] | None = None,
+    local_after: dict | None = None,
+    held_sizes: Sequence[int] = (),
+    data_dir=None,
+    name: str = "measured",
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict:
     """The profile of this machine (as TOML-ready tables): every model's blocks timed at
     ``batch_sizes``, each of ``methods_``'s local modules at ``local_sizes`` (default the
     same) on the output of every block (``local_after``: {(model, method): block indices}
@@ -422,19 +523,33 @@ def calibrate(model_names: Sequence[str], task: str, *, methods_: Sequence[str] 
         timed, flops = [], []
         for model_name in model_names:
             blocks = workload.blocks(model_name, task)
-            entry = {"model": model_name, "task": task, "width": 1.0, "precision": precision,
-                     "threads": torch.get_num_threads(), "batch_sizes": batch_sizes,
-                     "held_batch_sizes": sorted(set(held_sizes)),
-                     "input_s": time_input(task, batch_sizes, device, data_dir),
-                     **time_blocks(model_name, task, batch_sizes, device, precision=precision,
-                                   held_sizes=sorted(set(held_sizes)), progress=progress),
-                     "local": []}
+            entry = {
+                "model": model_name,
+                "task": task,
+                "width": 1.0,
+                "precision": precision,
+                "threads": torch.get_num_threads(),
+                "batch_sizes": batch_sizes,
+                "held_batch_sizes": sorted(set(held_sizes)),
+                "input_s": time_input(task, batch_sizes, device, data_dir),
+                **time_blocks(
+                    model_name,
+                    task,
+                    batch_sizes,
+                    device,
+                    precision=precision,
+                    held_sizes=sorted(set(held_sizes)),
+                    progress=progress,
+                ),
+                "local": [],
+            }
             for method in methods_:
                 after = (local_after or {}).get((model_name, method), range(len(blocks) - 1))
                 for shape in dict.fromkeys(blocks[j].out_shape for j in after):
                     progress(f"  {model_name}: {method}'s local module on {shape}")
-                    entry["local"].append(time_local(method, task, shape, local_sizes, device,
-                                                     precision=precision))
+                    entry["local"].append(
+                        time_local(method, task, shape, local_sizes, device, precision=precision)
+                    )
                     entry["local"][-1]["batch_sizes"] = local_sizes
             timed.append(entry)
             flops.append([b.flops for b in blocks])
@@ -443,32 +558,53 @@ def calibrate(model_names: Sequence[str], task: str, *, methods_: Sequence[str] 
         params = sum(b.param_bytes for m in model_names for b in workload.blocks(m, task))
         stepped = sum(b["update_s"] for t in timed for b in t["blocks"])
     cuda = device.type == "cuda"
-    out = {"profile": {"name": name, "kind": "measured", "created": now(),
-                       "summary": f"measured by lcbench calibrate on {os.uname().nodename}: "
-                                  f"{', '.join(model_names)} on {task}, batches "
-                                  f"{', '.join(map(str, batch_sizes))}"},
-           "device": {"name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
-                      "memory_bytes": float(device_memory_bytes(device) or 0),
-                      "achieved_flops": {precision: rate}, "overhead_s": overhead,
-                      "update_bytes_per_s": params / stepped, "colocated_slowdown": 1.0, "step_cv": 0.0,
-                      "threads": threads or torch.get_num_threads(),
-                      "source": f"lcbench calibrate, {now()}; torch {torch.__version__}"},
-           "workloads": timed}
+    out = {
+        "profile": {
+            "name": name,
+            "kind": "measured",
+            "created": now(),
+            "summary": f"measured by lcbench calibrate on {os.uname().nodename}: "
+            f"{', '.join(model_names)} on {task}, batches "
+            f"{', '.join(map(str, batch_sizes))}",
+        },
+        "device": {
+            "name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+            "memory_bytes": float(device_memory_bytes(device) or 0),
+            "achieved_flops": {precision: rate},
+            "overhead_s": overhead,
+            "update_bytes_per_s": params / stepped,
+            "colocated_slowdown": 1.0,
+            "step_cv": 0.0,
+            "threads": threads or torch.get_num_threads(),
+            "source": f"lcbench calibrate, {now()}; torch {torch.__version__}",
+        },
+        "workloads": timed,
+    }
     if link:
         progress("  the link: ping-pong and all-reduce on two ranks")
-        measured = measure_link(device, threads=threads, model=model_names[0], task=task,
-                                batch_size=batch_sizes[len(batch_sizes) // 2])
+        measured = measure_link(
+            device,
+            threads=threads,
+            model=model_names[0],
+            task=task,
+            batch_size=batch_sizes[len(batch_sizes) // 2],
+        )
         alpha, beta = fit_link(measured["sizes"], measured["pingpong_s"])
         ring_alpha, ring_beta = fit_link(measured["sizes"], measured["allreduce_s"], hops=2)
         out["device"]["colocated_slowdown"] = measured["colocated_slowdown"]
         out["device"]["step_cv"] = measured["step_cv"]
-        out["link"] = {"name": f"{measured['backend']} between two ranks on this machine",
-                       "latency_s": alpha, "bandwidth_bytes_per_s": beta,
-                       "allreduce_latency_s": ring_alpha, "allreduce_bandwidth_bytes_per_s": ring_beta,
-                       "sizes": measured["sizes"], "pingpong_s": measured["pingpong_s"],
-                       "allreduce_s": measured["allreduce_s"],
-                       "source": "lcbench calibrate: one-way time of a ping-pong (alpha + s / beta), "
-                                 "all-reduce on two ranks (2 alpha + s / beta)"}
+        out["link"] = {
+            "name": f"{measured['backend']} between two ranks on this machine",
+            "latency_s": alpha,
+            "bandwidth_bytes_per_s": beta,
+            "allreduce_latency_s": ring_alpha,
+            "allreduce_bandwidth_bytes_per_s": ring_beta,
+            "sizes": measured["sizes"],
+            "pingpong_s": measured["pingpong_s"],
+            "allreduce_s": measured["allreduce_s"],
+            "source": "lcbench calibrate: one-way time of a ping-pong (alpha + s / beta), "
+            "all-reduce on two ranks (2 alpha + s / beta)",
+        }
     return out
 
 
@@ -488,6 +624,7 @@ def merge(calibrations: Sequence[dict]) -> dict:
 def write(profile: dict, path: Path) -> None:
     """The profile as TOML, atomically."""
     from bench.records import write_atomic
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(path), "# written by lcbench calibrate\n" + dumps(profile))
 

@@ -24,11 +24,12 @@ batch (or micro-batch) it sees; a ``Link`` moves messages and reduces gradients.
   stages (Clark, Operations Research 9, 1961). A decoupled stage that may run ahead of the
   one that waits for it does not pay it.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 #: DDP's gradient buckets (torch.nn.parallel.DistributedDataParallel's defaults)
 BUCKET_BYTES = 25 * 2**20
@@ -105,8 +106,12 @@ class StageCost:
         return self.call_s + self.receive_s
 
 
-def buckets(grad_blocks: Sequence[tuple[float, float]], *, cap: float = BUCKET_BYTES,
-            first: float = FIRST_BUCKET_BYTES) -> list[tuple[float, float]]:
+def buckets(
+    grad_blocks: Sequence[tuple[float, float]],
+    *,
+    cap: float = BUCKET_BYTES,
+    first: float = FIRST_BUCKET_BYTES,
+) -> list[tuple[float, float]]:
     """DDP's buckets as ``(bytes, ready_s)``: gradients fill buckets in the order the backward
     pass produces them (the first bucket ``first`` bytes, the rest ``cap``); a bucket is ready
     when its last byte is, a block's bytes produced evenly over its backward seconds."""
@@ -182,8 +187,8 @@ def expected_max(means: Sequence[float], cv: float) -> float:
         a = (mean - m) / theta
         pdf, cdf, rest = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), _phi_cdf(a), _phi_cdf(-a)
         first = mean * cdf + m * rest + theta * pdf
-        second = (mean ** 2 + var) * cdf + (m ** 2 + v) * rest + (mean + m) * theta * pdf
-        mean, var = first, max(0.0, second - first ** 2)
+        second = (mean**2 + var) * cdf + (m**2 + v) * rest + (mean + m) * theta * pdf
+        mean, var = first, max(0.0, second - first**2)
     return mean
 
 
@@ -206,8 +211,14 @@ def _flow_shop(times: Sequence[float], jobs: int, cv: float = 0.0) -> float:
     return sum(times) + (jobs - 1) * expected_max(times, cv) if times else 0.0
 
 
-def pipeline_step(stages: Sequence[StageCost], link: Link, microbatches: int, schedule: str,
-                  replicas: int = 1, cv: float = 0.0) -> float:
+def pipeline_step(
+    stages: Sequence[StageCost],
+    link: Link,
+    microbatches: int,
+    schedule: str,
+    replicas: int = 1,
+    cv: float = 0.0,
+) -> float:
     """Pipelined BP, one batch of M micro-batches (``stages``: per micro-batch; ``update_s``
     and ``input_s`` once per batch), then each stage's all-reduce among its ``replicas``
     (after its last backward pass, as Megatron-LM does) and its update.
@@ -232,8 +243,10 @@ def pipeline_step(stages: Sequence[StageCost], link: Link, microbatches: int, sc
         ends = [total - t for t in lead]
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
-    return first + max(end + exposed_allreduce(replace(s, backward_s=0.0), link, replicas)
-                       + s.update_s for end, s in zip(ends, stages))
+    return first + max(
+        end + exposed_allreduce(replace(s, backward_s=0.0), link, replicas) + s.update_s
+        for end, s in zip(ends, stages)
+    )
 
 
 def _interleave(stages: Sequence[float], hops: Sequence[float]) -> list[float]:
@@ -246,8 +259,9 @@ def _interleave(stages: Sequence[float], hops: Sequence[float]) -> list[float]:
     return out
 
 
-def decoupled_period(stages: Sequence[StageCost], link: Link, *, lag: int | None,
-                     replicas: int = 1) -> float:
+def decoupled_period(
+    stages: Sequence[StageCost], link: Link, *, lag: int | None, replicas: int = 1
+) -> float:
     """Steady seconds per batch of a decoupled rule on S stages: the largest of
     - a stage's work (forward call, upstream update, input; its all-reduce not hidden);
     - a link's traffic per batch, each direction on its own;
@@ -257,7 +271,7 @@ def decoupled_period(stages: Sequence[StageCost], link: Link, *, lag: int | None
       brings (F_k + c_down + F_{k+1} + c_up + R_k) / (lag + 1), F the forward calls."""
     work = [s.work_s + exposed_allreduce(s, link, replicas) for s in stages]
     bounds = list(work)
-    for k, (s, below) in enumerate(zip(stages, stages[1:])):
+    for s, below in zip(stages, stages[1:]):
         down, up = link.message(s.down_bytes), link.message(below.up_bytes)
         bounds.append(max(down, up))
         if lag is not None and below.up_bytes > 0:
@@ -266,8 +280,9 @@ def decoupled_period(stages: Sequence[StageCost], link: Link, *, lag: int | None
     return max(bounds)
 
 
-def decoupled_epoch(stages: Sequence[StageCost], link: Link, batches: int, *, lag: int | None,
-                    replicas: int = 1) -> float:
+def decoupled_epoch(
+    stages: Sequence[StageCost], link: Link, batches: int, *, lag: int | None, replicas: int = 1
+) -> float:
     """N batches: the first crosses every stage and link (fill), the other N-1 follow at
     the steady period."""
     fill = sum(s.work_s for s in stages) + sum(link.message(s.down_bytes) for s in stages[:-1])
@@ -275,6 +290,7 @@ def decoupled_epoch(stages: Sequence[StageCost], link: Link, batches: int, *, la
 
 
 # -- memory per device -----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class StageMemory:
@@ -295,13 +311,19 @@ class StageMemory:
 
     @property
     def total(self) -> float:
-        return (self.param_bytes + self.grad_bytes + self.optimizer_bytes
-                + self.activation_bytes * self.in_flight + self.local_activation_bytes
-                + self.buffer_bytes)
+        return (
+            self.param_bytes
+            + self.grad_bytes
+            + self.optimizer_bytes
+            + self.activation_bytes * self.in_flight
+            + self.local_activation_bytes
+            + self.buffer_bytes
+        )
 
 
-def replay_buffer_bytes(entries: int, batch: float, input_bytes: float,
-                        label_bytes: float) -> float:
+def replay_buffer_bytes(
+    entries: int, batch: float, input_bytes: float, label_bytes: float
+) -> float:
     """A full replay buffer of asynchronous DGL (Belilovsky et al. 2020, its asynchronous
     setting): ``entries`` batches of ``batch`` inputs and labels, each kept whole
     (``input_bytes`` and ``label_bytes`` per sample)."""

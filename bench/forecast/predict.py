@@ -6,12 +6,12 @@ holds the model (interpolated between the timed batch sizes), else from FLOPs at
 profile's achieved FLOP/s plus its fixed overhead per block (a block's backward pass taken as
 twice its forward, as the FLOPs split does) and its optimizer step from the parameter bytes.
 """
+
 from __future__ import annotations
 
 import bisect
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from bench.models import split
 from methods.adgl import ADGLOptions
@@ -48,8 +48,9 @@ class Times:
         self.work, self.profile, self.precision = work, profile, precision
         device = profile.device
         if precision not in device.flops:
-            raise ProfileError(f"profile {profile.name} has no {precision} rate "
-                               f"(it has {', '.join(device.flops)})")
+            raise ProfileError(
+                f"profile {profile.name} has no {precision} rate (it has {', '.join(device.flops)})"
+            )
         self.rate = device.flops[precision]
         self.timed = profile.timed_for(work.model, work.task, work.width, precision)
         self.source = "timed" if self.timed is not None else "flops"
@@ -61,8 +62,10 @@ class Times:
     def counted(self, block, n: float) -> float:
         """A counted block's forward, backward and update (a width-grouped block, which no
         profile timed), from its FLOPs and bytes."""
-        return (self._flops(3 * block.flops, n, 1.0)
-                + block.param_bytes / self.profile.device.update_bytes_per_s)
+        return (
+            self._flops(3 * block.flops, n, 1.0)
+            + block.param_bytes / self.profile.device.update_bytes_per_s
+        )
 
     def _timed(self, key: str, j: int, n: float, held: bool) -> float:
         """A timed pass, as a pipeline holds its micro-batches where it was timed so
@@ -99,9 +102,15 @@ class Times:
         key = (self.work.method, self.work.options, self.work.blocks[j].out_shape)
         if self.timed and key in self.timed.local:
             sizes, forward, receive = self.timed.local[key]
-            return (interpolate(sizes, forward, n),
-                    interpolate(sizes, receive, n) if receive else 0.0)
-        step = local.param_bytes * STEP_PASSES[local.optimizer] / self.profile.device.update_bytes_per_s
+            return (
+                interpolate(sizes, forward, n),
+                interpolate(sizes, receive, n) if receive else 0.0,
+            )
+        step = (
+            local.param_bytes
+            * STEP_PASSES[local.optimizer]
+            / self.profile.device.update_bytes_per_s
+        )
         forward = self._flops(local.forward_flops, n, 1.0)
         if local.receive_flops:
             return forward, self._flops(local.receive_flops, n, 1.0) + step
@@ -155,17 +164,30 @@ def balanced_cuts(times: Times, stages: int, n: float, rule: str) -> tuple[int, 
     key = ("cuts", stages, n, rule in DECOUPLED)
     if key not in times.built:
         work = times.work
-        costs = [times.forward(j, n) + times.backward(j, n, True) + times.update(j)
-                 for j in range(len(work.blocks))]
-        ends = ([sum(times.local(j, n)) for j in range(len(work.blocks))] if rule in DECOUPLED
-                else None)
+        costs = [
+            times.forward(j, n) + times.backward(j, n, True) + times.update(j)
+            for j in range(len(work.blocks))
+        ]
+        ends = (
+            [sum(times.local(j, n)) for j in range(len(work.blocks))] if rule in DECOUPLED else None
+        )
         times.built[key] = tuple(split.balanced_cuts(costs, stages, ends))
     return times.built[key]
 
 
-def _memory(work: Workload, a: int, b: int, n: float, *, last: bool, in_flight: int = 1,
-            precision: str = "fp32", share: float = 1.0, batch: float | None = None,
-            blocks=None) -> StageMemory:
+def _memory(
+    work: Workload,
+    a: int,
+    b: int,
+    n: float,
+    *,
+    last: bool,
+    in_flight: int = 1,
+    precision: str = "fp32",
+    share: float = 1.0,
+    batch: float | None = None,
+    blocks=None,
+) -> StageMemory:
     """Bytes of the stage of blocks a..b-1 (``blocks``: these, counted otherwise) on one
     worker at (micro-)batch ``n``; ``share`` of them for a neuron group (GN-DGL). A
     micro-batch of a ``batch`` is a view of it: the first block that saves its input keeps
@@ -182,17 +204,22 @@ def _memory(work: Workload, a: int, b: int, n: float, *, last: bool, in_flight: 
     optimizer = model.optimizer_bytes(params, 0, "sgd")
     if local is not None:
         optimizer += model.optimizer_bytes(local_params, local.tensors, local.optimizer)
-    return StageMemory(param_bytes=params + local_params, grad_bytes=params + local_params,
-                       optimizer_bytes=optimizer,
-                       activation_bytes=(group_saved(blocks, n) + whole) * scale * share,
-                       in_flight=in_flight,
-                       local_activation_bytes=local.saved(n) * scale * share if local else 0.0)
+    return StageMemory(
+        param_bytes=params + local_params,
+        grad_bytes=params + local_params,
+        optimizer_bytes=optimizer,
+        activation_bytes=(group_saved(blocks, n) + whole) * scale * share,
+        in_flight=in_flight,
+        local_activation_bytes=local.saved(n) * scale * share if local else 0.0,
+    )
 
 
 def _grad_blocks(times: Times, a: int, b: int, n: float, input_grad: bool, share: float = 1.0):
     work = times.work
-    return tuple((work.blocks[j].param_bytes * share,
-                  times.backward(j, n, input_grad or j > a)) for j in range(b - 1, a - 1, -1))
+    return tuple(
+        (work.blocks[j].param_bytes * share, times.backward(j, n, input_grad or j > a))
+        for j in range(b - 1, a - 1, -1)
+    )
 
 
 def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast:
@@ -215,8 +242,14 @@ def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast
     s = times.profile.device.colocated_slowdown
     if setup.workers > 1 and s != 1:
         per = setup.microbatches if setup.rule == "pipe-bp" else 1
-        busy = [min(1.0, ((st.forward_s + st.backward_s + st.receive_s) * per + st.update_s
-                          + st.input_s) / step) for st in stages]
+        busy = [
+            min(
+                1.0,
+                ((st.forward_s + st.backward_s + st.receive_s) * per + st.update_s + st.input_s)
+                / step,
+            )
+            for st in stages
+        ]
         workers = [u for u in busy for _ in range(setup.workers // len(stages))]
         others = [(sum(workers) - u) / (len(workers) - 1) for u in busy]
         stages = [_slowed(st, 1 + (s - 1) * u) for st, u in zip(stages, others)]
@@ -226,10 +259,15 @@ def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast
 
 def _slowed(stage: StageCost, factor: float) -> StageCost:
     """``stage`` with its computing ``factor`` times slower (its messages unchanged)."""
-    return replace(stage, forward_s=stage.forward_s * factor, backward_s=stage.backward_s * factor,
-                   update_s=stage.update_s * factor, receive_s=stage.receive_s * factor,
-                   input_s=stage.input_s * factor,
-                   grad_blocks=tuple((b, t * factor) for b, t in stage.grad_blocks))
+    return replace(
+        stage,
+        forward_s=stage.forward_s * factor,
+        backward_s=stage.backward_s * factor,
+        update_s=stage.update_s * factor,
+        receive_s=stage.receive_s * factor,
+        input_s=stage.input_s * factor,
+        grad_blocks=tuple((b, t * factor) for b, t in stage.grad_blocks),
+    )
 
 
 def _timing(setup: Setup, stages: list[StageCost], link: Link, cv: float) -> tuple[float, float]:
@@ -263,7 +301,8 @@ def _build(times: Times, setup: Setup, link: Link, batch_size: int):
             backward_s=sum(times.backward(j, n, j > 0) for j in range(n_blocks)),
             update_s=sum(times.update(j) for j in range(n_blocks)),
             input_s=times.input(batch_size),
-            grad_blocks=_grad_blocks(times, 0, n_blocks, n, False))
+            grad_blocks=_grad_blocks(times, 0, n_blocks, n, False),
+        )
         return [stage], (_memory(work, 0, n_blocks, n, last=True, precision=times.precision),), ()
     cuts = tuple(setup.cuts or balanced_cuts(times, setup.stages, batch_size / d, rule))
     bounds = _stage_bounds(cuts, n_blocks)
@@ -271,18 +310,30 @@ def _build(times: Times, setup: Setup, link: Link, batch_size: int):
         return (*_decoupled(times, setup, link, batch_size, bounds), cuts)
     m = batch_size / d / setup.microbatches
     held = setup.microbatches > 1  # micro-batches whose graphs are alive at once
-    stages = [StageCost(
-        forward_s=sum(times.forward(j, m, held) for j in range(a, b)),
-        backward_s=sum(times.backward(j, m, j > 0, held) for j in range(a, b)),
-        update_s=sum(times.update(j) for j in range(a, b)),
-        input_s=times.input(batch_size) if k == 0 else 0.0,
-        down_bytes=m * FLOAT * work.blocks[b - 1].out_numel,
-        grad_blocks=tuple((nbytes, 0.0) for nbytes, _ in _grad_blocks(times, a, b, m, k > 0)))
-        for k, (a, b) in enumerate(bounds)]  # reduced after the last backward: all ready
-    memory = tuple(_memory(work, a, b, m, last=k == len(bounds) - 1, precision=times.precision,
-                           in_flight=model.in_flight(setup.schedule, setup.microbatches,
-                                                     len(bounds), k), batch=batch_size / d)
-                   for k, (a, b) in enumerate(bounds))
+    stages = [
+        StageCost(
+            forward_s=sum(times.forward(j, m, held) for j in range(a, b)),
+            backward_s=sum(times.backward(j, m, j > 0, held) for j in range(a, b)),
+            update_s=sum(times.update(j) for j in range(a, b)),
+            input_s=times.input(batch_size) if k == 0 else 0.0,
+            down_bytes=m * FLOAT * work.blocks[b - 1].out_numel,
+            grad_blocks=tuple((nbytes, 0.0) for nbytes, _ in _grad_blocks(times, a, b, m, k > 0)),
+        )
+        for k, (a, b) in enumerate(bounds)
+    ]  # reduced after the last backward: all ready
+    memory = tuple(
+        _memory(
+            work,
+            a,
+            b,
+            m,
+            last=k == len(bounds) - 1,
+            precision=times.precision,
+            in_flight=model.in_flight(setup.schedule, setup.microbatches, len(bounds), k),
+            batch=batch_size / d,
+        )
+        for k, (a, b) in enumerate(bounds)
+    )
     return stages, memory, cuts
 
 
@@ -302,29 +353,47 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
         forward, receive = (0.0, 0.0) if last else times.local(b - 1, n)
         out_bytes = n * FLOAT * work.blocks[b - 1].out_numel
         below_local = work.local[a - 1] if k > 0 else None
-        common = dict(receive_s=receive / g, input_s=times.input(batch_size) if k == 0 else 0.0,
-                      gather_s=link.allgather(out_bytes, g) if g > 1 and not last else 0.0,
-                      down_bytes=0.0 if last else out_bytes + n * LABEL * work.label_numel,
-                      up_bytes=n * FLOAT * below_local.up_numel if below_local is not None else 0.0)
+        common = dict(
+            receive_s=receive / g,
+            input_s=times.input(batch_size) if k == 0 else 0.0,
+            gather_s=link.allgather(out_bytes, g) if g > 1 and not last else 0.0,
+            down_bytes=0.0 if last else out_bytes + n * LABEL * work.label_numel,
+            up_bytes=n * FLOAT * below_local.up_numel if below_local is not None else 0.0,
+        )
         if rule == "gn" and work.grouped:
             grouped, mixing = work.grouped
-            blocks = [mixing[a], *grouped[a + 1:b]]
-            stages.append(StageCost(forward_s=(sum(times.counted(x, n) for x in blocks) + forward) / g,
-                                    grad_blocks=tuple((x.param_bytes / g, 0.0) for x in blocks[::-1]),
-                                    **common))
-            memory.append(_memory(work, a, b, n, last=last, precision=times.precision,
-                                  share=1 / g, blocks=blocks))
+            blocks = [mixing[a], *grouped[a + 1 : b]]
+            stages.append(
+                StageCost(
+                    forward_s=(sum(times.counted(x, n) for x in blocks) + forward) / g,
+                    grad_blocks=tuple((x.param_bytes / g, 0.0) for x in blocks[::-1]),
+                    **common,
+                )
+            )
+            memory.append(
+                _memory(
+                    work, a, b, n, last=last, precision=times.precision, share=1 / g, blocks=blocks
+                )
+            )
             continue
-        stages.append(StageCost(
-            forward_s=(sum(times.forward(j, n) for j in range(a, b)) + forward) / g,
-            backward_s=sum(times.backward(j, n, input_grad or j > a) for j in range(a, b)) / g,
-            update_s=sum(times.update(j) for j in range(a, b)) / g,
-            grad_blocks=_grad_blocks(times, a, b, n, input_grad, 1 / g), **common))
+        stages.append(
+            StageCost(
+                forward_s=(sum(times.forward(j, n) for j in range(a, b)) + forward) / g,
+                backward_s=sum(times.backward(j, n, input_grad or j > a) for j in range(a, b)) / g,
+                update_s=sum(times.update(j) for j in range(a, b)) / g,
+                grad_blocks=_grad_blocks(times, a, b, n, input_grad, 1 / g),
+                **common,
+            )
+        )
         held = _memory(work, a, b, n, last=last, precision=times.precision, share=1 / g)
         if rule == "adgl" and k > 0:
             entries = dict(work.options).get("buffer_size", ADGLOptions.buffer_size)
-            held = replace(held, buffer_bytes=model.replay_buffer_bytes(
-                entries, n, FLOAT * work.blocks[a - 1].out_numel, LABEL * work.label_numel))
+            held = replace(
+                held,
+                buffer_bytes=model.replay_buffer_bytes(
+                    entries, n, FLOAT * work.blocks[a - 1].out_numel, LABEL * work.label_numel
+                ),
+            )
         memory.append(held)
     return stages, tuple(memory)
 
@@ -339,16 +408,31 @@ def setup_of(cfg, cuts: Sequence[int] | None = None) -> Setup:
         return Setup("bp", 1)
     neurons = cfg.options.get("neuron_groups", 2) if cfg.method == "gn" else 1
     placed = neurons if cfg.method == "gn" and cfg.placement == "neuron" else 1
-    return Setup(cfg.method, cfg.groups * placed, stages=cfg.groups,
-                 microbatches=cfg.options.get("microbatches", 4) if cfg.method == "pipe-bp" else 1,
-                 schedule=cfg.options.get("schedule", "1f1b"), neuron_groups=placed,
-                 cuts=tuple(cuts) if cuts is not None else None)
+    return Setup(
+        cfg.method,
+        cfg.groups * placed,
+        stages=cfg.groups,
+        microbatches=cfg.options.get("microbatches", 4) if cfg.method == "pipe-bp" else 1,
+        schedule=cfg.options.get("schedule", "1f1b"),
+        neuron_groups=placed,
+        cuts=tuple(cuts) if cuts is not None else None,
+    )
 
 
 def for_run(cfg, profile: Profile, cuts: Sequence[int] | None = None) -> Forecast:
     """The forecast of a run (its model, task, rule, options, batch and cuts) on ``profile``."""
     from .workload import workload
-    work = workload(cfg.model, cfg.task, cfg.method if cfg.executor != "ddp" else "bp",
-                    width=cfg.width, options=cfg.options)
-    return predict(Times(work, profile, cfg.precision), setup_of(cfg, cuts), profile.link.link(),
-                   cfg.batch_size)
+
+    work = workload(
+        cfg.model,
+        cfg.task,
+        cfg.method if cfg.executor != "ddp" else "bp",
+        width=cfg.width,
+        options=cfg.options,
+    )
+    return predict(
+        Times(work, profile, cfg.precision),
+        setup_of(cfg, cuts),
+        profile.link.link(),
+        cfg.batch_size,
+    )

@@ -7,12 +7,14 @@ calibrate``: the achieved FLOP/s and per-block overhead fitted to timed blocks, 
 latency and bandwidth fitted to a ping-pong and an all-reduce, and the timed blocks and
 local modules themselves (``[[workloads]]``), which the forecast uses for those models.
 """
+
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from .model import Link
 
@@ -73,7 +75,9 @@ class Timed:
     backward_s: tuple[tuple[float, ...], ...]
     backward_first_s: tuple[tuple[float, ...], ...]
     update_s: tuple[float, ...]
-    local: dict = field(default_factory=dict)  # (method, options, shape) -> (sizes, forward_s, receive_s)
+    local: dict = field(
+        default_factory=dict
+    )  # (method, options, shape) -> (sizes, forward_s, receive_s)
     held: dict = field(default_factory=dict)  # as a pipeline holds them: "sizes", "forward_s", ...
 
 
@@ -87,16 +91,29 @@ class Profile:
     timed: tuple[Timed, ...] = ()
 
     def timed_for(self, model: str, task: str, width: float, precision: str) -> Timed | None:
-        return next((t for t in self.timed if (t.model, t.task, t.precision) == (model, task, precision)
-                     and math.isclose(t.width, width)), None)
+        return next(
+            (
+                t
+                for t in self.timed
+                if (t.model, t.task, t.precision) == (model, task, precision)
+                and math.isclose(t.width, width)
+            ),
+            None,
+        )
 
 
 def _number(table: dict, key: str, where: str, *, positive: bool = True) -> float:
     value = table.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or (positive and value <= 0) or value < 0:
-        raise ProfileError(f"{where}: '{key}' must be a {'positive ' if positive else ''}number, "
-                           f"got {value!r}")
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or (positive and value <= 0)
+        or value < 0
+    ):
+        raise ProfileError(
+            f"{where}: '{key}' must be a {'positive ' if positive else ''}number, got {value!r}"
+        )
     return float(value)
 
 
@@ -116,60 +133,102 @@ def parse(data: dict, origin: str) -> Profile:
     else:
         efficiency = _number(dev, "efficiency", where)
         flops = {p: v * efficiency for p, v in dict(dev.get("peak_flops", {})).items()}
-        assumptions = (f"achieved FLOP/s = the data sheet's peak x {efficiency:g} (stated)",
-                       f"{dev.get('overhead_s', 0):g} s per block per step (stated)",
-                       f"a step's time varies by {dev.get('step_cv', 0):g} of itself from step to "
-                       "step (stated; 0: ranks in lockstep never wait for a straggler)")
+        assumptions = (
+            f"achieved FLOP/s = the data sheet's peak x {efficiency:g} (stated)",
+            f"{dev.get('overhead_s', 0):g} s per block per step (stated)",
+            f"a step's time varies by {dev.get('step_cv', 0):g} of itself from step to "
+            "step (stated; 0: ranks in lockstep never wait for a straggler)",
+        )
     if not flops or any(p not in PRECISIONS for p in flops):
-        raise ProfileError(f"{where}: FLOP/s for {', '.join(PRECISIONS)} expected, got {sorted(flops)}")
-    for p, v in flops.items():
+        raise ProfileError(
+            f"{where}: FLOP/s for {', '.join(PRECISIONS)} expected, got {sorted(flops)}"
+        )
+    for p in flops:
         _number(flops, p, where)
     if kind == "measured":
         update = _number(dev, "update_bytes_per_s", where)
     else:
-        update = _number(dev, "memory_bandwidth_bytes_per_s", where) / 5  # SGD: p, g, m read; p, m written
-    device = Device(name=str(dev.get("name", "")), memory_bytes=_number(dev, "memory_bytes", where),
-                    flops=flops, overhead_s=_number(dev, "overhead_s", where, positive=False),
-                    update_bytes_per_s=update,
-                    colocated_slowdown=float(dev.get("colocated_slowdown", 1.0)),
-                    step_cv=_number(dev, "step_cv", where, positive=False) if "step_cv" in dev else 0.0,
-                    source=str(dev.get("source", "")), assumptions=assumptions)
+        update = (
+            _number(dev, "memory_bandwidth_bytes_per_s", where) / 5
+        )  # SGD: p, g, m read; p, m written
+    device = Device(
+        name=str(dev.get("name", "")),
+        memory_bytes=_number(dev, "memory_bytes", where),
+        flops=flops,
+        overhead_s=_number(dev, "overhead_s", where, positive=False),
+        update_bytes_per_s=update,
+        colocated_slowdown=float(dev.get("colocated_slowdown", 1.0)),
+        step_cv=_number(dev, "step_cv", where, positive=False) if "step_cv" in dev else 0.0,
+        source=str(dev.get("source", "")),
+        assumptions=assumptions,
+    )
     where = f"{origin} [link]"
     efficiency = float(lnk.get("efficiency", 1.0))
     allreduce = None
     if "allreduce_latency_s" in lnk:
-        allreduce = (_number(lnk, "allreduce_latency_s", where, positive=False),
-                     _number(lnk, "allreduce_bandwidth_bytes_per_s", where))
-    link = LinkSpec(name=str(lnk.get("name", "")),
-                    latency_s=_number(lnk, "latency_s", where, positive=False),
-                    bandwidth=_number(lnk, "bandwidth_bytes_per_s", where) * efficiency,
-                    allreduce=allreduce, source=str(lnk.get("source", "")))
-    timed = tuple(_timed(t, f"{origin} [[workloads]] {i + 1}")
-                  for i, t in enumerate(data.get("workloads", [])))
-    return Profile(name=str(head.get("name", Path(origin).stem)), summary=str(head.get("summary", "")),
-                   kind=kind, device=device, link=link, timed=timed)
+        allreduce = (
+            _number(lnk, "allreduce_latency_s", where, positive=False),
+            _number(lnk, "allreduce_bandwidth_bytes_per_s", where),
+        )
+    link = LinkSpec(
+        name=str(lnk.get("name", "")),
+        latency_s=_number(lnk, "latency_s", where, positive=False),
+        bandwidth=_number(lnk, "bandwidth_bytes_per_s", where) * efficiency,
+        allreduce=allreduce,
+        source=str(lnk.get("source", "")),
+    )
+    timed = tuple(
+        _timed(t, f"{origin} [[workloads]] {i + 1}")
+        for i, t in enumerate(data.get("workloads", []))
+    )
+    return Profile(
+        name=str(head.get("name", Path(origin).stem)),
+        summary=str(head.get("summary", "")),
+        kind=kind,
+        device=device,
+        link=link,
+        timed=timed,
+    )
 
 
 def _timed(t: dict, where: str) -> Timed:
     try:
         sizes = tuple(int(n) for n in t["batch_sizes"])
         blocks = t["blocks"]
-        local = {(entry["method"], tuple(sorted(entry.get("options", {}).items())),
-                  tuple(entry["shape"])): (tuple(int(n) for n in entry.get("batch_sizes", sizes)),
-                                           tuple(entry["forward_s"]),
-                                           tuple(entry.get("receive_s", ())))
-                 for entry in t.get("local", [])}
-        return Timed(model=t["model"], task=t["task"], width=float(t.get("width", 1.0)),
-                     precision=t.get("precision", "fp32"), threads=int(t.get("threads", 0)),
-                     batch_sizes=sizes, input_s=tuple(t["input_s"]),
-                     forward_s=tuple(tuple(b["forward_s"]) for b in blocks),
-                     backward_s=tuple(tuple(b["backward_s"]) for b in blocks),
-                     backward_first_s=tuple(tuple(b["backward_first_s"]) for b in blocks),
-                     update_s=tuple(float(b["update_s"]) for b in blocks), local=local,
-                     held={"sizes": tuple(int(n) for n in t.get("held_batch_sizes", ())),
-                           **{key: tuple(tuple(b[key + "_held_s"]) for b in blocks)
-                              for key in ("forward", "backward", "backward_first")
-                              if t.get("held_batch_sizes")}})
+        local = {
+            (
+                entry["method"],
+                tuple(sorted(entry.get("options", {}).items())),
+                tuple(entry["shape"]),
+            ): (
+                tuple(int(n) for n in entry.get("batch_sizes", sizes)),
+                tuple(entry["forward_s"]),
+                tuple(entry.get("receive_s", ())),
+            )
+            for entry in t.get("local", [])
+        }
+        return Timed(
+            model=t["model"],
+            task=t["task"],
+            width=float(t.get("width", 1.0)),
+            precision=t.get("precision", "fp32"),
+            threads=int(t.get("threads", 0)),
+            batch_sizes=sizes,
+            input_s=tuple(t["input_s"]),
+            forward_s=tuple(tuple(b["forward_s"]) for b in blocks),
+            backward_s=tuple(tuple(b["backward_s"]) for b in blocks),
+            backward_first_s=tuple(tuple(b["backward_first_s"]) for b in blocks),
+            update_s=tuple(float(b["update_s"]) for b in blocks),
+            local=local,
+            held={
+                "sizes": tuple(int(n) for n in t.get("held_batch_sizes", ())),
+                **{
+                    key: tuple(tuple(b[key + "_held_s"]) for b in blocks)
+                    for key in ("forward", "backward", "backward_first")
+                    if t.get("held_batch_sizes")
+                },
+            },
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise ProfileError(f"{where}: malformed ({type(e).__name__}: {e})") from None
 
@@ -185,8 +244,10 @@ def load(name_or_path: str) -> Profile:
     if not path.suffix and (SHIPPED / f"{name_or_path}.toml").is_file():
         path = SHIPPED / f"{name_or_path}.toml"
     if not path.is_file():
-        raise ProfileError(f"no profile '{name_or_path}' (shipped: {', '.join(shipped())}; or a "
-                           f".toml file written by lcbench calibrate)")
+        raise ProfileError(
+            f"no profile '{name_or_path}' (shipped: {', '.join(shipped())}; or a "
+            f".toml file written by lcbench calibrate)"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -217,8 +278,11 @@ def dumps(data: dict) -> str:
             lines.extend(["", f"[[{prefix}]]" if array else f"[{prefix}]"])
         nested = []
         for k, v in body.items():
-            if isinstance(v, dict) and v and (not prefix or any(isinstance(x, (dict, list))
-                                                                 for x in v.values())):
+            if (
+                isinstance(v, dict)
+                and v
+                and (not prefix or any(isinstance(x, (dict, list)) for x in v.values()))
+            ):
                 nested.append((k, v, False))
             elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
                 nested.append((k, v, True))
@@ -226,7 +290,7 @@ def dumps(data: dict) -> str:
                 lines.append(f"{k} = {value(v)}")
         for k, v, is_array in nested:
             name = f"{prefix}.{k}" if prefix else k
-            for item in (v if is_array else [v]):
+            for item in v if is_array else [v]:
                 table(name, item, is_array)
 
     table("", data, False)

@@ -10,11 +10,12 @@ seconds per batch, its speedups over BP on one device, over DDP and over pipelin
 same K, its memory per device and whether it fits; the map draws them; the summary says, per
 rule and K, the bandwidth below which it beats DDP and whether it ever beats pipelined BP.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -59,8 +60,15 @@ class Point:
     fits: bool
 
 
-def setups(rule: str, workers: int, blocks: int, batch_size: int, *, stages: int | None = None,
-           neuron_groups: int = NEURON_GROUPS) -> list[Setup]:
+def setups(
+    rule: str,
+    workers: int,
+    blocks: int,
+    batch_size: int,
+    *,
+    stages: int | None = None,
+    neuron_groups: int = NEURON_GROUPS,
+) -> list[Setup]:
     """The configurations ``rule`` could run on ``workers`` (see the module docstring)."""
     if rule == "ddp":
         return [Setup("ddp", workers)] if batch_size % workers == 0 else []
@@ -72,8 +80,11 @@ def setups(rule: str, workers: int, blocks: int, batch_size: int, *, stages: int
             replicas = workers // (s * groups)
             if batch_size % replicas == 0:
                 if rule == "pipe-bp":
-                    out += [Setup(rule, workers, s, microbatches=m)
-                            for m in (s, 2 * s, 4 * s) if (batch_size // replicas) % m == 0]
+                    out += [
+                        Setup(rule, workers, s, microbatches=m)
+                        for m in (s, 2 * s, 4 * s)
+                        if (batch_size // replicas) % m == 0
+                    ]
                 else:
                     out.append(Setup(rule, workers, s, neuron_groups=groups))
         s *= 2
@@ -85,69 +96,141 @@ def best(times: Times, candidates: Iterable[Setup], link: Link, batch_size: int)
     points = []
     for setup in candidates:
         forecast = predict.predict(times, setup, link, batch_size)
-        points.append(Point(setup.rule, forecast, fits(forecast.memory_bytes,
-                                                       times.profile.device.memory_bytes, RESERVE)))
+        points.append(
+            Point(
+                setup.rule,
+                forecast,
+                fits(forecast.memory_bytes, times.profile.device.memory_bytes, RESERVE),
+            )
+        )
     if not points:
         return None
     return min(points, key=lambda p: (not p.fits, p.forecast.step_s))
 
 
-def grid(model: str, task: str, profile: Profile, *, batch_size: int = 128,
-         workers: Sequence[int] = WORKERS, rules: Sequence[str] = RULES,
-         bandwidths: Sequence[float] = BANDWIDTHS, precision: str = "fp32", width: float = 1.0,
-         options: dict | None = None, stages: int | None = None,
-         progress: Callable[[str], None] = lambda _: None) -> list[dict]:
+def grid(
+    model: str,
+    task: str,
+    profile: Profile,
+    *,
+    batch_size: int = 128,
+    workers: Sequence[int] = WORKERS,
+    rules: Sequence[str] = RULES,
+    bandwidths: Sequence[float] = BANDWIDTHS,
+    precision: str = "fp32",
+    width: float = 1.0,
+    options: dict | None = None,
+    stages: int | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[dict]:
     """The rows of one model on one profile: every rule, K and bandwidth (and the profile's own
     link, marked ``own_link``)."""
     options = options or {}
     base = Times(workload(model, task, "bp", width=width), profile, precision)
-    timed = {rule: Times(workload(model, task, rule, width=width,
-                                  options={k: v for k, v in options.items()
-                                           if k in _option_names(rule)}), profile, precision)
-             for rule in rules}
+    timed = {
+        rule: Times(
+            workload(
+                model,
+                task,
+                rule,
+                width=width,
+                options={k: v for k, v in options.items() if k in _option_names(rule)},
+            ),
+            profile,
+            precision,
+        )
+        for rule in rules
+    }
     blocks = len(base.work.blocks)
     bp = predict.predict(base, Setup("bp", 1), profile.link.link(), batch_size)
     bp_fits = fits(bp.memory_bytes, profile.device.memory_bytes, RESERVE)
-    links = [(profile.link.link(), True)] + [(Link(profile.link.latency_s, b), False)
-                                             for b in bandwidths]
+    links = [(profile.link.link(), True)] + [
+        (Link(profile.link.latency_s, b), False) for b in bandwidths
+    ]
     rows = []
     for k in workers:
         progress(f"  {model} on {profile.name}: K={k}")
         for link, own in links:
             ddp = best(base, setups("ddp", k, blocks, batch_size), link, batch_size)
-            points = {rule: best(timed[rule], setups(rule, k, blocks, batch_size, stages=stages),
-                                 link, batch_size) for rule in rules
-                      if rule != "gn" or timed[rule].work.grouped}
-            pipe = points.get("pipe-bp") or best(timed.get("pipe-bp") or base, setups(
-                "pipe-bp", k, blocks, batch_size, stages=stages), link, batch_size)
+            points = {
+                rule: best(
+                    timed[rule],
+                    setups(rule, k, blocks, batch_size, stages=stages),
+                    link,
+                    batch_size,
+                )
+                for rule in rules
+                if rule != "gn" or timed[rule].work.grouped
+            }
+            pipe = points.get("pipe-bp") or best(
+                timed.get("pipe-bp") or base,
+                setups("pipe-bp", k, blocks, batch_size, stages=stages),
+                link,
+                batch_size,
+            )
             for rule, point in [("ddp", ddp), *points.items()]:
                 if point is None:
                     continue
-                rows.append(_row(model, task, profile, k, link, own, batch_size, precision, rule,
-                                 point, bp, bp_fits, ddp, pipe))
+                rows.append(
+                    _row(
+                        model,
+                        task,
+                        profile,
+                        k,
+                        link,
+                        own,
+                        batch_size,
+                        precision,
+                        rule,
+                        point,
+                        bp,
+                        bp_fits,
+                        ddp,
+                        pipe,
+                    )
+                )
     return rows
 
 
 def _option_names(rule: str) -> set[str]:
     import methods
+
     return set(methods.option_defaults(rule))
 
 
-def _row(model, task, profile, k, link, own, batch_size, precision, rule, point, bp, bp_fits,
-         ddp, pipe) -> dict:
+def _row(
+    model, task, profile, k, link, own, batch_size, precision, rule, point, bp, bp_fits, ddp, pipe
+) -> dict:
     f = point.forecast
-    return {"model": model, "task": task, "profile": profile.name, "device": profile.device.name,
-            "link": profile.link.name if own else "swept", "own_link": own,
-            "bandwidth_gbps": 8 * link.bandwidth / 1e9, "latency_us": 1e6 * link.latency_s,
-            "workers": k, "rule": rule, "stages": f.setup.stages, "replicas": f.setup.replicas,
-            "neuron_groups": f.setup.neuron_groups, "microbatches": f.setup.microbatches,
-            "batch_size": batch_size, "precision": precision, "step_s": f.step_s,
-            "speedup_vs_bp": bp.step_s / f.step_s,
-            "speedup_vs_ddp": ddp.forecast.step_s / f.step_s if ddp else math.nan,
-            "speedup_vs_pipe_bp": pipe.forecast.step_s / f.step_s if pipe else math.nan,
-            "mem_per_device_bytes": f.memory_bytes, "fits": point.fits,
-            "bp_mem_bytes": bp.memory_bytes, "bp_fits": bp_fits,
-            "ddp_fits": ddp.fits if ddp else False, "times": f.source, "kind": "forecast"}
+    return {
+        "model": model,
+        "task": task,
+        "profile": profile.name,
+        "device": profile.device.name,
+        "link": profile.link.name if own else "swept",
+        "own_link": own,
+        "bandwidth_gbps": 8 * link.bandwidth / 1e9,
+        "latency_us": 1e6 * link.latency_s,
+        "workers": k,
+        "rule": rule,
+        "stages": f.setup.stages,
+        "replicas": f.setup.replicas,
+        "neuron_groups": f.setup.neuron_groups,
+        "microbatches": f.setup.microbatches,
+        "batch_size": batch_size,
+        "precision": precision,
+        "step_s": f.step_s,
+        "speedup_vs_bp": bp.step_s / f.step_s,
+        "speedup_vs_ddp": ddp.forecast.step_s / f.step_s if ddp else math.nan,
+        "speedup_vs_pipe_bp": pipe.forecast.step_s / f.step_s if pipe else math.nan,
+        "mem_per_device_bytes": f.memory_bytes,
+        "fits": point.fits,
+        "bp_mem_bytes": bp.memory_bytes,
+        "bp_fits": bp_fits,
+        "ddp_fits": ddp.fits if ddp else False,
+        "times": f.source,
+        "kind": "forecast",
+    }
 
 
 def crossovers(rows: Sequence[dict]) -> list[dict]:
@@ -164,13 +247,20 @@ def crossovers(rows: Sequence[dict]) -> list[dict]:
         swept = sorted((r for r in part if not r["own_link"]), key=lambda r: r["bandwidth_gbps"])
         own = next(r for r in part if r["own_link"])
         wins = [r["speedup_vs_ddp"] > 1 for r in swept]
-        out.append({"model": model, "profile": profile, "rule": rule, "workers": k,
-                    "beats_ddp": _ranges([r["bandwidth_gbps"] for r in swept], wins),
-                    "beats_ddp_on_own_link": own["speedup_vs_ddp"] > 1,
-                    "speedup_vs_ddp_own_link": own["speedup_vs_ddp"],
-                    "beats_pipe_bp_somewhere": rule != "pipe-bp" and any(
-                        r["speedup_vs_pipe_bp"] > 1 for r in swept),
-                    "speedup_vs_pipe_bp_own_link": own["speedup_vs_pipe_bp"]})
+        out.append(
+            {
+                "model": model,
+                "profile": profile,
+                "rule": rule,
+                "workers": k,
+                "beats_ddp": _ranges([r["bandwidth_gbps"] for r in swept], wins),
+                "beats_ddp_on_own_link": own["speedup_vs_ddp"] > 1,
+                "speedup_vs_ddp_own_link": own["speedup_vs_ddp"],
+                "beats_pipe_bp_somewhere": rule != "pipe-bp"
+                and any(r["speedup_vs_pipe_bp"] > 1 for r in swept),
+                "speedup_vs_pipe_bp_own_link": own["speedup_vs_pipe_bp"],
+            }
+        )
     return out
 
 
@@ -186,8 +276,14 @@ def _ranges(bandwidths: Sequence[float], wins: Sequence[bool]) -> str:
             runs.append((start, i - 1))
             start = None
     last = len(wins) - 1
-    text = [f"<{_gbps(bandwidths[b])}" if a == 0 else f">{_gbps(bandwidths[a])}" if b == last
-            else f"{_gbps(bandwidths[a])}-{_gbps(bandwidths[b])}" for a, b in runs]
+    text = [
+        f"<{_gbps(bandwidths[b])}"
+        if a == 0
+        else f">{_gbps(bandwidths[a])}"
+        if b == last
+        else f"{_gbps(bandwidths[a])}-{_gbps(bandwidths[b])}"
+        for a, b in runs
+    ]
     return ", ".join(text) or "never"
 
 
@@ -195,8 +291,15 @@ def _gbps(value: float) -> str:
     return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
 
 
-NAMES = {"pipe-bp": "pipelined BP", "dgl": "DGL", "adgl": "async DGL", "lc": "LC", "dni": "DNI",
-         "cdni": "cDNI", "gn": f"GN-DGL (G={NEURON_GROUPS})"}
+NAMES = {
+    "pipe-bp": "pipelined BP",
+    "dgl": "DGL",
+    "adgl": "async DGL",
+    "lc": "LC",
+    "dni": "DNI",
+    "cdni": "cDNI",
+    "gn": f"GN-DGL (G={NEURON_GROUPS})",
+}
 
 
 def draw_maps(rows: Sequence[dict], out) -> list:
@@ -205,6 +308,7 @@ def draw_maps(rows: Sequence[dict], out) -> list:
     (speedup 1) as a black line, the profile's own bandwidth dashed, hatched where the rule
     does not fit a device, and where DDP starts or stops fitting one device a dotted line."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
@@ -219,12 +323,20 @@ def draw_maps(rows: Sequence[dict], out) -> list:
         ks = sorted({r["workers"] for r in swept})
         bands = sorted({r["bandwidth_gbps"] for r in swept})
         own = next(r["bandwidth_gbps"] for r in part if r["own_link"])
-        fig, axes = plt.subplots(len(rules), 2, figsize=(6.3, 1.35 * len(rules) + 0.8),
-                                 sharex=True, sharey=True, squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            len(rules),
+            2,
+            figsize=(6.3, 1.35 * len(rules) + 0.8),
+            sharex=True,
+            sharey=True,
+            squeeze=False,
+            layout="constrained",
+        )
         norm = TwoSlopeNorm(vcenter=0.0, vmin=-3.0, vmax=3.0)
         for i, rule in enumerate(rules):
-            for j, (column, label) in enumerate((("speedup_vs_ddp", "over DDP"),
-                                                 ("speedup_vs_pipe_bp", "over pipelined BP"))):
+            for j, (column, label) in enumerate(
+                (("speedup_vs_ddp", "over DDP"), ("speedup_vs_pipe_bp", "over pipelined BP"))
+            ):
                 ax = axes[i][j]
                 if rule == "pipe-bp" and j == 1:
                     ax.set_axis_off()
@@ -236,14 +348,27 @@ def draw_maps(rows: Sequence[dict], out) -> list:
                         y, x = bands.index(r["bandwidth_gbps"]), ks.index(r["workers"])
                         value[y, x] = math.log2(r[column])
                         misfit[y, x] = not r["fits"]
-                mesh = ax.pcolormesh(range(len(ks)), bands, np.clip(value, -3, 3), cmap="RdBu",
-                                     norm=norm, shading="nearest")
+                mesh = ax.pcolormesh(
+                    range(len(ks)),
+                    bands,
+                    np.clip(value, -3, 3),
+                    cmap="RdBu",
+                    norm=norm,
+                    shading="nearest",
+                )
                 if np.nanmin(value) < 0 < np.nanmax(value):
-                    ax.contour(range(len(ks)), bands, value, levels=[0.0], colors="black",
-                               linewidths=1.2)
+                    ax.contour(
+                        range(len(ks)), bands, value, levels=[0.0], colors="black", linewidths=1.2
+                    )
                 if misfit.any():
-                    ax.contourf(range(len(ks)), bands, misfit, levels=[0.5, 1.5], hatches=["//"],
-                                colors="none")
+                    ax.contourf(
+                        range(len(ks)),
+                        bands,
+                        misfit,
+                        levels=[0.5, 1.5],
+                        hatches=["//"],
+                        colors="none",
+                    )
                 ax.axhline(own, color="black", linestyle="--", linewidth=0.8)
                 ax.set_yscale("log")
                 ax.set_title(f"{NAMES[rule]} {label}", fontsize=8)
@@ -258,10 +383,12 @@ def draw_maps(rows: Sequence[dict], out) -> list:
         bar.set_ticks([-3, -2, -1, 0, 1, 2, 3], labels=["1/8", "1/4", "1/2", "1", "2", "4", "8"])
         bar.set_label("speedup (blue: the rule wins)", fontsize=8)
         bp_fits = part[0]["bp_fits"]
-        fig.suptitle(f"{model} on {profile}: forecast speedup, batch {part[0]['batch_size']} "
-                     f"({part[0]['precision']})\ndashed: the profile's own link; BP "
-                     f"{'fits' if bp_fits else 'does not fit'} one device; hatched: does not fit",
-                     fontsize=8)
+        fig.suptitle(
+            f"{model} on {profile}: forecast speedup, batch {part[0]['batch_size']} "
+            f"({part[0]['precision']})\ndashed: the profile's own link; BP "
+            f"{'fits' if bp_fits else 'does not fit'} one device; hatched: does not fit",
+            fontsize=8,
+        )
         paths += save(fig, _folder(out), f"scale-{model}-{profile}")
     return paths
 
@@ -276,6 +403,7 @@ def _fit_lines(ax, swept, ks) -> None:
 
 def _folder(out):
     from pathlib import Path
+
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -286,20 +414,31 @@ def summary(rows: Sequence[dict]) -> str:
     K), with the assumptions they rest on."""
     cross = crossovers(rows)
     ks = sorted({c["workers"] for c in cross})
-    lines = ["Where each rule beats data-parallel BP on K workers: the link bandwidths (Gb/s, "
-             "swept from 0.8 to 8000) at which it does (`<X`: up to X; `>X`: from X up; `any`; "
-             "`never`); `P`: it also beats pipelined BP at some bandwidth. The profile's own link "
-             "in brackets."]
+    lines = [
+        "Where each rule beats data-parallel BP on K workers: the link bandwidths (Gb/s, "
+        "swept from 0.8 to 8000) at which it does (`<X`: up to X; `>X`: from X up; `any`; "
+        "`never`); `P`: it also beats pipelined BP at some bandwidth. The profile's own link "
+        "in brackets."
+    ]
     for model in dict.fromkeys(c["model"] for c in cross):
-        lines += ["", f"**{model}**", "",
-                  "| profile (link) | rule | " + " | ".join(f"K={k}" for k in ks) + " |",
-                  "|---|---|" + "---|" * len(ks)]
+        lines += [
+            "",
+            f"**{model}**",
+            "",
+            "| profile (link) | rule | " + " | ".join(f"K={k}" for k in ks) + " |",
+            "|---|---|" + "---|" * len(ks),
+        ]
         part = [c for c in cross if c["model"] == model]
         for profile, rule in dict.fromkeys((c["profile"], c["rule"]) for c in part):
-            own = next(r["bandwidth_gbps"] for r in rows if r["profile"] == profile and r["own_link"])
+            own = next(
+                r["bandwidth_gbps"] for r in rows if r["profile"] == profile and r["own_link"]
+            )
             cells = {c["workers"]: c for c in part if (c["profile"], c["rule"]) == (profile, rule)}
-            lines.append(f"| {profile} ({_gbps(own)}) | {NAMES.get(rule, rule)} | "
-                         + " | ".join(_cell(cells.get(k)) for k in ks) + " |")
+            lines.append(
+                f"| {profile} ({_gbps(own)}) | {NAMES.get(rule, rule)} | "
+                + " | ".join(_cell(cells.get(k)) for k in ks)
+                + " |"
+            )
     return "\n".join(lines + ["", "Assumptions:", *(f"- {a}" for a in ASSUMPTIONS)])
 
 
@@ -314,17 +453,23 @@ def time_to_accuracy(results, fractions: Sequence[float] = (0.95, 0.99)) -> dict
     from pathlib import Path
 
     from bench.report import table
+
     runs = table.load_runs(Path(results))
     cells = table.cells(table.run_summary(runs))
-    first = runs[(runs["epoch"] == 1) & (runs["stage"] == "")
-                 & runs["metric"].isin(["samples_per_s", "epoch_time_s"])]
+    first = runs[
+        (runs["epoch"] == 1)
+        & (runs["stage"] == "")
+        & runs["metric"].isin(["samples_per_s", "epoch_time_s"])
+    ]
     steps = {}
     for (task, model, method, executor, batch), part in first.groupby(
-            ["task", "model", "method", "executor", "batch_size"]):
+        ["task", "model", "method", "executor", "batch_size"]
+    ):
         whole = part.set_index("metric")["value"]
         if len(whole) == 2:
             steps[task, model, "ddp" if executor == "ddp" else method] = (
-                whole["samples_per_s"] * whole["epoch_time_s"] / batch)
+                whole["samples_per_s"] * whole["epoch_time_s"] / batch
+            )
     out = {}
     for _, cell in cells.iterrows():
         rule = "ddp" if cell["executor"] == "ddp" else cell["method"]
@@ -333,7 +478,8 @@ def time_to_accuracy(results, fractions: Sequence[float] = (0.95, 0.99)) -> dict
             continue
         out[(*key, int(cell["groups"]))] = {
             "steps_per_epoch": round(steps[key]),
-            **{f: cell.get(f"{table.tta_name(f)}_epochs", math.nan) for f in fractions}}
+            **{f: cell.get(f"{table.tta_name(f)}_epochs", math.nan) for f in fractions},
+        }
     return out
 
 
@@ -342,15 +488,23 @@ def with_time_to_accuracy(rows: list[dict], tta: dict, fractions=(0.95, 0.99)) -
     each fraction of BP's accuracy: the run's epochs to it x its batches per epoch x the
     forecast's seconds per batch (NaN where it never got there or did not run)."""
     from bench.report.table import tta_name
+
     for r in rows:
-        found = next((v for (task, model, rule, k), v in tta.items()
-                      if (task, model, rule) == (r["task"], r["model"], r["rule"])
-                      and (k == r["stages"] or rule in ("ddp", "bp"))), None)
+        found = next(
+            (
+                v
+                for (task, model, rule, k), v in tta.items()
+                if (task, model, rule) == (r["task"], r["model"], r["rule"])
+                and (k == r["stages"] or rule in ("ddp", "bp"))
+            ),
+            None,
+        )
         for f in fractions:
             epochs = found[f] if found else math.nan
             r[f"{tta_name(f)}_epochs"] = epochs
-            r[f"{tta_name(f)}_s"] = (epochs * found["steps_per_epoch"] * r["step_s"]
-                                     if found else math.nan)
+            r[f"{tta_name(f)}_s"] = (
+                epochs * found["steps_per_epoch"] * r["step_s"] if found else math.nan
+            )
 
 
 def write(rows: Sequence[dict], out, *, maps: bool = True) -> list:
@@ -360,9 +514,14 @@ def write(rows: Sequence[dict], out, *, maps: bool = True) -> list:
     import pandas as pd
 
     from bench.records import write_atomic
+
     out = _folder(Path(out))
     write_atomic(out / "scale.csv", pd.DataFrame(list(rows)).to_csv(index=False))
     write_atomic(out / "scale.md", summary(rows) + "\n")
     write_atomic(out / "crossovers.csv", pd.DataFrame(crossovers(rows)).to_csv(index=False))
-    return [out / "scale.csv", out / "crossovers.csv", out / "scale.md",
-            *(draw_maps(rows, out) if maps else [])]
+    return [
+        out / "scale.csv",
+        out / "crossovers.csv",
+        out / "scale.md",
+        *(draw_maps(rows, out) if maps else []),
+    ]

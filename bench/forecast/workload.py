@@ -2,12 +2,13 @@
 of activations saved for backward and of messages, and the rule's local work on each
 block's output. Counted, not timed: a ``Workload`` is the same on every machine (times come
 from a profile: ``bench.forecast.predict``)."""
+
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -65,7 +66,9 @@ class Local(_Counted):
     receive_flops: float
     params: int
     tensors: int
-    optimizer: str  # "adam" (LC critic, DNI synthesizer) or "sgd" (a parameter group of the stage's SGD)
+    optimizer: (
+        str  # "adam" (LC critic, DNI synthesizer) or "sgd" (a parameter group of the stage's SGD)
+    )
     saved_fixed: float
     saved_per_sample: float
     up_numel: int  # elements per sample sent upstream by the stage below (0: nothing)
@@ -112,19 +115,32 @@ def _blocks(model: nn.Sequential, input_shape) -> list[Block]:
         shares = []  # whether the block saves its input, its output (once per group, in a run)
 
         def metered(n, block=block, x=x):
-            x_in = x[:n].clone(memory_format=torch.preserve_format).requires_grad_(x.is_floating_point())
+            x_in = (
+                x[:n]
+                .clone(memory_format=torch.preserve_format)
+                .requires_grad_(x.is_floating_point())
+            )
             with SavedTensorMeter(block) as meter:
                 y = block(x_in)
             shares[:] = [meter.saves(x_in), meter.saves(y)]
             return meter.bytes
+
         fixed, per = _saved_bytes(metered)
         flops = count_flops(block, x[:1])
         with torch.no_grad():
             x = block(x)
-        out.append(Block(flops=float(flops), params=sum(p.numel() for p in block.parameters()),
-                         tensors=len(list(block.parameters())), saved_fixed=fixed,
-                         saved_per_sample=per, out_shape=tuple(x.shape[1:]),
-                         saves_input=shares[0], saves_output=shares[1]))
+        out.append(
+            Block(
+                flops=float(flops),
+                params=sum(p.numel() for p in block.parameters()),
+                tensors=len(list(block.parameters())),
+                saved_fixed=fixed,
+                saved_per_sample=per,
+                out_shape=tuple(x.shape[1:]),
+                saves_input=shares[0],
+                saves_output=shares[1],
+            )
+        )
     return out
 
 
@@ -132,8 +148,11 @@ def group_saved(blocks: Sequence[Block], n: int) -> float:
     """Bytes a group of consecutive ``blocks`` saves for backward on a batch of ``n``: each
     block's, less the output of one block saved again as the next one's input (one storage,
     which a run's meter counts once)."""
-    shared = sum(FLOAT * a.out_numel * n for a, b in zip(blocks, blocks[1:])
-                 if a.saves_output and b.saves_input)
+    shared = sum(
+        FLOAT * a.out_numel * n
+        for a, b in zip(blocks, blocks[1:])
+        if a.saves_output and b.saves_input
+    )
     return sum(b.saved(n) for b in blocks) - shared
 
 
@@ -150,9 +169,15 @@ def _local(cfg: RunConfig, shape: tuple, classes: int) -> Local:
         if part == 1:
             parts[0]()
         flops.append(count_work_flops(parts[part]) / n)
-    stage = methods.build_stages(cfg.method, [prepare._PassThrough(), nn.Linear(1, classes)],
-                                 [shape, (classes,)], classes, prepare.classification_loss,
-                                 prepare.train_options(cfg), cfg.options)[0]
+    stage = methods.build_stages(
+        cfg.method,
+        [prepare._PassThrough(), nn.Linear(1, classes)],
+        [shape, (classes,)],
+        classes,
+        prepare.classification_loss,
+        prepare.train_options(cfg),
+        cfg.options,
+    )[0]
     prepare.place(cfg, [stage], torch.device("cpu"))  # channels-last, as a run holds it
     local = [m for m in stage.modules() if m is not stage.group]
     params = [p for m in local for p in m.parameters()]
@@ -168,14 +193,22 @@ def _local(cfg: RunConfig, shape: tuple, classes: int) -> Local:
 
     fixed, per = _saved_bytes(metered)
     up = {"gradient": math.prod(shape), "loss": 1, None: 0}[stage.upstream]
-    return Local(forward_flops=flops[0], receive_flops=flops[1], params=sum(p.numel() for p in params),
-                 tensors=len(params), optimizer="adam" if separate else "sgd", saved_fixed=fixed,
-                 saved_per_sample=per, up_numel=up)
+    return Local(
+        forward_flops=flops[0],
+        receive_flops=flops[1],
+        params=sum(p.numel() for p in params),
+        tensors=len(params),
+        optimizer="adam" if separate else "sgd",
+        saved_fixed=fixed,
+        saved_per_sample=per,
+        up_numel=up,
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def blocks(model: str, task: str, width: float = 1.0, neuron_groups: int = 1,
-           mixing: bool = False) -> tuple[Block, ...]:
+@functools.cache
+def blocks(
+    model: str, task: str, width: float = 1.0, neuron_groups: int = 1, mixing: bool = False
+) -> tuple[Block, ...]:
     """Every block of ``model`` on ``task``, counted once per process; width-grouped into
     ``neuron_groups`` (GN-DGL: grouped convolutions but in block 0, or, ``mixing``, in the
     first conv of every block, as the first block of each layer group has it)."""
@@ -184,13 +217,18 @@ def blocks(model: str, task: str, width: float = 1.0, neuron_groups: int = 1,
         torch.manual_seed(0)
         with torch.device("meta"):
             size = len(models.build_model(model, info.input_shape, info.num_classes, width=width))
-        net = models.build_model(model, info.input_shape, info.num_classes, width=width,
-                                 neuron_groups=neuron_groups,
-                                 mix_at=range(size) if mixing else ())
+        net = models.build_model(
+            model,
+            info.input_shape,
+            info.num_classes,
+            width=width,
+            neuron_groups=neuron_groups,
+            mix_at=range(size) if mixing else (),
+        )
         return tuple(_blocks(net, info.input_shape))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def local(method: str, task: str, shape: tuple, options: tuple = ()) -> Local | None:
     """The local work of ``method`` (with ``options``, sorted pairs) on features of
     ``shape``; ``None`` for BP and pipelined BP, which have none."""
@@ -202,23 +240,36 @@ def local(method: str, task: str, shape: tuple, options: tuple = ()) -> Local | 
         return _local(cfg, shape, tasks.TASKS[task].num_classes)
 
 
-def workload(model: str, task: str, method: str = "bp", *, width: float = 1.0,
-             options: dict | None = None) -> Workload:
+def workload(
+    model: str, task: str, method: str = "bp", *, width: float = 1.0, options: dict | None = None
+) -> Workload:
     """Count ``model`` on ``task`` under ``method`` (its local modules with ``options``)."""
     info = tasks.TASKS[task]
-    cfg = RunConfig(method=method, task=task, model=model, width=width,
-                    options=dict(options or {})).validated()
+    cfg = RunConfig(
+        method=method, task=task, model=model, width=width, options=dict(options or {})
+    ).validated()
     counted = blocks(model, task, width)
     pairs = tuple(sorted((k, v) for k, v in cfg.options.items() if v is not None))
     grouped = None
     if cfg.method == "gn":
         try:
-            grouped = tuple(blocks(model, task, width, cfg.options["neuron_groups"], mixing)
-                            for mixing in (False, True))
+            grouped = tuple(
+                blocks(model, task, width, cfg.options["neuron_groups"], mixing)
+                for mixing in (False, True)
+            )
         except ValueError:  # a model without width-grouped layers (an MLP, torchvision's)
             pass
     after = tuple(local(cfg.method, task, b.out_shape, pairs) for b in counted[:-1]) + (None,)
-    return Workload(model=model, task=task, method=cfg.method, width=width, options=pairs,
-                    blocks=counted, local=after, input_numel=math.prod(info.input_shape),
-                    label_numel=math.prod(counted[-1].out_shape[:-1]) or 1,
-                    upstream=methods.resolve(cfg.method).stage.upstream, grouped=grouped)
+    return Workload(
+        model=model,
+        task=task,
+        method=cfg.method,
+        width=width,
+        options=pairs,
+        blocks=counted,
+        local=after,
+        input_numel=math.prod(info.input_shape),
+        label_numel=math.prod(counted[-1].out_shape[:-1]) or 1,
+        upstream=methods.resolve(cfg.method).stage.upstream,
+        grouped=grouped,
+    )

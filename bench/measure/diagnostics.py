@@ -15,6 +15,7 @@
 The probe changes nothing: modules keep their mode, BatchNorm statistics and the random
 number generators are restored, and no parameter gradient is left behind.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -27,8 +28,9 @@ from bench.models import runtime
 
 def wanted(stages) -> bool:
     """Whether any stage has a local signal to check."""
-    return any(hasattr(s, "synthetic_gradient") or s.head() is not None
-               for s in stages if not s.last)
+    return any(
+        hasattr(s, "synthetic_gradient") or s.head() is not None for s in stages if not s.last
+    )
 
 
 @contextmanager
@@ -70,13 +72,17 @@ def group_outputs(stages, x: torch.Tensor) -> list[torch.Tensor]:
 def movement_rows(stages, x: torch.Tensor, start: list[torch.Tensor]) -> dict:
     """``{(stage, metric): value}``: every group's ``weight_norm`` and, against its outputs
     ``start`` (``group_outputs`` when training began), its ``feature_drift`` on ``x``."""
-    rows = {(str(s.index + 1), "weight_norm"):
-            float(sum(p.detach().double().pow(2).sum() for p in s.group.parameters()) ** 0.5)
-            for s in stages}
+    rows = {
+        (str(s.index + 1), "weight_norm"): float(
+            sum(p.detach().double().pow(2).sum() for p in s.group.parameters()) ** 0.5
+        )
+        for s in stages
+    }
     for stage, now, then in zip(stages, group_outputs(stages, x), start):
         then = then.double()
         rows[str(stage.index + 1), "feature_drift"] = float(
-            (now.double() - then).norm() / then.norm().clamp_min(1e-30))
+            (now.double() - then).norm() / then.norm().clamp_min(1e-30)
+        )
     return rows
 
 
@@ -85,8 +91,11 @@ def agreement(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float
     against the truth, both flattened, in float64."""
     e, t = estimate.flatten().double(), truth.flatten().double()
     norm = t.norm().clamp_min(1e-30)
-    return (float(F.cosine_similarity(e, t, dim=0, eps=1e-30)), float((e - t).norm() / norm),
-            float(e.norm() / norm))
+    return (
+        float(F.cosine_similarity(e, t, dim=0, eps=1e-30)),
+        float((e - t).norm() / norm),
+        float(e.norm() / norm),
+    )
 
 
 def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
@@ -109,12 +118,19 @@ def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
             if local is not None:
                 params = [p for p in stage.group.parameters() if p.requires_grad]
                 true = torch.autograd.grad(h, params, g, retain_graph=True, materialize_grads=True)
-                mine = torch.autograd.grad(h, params, local, retain_graph=True, materialize_grads=True)
-                cos, _, ratio = agreement(*(torch.cat([t.flatten() for t in ts]) for ts in (mine, true)))
+                mine = torch.autograd.grad(
+                    h, params, local, retain_graph=True, materialize_grads=True
+                )
+                cos, _, ratio = agreement(
+                    *(torch.cat([t.flatten() for t in ts]) for ts in (mine, true))
+                )
                 rows[label, "update_cosine"], rows[label, "update_norm_ratio"] = cos, ratio
             if hasattr(stage, "synthetic_gradient"):  # DNI's local signal: its synthetic gradient
-                (rows[label, "synth_cosine"], rows[label, "synth_rel_error"],
-                 rows[label, "synth_norm_ratio"]) = agreement(local, g)
+                (
+                    rows[label, "synth_cosine"],
+                    rows[label, "synth_rel_error"],
+                    rows[label, "synth_norm_ratio"],
+                ) = agreement(local, g)
             elif hasattr(stage, "critic_loss"):
                 pair = torch.stack([stage.critic_loss(h.detach(), y), per_sample.detach()])
                 rows[label, "critic_corr"] = float(torch.corrcoef(pair.double())[0, 1])

@@ -5,12 +5,13 @@
 - ``static_memory``: bytes of parameters, gradients and optimizer state.
 - ``device_memory``: peak RSS, and on CUDA max allocated/reserved and NVML used memory.
 """
+
 from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class ActivationProbe:
         self._open: dict[nn.Module, SavedTensorMeter] = {}
         self._handles = []
 
-    def __enter__(self) -> "ActivationProbe":
+    def __enter__(self) -> ActivationProbe:
         for module in (m for top in self.stage.modules() for m in _metered(top)):
             self._handles.append(module.register_forward_pre_hook(self._start))
             self._handles.append(module.register_forward_hook(self._stop))
@@ -80,8 +81,9 @@ def static_memory(stage: Stage) -> dict[str, int]:
     """Parameters, their gradients (allocated during every backward: one per trainable
     parameter) and optimizer state, in bytes, for the group and its local modules."""
     modules = stage.modules()
-    trainable = sum(p.numel() * p.element_size()
-                    for m in modules for p in m.parameters() if p.requires_grad)
+    trainable = sum(
+        p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad
+    )
     return {
         "param_bytes": sum(param_bytes(m) for m in modules),
         "grad_bytes": trainable,
@@ -99,6 +101,7 @@ def nvml_used_bytes(device: torch.device) -> int | None:
     """Memory used on the GPU as NVML sees it (all processes), where NVML is available."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
         try:
             index = device.index if device.index is not None else torch.cuda.current_device()
@@ -120,8 +123,10 @@ def device_memory(device: torch.device, phase: str) -> dict[str, int]:
     allocator's peaks and NVML's used memory; on the CPU the process's peak RSS so far."""
     if device.type != "cuda":
         return {"peak_rss_bytes": peak_rss_bytes()}
-    out = {f"{phase}_cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
-           f"{phase}_cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    out = {
+        f"{phase}_cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        f"{phase}_cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device),
+    }
     used = nvml_used_bytes(device)
     if used is not None:
         out[f"{phase}_nvml_used_bytes"] = used
@@ -134,9 +139,11 @@ def memory_rows(stages, probes: list[ActivationProbe]) -> dict:
     local modules, and their sum (the stage's peak)."""
     rows = {}
     for stage, probe in zip(stages, probes):
-        figures = {**static_memory(stage),
-                   "activation_bytes": probe.group_bytes * stage.in_flight,
-                   "local_activation_bytes": probe.local_bytes}
+        figures = {
+            **static_memory(stage),
+            "activation_bytes": probe.group_bytes * stage.in_flight,
+            "local_activation_bytes": probe.local_bytes,
+        }
         figures["peak_mem_bytes"] = sum(figures.values())
         rows.update({(str(stage.index + 1), k): v for k, v in figures.items()})
     return rows

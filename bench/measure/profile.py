@@ -38,8 +38,9 @@ def count_flops(module: nn.Module, x: torch.Tensor, *args) -> int:
             if name.startswith("weight_"):  # weight_ih_l*, weight_hh_l*: (4H, in) and (4H, H)
                 lstm_flops.append(2 * steps * rows * w.numel())
 
-    handles = [m.register_forward_hook(lstm_hook) for m in module.modules()
-               if isinstance(m, nn.LSTM)]
+    handles = [
+        m.register_forward_hook(lstm_hook) for m in module.modules() if isinstance(m, nn.LSTM)
+    ]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x, *args)
@@ -68,7 +69,12 @@ def grad_bytes(module: nn.Module) -> int:
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of all tensors held in ``opt.state`` (momentum buffers, Adam moments, step counters)."""
-    return sum(_nbytes(v) for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+    return sum(
+        _nbytes(v)
+        for state in opt.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,8 @@ class SavedTensorMeter:
         # never traced by torch.compile (it would compile the hook at every call, around a
         # compiled module's eager parts)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(
-            torch.compiler.disable(self._pack), torch.compiler.disable(_unpack))
+            torch.compiler.disable(self._pack), torch.compiler.disable(_unpack)
+        )
 
     @staticmethod
     def _key(t: torch.Tensor) -> tuple[torch.device, int]:
@@ -111,7 +118,9 @@ class SavedTensorMeter:
         if not is_param and key not in self._seen:
             self._seen.add(key)
             self.bytes += t.untyped_storage().nbytes()
-        return t.detach()  # same storage; returning ``t`` itself would make a reference cycle for saved outputs
+        return (
+            t.detach()
+        )  # same storage; returning ``t`` itself would make a reference cycle for saved outputs
 
     def saves(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s storage (not a parameter's) was saved, and counted."""

@@ -1,4 +1,5 @@
 """Where and with what a run was made: versions, devices, host."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,13 @@ def now() -> str:
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except OSError:
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -39,6 +45,7 @@ def driver_version() -> str | None:
     """The NVIDIA driver version through NVML, where a GPU and nvidia-ml-py are present."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
         try:
             return pynvml.nvmlSystemGetDriverVersion()

@@ -14,6 +14,7 @@ network. Beside each one's accuracy (``evaluate`` in the executors) this module 
 
 Only for one target per sample (classification); a language model has none of these.
 """
+
 from __future__ import annotations
 
 import copy

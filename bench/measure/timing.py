@@ -4,11 +4,12 @@
   on a GPU (read after one synchronisation per epoch), perf_counter on the CPU.
 - ``modelled_time``: the critical path of a K-worker pipeline built from per-stage times.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 
@@ -64,8 +65,9 @@ class PhaseTimer:
         return out
 
 
-def modelled_time(stage_seconds: Sequence[float], batches: int, *, decoupled: bool,
-                  microbatches: int = 1) -> float:
+def modelled_time(
+    stage_seconds: Sequence[float], batches: int, *, decoupled: bool, microbatches: int = 1
+) -> float:
     """Critical path of K workers over ``batches`` batches from the per-stage busy seconds
     (totals over those batches). Decoupled rules pipeline, so the slowest stage bounds
     the rate: sum_k t_k + (N-1) max_k t_k; BP without pipelining: N sum_k t_k; BP
@@ -76,8 +78,6 @@ def modelled_time(stage_seconds: Sequence[float], batches: int, *, decoupled: bo
     if microbatches > 1:
         return batches * (microbatches + len(per_batch) - 1) * max(per_batch) / microbatches
     return batches * sum(per_batch)
-
-
 
 
 def stage_modelled_time(stage: Stage, busy: list[float], steps: int) -> float:

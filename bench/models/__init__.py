@@ -8,6 +8,7 @@ is the classifier (or a language model's decoder).
 - ``slicing``: one neuron group of a width-grouped layer group (GN-DGL on ranks);
 - ``split``: cutting a model into K layer groups.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,10 +24,11 @@ MODELS: dict[str, Callable[..., nn.Sequential]] = {
     "small-cnn": cnn.small_cnn,
     **{f"resnet{d}": functools.partial(cnn.resnet, d) for d in (8, 20, 32, 56, 110)},
     "resnet32x2": cnn.resnet32x2,
-    **{f"resnet{d}": functools.partial(paper.preact_resnet, d)
-       for d in paper.PREACT_STAGES},
-    **{f"wrn{d}-{k}": functools.partial(cnn.wide_resnet, d, k)
-       for d, k in ((16, 4), (16, 8), (28, 2), (28, 10), (40, 4))},
+    **{f"resnet{d}": functools.partial(paper.preact_resnet, d) for d in paper.PREACT_STAGES},
+    **{
+        f"wrn{d}-{k}": functools.partial(cnn.wide_resnet, d, k)
+        for d, k in ((16, 4), (16, 8), (28, 2), (28, 10), (40, 4))
+    },
     "lc-vgg": paper.lc_vgg,
     "dni-cnn": paper.dni_cnn,
     "tv-vgg13-bn": functools.partial(paper.tv_vgg, "vgg13_bn"),
@@ -41,15 +43,26 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
-                neuron_groups: int = 1, mix_at: Collection[int] = ()) -> nn.Sequential:
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    neuron_groups: int = 1,
+    mix_at: Collection[int] = (),
+) -> nn.Sequential:
     """Build model ``name`` for per-sample inputs of ``input_shape`` (C, H, W) and ``num_classes`` logits."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
     if neuron_groups < 1 or width <= 0 or num_classes < 1:
-        raise ValueError(f"{name}: need neuron_groups >= 1, width > 0 and num_classes >= 1, "
-                         f"got {neuron_groups}, {width}, {num_classes}")
-    model = MODELS[name](tuple(input_shape), num_classes, width=width, neuron_groups=neuron_groups, mix_at=mix_at)
+        raise ValueError(
+            f"{name}: need neuron_groups >= 1, width > 0 and num_classes >= 1, "
+            f"got {neuron_groups}, {width}, {num_classes}"
+        )
+    model = MODELS[name](
+        tuple(input_shape), num_classes, width=width, neuron_groups=neuron_groups, mix_at=mix_at
+    )
     outside = sorted(i for i in mix_at if not 0 <= i < len(model))
     if outside:
         raise ValueError(f"{name}: mix_at indices {outside} are outside 0..{len(model) - 1}")
@@ -61,7 +74,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, wi
 
 #: the task on which a model's size is quoted (``lcbench list --models``)
 REFERENCE_TASK = {
-    "mlp": "digits", "small-cnn": "fashion-mnist", "lstm": "seq-fashion-mnist", "lstm-lm": "ptb",
+    "mlp": "digits",
+    "small-cnn": "fashion-mnist",
+    "lstm": "seq-fashion-mnist",
+    "lstm-lm": "ptb",
     **{name: "imagenet" for name in ("tv-vgg13-bn", "tv-vgg19-bn", "tv-resnet152")},
 }
 REFERENCE_TASK = {name: REFERENCE_TASK.get(name, "cifar10") for name in MODELS}

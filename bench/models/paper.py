@@ -28,6 +28,7 @@ published cut points.
 Width-grouped variants (GN-DGL) follow ``bench.models.cnn``: block 0, the classifier and the
 blocks in ``mix_at`` mix all channels; the other convs are grouped.
 """
+
 from __future__ import annotations
 
 import torchvision
@@ -56,8 +57,9 @@ class PreActBottleneck(nn.Module):
     """BN-ReLU before every conv: 1x1, 3x3 (stride), 1x1 to 4x; the projection shortcut
     (where the shape changes) takes the pre-activated input."""
 
-    def __init__(self, cin: int, planes: int, stride: int, *, first_groups: int = 1,
-                 groups: int = 1):
+    def __init__(
+        self, cin: int, planes: int, stride: int, *, first_groups: int = 1, groups: int = 1
+    ):
         super().__init__()
         out = 4 * planes
         self.bn1 = nn.BatchNorm2d(cin)
@@ -66,8 +68,11 @@ class PreActBottleneck(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False, groups=groups)
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False, groups=groups)
-        self.shortcut = (nn.Conv2d(cin, out, 1, stride, bias=False, groups=first_groups)
-                         if stride != 1 or cin != out else None)
+        self.shortcut = (
+            nn.Conv2d(cin, out, 1, stride, bias=False, groups=first_groups)
+            if stride != 1 or cin != out
+            else None
+        )
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -79,48 +84,79 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
-def preact_resnet(depth: int, input_shape, num_classes: int, *, width: float = 1.0,
-                  neuron_groups: int = 1, mix_at=()) -> nn.Sequential:
+def preact_resnet(
+    depth: int,
+    input_shape,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    neuron_groups: int = 1,
+    mix_at=(),
+) -> nn.Sequential:
     """Pre-activation bottleneck ResNet-{50,101,152} for small images (see the module doc)."""
     c = input_shape[0]
     stem = _channels(64, width, neuron_groups)
     blocks: list[nn.Module] = [nn.Sequential(nn.Conv2d(c, stem, 3, 1, 1, bias=False))]
     cin = stem
     for stage, count in enumerate(PREACT_STAGES[depth]):
-        planes = _channels(64 * 2 ** stage, width, neuron_groups)
+        planes = _channels(64 * 2**stage, width, neuron_groups)
         for j in range(count):
             stride = 2 if stage > 0 and j == 0 else 1
-            blocks.append(PreActBottleneck(cin, planes, stride, groups=neuron_groups,
-                                           first_groups=_grouping(len(blocks), mix_at,
-                                                                  neuron_groups)))
+            blocks.append(
+                PreActBottleneck(
+                    cin,
+                    planes,
+                    stride,
+                    groups=neuron_groups,
+                    first_groups=_grouping(len(blocks), mix_at, neuron_groups),
+                )
+            )
             cin = 4 * planes
-    blocks.append(nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
-                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)))
+    blocks.append(
+        nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(cin, num_classes),
+        )
+    )
     return nn.Sequential(*blocks)
 
 
-def lc_vgg(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1,
-           mix_at=()) -> nn.Sequential:
+def lc_vgg(
+    input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1, mix_at=()
+) -> nn.Sequential:
     """The VGG-like CNN of the local-critic paper (see the module doc)."""
     cin = input_shape[0]
     blocks = []
     for i, base in enumerate([128] * 3 + [256] * 3 + [512] * 3):
         cout = _channels(base, width, neuron_groups)
-        layers = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False,
-                            groups=_grouping(i, mix_at, neuron_groups)),
-                  nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        layers = [
+            nn.Conv2d(cin, cout, 3, 1, 1, bias=False, groups=_grouping(i, mix_at, neuron_groups)),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
         if i % 3 == 2:
             layers.append(nn.MaxPool2d(2))
         blocks.append(nn.Sequential(*layers))
         cin = cout
     hidden = max(1, round(512 * width))
-    blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, hidden),
-                                nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)))
+    blocks.append(
+        nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(cin, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+    )
     return nn.Sequential(*blocks)
 
 
-def dni_cnn(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1,
-            mix_at=()) -> nn.Sequential:
+def dni_cnn(
+    input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1, mix_at=()
+) -> nn.Sequential:
     """The DNI paper's CIFAR-10 CNN (see the module doc)."""
     if neuron_groups != 1:
         raise ValueError("dni-cnn has no width-grouped variant (GN-DGL)")
@@ -130,8 +166,11 @@ def dni_cnn(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups:
     width_ = max(1, round(128 * width))
     blocks = []
     for pool in (nn.MaxPool2d, nn.AvgPool2d, nn.AvgPool2d):
-        blocks.append(nn.Sequential(nn.Conv2d(cin, width_, 5, padding=2), nn.BatchNorm2d(width_),
-                                    nn.ReLU(), pool(3)))
+        blocks.append(
+            nn.Sequential(
+                nn.Conv2d(cin, width_, 5, padding=2), nn.BatchNorm2d(width_), nn.ReLU(), pool(3)
+            )
+        )
         cin, side = width_, side // 3
     blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(width_ * side * side, num_classes)))
     return nn.Sequential(*blocks)
@@ -144,12 +183,20 @@ DEFAULT_INIT = ("dni-cnn",)
 
 def _no_groups(name: str, neuron_groups: int, width: float) -> None:
     if neuron_groups != 1 or width != 1.0:
-        raise ValueError(f"{name} is torchvision's model as published: no --width, "
-                         f"no neuron groups")
+        raise ValueError(
+            f"{name} is torchvision's model as published: no --width, no neuron groups"
+        )
 
 
-def tv_vgg(name: str, input_shape, num_classes: int, *, width: float = 1.0,
-           neuron_groups: int = 1, mix_at=()) -> nn.Sequential:
+def tv_vgg(
+    name: str,
+    input_shape,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    neuron_groups: int = 1,
+    mix_at=(),
+) -> nn.Sequential:
     """torchvision's VGG (BN): a block per conv-BN-ReLU (with the max-pool after it), then
     the classifier."""
     _no_groups(f"tv-{name.replace('_', '-')}", neuron_groups, width)
@@ -163,16 +210,22 @@ def tv_vgg(name: str, input_shape, num_classes: int, *, width: float = 1.0,
         if isinstance(layer, nn.ReLU):
             blocks.append(current)
             current = []
-    return nn.Sequential(*(nn.Sequential(*b) for b in blocks),
-                         nn.Sequential(model.avgpool, nn.Flatten(), *model.classifier))
+    return nn.Sequential(
+        *(nn.Sequential(*b) for b in blocks),
+        nn.Sequential(model.avgpool, nn.Flatten(), *model.classifier),
+    )
 
 
-def tv_resnet152(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1,
-                 mix_at=()) -> nn.Sequential:
+def tv_resnet152(
+    input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1, mix_at=()
+) -> nn.Sequential:
     """torchvision's ResNet-152: the stem, each bottleneck, then pooling and the classifier."""
     _no_groups("tv-resnet152", neuron_groups, width)
     model = torchvision.models.resnet152(weights=None, num_classes=num_classes)
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-    body = [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
-            for block in stage]
+    body = [
+        block
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
+        for block in stage
+    ]
     return nn.Sequential(stem, *body, nn.Sequential(model.avgpool, nn.Flatten(), model.fc))

@@ -12,6 +12,7 @@ Neuron groups (GN-DGL): an LSTM layer of H units becomes G independent LSTMs of 
 a layer that mixes (the first of a layer group) gives each of them the full input, the others
 only their own slice of it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,15 +24,27 @@ class LSTMLayer(nn.Module):
     with ``stateful`` its final state starts the next call (rows matched by position, see
     ``reset_states``), detached."""
 
-    def __init__(self, cin: int, hidden: int, *, groups: int = 1, mix: bool = True,
-                 stateful: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        cin: int,
+        hidden: int,
+        *,
+        groups: int = 1,
+        mix: bool = True,
+        stateful: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if hidden % groups or (not mix and cin % groups):
-            raise ValueError(f"an LSTM layer of {cin} -> {hidden} units does not split into "
-                             f"{groups} neuron groups")
+            raise ValueError(
+                f"an LSTM layer of {cin} -> {hidden} units does not split into "
+                f"{groups} neuron groups"
+            )
         self.groups, self.mix, self.stateful = groups, mix, stateful
-        self.cells = nn.ModuleList(nn.LSTM(cin if mix else cin // groups, hidden // groups,
-                                           batch_first=True) for _ in range(groups))
+        self.cells = nn.ModuleList(
+            nn.LSTM(cin if mix else cin // groups, hidden // groups, batch_first=True)
+            for _ in range(groups)
+        )
         self.dropout = nn.Dropout(dropout)
         self.hidden = hidden
         self.reset_state(None)
@@ -49,13 +62,14 @@ class LSTMLayer(nn.Module):
             self.state, self.cursor = (zeros, zeros), 0
         if self.cursor + n > rows:
             raise ValueError(f"a call of {n} rows does not fit the carried state of {rows}")
-        return tuple(s[self.cursor:self.cursor + n] for s in self.state)
+        return tuple(s[self.cursor : self.cursor + n] for s in self.state)
 
     def _carry(self, h: torch.Tensor, c: torch.Tensor) -> None:
         n, rows = h.shape[0], self.state[0].shape[0]
         a, b = self.cursor, self.cursor + n
-        self.state = tuple(torch.cat([old[:a], new.detach(), old[b:]])
-                           for old, new in zip(self.state, (h, c)))
+        self.state = tuple(
+            torch.cat([old[:a], new.detach(), old[b:]]) for old, new in zip(self.state, (h, c))
+        )
         self.cursor = b % rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +106,15 @@ def _mixes(index: int, mix_at) -> bool:
     return index == 0 or index in mix_at
 
 
-def lstm(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1,
-         mix_at=(), layers: int = 2) -> nn.Sequential:
+def lstm(
+    input_shape,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    neuron_groups: int = 1,
+    mix_at=(),
+    layers: int = 2,
+) -> nn.Sequential:
     """Sequence classifier: ``layers`` LSTM layers of 128 x width units over (T, F) inputs,
     then the last step through a linear layer."""
     if len(input_shape) != 2:
@@ -101,15 +122,24 @@ def lstm(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: in
     hidden = neuron_groups * max(1, round(128 * width / neuron_groups))
     blocks, cin = [], input_shape[1]
     for i in range(layers):
-        blocks.append(nn.Sequential(LSTMLayer(cin, hidden, groups=neuron_groups,
-                                              mix=_mixes(i, mix_at))))
+        blocks.append(
+            nn.Sequential(LSTMLayer(cin, hidden, groups=neuron_groups, mix=_mixes(i, mix_at)))
+        )
         cin = hidden
     blocks.append(nn.Sequential(LastStep(), nn.Linear(hidden, num_classes)))
     return nn.Sequential(*blocks)
 
 
-def lstm_lm(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups: int = 1,
-            mix_at=(), layers: int = 2, dropout: float = 0.5) -> nn.Sequential:
+def lstm_lm(
+    input_shape,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    neuron_groups: int = 1,
+    mix_at=(),
+    layers: int = 2,
+    dropout: float = 0.5,
+) -> nn.Sequential:
     """Word-level LSTM language model over windows of (T,) tokens; ``num_classes`` is the
     vocabulary (see the module doc)."""
     if len(input_shape) != 1:
@@ -117,9 +147,18 @@ def lstm_lm(input_shape, num_classes: int, *, width: float = 1.0, neuron_groups:
     size = neuron_groups * max(1, round(650 * width / neuron_groups))
     blocks = [nn.Sequential(nn.Embedding(num_classes, size), nn.Dropout(dropout))]
     for i in range(layers):
-        blocks.append(nn.Sequential(LSTMLayer(size, size, groups=neuron_groups,
-                                              mix=_mixes(i + 1, mix_at), stateful=True,
-                                              dropout=dropout)))
+        blocks.append(
+            nn.Sequential(
+                LSTMLayer(
+                    size,
+                    size,
+                    groups=neuron_groups,
+                    mix=_mixes(i + 1, mix_at),
+                    stateful=True,
+                    dropout=dropout,
+                )
+            )
+        )
     blocks.append(nn.Sequential(nn.Linear(size, num_classes)))
     for block in blocks:
         for m in block.modules():

@@ -14,12 +14,13 @@
 ``apply`` installs this as an instance ``forward`` of each module: state dict keys, hooks
 and the stages' code are unchanged, and a deep copy (FLOP counts) runs plain.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -51,8 +52,12 @@ def compile_options(device: torch.device, cudagraphs: bool) -> dict:
 
 def _to_convert(value) -> bool:
     """Whether ``value`` is an image batch not yet in channels-last memory format."""
-    return (isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
-            and not value.is_contiguous(memory_format=torch.channels_last))
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 4
+        and value.is_floating_point()
+        and not value.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 class ChannelsLast(torch.autograd.Function):
@@ -77,8 +82,15 @@ class Forward:
     """``module.forward`` in bf16 autocast with fp32 outputs (``bf16``), on channels-last
     inputs (``channels_last``), compiled in training (``compile_options``)."""
 
-    def __init__(self, module: nn.Module, *, device_type: str, bf16: bool, channels_last: bool,
-                 compile_options: dict | None):
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        device_type: str,
+        bf16: bool,
+        channels_last: bool,
+        compile_options: dict | None,
+    ):
         self.module, self.device_type = module, device_type
         self.bf16, self.channels_last = bf16, channels_last
         self.compiled = torch.compile(self.run, **compile_options) if compile_options else None
@@ -100,18 +112,30 @@ class Forward:
 
     def __deepcopy__(self, memo):
         """A copy of the module runs plain: fp32, eager, its own memory format."""
-        return Forward(copy.deepcopy(self.module, memo), device_type=self.device_type,
-                       bf16=False, channels_last=False, compile_options=None)
+        return Forward(
+            copy.deepcopy(self.module, memo),
+            device_type=self.device_type,
+            bf16=False,
+            channels_last=False,
+            compile_options=None,
+        )
 
 
 def modules_of(stage) -> list[nn.Module]:
     """The modules a stage calls: its group and local modules (a list of heads opened)."""
-    return [m for top in stage.modules()
-            for m in (top if isinstance(top, nn.ModuleList) else [top])]
+    return [
+        m for top in stage.modules() for m in (top if isinstance(top, nn.ModuleList) else [top])
+    ]
 
 
-def apply(stages: Sequence, *, precision: str, compile: bool, device: torch.device,
-          cudagraphs: bool = False) -> None:
+def apply(
+    stages: Sequence,
+    *,
+    precision: str,
+    compile: bool,
+    device: torch.device,
+    cudagraphs: bool = False,
+) -> None:
     """Run every module of ``stages`` as the run asks (see the module docstring); modules
     already set up are left as they are. ``cudagraphs``: whether the executor and rule let
     compiled modules use CUDA graphs (what a module returns stays valid until the next
@@ -121,6 +145,7 @@ def apply(stages: Sequence, *, precision: str, compile: bool, device: torch.devi
     options = compile_options(device, cudagraphs) if compile else None
     if compile:
         import torch._dynamo as dynamo
+
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _cudagraphs |= options.get("mode") == "reduce-overhead"
     for stage in stages:
@@ -131,8 +156,13 @@ def apply(stages: Sequence, *, precision: str, compile: bool, device: torch.devi
             if conv:
                 module.to(memory_format=torch.channels_last)
             if bf16 or conv or compile:
-                module.forward = Forward(module, device_type=device.type, bf16=bf16,
-                                         channels_last=conv, compile_options=options)
+                module.forward = Forward(
+                    module,
+                    device_type=device.type,
+                    bf16=bf16,
+                    channels_last=conv,
+                    compile_options=options,
+                )
 
 
 def step_begin() -> None:
@@ -142,8 +172,9 @@ def step_begin() -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def warm_up(stages: Sequence, step: Callable[[], None], device: torch.device,
-            repeats: int = 2) -> float:
+def warm_up(
+    stages: Sequence, step: Callable[[], None], device: torch.device, repeats: int = 2
+) -> float:
     """Seconds of ``repeats`` calls of ``step`` (a training batch on stand-in data: the
     first compiles, the next catches recompiles and records CUDA graphs), after which the
     stages (modules, optimizers, tallies, what they keep) and torch's random states are

@@ -1,5 +1,6 @@
 """One neuron group of a width-grouped layer group as a module of its own (GN-DGL with each
 neuron group on a rank: ``--placement neuron``)."""
+
 from __future__ import annotations
 
 import copy
@@ -37,10 +38,15 @@ def neuron_slice(module: nn.Module, index: int, groups: int) -> nn.Module:
 
 def _slice_children(parent: nn.Module, index: int, groups: int) -> None:
     if isinstance(parent, (PreActBottleneck, WideBasicBlock)):
-        raise ValueError("a pre-activation block normalises its whole input: it cannot be cut "
-                         "into neuron groups on ranks of their own")
-    if isinstance(parent, BasicBlock) and parent.body[0].groups == 1 and isinstance(
-            parent.shortcut, nn.Identity):
+        raise ValueError(
+            "a pre-activation block normalises its whole input: it cannot be cut "
+            "into neuron groups on ranks of their own"
+        )
+    if (
+        isinstance(parent, BasicBlock)
+        and parent.body[0].groups == 1
+        and isinstance(parent.shortcut, nn.Identity)
+    ):
         parent.shortcut = ChannelSlice(index, groups)
     for name, child in parent.named_children():
         if isinstance(child, nn.Conv2d):
@@ -48,10 +54,14 @@ def _slice_children(parent: nn.Module, index: int, groups: int) -> None:
         elif isinstance(child, nn.BatchNorm2d):
             setattr(parent, name, _slice_norm(child, index, groups))
         elif isinstance(child, nn.Linear):
-            raise ValueError("a linear layer mixes every channel: it cannot be cut into neuron groups")
+            raise ValueError(
+                "a linear layer mixes every channel: it cannot be cut into neuron groups"
+            )
         elif list(child.parameters(recurse=False)):
-            raise ValueError(f"{type(child).__name__} layers cannot be cut into neuron groups "
-                             f"on ranks of their own")
+            raise ValueError(
+                f"{type(child).__name__} layers cannot be cut into neuron groups "
+                f"on ranks of their own"
+            )
         else:
             _slice_children(child, index, groups)
 
@@ -64,8 +74,15 @@ def _slice_conv(conv: nn.Conv2d, index: int, groups: int) -> nn.Conv2d:
     if conv.groups not in (1, groups):
         raise ValueError(f"a conv with {conv.groups} groups is not cut into {groups} neuron groups")
     cin = conv.in_channels // conv.groups  # a grouped conv sees its own slice; a mixing one all
-    out = nn.Conv2d(cin, conv.out_channels // groups, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, bias=conv.bias is not None)
+    out = nn.Conv2d(
+        cin,
+        conv.out_channels // groups,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=conv.bias is not None,
+    )
     with torch.no_grad():
         out.weight.copy_(_rows(conv.weight, index, groups))
         if conv.bias is not None:
@@ -74,8 +91,9 @@ def _slice_conv(conv: nn.Conv2d, index: int, groups: int) -> nn.Conv2d:
 
 
 def _slice_norm(norm: nn.BatchNorm2d, index: int, groups: int) -> nn.BatchNorm2d:
-    out = nn.BatchNorm2d(norm.num_features // groups, norm.eps, norm.momentum, norm.affine,
-                         norm.track_running_stats).to(norm.weight.device)
+    out = nn.BatchNorm2d(
+        norm.num_features // groups, norm.eps, norm.momentum, norm.affine, norm.track_running_stats
+    ).to(norm.weight.device)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             if getattr(norm, name) is not None:

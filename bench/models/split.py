@@ -20,7 +20,9 @@ class SplitError(ValueError):
     """A model cannot be cut as asked."""
 
 
-def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_size: int = 2) -> list[float]:
+def block_costs(
+    model: nn.Sequential, input_shape, by: str = "flops", *, batch_size: int = 2
+) -> list[float]:
     """Cost of each block: forward FLOPs per sample, parameter count, activation bytes saved for
     backward per sample, or measured seconds of a forward and backward pass of a batch of
     ``batch_size`` (the block in training mode on a detached input, as in a decoupled stage).
@@ -35,7 +37,9 @@ def block_costs(model: nn.Sequential, input_shape, by: str = "flops", *, batch_s
     for block in work:
         x = x.detach()
         if by == "time":
-            costs.append(seconds(lambda: block(x.requires_grad_(x.is_floating_point())).sum().backward()))
+            costs.append(
+                seconds(lambda: block(x.requires_grad_(x.is_floating_point())).sum().backward())
+            )
             with torch.no_grad():
                 x = block(x)
         elif by == "flops":
@@ -87,22 +91,36 @@ def balanced_cuts(costs: Sequence[float], k: int, ends: Sequence[float] | None =
             best[g][i] = min(max(cost(i, j), best[g - 1][j]) for j in range(i + 1, n - g + 2))
     target = best[k][0]
     cuts, i = [], 0
-    for g in range(k, 1, -1):  # earliest cut that keeps both this group and the rest within the optimum
-        i = next(j for j in range(i + 1, n - g + 2) if cost(i, j) <= target and best[g - 1][j] <= target)
+    for g in range(
+        k, 1, -1
+    ):  # earliest cut that keeps both this group and the rest within the optimum
+        i = next(
+            j for j in range(i + 1, n - g + 2) if cost(i, j) <= target and best[g - 1][j] <= target
+        )
         cuts.append(i)
     return cuts
 
 
-def group_costs(costs: Sequence[float], cuts: Sequence[int], ends: Sequence[float] | None = None) -> list[float]:
+def group_costs(
+    costs: Sequence[float], cuts: Sequence[int], ends: Sequence[float] | None = None
+) -> list[float]:
     """What each group of the partition at ``cuts`` costs: its blocks' ``costs`` and, for a
     group that is not the last, ``ends[j]`` of its last block j (its local module)."""
     bounds = [0, *cuts, len(costs)]
-    return [sum(costs[a:b]) + (ends[b - 1] if ends is not None and b < len(costs) else 0.0)
-            for a, b in zip(bounds, bounds[1:])]
+    return [
+        sum(costs[a:b]) + (ends[b - 1] if ends is not None and b < len(costs) else 0.0)
+        for a, b in zip(bounds, bounds[1:])
+    ]
 
 
-def training_costs(model: nn.Sequential, input_shape, by: str, *, batch_size: int = 2,
-                   local_cost: Callable[[tuple], float] | None = None):
+def training_costs(
+    model: nn.Sequential,
+    input_shape,
+    by: str,
+    *,
+    batch_size: int = 2,
+    local_cost: Callable[[tuple], float] | None = None,
+):
     """``(costs, ends)``: what each block costs to train (by FLOPs: 3 x its forward; by time:
     its measured forward and backward) and what the rule's local work costs on each block's
     output (``local_cost(shape)``; ``None`` without it), as ``resolve_cuts`` balances them."""
@@ -131,9 +149,16 @@ def _check_cuts(cuts: Sequence[int], n: int, k: int) -> list[int]:
     return cuts
 
 
-def resolve_cuts(model: nn.Sequential, k: int, *, input_shape, by: str = "flops",
-                 cuts: Sequence[int] | None = None, batch_size: int = 2,
-                 local_cost: Callable[[tuple], float] | None = None) -> list[int]:
+def resolve_cuts(
+    model: nn.Sequential,
+    k: int,
+    *,
+    input_shape,
+    by: str = "flops",
+    cuts: Sequence[int] | None = None,
+    batch_size: int = 2,
+    local_cost: Callable[[tuple], float] | None = None,
+) -> list[int]:
     """The k-1 cut indices: ``cuts`` validated, or balanced by ``by`` (see ``block_costs``).
     By FLOPs or time a stage costs what it trains: its blocks forward and backward (by FLOPs,
     a block's backward taken as twice its forward) and, for a group that is not the last,
@@ -146,12 +171,20 @@ def resolve_cuts(model: nn.Sequential, k: int, *, input_shape, by: str = "flops"
         return _check_cuts(cuts, len(model), k)
     if k == 1:
         return []
-    costs, ends = training_costs(model, input_shape, by, batch_size=batch_size, local_cost=local_cost)
+    costs, ends = training_costs(
+        model, input_shape, by, batch_size=batch_size, local_cost=local_cost
+    )
     return balanced_cuts(costs, k, ends)
 
 
-def split_model(model: nn.Sequential, k: int, *, input_shape, by: str = "flops",
-                cuts: Sequence[int] | None = None) -> list[nn.Sequential]:
+def split_model(
+    model: nn.Sequential,
+    k: int,
+    *,
+    input_shape,
+    by: str = "flops",
+    cuts: Sequence[int] | None = None,
+) -> list[nn.Sequential]:
     """The model cut into k ``nn.Sequential`` groups that share (do not copy) its blocks."""
     bounds = [0, *resolve_cuts(model, k, input_shape=input_shape, by=by, cuts=cuts), len(model)]
     blocks = list(model)

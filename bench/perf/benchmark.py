@@ -19,6 +19,7 @@ The data are random CIFAR-shaped tensors (the data are not the point). The figur
 printed and written to ``results/bench/bench.csv``. On a CPU shared with other jobs,
 ``--threads 1`` avoids most of the slowdown from oversubscribed OpenMP threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,37 +27,71 @@ import csv
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import methods
-from methods.base import TrainOptions
-
 from bench import models, prepare
-from bench.models import runtime, split
 from bench.config import RunConfig
 from bench.executors import sequential
 from bench.measure.provenance import cpu_name
+from bench.models import runtime, split
+from methods.base import TrainOptions
 
 from . import speedup
 
 INPUT_SHAPE, CLASSES = (3, 32, 32), 10
 OUT = Path("results/bench/bench.csv")
-COLUMNS = ["benchmark", "model", "groups", "method", "baseline", "ratio", "ms_per_step",
-           "ms_q1", "ms_q3", "samples", "batch_size", "device", "device_name", "cpu",
-           "threads", "torch", "load_avg"]
+COLUMNS = [
+    "benchmark",
+    "model",
+    "groups",
+    "method",
+    "baseline",
+    "ratio",
+    "ms_per_step",
+    "ms_q1",
+    "ms_q3",
+    "samples",
+    "batch_size",
+    "device",
+    "device_name",
+    "cpu",
+    "threads",
+    "torch",
+    "load_avg",
+]
 #: the default run: ~5 min on 2 idle CPU cores (ResNet-20 BP step ~0.35 s); on a loaded
 #: machine the time budget (seconds, 0 = none) ends the rounds early, after at least MIN_ROUNDS
-DEFAULTS = dict(batch_size=128, warmup=2, overhead_steps=3, overhead_rounds=30, steps=1, rounds=20,
-                budget=240, speedup_rounds=3, speedup_batches=20,
-                speedup_models=("resnet20", "lc-vgg:32:10"))
-QUICK = dict(batch_size=32, warmup=1, overhead_steps=1, overhead_rounds=3, steps=1, rounds=2,
-             budget=0, speedup_rounds=0, speedup_batches=2, speedup_models=("resnet8",))
+DEFAULTS = dict(
+    batch_size=128,
+    warmup=2,
+    overhead_steps=3,
+    overhead_rounds=30,
+    steps=1,
+    rounds=20,
+    budget=240,
+    speedup_rounds=3,
+    speedup_batches=20,
+    speedup_models=("resnet20", "lc-vgg:32:10"),
+)
+QUICK = dict(
+    batch_size=32,
+    warmup=1,
+    overhead_steps=1,
+    overhead_rounds=3,
+    steps=1,
+    rounds=2,
+    budget=0,
+    speedup_rounds=0,
+    speedup_batches=2,
+    speedup_models=("resnet8",),
+)
 MIN_ROUNDS = 3
 Step = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -90,8 +125,16 @@ class Contender:
         return q1, statistics.median(ms), q3
 
 
-def plain_step(model_name: str, train: TrainOptions, device: torch.device, *, seed: int = 0,
-               input_shape=INPUT_SHAPE, precision: str = "fp32", compile: bool = False) -> Step:
+def plain_step(
+    model_name: str,
+    train: TrainOptions,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    input_shape=INPUT_SHAPE,
+    precision: str = "fp32",
+    compile: bool = False,
+) -> Step:
     """The hand-written loop: model(x) -> cross-entropy -> backward -> SGD step, written as a
     practitioner would for speed: channels-last for a conv net, SGD fused on a GPU; with
     ``precision`` "bf16" the forward in autocast, with ``compile`` the model compiled as
@@ -101,9 +144,14 @@ def plain_step(model_name: str, train: TrainOptions, device: torch.device, *, se
     conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if conv:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                                nesterov=train.nesterov, weight_decay=train.weight_decay,
-                                fused=device.type == "cuda" or None)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=train.lr,
+        momentum=train.momentum,
+        nesterov=train.nesterov,
+        weight_decay=train.weight_decay,
+        fused=device.type == "cuda" or None,
+    )
     options = runtime.compile_options(device, cudagraphs=True)
     forward = torch.compile(model, **options) if compile else model
 
@@ -121,18 +169,41 @@ def plain_step(model_name: str, train: TrainOptions, device: torch.device, *, se
     return step
 
 
-def lcbench_step(model_name: str, method: str, groups: int, device: torch.device, *,
-                 seed: int = 0, input_shape=INPUT_SHAPE, split_by: str = "flops",
-                 precision: str = "fp32", compile: bool = False) -> Step:
+def lcbench_step(
+    model_name: str,
+    method: str,
+    groups: int,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    input_shape=INPUT_SHAPE,
+    split_by: str = "flops",
+    precision: str = "fp32",
+    compile: bool = False,
+) -> Step:
     """Stages built as a run builds them (``prepare.build_groups``, ``methods.build_stages``,
     ``prepare.place``), stepped by the sequential executor."""
-    cfg = RunConfig(method=method, groups=groups, model=model_name, seed=seed, split=split_by,
-                    precision=precision, compile=compile).validated()
+    cfg = RunConfig(
+        method=method,
+        groups=groups,
+        model=model_name,
+        seed=seed,
+        split=split_by,
+        precision=precision,
+        compile=compile,
+    ).validated()
     parts, _ = prepare.build_groups(cfg, input_shape, CLASSES)
     shapes = split.group_output_shapes(parts, input_shape)
     torch.manual_seed(seed)
-    stages = methods.build_stages(cfg.method, parts, shapes, CLASSES, prepare.classification_loss,
-                                  prepare.train_options(cfg, device), cfg.options)
+    stages = methods.build_stages(
+        cfg.method,
+        parts,
+        shapes,
+        CLASSES,
+        prepare.classification_loss,
+        prepare.train_options(cfg, device),
+        cfg.options,
+    )
     prepare.place(cfg, stages, device)
     for stage in stages:
         stage.train(True)
@@ -143,17 +214,30 @@ def lcbench_step(model_name: str, method: str, groups: int, device: torch.device
     return step
 
 
-def random_batches(count: int, batch_size: int, device: torch.device, *, seed: int = 0,
-                   input_shape=INPUT_SHAPE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def random_batches(
+    count: int, batch_size: int, device: torch.device, *, seed: int = 0, input_shape=INPUT_SHAPE
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, *input_shape, generator=g).to(device),
-             torch.randint(0, CLASSES, (batch_size,), generator=g).to(device))
-            for _ in range(count)]
+    return [
+        (
+            torch.randn(batch_size, *input_shape, generator=g).to(device),
+            torch.randint(0, CLASSES, (batch_size,), generator=g).to(device),
+        )
+        for _ in range(count)
+    ]
 
 
-def interleave(contenders: Sequence[Contender], batches, device: torch.device, *,
-               warmup: int, steps: int, rounds: int, deadline: float | None = None,
-               progress: Callable[[str], None] | None = None) -> None:
+def interleave(
+    contenders: Sequence[Contender],
+    batches,
+    device: torch.device,
+    *,
+    warmup: int,
+    steps: int,
+    rounds: int,
+    deadline: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
     """Warm every contender up, then ``rounds`` rounds in which each runs ``steps`` timed
     steps in turn (A A B B C C, next round starting one contender later). Every contender
     sees the same batches in the same order. Past MIN_ROUNDS, no round is started that
@@ -170,36 +254,64 @@ def interleave(contenders: Sequence[Contender], batches, device: torch.device, *
         took = time.perf_counter() - started
         if progress:
             progress(f"  round {r + 1}/{rounds}: {took:.1f} s")
-        if (deadline is not None and r + 1 >= MIN_ROUNDS and r + 1 < rounds
-                and time.perf_counter() + took > deadline):
+        if (
+            deadline is not None
+            and r + 1 >= MIN_ROUNDS
+            and r + 1 < rounds
+            and time.perf_counter() + took > deadline
+        ):
             if progress:
                 progress(f"  time budget reached: stopping after {r + 1} rounds")
             return
 
 
 def machine(device: torch.device) -> dict:
-    return {"device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_avg": round(os.getloadavg()[0], 2)}
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg": round(os.getloadavg()[0], 2),
+    }
 
 
 def row(benchmark: str, c: Contender, baseline: Contender, batch_size: int, info: dict) -> dict:
     q1, median, q3 = c.quartiles()
     ratio = 1.0 if c is baseline else median / baseline.quartiles()[1]
-    return {"benchmark": benchmark, "model": c.model, "groups": c.groups, "method": c.method,
-            "baseline": baseline.method, "ratio": ratio, "ms_per_step": median, "ms_q1": q1,
-            "ms_q3": q3, "samples": len(c.times), "batch_size": batch_size, **info}
+    return {
+        "benchmark": benchmark,
+        "model": c.model,
+        "groups": c.groups,
+        "method": c.method,
+        "baseline": baseline.method,
+        "ratio": ratio,
+        "ms_per_step": median,
+        "ms_q1": q1,
+        "ms_q3": q3,
+        "samples": len(c.times),
+        "batch_size": batch_size,
+        **info,
+    }
 
 
-def run_benchmark(*, model_names: Sequence[str] = ("resnet20",), groups: Sequence[int] = (2, 4),
-                  rules: Sequence[str] = tuple(methods.METHODS),
-                  batch_size: int = DEFAULTS["batch_size"], device: torch.device = torch.device("cpu"),
-                  warmup: int = DEFAULTS["warmup"], overhead_steps: int = DEFAULTS["overhead_steps"],
-                  overhead_rounds: int = DEFAULTS["overhead_rounds"], steps: int = DEFAULTS["steps"],
-                  rounds: int = DEFAULTS["rounds"], budget: float = 0, seed: int = 0,
-                  input_shape=INPUT_SHAPE, progress: Callable[[str], None] | None = None
-                  ) -> list[dict]:
+def run_benchmark(
+    *,
+    model_names: Sequence[str] = ("resnet20",),
+    groups: Sequence[int] = (2, 4),
+    rules: Sequence[str] = tuple(methods.METHODS),
+    batch_size: int = DEFAULTS["batch_size"],
+    device: torch.device = torch.device("cpu"),  # noqa: B008 (immutable)
+    warmup: int = DEFAULTS["warmup"],
+    overhead_steps: int = DEFAULTS["overhead_steps"],
+    overhead_rounds: int = DEFAULTS["overhead_rounds"],
+    steps: int = DEFAULTS["steps"],
+    rounds: int = DEFAULTS["rounds"],
+    budget: float = 0,
+    seed: int = 0,
+    input_shape=INPUT_SHAPE,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Both comparisons for every model; one row per contender (see COLUMNS). A ``budget``
     in seconds (0: none) is shared out between the comparisons, 1:2 (overhead:methods)."""
     rules = ["bp", *[methods.resolve(m).name for m in rules if methods.resolve(m).name != "bp"]]
@@ -217,23 +329,54 @@ def run_benchmark(*, model_names: Sequence[str] = ("resnet20",), groups: Sequenc
 
     rows = []
     for name in model_names:
-        batches = random_batches(max(steps, overhead_steps), batch_size, device, seed=seed,
-                                 input_shape=input_shape)
+        batches = random_batches(
+            max(steps, overhead_steps), batch_size, device, seed=seed, input_shape=input_shape
+        )
         say(f"{name}: overhead, plain loop vs lcbench BP at K={', '.join(map(str, groups))}")
-        plain = Contender(name, 1, "plain", plain_step(name, train, device, seed=seed,
-                                                       input_shape=input_shape))
-        bps = [Contender(name, k, "bp", lcbench_step(name, "bp", k, device, seed=seed,
-                                                     input_shape=input_shape)) for k in groups]
-        interleave([plain, *bps], batches, device, warmup=warmup, steps=overhead_steps,
-                   rounds=overhead_rounds, deadline=deadline(), progress=progress)
+        plain = Contender(
+            name, 1, "plain", plain_step(name, train, device, seed=seed, input_shape=input_shape)
+        )
+        bps = [
+            Contender(
+                name,
+                k,
+                "bp",
+                lcbench_step(name, "bp", k, device, seed=seed, input_shape=input_shape),
+            )
+            for k in groups
+        ]
+        interleave(
+            [plain, *bps],
+            batches,
+            device,
+            warmup=warmup,
+            steps=overhead_steps,
+            rounds=overhead_rounds,
+            deadline=deadline(),
+            progress=progress,
+        )
         rows += [row("overhead", c, plain, batch_size, info) for c in [plain, *bps]]
 
         say(f"{name}: methods {', '.join(rules)} at K={', '.join(map(str, groups))}")
-        table = {k: [Contender(name, k, m, lcbench_step(name, m, k, device, seed=seed,
-                                                        input_shape=input_shape))
-                     for m in rules] for k in groups}
-        interleave([c for k in groups for c in table[k]], batches, device, warmup=warmup,
-                   steps=steps, rounds=rounds, deadline=deadline(), progress=progress)
+        table = {
+            k: [
+                Contender(
+                    name, k, m, lcbench_step(name, m, k, device, seed=seed, input_shape=input_shape)
+                )
+                for m in rules
+            ]
+            for k in groups
+        }
+        interleave(
+            [c for k in groups for c in table[k]],
+            batches,
+            device,
+            warmup=warmup,
+            steps=steps,
+            rounds=rounds,
+            deadline=deadline(),
+            progress=progress,
+        )
         rows += [row("methods", c, table[k][0], batch_size, info) for k in groups for c in table[k]]
     return rows
 
@@ -245,11 +388,16 @@ def format_tables(rows: Sequence[dict]) -> str:
 
     def line(r: dict) -> str:
         iqr = f"{r['ms_q1']:.1f}-{r['ms_q3']:.1f}"
-        return (f"{r['model']:<10} {r['groups']:>2} {r['method']:<7} {r['ms_per_step']:>9.1f} "
-                f"{iqr:>17} {r['samples']:>4} {r['ratio']:>7.3f}")
+        return (
+            f"{r['model']:<10} {r['groups']:>2} {r['method']:<7} {r['ms_per_step']:>9.1f} "
+            f"{iqr:>17} {r['samples']:>4} {r['ratio']:>7.3f}"
+        )
 
-    out = ["Overhead: lcbench BP (build_stages + sequential.train_step) / plain PyTorch loop"
-           " (goal <= 1.05)", head]
+    out = [
+        "Overhead: lcbench BP (build_stages + sequential.train_step) / plain PyTorch loop"
+        " (goal <= 1.05)",
+        head,
+    ]
     out += [line(r) for r in rows if r["benchmark"] == "overhead"]
     out += ["", "Methods: step time relative to lcbench BP at the same K", head]
     out += [line(r) for r in rows if r["benchmark"] == "methods"]
@@ -273,12 +421,14 @@ def speedup_model(text: str, batch_size: int, batches: int) -> tuple[str, int, i
     name, *numbers = text.split(":")
     if len(numbers) > 2 or any(int(n) < 1 for n in numbers):
         raise ValueError(text)
-    numbers = [int(n) for n in numbers] + [batch_size, batches][len(numbers):]
+    numbers = [int(n) for n in numbers] + [batch_size, batches][len(numbers) :]
     return name, numbers[0], numbers[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.perf.benchmark", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.perf.benchmark", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--models", nargs="+", default=["resnet20"])
     p.add_argument("--groups", nargs="+", type=int, default=[2, 4], help="values of K")
@@ -286,29 +436,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = DEFAULTS
     p.add_argument("--batch-size", type=int, help=f"(default {d['batch_size']})")
     p.add_argument("--warmup", type=int, help=f"untimed steps per contender ({d['warmup']})")
-    p.add_argument("--steps", type=int, help="timed steps per contender per round, methods "
-                   f"comparison ({d['steps']})")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"timed steps per contender per round, methods comparison ({d['steps']})",
+    )
     p.add_argument("--rounds", type=int, help=f"rounds, methods comparison ({d['rounds']})")
-    p.add_argument("--overhead-steps", type=int, help="timed steps per contender per round, "
-                   f"plain vs BP ({d['overhead_steps']})")
-    p.add_argument("--overhead-rounds", type=int, help=f"rounds, plain vs BP ({d['overhead_rounds']})")
-    p.add_argument("--budget", type=float, help="seconds for the timed part: rounds end early "
-                   f"past it, after at least {MIN_ROUNDS} ({d['budget']}; 0: no limit)")
-    p.add_argument("--speedup-rounds", type=int, help="rounds of the model-parallel comparison "
-                   f"(real runs on 2 ranks x 1 thread against BP in 1 process and DDP on "
-                   f"2 ranks x 1 thread; "
-                   f"{d['speedup_rounds']}; 0: skip it)")
-    p.add_argument("--speedup-batches", type=int,
-                   help=f"batches per epoch of those runs ({d['speedup_batches']})")
-    p.add_argument("--speedup-models", nargs="+", metavar="MODEL[:BATCH[:BATCHES]]",
-                   help="models of those runs, each with its batch and batches per epoch where "
-                        f"they are not --batch-size and --speedup-batches ({' '.join(d['speedup_models'])})")
-    p.add_argument("--speedup-only", action="store_true",
-                   help="only the model-parallel comparison (skip the step-time ones)")
-    p.add_argument("--quick", action="store_true",
-                   help="a fast smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, "
-                   f"{torch.get_num_threads()} here); 1 suffers less from other jobs' load")
+    p.add_argument(
+        "--overhead-steps",
+        type=int,
+        help=f"timed steps per contender per round, plain vs BP ({d['overhead_steps']})",
+    )
+    p.add_argument(
+        "--overhead-rounds", type=int, help=f"rounds, plain vs BP ({d['overhead_rounds']})"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for the timed part: rounds end early "
+        f"past it, after at least {MIN_ROUNDS} ({d['budget']}; 0: no limit)",
+    )
+    p.add_argument(
+        "--speedup-rounds",
+        type=int,
+        help="rounds of the model-parallel comparison "
+        f"(real runs on 2 ranks x 1 thread against BP in 1 process and DDP on "
+        f"2 ranks x 1 thread; "
+        f"{d['speedup_rounds']}; 0: skip it)",
+    )
+    p.add_argument(
+        "--speedup-batches",
+        type=int,
+        help=f"batches per epoch of those runs ({d['speedup_batches']})",
+    )
+    p.add_argument(
+        "--speedup-models",
+        nargs="+",
+        metavar="MODEL[:BATCH[:BATCHES]]",
+        help="models of those runs, each with its batch and batches per epoch where "
+        f"they are not --batch-size and --speedup-batches ({' '.join(d['speedup_models'])})",
+    )
+    p.add_argument(
+        "--speedup-only",
+        action="store_true",
+        help="only the model-parallel comparison (skip the step-time ones)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a fast smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's, "
+        f"{torch.get_num_threads()} here); 1 suffers less from other jobs' load",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help=f"CSV file (default {OUT})")
     args = p.parse_args(argv)
@@ -316,19 +499,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
         if key != "speedup_models" and getattr(args, key) < (
-                0 if key in ("warmup", "budget", "speedup_rounds") else 1):
+            0 if key in ("warmup", "budget", "speedup_rounds") else 1
+        ):
             p.error(f"--{key.replace('_', '-')} is too small: {getattr(args, key)}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1 (got {args.threads})")
     if min(args.groups) < 1:
         p.error(f"--groups must be at least 1 (got {min(args.groups)})")
     try:
-        args.speedup_models = [speedup_model(text, args.batch_size, args.speedup_batches)
-                               for text in args.speedup_models]
+        args.speedup_models = [
+            speedup_model(text, args.batch_size, args.speedup_batches)
+            for text in args.speedup_models
+        ]
     except ValueError:
-        p.error(f"--speedup-models takes MODEL[:BATCH[:BATCHES]], got {' '.join(args.speedup_models)}")
-    unknown = [m for m in [*args.models, *(m for m, _, _ in args.speedup_models)]
-               if m not in models.MODELS]
+        p.error(
+            f"--speedup-models takes MODEL[:BATCH[:BATCHES]], got {' '.join(args.speedup_models)}"
+        )
+    unknown = [
+        m for m in [*args.models, *(m for m, _, _ in args.speedup_models)] if m not in models.MODELS
+    ]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(models.MODELS)})")
     try:
@@ -345,41 +534,64 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine(device)
-    print(f"lcbench bench: {info['device']} ({info['device_name']}), {info['threads']} threads, "
-          f"torch {info['torch']}; batch {args.batch_size} of random {INPUT_SHAPE} inputs, "
-          f"{CLASSES} classes; warm-up {args.warmup}; plain vs BP {args.overhead_rounds} rounds x "
-          f"{args.overhead_steps} steps, methods {args.rounds} rounds x {args.steps} steps "
-          f"(round-robin, medians; budget {args.budget:g} s); load average {info['load_avg']}",
-          flush=True)
+    print(
+        f"lcbench bench: {info['device']} ({info['device_name']}), {info['threads']} threads, "
+        f"torch {info['torch']}; batch {args.batch_size} of random {INPUT_SHAPE} inputs, "
+        f"{CLASSES} classes; warm-up {args.warmup}; plain vs BP {args.overhead_rounds} rounds x "
+        f"{args.overhead_steps} steps, methods {args.rounds} rounds x {args.steps} steps "
+        f"(round-robin, medians; budget {args.budget:g} s); load average {info['load_avg']}",
+        flush=True,
+    )
     started = time.perf_counter()
     if not args.speedup_only:
-        rows = run_benchmark(model_names=args.models, groups=args.groups, rules=args.methods,
-                             batch_size=args.batch_size, device=device, warmup=args.warmup,
-                             overhead_steps=args.overhead_steps, overhead_rounds=args.overhead_rounds,
-                             steps=args.steps, rounds=args.rounds, budget=args.budget, seed=args.seed,
-                             progress=lambda text: print(text, flush=True))
+        rows = run_benchmark(
+            model_names=args.models,
+            groups=args.groups,
+            rules=args.methods,
+            batch_size=args.batch_size,
+            device=device,
+            warmup=args.warmup,
+            overhead_steps=args.overhead_steps,
+            overhead_rounds=args.overhead_rounds,
+            steps=args.steps,
+            rounds=args.rounds,
+            budget=args.budget,
+            seed=args.seed,
+            progress=lambda text: print(text, flush=True),
+        )
         print()
         print(format_tables(rows))
         write_csv(rows, args.out)
-        print(f"\nwrote {args.out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s; "
-              f"load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"\nwrote {args.out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s; "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
     if args.speedup_rounds:
         started = time.perf_counter()
         parallel = []
         for name, batch_size, batches in args.speedup_models:
-            print(f"\nmodel parallelism against BP and DDP: {name} on Fashion-MNIST, K=2, batch {batch_size}, "
-                  f"{batches} batches x 2 epochs per run, {args.speedup_rounds} rounds, each after "
-                  f"calibrating the machine for the forecast", flush=True)
+            print(
+                f"\nmodel parallelism against BP and DDP: {name} on Fashion-MNIST, K=2, batch {batch_size}, "
+                f"{batches} batches x 2 epochs per run, {args.speedup_rounds} rounds, each after "
+                f"calibrating the machine for the forecast",
+                flush=True,
+            )
             parallel += speedup.run_speedups(
-                model=name, batch_size=batch_size, batches=batches, rounds=args.speedup_rounds,
+                model=name,
+                batch_size=batch_size,
+                batches=batches,
+                rounds=args.speedup_rounds,
                 profile_out=args.out.with_name(f"profile-cpu-{name}.toml"),
-                progress=lambda text: print(text, flush=True))
+                progress=lambda text: print(text, flush=True),
+            )
         print()
         print(speedup.format_table(parallel))
         path = args.out.with_name("speedup.csv")
         write_csv(parallel, path, list(parallel[0]))
-        print(f"\nwrote {path} in {time.perf_counter() - started:.0f} s; "
-              f"load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"\nwrote {path} in {time.perf_counter() - started:.0f} s; "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
 
 
 if __name__ == "__main__":

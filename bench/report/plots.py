@@ -13,9 +13,12 @@
 One colour per method (DDP its own) across all figures; seeds are averaged (bands: ± one
 std); runs on ranks (distributed, ddp) are labelled with their ranks.
 """
+
 from __future__ import annotations
 
+import math
 import os
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -30,9 +33,18 @@ from .table import cells, load_runs, method_label, rule, run_summary  # noqa: E4
 
 METHODS = ["bp", "ddp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn", "frozen"]
 COLOURS = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS))))
-NAMES = {"bp": "BP", "ddp": "BP (DDP)", "pipe-bp": "pipelined BP", "dgl": "DGL",
-         "adgl": "async DGL", "lc": "LC", "dni": "DNI", "cdni": "cDNI", "gn": "GN-DGL",
-         "frozen": "floor"}
+NAMES = {
+    "bp": "BP",
+    "ddp": "BP (DDP)",
+    "pipe-bp": "pipelined BP",
+    "dgl": "DGL",
+    "adgl": "async DGL",
+    "lc": "LC",
+    "dni": "DNI",
+    "cdni": "cDNI",
+    "gn": "GN-DGL",
+    "frozen": "floor",
+}
 
 
 def save(fig, out: Path, name: str) -> list[Path]:
@@ -57,8 +69,15 @@ def legend(fig, axes) -> None:
                 labels.append(label)
         if ax.get_legend():
             ax.get_legend().remove()
-    fig.legend([handles[label] for label in labels], labels, loc="upper center",
-               ncol=min(len(labels), 6), bbox_to_anchor=(0.5, 1.12), frameon=False)
+    fig.legend(
+        [handles[label] for label in labels],
+        labels,
+        loc="lower center",
+        ncol=min(len(labels), 3),
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+        fontsize=7,
+    )
 
 
 def title(task: str, model: str) -> str:
@@ -67,29 +86,51 @@ def title(task: str, model: str) -> str:
 
 def accuracy(rows: pd.DataFrame, out: Path) -> list[Path]:
     whole = rows[(rows["stage"] == "") & rows["metric"].isin(["test_acc", "test_ppl"])].copy()
-    whole = whole[~((whole["metric"] == "test_acc") & whole["run_id"].isin(
-        whole[whole["metric"] == "test_ppl"]["run_id"]))]  # a language model: perplexity only
+    whole = whole[
+        ~(
+            (whole["metric"] == "test_acc")
+            & whole["run_id"].isin(whole[whole["metric"] == "test_ppl"]["run_id"])
+        )
+    ]  # a language model: perplexity only
     whole.loc[whole["metric"] == "test_acc", "value"] *= 100
     keys = facets(whole)
-    fig, axes = grid(1, len(keys), width=4.8)
-    axes = list(axes[0])
+    fig, axes = wrapped(len(keys))
     for ax, (task, model) in zip(axes, keys):
         part = whole[(whole["task"] == task) & (whole["model"] == model)]
         curves = part.assign(rule=[rule(m, e) for m, e in zip(part["method"], part["executor"])])
-        order = sorted(curves.groupby(["rule", "groups", "executor", "workers"]),
-                       key=lambda item: (METHODS.index(item[0][0]) if item[0][0] in METHODS else 99,
-                                         item[0][1:]))
+        order = sorted(
+            curves.groupby(["rule", "groups", "executor", "workers"]),
+            key=lambda item: (
+                METHODS.index(item[0][0]) if item[0][0] in METHODS else 99,
+                item[0][1:],
+            ),
+        )
         for (name, groups, executor, workers), runs in order:
             stats = runs.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0)
             label = f"{NAMES.get(name, name)}, {placed(groups, executor, workers)}"
             marker = "o" if executor == "sequential" else "s"  # modelled, or run on ranks
-            line, = ax.plot(stats.index, stats["mean"], marker=marker, ms=3, label=label,
-                            color=COLOURS.get(name), linestyle="-" if groups <= 2 else "--")
-            ax.fill_between(stats.index, stats["mean"] - stats["std"],
-                            stats["mean"] + stats["std"], color=line.get_color(), alpha=0.15)
+            (line,) = ax.plot(
+                stats.index,
+                stats["mean"],
+                marker=marker,
+                ms=3,
+                label=label,
+                color=COLOURS.get(name),
+                linestyle="-" if groups <= 2 else "--",
+            )
+            ax.fill_between(
+                stats.index,
+                stats["mean"] - stats["std"],
+                stats["mean"] + stats["std"],
+                color=line.get_color(),
+                alpha=0.15,
+            )
         perplexity = (part["metric"] == "test_ppl").any()
-        ax.set(title=title(task, model), xlabel="epoch",
-               ylabel="test perplexity" if perplexity else "test accuracy (%)")
+        ax.set(
+            title=title(task, model),
+            xlabel="epoch",
+            ylabel="test perplexity" if perplexity else "test accuracy (%)",
+        )
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     legend(fig, axes)
@@ -103,28 +144,54 @@ def placed(groups, executor, workers) -> str:
     return f"K={int(groups)}" + (f", {int(workers)} ranks" if executor == "distributed" else "")
 
 
-def label_of(method, groups, microbatches=None, neuron_groups=None, executor="sequential",
-             workers=None, variant=None) -> str:
+def label_of(
+    method,
+    groups,
+    microbatches=None,
+    neuron_groups=None,
+    executor="sequential",
+    workers=None,
+    variant=None,
+) -> str:
     name = method_label(method, int(groups), microbatches, neuron_groups, executor, variant=variant)
     return f"{name}, {placed(groups, executor, workers)}"
 
 
 def labels(table: pd.DataFrame) -> list[str]:
     variants = table["variant"] if "variant" in table else [None] * len(table)
-    return [label_of(*row) for row in zip(table["method"], table["groups"], table["microbatches"],
-                                          table["neuron_groups"], table["executor"], table["workers"],
-                                          variants)]
+    return [
+        label_of(*row)
+        for row in zip(
+            table["method"],
+            table["groups"],
+            table["microbatches"],
+            table["neuron_groups"],
+            table["executor"],
+            table["workers"],
+            variants,
+        )
+    ]
 
 
 def colours(table: pd.DataFrame) -> list:
     return [COLOURS.get(rule(m, e)) for m, e in zip(table["method"], table["executor"])]
 
 
-def bars(ax, table: pd.DataFrame, column: str, ylabel: str) -> None:
-    ax.bar(range(len(table)), table[column], color=colours(table))
-    ax.set_xticks(range(len(table)), labels(table), rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
+def bars(ax, table: pd.DataFrame, column: str, xlabel: str, names: bool = True) -> None:
+    """One horizontal bar per cell, in the table's order from the top; the cells' names on
+    the y axis where ``names`` (the first panel of a row)."""
+    ax.barh(range(len(table)), table[column], color=colours(table))
+    ax.set_yticks(range(len(table)), labels(table) if names else [], fontsize=7)
+    ax.set_ylim(len(table) - 0.5, -0.5)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def rows_of(count: int, cells: int) -> tuple:
+    """``count`` rows of panels, one a facet, for ``cells`` bars each at most, at a page's
+    width: ``(figure, axes)``; the panels of a row share their cells' names."""
+    height = max(2.0, 0.9 + 0.2 * cells)
+    return plt.subplots(count, 3, figsize=(PAGE_WIDTH, height * count), squeeze=False)
 
 
 def facets(table: pd.DataFrame) -> list[tuple[str, str]]:
@@ -132,85 +199,166 @@ def facets(table: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(set(zip(table["task"], table["model"])))
 
 
-def grid(rows: int, columns: int, width: float = 5.0, height: float = 3.4):
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+#: a page's text width (16 cm): every figure is drawn to be read at that width, two panels
+#: to a row (a figure of more facets side by side is wider in proportion)
+PAGE_WIDTH = 16 / 2.54
+
+
+def grid(rows: int, columns: int, height: float = 2.6):
+    """``rows`` x ``columns`` panels, two columns to a page's width."""
+    width = PAGE_WIDTH * max(1.0, columns / 2)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height * rows), squeeze=False)
     return fig, axes
 
 
+def wrapped(count: int, height: float = 2.6) -> tuple:
+    """``count`` panels two to a row at a page's width (a lone panel at 60% of it), the
+    spare one hidden: ``(figure, the panels)``."""
+    columns = min(count, 2)
+    rows = math.ceil(count / 2)
+    width = PAGE_WIDTH if columns == 2 else 0.6 * PAGE_WIDTH
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
+def heading(fig, text: str) -> None:
+    """A figure's title, wrapped to its width."""
+    inches = fig.get_size_inches()[0]
+    fig.suptitle(textwrap.fill(text, int(inches * 14)), fontsize=9)
+
+
 def time_and_speedup(table: pd.DataFrame, out: Path) -> list[Path]:
+    """Per (task, model), a row: time per epoch, speedup against BP on one worker beside each
+    rule's bound, and speedup against DDP on the same ranks."""
     keys = facets(table)
-    fig, axes = grid(3, len(keys))
-    for col, (task, model) in enumerate(keys):
+    cells = max(((table["task"] == t) & (table["model"] == m)).sum() for t, m in keys)
+    fig, axes = rows_of(len(keys), cells)
+    for row, (task, model) in enumerate(keys):
         part = table[(table["task"] == task) & (table["model"] == model)]
-        bars(axes[0][col], part, "time_s", "time per epoch (s)")
-        axes[0][col].set_title(title(task, model))
-        bars(axes[1][col], part, "speedup", "speedup against BP (1 worker)")
+        time, speedup, ddp = axes[row]
+        bars(time, part, "time_s", "time per epoch (s)")
+        bars(speedup, part, "speedup", "speedup vs BP (1 worker)\n| the rule's bound", names=False)
+        speedup.set_title(title(task, model), fontsize=9)
         if part["bound"].notna().any():  # each parallel rule's own bound, beside its speedup
-            axes[1][col].scatter(range(len(part)), part["bound"], marker="_", s=400, lw=2,
-                                 color="black", label="bound: K T_BP / sum of stage times", zorder=3)
-            axes[1][col].legend(fontsize=7)
-        bars(axes[2][col], part, "speedup_ddp", "speedup against DDP\n(same ranks, threads)")
-        for row in (1, 2):
-            axes[row][col].axhline(1.0, color="grey", lw=0.8, ls=":")
-    fig.suptitle("Time per training epoch on K workers (modelled for the sequential executor, "
-                 "measured on ranks for distributed and ddp), speedup against BP on one worker "
-                 "beside the rule's bound, and against DDP (measured runs)", y=1.0)
+            speedup.scatter(
+                part["bound"],
+                range(len(part)),
+                marker="|",
+                s=120,
+                lw=2,
+                color="black",
+                zorder=3,
+            )
+        bars(ddp, part, "speedup_ddp", "speedup vs DDP (same ranks)", names=False)
+        for ax in (speedup, ddp):
+            ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    heading(
+        fig,
+        "Time per training epoch on K workers (modelled: sequential executor; measured: "
+        "distributed, ddp), speedup against BP on one worker beside the rule's bound, and "
+        "against DDP",
+    )
     fig.tight_layout()
     return save(fig, out, "time")
 
 
 def memory(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
-    stages = rows[(rows["metric"] == "peak_mem_bytes") & (rows["epoch"] == 1)
-                  & (rows["stage"] != "")].copy()
+    stages = rows[
+        (rows["metric"] == "peak_mem_bytes") & (rows["epoch"] == 1) & (rows["stage"] != "")
+    ].copy()
     stages["MiB"] = stages["value"] / 2**20
     keys = facets(table)
-    fig, axes = grid(2, len(keys))
-    for col, (task, model) in enumerate(keys):
+    cells = max(((table["task"] == t) & (table["model"] == m)).sum() for t, m in keys)
+    fig, axes = plt.subplots(
+        len(keys), 2, figsize=(PAGE_WIDTH, max(2.0, 1.0 + 0.3 * cells) * len(keys)), squeeze=False
+    )
+    for row, (task, model) in enumerate(keys):
         part = table[(table["task"] == task) & (table["model"] == model)]
-        bars(axes[0][col], part, "peak_mem_mib", "peak memory per device (MiB)")
-        axes[0][col].set_title(f"{title(task, model)}: per device (the largest stage)")
+        device, per = axes[row]
+        bars(device, part, "peak_mem_mib", "peak memory per device (MiB)")
+        device.set_title(f"{title(task, model)}: the largest stage", fontsize=9)
         one_worker = part["bp_mem_mib"].max()
         if pd.notna(one_worker):
-            axes[0][col].axhline(one_worker, color=COLOURS["bp"], lw=1, ls="--")
-            axes[0][col].annotate("BP on one worker", (0, one_worker), xytext=(2, 2),
-                                  textcoords="offset points", fontsize=7, color=COLOURS["bp"],
-                                  xycoords=("axes fraction", "data"))
+            device.axvline(one_worker, color=COLOURS["bp"], lw=1, ls="--")
+            device.annotate(
+                "BP on one worker",
+                (one_worker, 0),
+                xytext=(2, 2),
+                textcoords="offset points",
+                fontsize=7,
+                color=COLOURS["bp"],
+                xycoords=("data", "axes fraction"),
+            )
         per_stage = stages[(stages["task"] == task) & (stages["model"] == model)].copy()
-        per_stage["rule"] = [label_of(m, k, executor=e, workers=w) for m, k, e, w in zip(
-            per_stage["method"], per_stage["groups"], per_stage["executor"], per_stage["workers"])]
-        order = [label_of(m, k, executor=e, workers=w) for m, k, e, w in zip(
-            part["method"], part["groups"], part["executor"], part["workers"])]
-        sns.barplot(data=per_stage, x="rule", y="MiB", hue="stage", order=list(dict.fromkeys(order)),
-                    ax=axes[1][col], errorbar=None, palette="Greys")
-        axes[1][col].set(title="per stage (DDP: per rank)", xlabel="", ylabel="peak memory (MiB)")
-        axes[1][col].tick_params(axis="x", rotation=40, labelsize=8)
-        for label in axes[1][col].get_xticklabels():
-            label.set_horizontalalignment("right")
-        axes[1][col].grid(axis="y", alpha=0.3)
-    fig.suptitle("Peak memory: parameters, gradients, optimizer state and saved activations",
-                 y=1.0)
+        per_stage["rule"] = [
+            label_of(m, k, executor=e, workers=w)
+            for m, k, e, w in zip(
+                per_stage["method"],
+                per_stage["groups"],
+                per_stage["executor"],
+                per_stage["workers"],
+            )
+        ]
+        order = [
+            label_of(m, k, executor=e, workers=w)
+            for m, k, e, w in zip(part["method"], part["groups"], part["executor"], part["workers"])
+        ]
+        sns.barplot(
+            data=per_stage,
+            y="rule",
+            x="MiB",
+            hue="stage",
+            order=list(dict.fromkeys(order)),
+            ax=per,
+            errorbar=None,
+            palette="Greys",
+            orient="h",
+        )
+        per.set_title("per stage (DDP: per rank)", fontsize=9)
+        per.set(ylabel="", xlabel="peak memory (MiB)")
+        per.tick_params(axis="y", labelsize=7)
+        per.legend(title="stage", fontsize=6, title_fontsize=7)
+        per.grid(axis="x", alpha=0.3)
+    heading(fig, "Peak memory: parameters, gradients, optimizer state and saved activations")
     fig.tight_layout()
     return save(fig, out, "memory")
 
 
 def tradeoff(table: pd.DataFrame, out: Path) -> list[Path]:
     keys = facets(table)
-    fig, axes = grid(1, len(keys), width=5.2, height=4.0)
-    for ax, (task, model) in zip(axes[0], keys):
+    fig, axes = wrapped(len(keys), height=3.2)
+    for ax, (task, model) in zip(axes, keys):
         part = table[(table["task"] == task) & (table["model"] == model)]
         for _, r in part.iterrows():
             name = rule(r["method"], r["executor"])
-            ax.scatter(r["speedup"], r["mean"], color=COLOURS.get(name), s=55,
-                       marker="o" if r["workers"] <= 2 else "s", edgecolor="black", linewidth=0.4,
-                       label=NAMES.get(name, name))
-            ax.annotate(placed(r["groups"], r["executor"], r["workers"]), (r["speedup"], r["mean"]),
-                        fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.scatter(
+                r["speedup"],
+                r["mean"],
+                color=COLOURS.get(name),
+                s=55,
+                marker="o" if r["workers"] <= 2 else "s",
+                edgecolor="black",
+                linewidth=0.4,
+                label=NAMES.get(name, name),
+            )
+            ax.annotate(
+                placed(r["groups"], r["executor"], r["workers"]),
+                (r["speedup"], r["mean"]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
         ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="speedup against BP (1 worker)", ylabel=part["metric"].iloc[0],
-               title=title(task, model))
+        ax.set(
+            xlabel="speedup against BP (1 worker)",
+            ylabel=part["metric"].iloc[0],
+            title=title(task, model),
+        )
         ax.grid(alpha=0.3)
-    legend(fig, axes[0])
-    fig.suptitle("Accuracy against speedup", y=1.2)
+    legend(fig, axes)
     return save(fig, out, "tradeoff")
 
 
@@ -220,8 +368,9 @@ def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
     final = final[final["run_id"].isin(with_subs)]
     if final.empty:  # no rule with sub-models ran: say so rather than draw nothing
         fig, ax = plt.subplots(figsize=(5, 2))
-        ax.text(0.5, 0.5, "no run of a rule with sub-models (LC, DGL, GN-DGL)",
-                ha="center", va="center")
+        ax.text(
+            0.5, 0.5, "no run of a rule with sub-models (LC, DGL, GN-DGL)", ha="center", va="center"
+        )
         ax.set_axis_off()
         return save(fig, out, "submodels")
     keys = facets(final)
@@ -231,65 +380,102 @@ def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
         subs = part[part["metric"] == "test_acc"].copy()
         subs["sub-model"] = subs["stage"].replace("", "final")
         subs["value"] *= 100
-        subs["rule"] = [label_of(m, k, executor=e, workers=w) for m, k, e, w in zip(
-            subs["method"], subs["groups"], subs["executor"], subs["workers"])]
+        subs["rule"] = [
+            label_of(m, k, executor=e, workers=w)
+            for m, k, e, w in zip(subs["method"], subs["groups"], subs["executor"], subs["workers"])
+        ]
         hue = sorted(set(subs["sub-model"]) - {"final"}, key=int) + ["final"]
-        sns.barplot(data=subs, x="rule", y="value", hue="sub-model", hue_order=hue,
-                    ax=axes[0][col], errorbar="sd", palette="Blues")
-        axes[0][col].set(title=f"{title(task, model)}: every sub-model", xlabel="",
-                         ylabel="test accuracy (%)")
-        axes[0][col].grid(axis="y", alpha=0.3)
+        sns.barplot(
+            data=subs,
+            y="rule",
+            x="value",
+            hue="sub-model",
+            hue_order=hue,
+            ax=axes[0][col],
+            errorbar="sd",
+            palette="Blues",
+            orient="h",
+        )
+        axes[0][col].set_title(f"{title(task, model)}: every sub-model", fontsize=9)
+        axes[0][col].set(ylabel="", xlabel="test accuracy (%)")
+        axes[0][col].tick_params(axis="y", labelsize=7)
+        axes[0][col].legend(title="sub-model", fontsize=6, title_fontsize=7)
+        axes[0][col].grid(axis="x", alpha=0.3)
         prog = part[part["metric"].str.startswith("progressive_")].copy()
         prog["threshold"] = prog["metric"].str.rsplit("_t", n=1).str[1]
         prog["kind"] = prog["metric"].str.split("_").str[1]
         run = ["method", "groups", "executor", "workers"]
-        wide = prog.pivot_table(index=[*run, "threshold"], columns="kind",
-                                values="value").reset_index()
+        wide = prog.pivot_table(
+            index=[*run, "threshold"], columns="kind", values="value"
+        ).reset_index()
         ax = axes[1][col]
         for (method, groups, executor, workers), curve in wide.groupby(run):
             curve = curve.sort_values("flops")
-            ax.plot(curve["flops"] / 1e6, 100 * curve["acc"], marker="o", ms=3,
-                    color=COLOURS.get(method), ls="-" if groups <= 2 else "--",
-                    label=f"{NAMES.get(method, method)}, {placed(groups, executor, workers)}")
-        ax.set(title="progressive inference (confidence 0.5 .. 0.99)",
-               xlabel="mean MFLOPs per sample", ylabel="test accuracy (%)")
+            ax.plot(
+                curve["flops"] / 1e6,
+                100 * curve["acc"],
+                marker="o",
+                ms=3,
+                color=COLOURS.get(method),
+                ls="-" if groups <= 2 else "--",
+                label=f"{NAMES.get(method, method)}, {placed(groups, executor, workers)}",
+            )
+        ax.set_title("progressive inference (confidence 0.5 .. 0.99)", fontsize=9)
+        ax.set(xlabel="mean MFLOPs per sample", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     return save(fig, out, "submodels")
 
 
-SIGNALS = {"synth_cosine": "synthetic vs true gradient: cosine",
-           "critic_corr": "critic loss vs true loss: correlation",
-           "update_cosine": "group's update vs backprop's: cosine"}
+SIGNALS = {
+    "synth_cosine": "synthetic vs true gradient: cosine",
+    "critic_corr": "critic loss vs true loss: correlation",
+    "update_cosine": "group's update vs backprop's: cosine",
+}
 
 
 def signals(rows: pd.DataFrame, out: Path) -> list[Path]:
     part = rows[rows["metric"].isin(list(SIGNALS))]
     if part.empty:  # no DNI or LC run: say so rather than draw nothing
         fig, ax = plt.subplots(figsize=(5, 2))
-        ax.text(0.5, 0.5, "no run of a rule with a local signal to check (LC, DGL, DNI, cDNI)",
-                ha="center", va="center")
+        ax.text(
+            0.5,
+            0.5,
+            "no run of a rule with a local signal to check (LC, DGL, DNI, cDNI)",
+            ha="center",
+            va="center",
+        )
         ax.set_axis_off()
         return save(fig, out, "signals")
     keys = sorted(set(zip(part["task"], part["model"], part["metric"])))
-    fig, axes = grid(1, len(keys), width=4.8)
-    axes = list(axes[0])
+    fig, axes = wrapped(len(keys), height=2.8)
     for ax, (task, model, metric) in zip(axes, keys):
         cell = part[(part["task"] == task) & (part["model"] == model) & (part["metric"] == metric)]
         for (method, groups, stage), runs in cell.groupby(["method", "groups", "stage"]):
             stats = runs.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0)
-            line, = ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=COLOURS.get(method),
-                            alpha=0.4 + 0.6 * int(stage) / int(groups),
-                            label=f"{NAMES.get(method, method)} (K={groups}), stage {stage}")
-            ax.fill_between(stats.index, stats["mean"] - stats["std"],
-                            stats["mean"] + stats["std"], color=line.get_color(), alpha=0.1)
+            (line,) = ax.plot(
+                stats.index,
+                stats["mean"],
+                marker="o",
+                ms=3,
+                color=COLOURS.get(method),
+                alpha=0.4 + 0.6 * int(stage) / int(groups),
+                label=f"{NAMES.get(method, method)} (K={groups}), stage {stage}",
+            )
+            ax.fill_between(
+                stats.index,
+                stats["mean"] - stats["std"],
+                stats["mean"] + stats["std"],
+                color=line.get_color(),
+                alpha=0.1,
+            )
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=f"{title(task, model)}", xlabel="epoch", ylabel=SIGNALS[metric], ylim=(-1, 1))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left", ncol=2)  # signals that work sit in the upper half
     fig.tight_layout()
+    legend(fig, axes)
     return save(fig, out, "signals")
 
 
@@ -301,5 +487,11 @@ def plot_all(results: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="ticks", context="paper")
     table = cells(run_summary(rows))
-    return [*accuracy(rows, out), *time_and_speedup(table, out), *memory(rows, table, out),
-            *tradeoff(table, out), *submodels(rows, out), *signals(rows, out)]
+    return [
+        *accuracy(rows, out),
+        *time_and_speedup(table, out),
+        *memory(rows, table, out),
+        *tradeoff(table, out),
+        *submodels(rows, out),
+        *signals(rows, out),
+    ]

@@ -39,6 +39,7 @@ precision and compilation; one row per cell, seeds aggregated):
 - a note where BP's whole net needs more than one device's memory (the run's GPU, or the
   machine's RAM): BP on one worker and DDP are then impossible, model parallelism is not.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,17 @@ from bench.config import RunConfig, ranks
 from bench.records import read_json
 
 REFERENCES = Path(__file__).parents[1] / "references"
-CELL = ["task", "model", "method", "variant", "groups", "executor", "workers", "threads",
-        "precision"]
+CELL = [
+    "task",
+    "model",
+    "method",
+    "variant",
+    "groups",
+    "executor",
+    "workers",
+    "threads",
+    "precision",
+]
 #: executors whose time is measured on real ranks (the sequential executor's is modelled)
 MEASURED = ("distributed", "ddp")
 #: time to accuracy: the fractions of BP's final score (one worker) a cell is timed to reach
@@ -70,8 +80,11 @@ def load_runs(folder: Path) -> pd.DataFrame:
     frames = []
     for path in sorted(Path(folder).rglob("run.json")):
         info = read_json(path)
-        if (not info or info.get("status") not in ("ok", "diverged")
-                or not (path.parent / "metrics.csv").is_file()):
+        if (
+            not info
+            or info.get("status") not in ("ok", "diverged")
+            or not (path.parent / "metrics.csv").is_file()
+        ):
             continue
         frame = pd.read_csv(path.parent / "metrics.csv", dtype={"stage": str, "run_id": str})
         frame["stage"] = frame["stage"].fillna("")
@@ -83,14 +96,17 @@ def load_runs(folder: Path) -> pd.DataFrame:
         frame["workers"] = workers(config)
         frame["batch_size"] = config.get("batch_size")
         measured = config.get("executor") in MEASURED  # threads per rank matter to its time
-        frame["threads"] = (config.get("threads") or provenance.get("cpu_threads")) if measured else None
+        frame["threads"] = (
+            (config.get("threads") or provenance.get("cpu_threads")) if measured else None
+        )
         frame["device_mem_mib"] = (provenance.get("device_memory_bytes") or math.nan) / 2**20
         frame["precision"] = precision(config)
         frame["diverged"] = info["status"] == "diverged"
         frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=["run_id", *CELL, "seed", "batch_size", "epoch", "stage",
-                                     "metric", "value"])
+        return pd.DataFrame(
+            columns=["run_id", *CELL, "seed", "batch_size", "epoch", "stage", "metric", "value"]
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -119,7 +135,9 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         per_epoch = whole.pivot_table(index="epoch", columns="metric", values="value")
         scores = per_epoch.get("test_ppl" if perplexity else "test_acc", pd.Series(dtype=float))
         curve = scores.reindex(range(1, int(whole["epoch"].max()) + 1)) * (1 if perplexity else 100)
-        busy = run[run["metric"] == "busy_time_s"].assign(layer=lambda f: f["stage"].str.split(".").str[0])
+        busy = run[run["metric"] == "busy_time_s"].assign(
+            layer=lambda f: f["stage"].str.split(".").str[0]
+        )
         per_epoch["busy_s"] = busy.groupby(["epoch", "layer"])["value"].max().groupby("epoch").sum()
         executor = run["executor"].iloc[0]
         time_metric = "epoch_time_s" if executor in MEASURED else "modelled_time_s"
@@ -128,17 +146,25 @@ def run_summary(rows: pd.DataFrame) -> pd.DataFrame:
         # the whole net on one device: a ddp rank holds it all, the stages of a split hold parts
         whole_net = peaks.max() if executor == "ddp" else peaks.sum()
         first = run.iloc[0]
-        out.append({**first[CELL + ["seed"]].to_dict(), "run_id": run_id,
-                    **first[["microbatches", "neuron_groups", "threads", "device_mem_mib"]].to_dict(),
-                    "metric": "test perplexity" if perplexity else "test accuracy (%)",
-                    "score": score, "curve": tuple(curve), "epochs": int(whole["epoch"].max()),
-                    "diverged_at": int(whole["epoch"].max()) if diverged else math.nan,
-                    "time_s": steady(per_epoch, time_metric), "wall_s": steady(per_epoch, "epoch_time_s"),
-                    "modelled_s": steady(per_epoch, "modelled_time_s"),
-                    "busy_s": steady(per_epoch, "busy_s"),
-                    "balance": balance.iloc[0] if len(balance) else math.nan,
-                    "peak_mem_mib": peaks.max() / 2**20 if len(peaks) else math.nan,
-                    "whole_net_mib": whole_net / 2**20 if len(peaks) else math.nan})
+        out.append(
+            {
+                **first[CELL + ["seed"]].to_dict(),
+                "run_id": run_id,
+                **first[["microbatches", "neuron_groups", "threads", "device_mem_mib"]].to_dict(),
+                "metric": "test perplexity" if perplexity else "test accuracy (%)",
+                "score": score,
+                "curve": tuple(curve),
+                "epochs": int(whole["epoch"].max()),
+                "diverged_at": int(whole["epoch"].max()) if diverged else math.nan,
+                "time_s": steady(per_epoch, time_metric),
+                "wall_s": steady(per_epoch, "epoch_time_s"),
+                "modelled_s": steady(per_epoch, "modelled_time_s"),
+                "busy_s": steady(per_epoch, "busy_s"),
+                "balance": balance.iloc[0] if len(balance) else math.nan,
+                "peak_mem_mib": peaks.max() / 2**20 if len(peaks) else math.nan,
+                "whole_net_mib": whole_net / 2**20 if len(peaks) else math.nan,
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -181,9 +207,15 @@ def rule(method: str, executor: str) -> str:
     return "ddp" if executor == "ddp" else method
 
 
-def method_label(method: str, groups: int, microbatches=None, neuron_groups=None,
-                 executor: str | None = None, precision: str | None = None,
-                 variant: str | None = None) -> str:
+def method_label(
+    method: str,
+    groups: int,
+    microbatches=None,
+    neuron_groups=None,
+    executor: str | None = None,
+    precision: str | None = None,
+    variant: str | None = None,
+) -> str:
     """The papers' names: LC(n) and DNI(n) with n = K-1 local modules; BP (DDP); the floor;
     a variant (not published), a precision other than the default fp32, or compilation, in
     brackets."""
@@ -194,12 +226,17 @@ def method_label(method: str, groups: int, microbatches=None, neuron_groups=None
     how += f" [{precision}]" if isinstance(precision, str) and precision != "fp32" else ""
     if executor == "ddp":
         return "BP (DDP)" + how
-    return {"bp": "BP", "lc": f"LC({n})", "dni": f"DNI({n})", "cdni": f"cDNI({n})",
-            "dgl": "DGL", "adgl": "async DGL",
-            "pipe-bp": "pipelined BP" + (f" (M={microbatches})" if microbatches else ""),
-            "gn": "GN-DGL" + (f" (G={neuron_groups})" if neuron_groups else ""),
-            "frozen": f"floor ({n} frozen)",
-            }.get(method, method) + how
+    return {
+        "bp": "BP",
+        "lc": f"LC({n})",
+        "dni": f"DNI({n})",
+        "cdni": f"cDNI({n})",
+        "dgl": "DGL",
+        "adgl": "async DGL",
+        "pipe-bp": "pipelined BP" + (f" (M={microbatches})" if microbatches else ""),
+        "gn": "GN-DGL" + (f" (G={neuron_groups})" if neuron_groups else ""),
+        "frozen": f"floor ({n} frozen)",
+    }.get(method, method) + how
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
@@ -208,17 +245,24 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame()
     grouped = runs.groupby(CELL, dropna=False, sort=False)
-    table = grouped.agg(mean=("score", "mean"), std=("score", "std"), seeds=("seed", "nunique"),
-                        time_s=("time_s", "mean"), wall_s=("wall_s", "mean"),
-                        modelled_s=("modelled_s", "mean"), busy_s=("busy_s", "mean"),
-                        balance=("balance", "mean"),
-                        peak_mem_mib=("peak_mem_mib", "max"),
-                        whole_net_mib=("whole_net_mib", "max"),
-                        device_mem_mib=("device_mem_mib", "min"),
-                        curve=("curve", mean_curve),
-                        diverged_at=("diverged_at", "min"),
-                        metric=("metric", "first"), microbatches=("microbatches", "first"),
-                        neuron_groups=("neuron_groups", "first")).reset_index()
+    table = grouped.agg(
+        mean=("score", "mean"),
+        std=("score", "std"),
+        seeds=("seed", "nunique"),
+        time_s=("time_s", "mean"),
+        wall_s=("wall_s", "mean"),
+        modelled_s=("modelled_s", "mean"),
+        busy_s=("busy_s", "mean"),
+        balance=("balance", "mean"),
+        peak_mem_mib=("peak_mem_mib", "max"),
+        whole_net_mib=("whole_net_mib", "max"),
+        device_mem_mib=("device_mem_mib", "min"),
+        curve=("curve", mean_curve),
+        diverged_at=("diverged_at", "min"),
+        metric=("metric", "first"),
+        microbatches=("microbatches", "first"),
+        neuron_groups=("neuron_groups", "first"),
+    ).reset_index()
     bp = table[(table["method"] == "bp") & (table["executor"] != "ddp")]
     ddp = table[table["executor"] == "ddp"]
     floors = table[table["method"] == "frozen"]
@@ -228,8 +272,12 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         executor first): accuracy points, or perplexity the floor's minus the cell's."""
         if row["method"] not in LOCAL:
             return math.nan
-        same = floors[(floors["task"] == row["task"]) & (floors["model"] == row["model"])
-                      & (floors["groups"] == row["groups"]) & (floors["precision"] == row["precision"])]
+        same = floors[
+            (floors["task"] == row["task"])
+            & (floors["model"] == row["model"])
+            & (floors["groups"] == row["groups"])
+            & (floors["precision"] == row["precision"])
+        ]
         if not len(same):
             return math.nan
         exact = same[same["executor"] == row["executor"]]
@@ -238,51 +286,81 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
 
     def one_worker_bp(row) -> pd.Series | None:
         """BP in one process (the sequential executor), K where there is one."""
-        same = bp[(bp["task"] == row["task"]) & (bp["model"] == row["model"])
-                  & (bp["executor"] == "sequential") & (bp["precision"] == row["precision"])]
+        same = bp[
+            (bp["task"] == row["task"])
+            & (bp["model"] == row["model"])
+            & (bp["executor"] == "sequential")
+            & (bp["precision"] == row["precision"])
+        ]
         exact = same[same["groups"] == row["groups"]]
         base = exact if len(exact) else same
         return base.iloc[0] if len(base) else None
 
     def same_k_ddp(row, threads: bool) -> pd.Series | None:
         """DDP on the cell's K workers (with the same threads per rank where asked)."""
-        same = ddp[(ddp["task"] == row["task"]) & (ddp["model"] == row["model"])
-                   & (ddp["workers"] == row["workers"]) & (ddp["precision"] == row["precision"])]
+        same = ddp[
+            (ddp["task"] == row["task"])
+            & (ddp["model"] == row["model"])
+            & (ddp["workers"] == row["workers"])
+            & (ddp["precision"] == row["precision"])
+        ]
         if threads:
-            same = same[(same["threads"] == row["threads"])
-                        | (same["threads"].isna() & pd.isna(row["threads"]))]
+            same = same[
+                (same["threads"] == row["threads"])
+                | (same["threads"].isna() & pd.isna(row["threads"]))
+            ]
         return same.iloc[0] if len(same) else None
 
     def baselines(row) -> pd.Series:
         measured = row["executor"] in MEASURED
         base, data_parallel = one_worker_bp(row), same_k_ddp(row, threads=True)
         sized = same_k_ddp(row, threads=False)
-        whole = bp[(bp["task"] == row["task"]) & (bp["model"] == row["model"])]["whole_net_mib"].max()
-        return pd.Series({
-            "speedup": (base["wall_s" if measured else "time_s"] / row["time_s"]
-                        if base is not None else math.nan),
-            "speedup_modelled": (base["time_s"] / row["modelled_s"]
-                                 if base is not None and row["method"] in PARALLEL else math.nan),
-            "bound": bound(row, base),
-            "speedup_ddp": (data_parallel["time_s"] / row["time_s"]
-                            if measured and data_parallel is not None else math.nan),
-            "above_floor": above_floor(row),
-            "bp_mem_mib": base["whole_net_mib"] if base is not None else math.nan,
-            "ddp_mem_mib": sized["peak_mem_mib"] if sized is not None else math.nan,
-            "note": (f"the whole net needs {whole:.0f} MiB (BP's stages), one device has "
-                     f"{row['device_mem_mib']:.0f}: no BP on one worker, no DDP"
-                     if whole > row["device_mem_mib"] else ""),
-            **time_to_accuracy(row, base),
-        })
+        whole = bp[(bp["task"] == row["task"]) & (bp["model"] == row["model"])][
+            "whole_net_mib"
+        ].max()
+        return pd.Series(
+            {
+                "speedup": (
+                    base["wall_s" if measured else "time_s"] / row["time_s"]
+                    if base is not None
+                    else math.nan
+                ),
+                "speedup_modelled": (
+                    base["time_s"] / row["modelled_s"]
+                    if base is not None and row["method"] in PARALLEL
+                    else math.nan
+                ),
+                "bound": bound(row, base),
+                "speedup_ddp": (
+                    data_parallel["time_s"] / row["time_s"]
+                    if measured and data_parallel is not None
+                    else math.nan
+                ),
+                "above_floor": above_floor(row),
+                "bp_mem_mib": base["whole_net_mib"] if base is not None else math.nan,
+                "ddp_mem_mib": sized["peak_mem_mib"] if sized is not None else math.nan,
+                "note": (
+                    f"the whole net needs {whole:.0f} MiB (BP's stages), one device has "
+                    f"{row['device_mem_mib']:.0f}: no BP on one worker, no DDP"
+                    if whole > row["device_mem_mib"]
+                    else ""
+                ),
+                **time_to_accuracy(row, base),
+            }
+        )
 
     table = table.join(table.apply(baselines, axis=1))
     table["efficiency"] = table["speedup"] / table["bound"]
     order = [rule(m, e) for m, e in zip(table["method"], table["executor"])]
     rank = [ORDER.index(r) if r in ORDER else len(ORDER) for r in order]
-    return (table.assign(_rank=rank, _other=table["precision"] != "fp32")
-            .sort_values(["task", "model", "_rank", "groups", "workers", "executor", "_other",
-                          "precision"])
-            .drop(columns=["_rank", "_other", "curve"]).reset_index(drop=True))
+    return (
+        table.assign(_rank=rank, _other=table["precision"] != "fp32")
+        .sort_values(
+            ["task", "model", "_rank", "groups", "workers", "executor", "_other", "precision"]
+        )
+        .drop(columns=["_rank", "_other", "curve"])
+        .reset_index(drop=True)
+    )
 
 
 def bound(row, base) -> float:
@@ -321,18 +399,29 @@ def with_references(table: pd.DataFrame, references: pd.DataFrame) -> pd.DataFra
     not run appended (their own columns empty)."""
     rows, used = [], set()
     for _, cell in table.iterrows():
-        match = references[(references["task"] == cell["task"]) & (references["model"] == cell["model"])
-                           & (references["method"] == cell["method"])
-                           & (references["groups"].isna() | (references["groups"] == cell["groups"]))]
+        match = references[
+            (references["task"] == cell["task"])
+            & (references["model"] == cell["model"])
+            & (references["method"] == cell["method"])
+            & (references["groups"].isna() | (references["groups"] == cell["groups"]))
+        ]
         ref = match.iloc[0] if len(match) else None
         if ref is not None:
             used.add(ref.name)
         rows.append({**cell.to_dict(), **reference_columns(ref)})
     for index, ref in references.iterrows():
         if index not in used:
-            rows.append({"task": ref["task"], "model": ref["model"], "method": ref["method"],
-                         "groups": ref["groups"], "executor": "", "metric": "test accuracy (%)",
-                         **reference_columns(ref)})
+            rows.append(
+                {
+                    "task": ref["task"],
+                    "model": ref["model"],
+                    "method": ref["method"],
+                    "groups": ref["groups"],
+                    "executor": "",
+                    "metric": "test accuracy (%)",
+                    **reference_columns(ref),
+                }
+            )
     out = pd.DataFrame(rows)
     out["delta"] = out.get("mean", math.nan) - out["published"]
     return out
@@ -342,8 +431,12 @@ def reference_columns(ref) -> dict:
     if ref is None:
         return {"published": math.nan, "published_std": math.nan, "source": ""}
     source = f"{ref['paper']}, {ref['table']}, row {ref['row']}, column {ref['column']}"
-    return {"published": ref["value"], "published_std": ref["std"], "source": source,
-            "published_row": ref["row"]}
+    return {
+        "published": ref["value"],
+        "published_std": ref["std"],
+        "source": source,
+        "published_row": ref["row"],
+    }
 
 
 def _pm(mean, std, digits=2) -> str:
@@ -361,7 +454,7 @@ def _mib(value) -> str:
 
 
 def _tta(r, fraction: float) -> str:
-    """"412.3 modelled (7 ep)", "never (best 91% of BP)", or empty without a BP baseline."""
+    """ "412.3 modelled (7 ep)", "never (best 91% of BP)", or empty without a BP baseline."""
     stem = tta_name(fraction)
     epochs, best = r.get(f"{stem}_epochs"), r.get("best_of_bp")
     if pd.notna(epochs):
@@ -378,9 +471,19 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
     for _, r in table.iterrows():
         ran = pd.notna(r.get("mean"))
         groups = int(r["groups"]) if pd.notna(r["groups"]) else None
-        label = (method_label(r["method"], groups, r.get("microbatches"), r.get("neuron_groups"),
-                              r.get("executor"), r.get("precision"), r.get("variant"))
-                 if groups else r.get("published_row", r["method"]))
+        label = (
+            method_label(
+                r["method"],
+                groups,
+                r.get("microbatches"),
+                r.get("neuron_groups"),
+                r.get("executor"),
+                r.get("precision"),
+                r.get("variant"),
+            )
+            if groups
+            else r.get("published_row", r["method"])
+        )
         workers = r.get("workers")
         if pd.isna(workers) or not ran:
             workers = ""
@@ -388,39 +491,52 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
             workers = f"{int(workers)} (modelled)"
         else:
             threads = r.get("threads")
-            workers = f"{int(workers)}" + (f" × {int(threads)} thread{'s' * (threads > 1)}"
-                                           if pd.notna(threads) else "")
+            workers = f"{int(workers)}" + (
+                f" × {int(threads)} thread{'s' * (threads > 1)}" if pd.notna(threads) else ""
+            )
         if ran:
             ours = _pm(r["mean"], r["std"]) + f" ({int(r['seeds'])})"
         elif pd.notna(r.get("diverged_at")):
             ours = f"diverged (epoch {int(r['diverged_at'])})"
         else:
             ours = "not run"
-        out.append({
-            "task": r["task"], "model": r["model"], "method": label,
-            "K": str(groups) if groups else "", "executor": r.get("executor") or "",
-            "workers": workers,
-            "metric": r["metric"], "ours (seeds)": ours,
-            "above floor": f"{r['above_floor']:+.2f}" if pd.notna(r.get("above_floor")) else "",
-            "published": _pm(r["published"], r["published_std"]) or "no published number",
-            "Δ": f"{r['delta']:+.2f}" if pd.notna(r.get("delta")) else "",
-            "time/epoch (s)": (f"{r['time_s']:.2f} "
-                               f"{'measured' if r.get('executor') in MEASURED else 'modelled'}"
-                               if pd.notna(r.get("time_s")) else ""),
-            **{f"time to {100 * f:g}% of BP (s)": _tta(r, f) for f in TTA_FRACTIONS},
-            "speedup vs BP (1 worker)": _times(r.get("speedup")),
-            "modelled speedup": _times(r.get("speedup_modelled")),
-            "bound": _times(r.get("bound")),
-            "split balance (FLOPs)": (f"{r['balance']:.2f}" if pd.notna(r.get("balance"))
-                                      and r.get("method") in PARALLEL else ""),
-            "efficiency": f"{r['efficiency']:.2f}" if pd.notna(r.get("efficiency")) else "",
-            "speedup vs DDP (same ranks)": _times(r.get("speedup_ddp")),
-            "peak mem/device (MiB)": _mib(r.get("peak_mem_mib")),
-            "BP mem, 1 worker (MiB)": _mib(r.get("bp_mem_mib")),
-            "DDP mem/rank (MiB)": _mib(r.get("ddp_mem_mib")),
-            "note": r.get("note") if isinstance(r.get("note"), str) else "",
-            "source": r.get("source") or "",
-        })
+        out.append(
+            {
+                "task": r["task"],
+                "model": r["model"],
+                "method": label,
+                "K": str(groups) if groups else "",
+                "executor": r.get("executor") or "",
+                "workers": workers,
+                "metric": r["metric"],
+                "ours (seeds)": ours,
+                "above floor": f"{r['above_floor']:+.2f}" if pd.notna(r.get("above_floor")) else "",
+                "published": _pm(r["published"], r["published_std"]) or "no published number",
+                "Δ": f"{r['delta']:+.2f}" if pd.notna(r.get("delta")) else "",
+                "time/epoch (s)": (
+                    f"{r['time_s']:.2f} "
+                    f"{'measured' if r.get('executor') in MEASURED else 'modelled'}"
+                    if pd.notna(r.get("time_s"))
+                    else ""
+                ),
+                **{f"time to {100 * f:g}% of BP (s)": _tta(r, f) for f in TTA_FRACTIONS},
+                "speedup vs BP (1 worker)": _times(r.get("speedup")),
+                "modelled speedup": _times(r.get("speedup_modelled")),
+                "bound": _times(r.get("bound")),
+                "split balance (FLOPs)": (
+                    f"{r['balance']:.2f}"
+                    if pd.notna(r.get("balance")) and r.get("method") in PARALLEL
+                    else ""
+                ),
+                "efficiency": f"{r['efficiency']:.2f}" if pd.notna(r.get("efficiency")) else "",
+                "speedup vs DDP (same ranks)": _times(r.get("speedup_ddp")),
+                "peak mem/device (MiB)": _mib(r.get("peak_mem_mib")),
+                "BP mem, 1 worker (MiB)": _mib(r.get("bp_mem_mib")),
+                "DDP mem/rank (MiB)": _mib(r.get("ddp_mem_mib")),
+                "note": r.get("note") if isinstance(r.get("note"), str) else "",
+                "source": r.get("source") or "",
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -428,32 +544,44 @@ def orderings(numbers: pd.DataFrame) -> list[str]:
     """Per task and model: the cells ranked by our score and by the published one, best
     first, and how many pairs of the cells that have both are ranked alike."""
     lines = []
-    both = numbers[numbers.get("mean", pd.Series(dtype=float)).notna() & numbers["published"].notna()]
+    both = numbers[
+        numbers.get("mean", pd.Series(dtype=float)).notna() & numbers["published"].notna()
+    ]
     for (task, model), part in both.groupby(["task", "model"], sort=False):
         lower_better = part["metric"].iloc[0] == "test perplexity"
-        labels = [method_label(m, int(k), mb, ng, precision=p, variant=v)
-                  for m, k, mb, ng, p, v in zip(
-                      part["method"], part["groups"], part["microbatches"], part["neuron_groups"],
-                      part.get("precision", [None] * len(part)),
-                      part.get("variant", [None] * len(part)))]
+        labels = [
+            method_label(m, int(k), mb, ng, precision=p, variant=v)
+            for m, k, mb, ng, p, v in zip(
+                part["method"],
+                part["groups"],
+                part["microbatches"],
+                part["neuron_groups"],
+                part.get("precision", [None] * len(part)),
+                part.get("variant", [None] * len(part)),
+            )
+        ]
         ours = dict(zip(labels, part["mean"]))
         published = dict(zip(labels, part["published"]))
 
         def ranked(scores):
             return sorted(scores, key=scores.get, reverse=not lower_better)
 
-        pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+        pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
         alike = sum((ours[a] - ours[b]) * (published[a] - published[b]) > 0 for a, b in pairs)
-        lines.append(f"{task}, {model}: ours {' > '.join(ranked(ours))}; published "
-                     f"{' > '.join(ranked(published))}; {alike} of {len(pairs)} pairs ranked alike")
+        lines.append(
+            f"{task}, {model}: ours {' > '.join(ranked(ours))}; published "
+            f"{' > '.join(ranked(published))}; {alike} of {len(pairs)} pairs ranked alike"
+        )
     return lines
 
 
 def markdown(frame: pd.DataFrame) -> str:
     head = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"
-            for row in frame.itertuples(index=False)]
+    body = [
+        "| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
     return "\n".join([head, rule, *body])
 
 
@@ -475,8 +603,9 @@ def write(name: str, results: Path, out: Path | None = None) -> tuple[str, list[
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
     ranks = orderings(numbers)
-    md = markdown(text) + ("\n\nOrdering (best first):\n\n" + "\n".join(f"- {line}" for line in ranks)
-                           if ranks else "")
+    md = markdown(text) + (
+        "\n\nOrdering (best first):\n\n" + "\n".join(f"- {line}" for line in ranks) if ranks else ""
+    )
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
     write_atomic(paths[0], md + "\n")
     write_atomic(paths[1], text.to_latex(index=False, escape=True))

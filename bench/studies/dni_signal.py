@@ -22,6 +22,7 @@ a slice of CIFAR-10, batch 64, lr 0.1 (about 7 minutes on 2 cores), with the syn
 study was first run with (``STUDIED``: the DGL comparison's three 5x5 convs, of 32 filters, and
 the running-RMS fit, not published), so that its table in the README stays reproducible.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,34 @@ from torch.nn import functional as F
 
 from bench import prepare
 from bench.config import RunConfig, UsageError
-from bench.records import write_atomic
 from bench.executors.sequential import train_step
 from bench.measure import diagnostics
+from bench.records import write_atomic
 from methods import modules
 from methods.dni import DNIOptions
 
 #: the synthesizer the study measured: three 5x5 convs (BN + ReLU between), the RMS fit
-STUDIED = {"synth_filters": 32, "synth_layers": 2, "synth_kernel": 5, "synth_batchnorm": True,
-           "synth_fit": "rms"}
-FIDELITY = RunConfig(method="dni", task="cifar10", model="lc-vgg", groups=4, split="paper",
-                     width=0.25, batch_size=64, lr=0.1, limit_train=10240, limit_test=2000,
-                     options=STUDIED, device="cpu")
+STUDIED = {
+    "synth_filters": 32,
+    "synth_layers": 2,
+    "synth_kernel": 5,
+    "synth_batchnorm": True,
+    "synth_fit": "rms",
+}
+FIDELITY = RunConfig(
+    method="dni",
+    task="cifar10",
+    model="lc-vgg",
+    groups=4,
+    split="paper",
+    width=0.25,
+    batch_size=64,
+    lr=0.1,
+    limit_train=10240,
+    limit_test=2000,
+    options=STUDIED,
+    device="cpu",
+)
 PROBE_SIZE = 256
 
 
@@ -75,8 +92,11 @@ def probe(stages, x, y) -> dict[int, tuple[float, float]]:
     """``{stage: (synth_cosine, synth_norm_ratio)}`` on the batch, by the run's diagnostics."""
     prepare.reset_states(stages, y.shape[0])
     rows = diagnostics.probe_rows(stages, x, y, prepare.classification_loss)
-    return {int(label): (rows[label, "synth_cosine"], rows[label, "synth_norm_ratio"])
-            for label, metric in rows if metric == "synth_cosine"}
+    return {
+        int(label): (rows[label, "synth_cosine"], rows[label, "synth_norm_ratio"])
+        for label, metric in rows
+        if metric == "synth_cosine"
+    }
 
 
 def gradients_at_cuts(stages, task, samples: int, seed: int):
@@ -100,16 +120,29 @@ def gradients_at_cuts(stages, task, samples: int, seed: int):
             n += y.shape[0]
             if n >= samples:
                 break
-    return [torch.cat(h)[:samples] for h in hs], [torch.cat(g)[:samples] for g in gs], torch.cat(ys)[:samples]
+    return (
+        [torch.cat(h)[:samples] for h in hs],
+        [torch.cat(g)[:samples] for g in gs],
+        torch.cat(ys)[:samples],
+    )
 
 
-def fit_synthesizer(h, g, y, *, conditioned: bool, filters: int, epochs: int, lr: float,
-                    classes: int, seed: int = 0) -> modules.Synthesizer:
+def fit_synthesizer(
+    h, g, y, *, conditioned: bool, filters: int, epochs: int, lr: float, classes: int, seed: int = 0
+) -> modules.Synthesizer:
     """A fresh synthesizer of the rule's architecture fitted (L2, Adam at ``lr``, batches of
     64) to the fixed targets ``g`` over ``epochs`` passes; its ``scale`` is their RMS."""
     torch.manual_seed(seed)
-    synth = modules.Synthesizer(tuple(h.shape[1:]), classes, conditioned=conditioned, filters=filters,
-                                kernel=5, layers=2, batchnorm=True, fit="rms")
+    synth = modules.Synthesizer(
+        tuple(h.shape[1:]),
+        classes,
+        conditioned=conditioned,
+        filters=filters,
+        kernel=5,
+        layers=2,
+        batchnorm=True,
+        fit="rms",
+    )
     synth.scale.fill_(g.pow(2).mean().sqrt())
     optimizer = torch.optim.Adam(synth.parameters(), lr)
     for _ in range(epochs):
@@ -134,22 +167,43 @@ def cosine(synth: modules.Synthesizer, h, g, y) -> tuple[float, float]:
     return sum(cos) / len(cos), sum(ratio) / len(ratio)
 
 
-def run(cfg: RunConfig = FIDELITY, *, steps: int = 200, samples: int = 8192, held_out: int = 1024,
-        epochs: int = 9, lr: float = 1e-3, later=(5, 15, 40), progress=print) -> list[dict]:
+def run(
+    cfg: RunConfig = FIDELITY,
+    *,
+    steps: int = 200,
+    samples: int = 8192,
+    held_out: int = 1024,
+    epochs: int = 9,
+    lr: float = 1e-3,
+    later=(5, 15, 40),
+    progress=print,
+) -> list[dict]:
     """The three measurements (module doc) as tidy rows."""
     if prepare.resolve(cfg).method != "dni":
         raise UsageError(f"the study is of DNI's label-blind synthesizer, not {cfg.method}")
     rows = []
 
     def add(part, stage, synthesizer, step, values):
-        rows.append({"part": part, "stage": stage, "synthesizer": synthesizer, "step": step,
-                     "synth_cosine": values[0], "synth_norm_ratio": values[1]})
+        rows.append(
+            {
+                "part": part,
+                "stage": stage,
+                "synthesizer": synthesizer,
+                "step": step,
+                "synth_cosine": values[0],
+                "synth_norm_ratio": values[1],
+            }
+        )
 
     rate = cfg.options.get("synth_lr", DNIOptions.synth_lr)
-    online = {"online, as published": (cfg, False),
-              f"online, synthesizers at lr {10 * rate:g}":
-                  (replace(cfg, options={**cfg.options, "synth_lr": 10 * rate}), False),
-              "online, groups at lr 0": (cfg, True)}
+    online = {
+        "online, as published": (cfg, False),
+        f"online, synthesizers at lr {10 * rate:g}": (
+            replace(cfg, options={**cfg.options, "synth_lr": 10 * rate}),
+            False,
+        ),
+        "online, groups at lr 0": (cfg, True),
+    }
     runs = {}
     for part, (part_cfg, held) in online.items():
         prep = prepare.prepare(part_cfg)
@@ -172,8 +226,16 @@ def run(cfg: RunConfig = FIDELITY, *, steps: int = 200, samples: int = 8192, hel
     for k, (h, g) in enumerate(zip(hs, gs)):
         for conditioned in (False, True):
             started = time.perf_counter()
-            synth = fit_synthesizer(h[fit], g[fit], y[fit], conditioned=conditioned,
-                                    filters=filters, epochs=epochs, lr=lr, classes=classes)
+            synth = fit_synthesizer(
+                h[fit],
+                g[fit],
+                y[fit],
+                conditioned=conditioned,
+                filters=filters,
+                epochs=epochs,
+                lr=lr,
+                classes=classes,
+            )
             name = "conditioned" if conditioned else "label-blind"
             add("offline fit", k + 1, name, step, cosine(synth, h[test], g[test], y[test]))
             progress(f"offline fit, stage {k + 1}, {name}: {time.perf_counter() - started:.0f} s")
@@ -182,7 +244,13 @@ def run(cfg: RunConfig = FIDELITY, *, steps: int = 200, samples: int = 8192, hel
     for later_step in later:
         step = train(prep.stages, stream, step, later_step - (step - steps))
         hs, gs, y = gradients_at_cuts(prep.stages, prep.task, samples + held_out, cfg.seed + 1)
-        add("staleness", len(hs), "label-blind", step, cosine(blind, hs[-1][test], gs[-1][test], y[test]))
+        add(
+            "staleness",
+            len(hs),
+            "label-blind",
+            step,
+            cosine(blind, hs[-1][test], gs[-1][test], y[test]),
+        )
     progress(f"staleness: {steps} + {', '.join(map(str, later))} steps")
     return rows
 
@@ -194,7 +262,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.studies.dni_signal", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.studies.dni_signal", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--data-dir", help="where the CIFAR-10 copy is (as for lcbench run)")
     p.add_argument("--steps", type=int, default=200, help="steps of the online runs (200)")
     p.add_argument("--samples", type=int, default=8192, help="images the offline fits see (8192)")
@@ -218,11 +288,20 @@ def main(argv=None) -> None:
         except OSError as e:
             print(f"dni_signal: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
             sys.exit(2)
-    print(f"DNI's label-blind signal: {cfg.model} x {cfg.width} on {cfg.task}, K={cfg.groups} "
-          f"({cfg.split} cuts), batch {cfg.batch_size}, lr {cfg.lr}", flush=True)
+    print(
+        f"DNI's label-blind signal: {cfg.model} x {cfg.width} on {cfg.task}, K={cfg.groups} "
+        f"({cfg.split} cuts), batch {cfg.batch_size}, lr {cfg.lr}",
+        flush=True,
+    )
     try:
-        rows = run(cfg, steps=args.steps, samples=args.samples, held_out=args.held_out,
-                   epochs=args.epochs, progress=lambda text: print(text, flush=True))
+        rows = run(
+            cfg,
+            steps=args.steps,
+            samples=args.samples,
+            held_out=args.held_out,
+            epochs=args.epochs,
+            progress=lambda text: print(text, flush=True),
+        )
     except UsageError as e:
         print(f"dni_signal: {e}", file=sys.stderr)
         sys.exit(2)
