@@ -4,7 +4,7 @@ last checkpoint where an earlier attempt left one."""
 
 from __future__ import annotations
 
-from . import checkpoint, prepare
+from . import prepare
 from .config import LAUNCHED, ranks
 from .executors import launch, sequential
 from .records import RunRecord
@@ -16,11 +16,8 @@ def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
     (``--max-restarts``), else here. A checkpoint that is not this run's raises
     checkpoint.Mismatch before anything is written."""
     cfg = prep.cfg
-    store = checkpoint.Checkpoints(
-        prepare.run_folder(cfg), checkpoint.fingerprint(cfg, prep.stages, prep.cuts)
-    )
-    epoch = store.latest() if cfg.checkpoint_every else None
     if cfg.executor in LAUNCHED or cfg.max_restarts:  # the ranks load their own parts
+        sequential.checkpoints(prep)  # refused here, before anything is written
         prepare.check_writable(cfg)
         return launch.run(
             cfg,
@@ -30,4 +27,4 @@ def execute(prep: prepare.Prepared, *, progress: bool = True) -> RunRecord:
             cuts=prep.cuts,
             progress=progress,
         )
-    return sequential.run(prep, store, epoch, progress=progress)
+    return sequential.run(prep, progress=progress)

@@ -32,8 +32,9 @@ TINY = [
     "--save-weights",
     "--quiet",
 ]
-#: kills rank ``LCBENCH_TEST_VICTIM`` with SIGKILL at its ``LCBENCH_TEST_CALL``-th tally (4
-#: batches an epoch) in each of the first ``LCBENCH_TEST_KILLS`` attempts
+#: sends rank ``LCBENCH_TEST_VICTIM`` signal ``LCBENCH_TEST_SIGNAL`` at its
+#: ``LCBENCH_TEST_CALL``-th tally (4 batches an epoch) in each of the first
+#: ``LCBENCH_TEST_KILLS`` attempts
 KILL = """
 import os, signal
 if (os.environ.get("RANK") == os.environ.get("LCBENCH_TEST_VICTIM")
@@ -43,7 +44,7 @@ if (os.environ.get("RANK") == os.environ.get("LCBENCH_TEST_VICTIM")
     def tally(self, n, **means):
         calls.append(n)
         if len(calls) == int(os.environ["LCBENCH_TEST_CALL"]):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ["LCBENCH_TEST_SIGNAL"]))
         return original(self, n, **means)
     base.Stage.tally = tally
 """
@@ -58,11 +59,12 @@ def start(
     kills: int = 0,
     victim: int = 1,
     call: int = 6,
+    sig: str = "SIGKILL",
     tmp: Path | None = None,
 ) -> subprocess.Popen:
     """The run of ``args`` under ``out``; ``kills``: in its first attempts, its rank
-    ``victim`` killed at its ``call``-th tally (batch 2 of epoch 2 where it tallies once a
-    batch)."""
+    ``victim`` sent ``sig`` at its ``call``-th tally (batch 2 of epoch 2 where it tallies
+    once a batch)."""
     env = tagged(out)
     if kills:
         (tmp / "inject").mkdir(exist_ok=True)
@@ -72,6 +74,7 @@ def start(
             LCBENCH_TEST_VICTIM=str(victim),
             LCBENCH_TEST_KILLS=str(kills),
             LCBENCH_TEST_CALL=str(call),
+            LCBENCH_TEST_SIGNAL=sig,
         )
     return subprocess.Popen(
         [sys.executable, "-m", "bench", "run", *args, *TINY, "--out", str(out)],
@@ -160,43 +163,20 @@ def test_a_rank_that_stops_answering_with_a_restart_left_is_restarted(tmp_path):
     """SIGSTOP rank 1 in epoch 2: rank 0 gives up after --rank-timeout, the stopped rank is
     killed at once and torchrun restarts the group, which ends ok; run.json names the rank."""
     out = tmp_path / "out"
-    stop = KILL.replace(
-        "os.kill(os.getpid(), signal.SIGKILL)", "os.kill(os.getpid(), signal.SIGSTOP)"
-    )
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(stop)
-    env = {
-        **tagged(out),
-        "PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.getcwd()}",
-        "LCBENCH_TEST_VICTIM": "1",
-        "LCBENCH_TEST_KILLS": "1",
-        "LCBENCH_TEST_CALL": "6",
-    }
     started = time.monotonic()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--method",
-            "lc",
-            "--executor",
-            "distributed",
-            "--max-restarts",
-            "1",
-            "--rank-timeout",
-            "5",
-            *TINY,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    args = [
+        "--method",
+        "lc",
+        "--executor",
+        "distributed",
+        "--max-restarts",
+        "1",
+        "--rank-timeout",
+        "5",
+    ]
+    proc = start(out, args, kills=1, sig="SIGSTOP", tmp=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
     assert time.monotonic() - started < 60  # not torchrun's 30 s wait on the stopped rank
     info = json.loads((run_folder(out) / "run.json").read_text())
     (restart,) = info["restarts"]

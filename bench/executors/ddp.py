@@ -33,7 +33,6 @@ from torch.nn.parallel import DistributedDataParallel
 from bench import checkpoint, prepare
 from bench.config import RunConfig
 from bench.measure import memory, timing
-from bench.measure.provenance import now
 from bench.records import save_weights, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 
@@ -158,26 +157,13 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             record.add(epoch, merged)
             stop_if_diverged(record, merged["", "train_loss"], epoch)
         if checkpoint.due(cfg.checkpoint_every, epoch):
-            with unwrapped(stage):
+            with unwrapped(stage):  # its state without DDP's "module."
                 state = stage.state_dict()
-            store.save(
-                epoch,
-                {
-                    "stages": [state],
-                    "rng": checkpoint.rng_state(device, generator),
-                    "rows": record.rows if rank == 0 else None,
-                },
-            )
-            dist.barrier()  # every rank's part is written: rank 0 marks the epoch complete
-            store.commit(epoch)
+            distributed.save_checkpoint(store, epoch, state, device, generator, record)
     if cfg.save_weights and rank == 0:
         with unwrapped(stage):
             save_weights(folder, "1", stage)
-    dist.barrier()
-    if rank == 0:
-        record.update(status="ok", ended=now())
-    dist.barrier()
-    store.remove()
+    distributed.finish(store, record)
 
 
 def main(argv: list[str] | None = None) -> None:

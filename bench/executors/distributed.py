@@ -302,6 +302,32 @@ def resume_point(store: checkpoint.Checkpoints, cfg: RunConfig, device) -> dict 
     return None
 
 
+def save_checkpoint(
+    store: checkpoint.Checkpoints, epoch: int, state: dict, device, generator, record
+) -> None:
+    """Every rank writes its part of ``epoch`` (its stage's ``state``, RNG states; rank 0's
+    ``record`` its rows); once all are written, rank 0 marks the epoch complete."""
+    store.save(
+        epoch,
+        {
+            "stages": [state],
+            "rng": checkpoint.rng_state(device, generator),
+            "rows": record.rows if record is not None else None,
+        },
+    )
+    dist.barrier()
+    store.commit(epoch)
+
+
+def finish(store: checkpoint.Checkpoints, record) -> None:
+    """Every rank done: rank 0 (``record``) marks the run ok, then the checkpoints go."""
+    dist.barrier()
+    if record is not None:
+        record.update(status="ok", ended=now())
+    dist.barrier()
+    store.remove()
+
+
 def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     """The body of one rank: build its part, train, gather rows on rank 0, checkpoint."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -425,23 +451,10 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             record.add(epoch, merged)
             stop_if_diverged(record, merged["", "train_loss"], epoch)
         if checkpoint.due(cfg.checkpoint_every, epoch):
-            store.save(
-                epoch,
-                {
-                    "stages": [stage.state_dict()],
-                    "rng": checkpoint.rng_state(device, generator),
-                    "rows": record.rows if rank == 0 else None,
-                },
-            )
-            dist.barrier()  # every rank's part is written: rank 0 marks the epoch complete
-            store.commit(epoch)
+            save_checkpoint(store, epoch, stage.state_dict(), device, generator, record)
     if cfg.save_weights:
         save_weights(prepare.run_folder(cfg), part.label, stage)
-    dist.barrier()
-    if rank == 0:
-        record.update(status="ok", ended=now())
-    dist.barrier()
-    store.remove()
+    finish(store, record)
 
 
 def main(argv: list[str] | None = None, *, executor: str = "distributed", body=worker) -> None:
@@ -467,10 +480,7 @@ def main(argv: list[str] | None = None, *, executor: str = "distributed", body=w
     try:
         body(cfg, config.get("cuts"), progress=os.environ.get("LCBENCH_PROGRESS") == "1")
     except BaseException as e:
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        folder = prepare.run_folder(prepare.resolve(cfg))
-        if folder.exists():
-            (folder / f".rank{rank}.error").write_text(f"{time.time()} {reason.splitlines()[0]}\n")
+        launch.leave_error(prepare.run_folder(prepare.resolve(cfg)), rank, e)
         traceback.print_exc()
         os._exit(1)  # do not wait on peers that will never answer
     dist.destroy_process_group()

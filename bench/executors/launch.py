@@ -295,6 +295,20 @@ def diverged_before(folder: Path) -> bool:
     return isinstance(info, dict) and info.get("status") == "diverged"
 
 
+def leave_error(folder: Path, rank: int, error: BaseException) -> None:
+    """In a rank that fails: its one-line error in the run folder (``.rankN.error``: time and
+    message), for the launcher and the next attempt; a RunFailed is told by its cause."""
+    if isinstance(error, RunFailed) and error.__cause__ is not None:
+        error = error.__cause__
+    reason = (
+        "interrupted"
+        if isinstance(error, KeyboardInterrupt)
+        else f"{type(error).__name__}: {error}"
+    )
+    if folder.exists():
+        (folder / f".rank{rank}.error").write_text(f"{time.time()} {reason.splitlines()[0]}\n")
+
+
 def restart_note(folder: Path, ranks: int) -> dict | None:
     """In an attempt that torchrun's elastic agent started again, for rank 0 to note: the
     attempt, when, which rank failed in the attempt before and why (its ranks' error

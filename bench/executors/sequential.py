@@ -249,17 +249,21 @@ def train(
             store.commit(epoch)
 
 
-def run(
-    prep: prepare.Prepared,
-    store: checkpoint.Checkpoints,
-    epoch: int | None,
-    *,
-    progress: bool,
-    restart: dict | None = None,
-) -> RunRecord:
-    """The sequential executor in this process, from the checkpoint of ``epoch`` (None: from
-    the start); ``restart``: what torchrun's restart of this process is noted as."""
+def checkpoints(prep: prepare.Prepared) -> tuple[checkpoint.Checkpoints, int | None]:
+    """The run's checkpoints and the newest complete epoch among them (None: none, or
+    ``--no-checkpoint``); a checkpoint that is not this run's raises checkpoint.Mismatch."""
     cfg = prep.cfg
+    store = checkpoint.Checkpoints(
+        prepare.run_folder(cfg), checkpoint.fingerprint(cfg, prep.stages, prep.cuts)
+    )
+    return store, store.latest() if cfg.checkpoint_every else None
+
+
+def run(prep: prepare.Prepared, *, progress: bool, restart: dict | None = None) -> RunRecord:
+    """The sequential executor in this process, from the run's newest checkpoint (none:
+    from the start); ``restart``: what torchrun's restart of this process is noted as."""
+    cfg = prep.cfg
+    store, epoch = checkpoints(prep)
     resumed = store.load(epoch, prep.device) if epoch else None
     if resumed is None:
         store.remove()  # what an earlier attempt left is not continued

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
-from bench import checkpoint, prepare
+from bench import prepare
 from bench.config import RunConfig
 
 from . import launch, sequential
@@ -28,27 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     if launch.diverged_before(folder):
         return
     try:
-        prep = prepare.prepare(cfg, cuts=config.get("cuts"))
-        store = checkpoint.Checkpoints(
-            folder, checkpoint.fingerprint(prep.cfg, prep.stages, prep.cuts)
-        )
-        epoch = store.latest() if prep.cfg.checkpoint_every else None
         sequential.run(
-            prep,
-            store,
-            epoch,
+            prepare.prepare(cfg, cuts=config.get("cuts")),
             progress=os.environ.get("LCBENCH_PROGRESS") == "1",
             restart=launch.restart_note(folder, 1),
         )
     except BaseException as e:
-        cause = e.__cause__ or e  # RunFailed says which run; the error is its cause
-        reason = (
-            "interrupted"
-            if isinstance(e, KeyboardInterrupt)
-            else f"{type(cause).__name__}: {cause}"
-        )
-        if folder.exists():
-            (folder / ".rank0.error").write_text(f"{time.time()} {reason.splitlines()[0]}\n")
+        launch.leave_error(folder, 0, e)
         traceback.print_exc()
         sys.exit(1)
 

@@ -326,8 +326,9 @@ def fit_link(
     return alpha, beta
 
 
-def _median_seconds(op: Callable[[], None], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``op`` on both ranks at once (a barrier before each), after one."""
+def _together(op: Callable[[], None], device: torch.device, repeats: int) -> list[float]:
+    """Seconds of ``op`` on this rank at each of ``repeats`` calls both ranks start together
+    (a barrier before each, as DDP's all-reduce joins them), after one untimed."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(repeats + 1):
@@ -338,7 +339,12 @@ def _median_seconds(op: Callable[[], None], device: torch.device, repeats: int) 
         sync()
         if i:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_seconds(op: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``op`` on both ranks at once."""
+    return statistics.median(_together(op, device, repeats))
 
 
 def _ping_pong(rank: int, device: torch.device, size: int, repeats: int) -> float:
@@ -385,21 +391,6 @@ def _shared(rank: int, work: Callable[[], None], device: torch.device, rounds: i
     return statistics.median(ratios)
 
 
-def _lockstep(work: Callable[[], None], device: torch.device, steps: int = 20) -> list[float]:
-    """Seconds of ``work`` on this rank at each of ``steps`` steps that both ranks start
-    together (a barrier before each, as DDP's all-reduce joins them)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = []
-    for _ in range(steps):
-        dist.barrier()
-        sync()
-        start = time.perf_counter()
-        work()
-        sync()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def step_cv(times: Sequence[Sequence[float]]) -> float:
     """The variation of a step's time that lockstep workers pay for: from each rank's
     seconds per step (``times``, one list per rank, steps started together), the mean
@@ -428,7 +419,7 @@ def link_worker(config: dict) -> None:
     net = models.build_model(config["model"], info.input_shape, info.num_classes).to(device).train()
     x = dummy_input(net, info.input_shape, config["batch_size"], device=device)
     slowdown = _shared(rank, lambda: net(x).float().sum().backward(), device)
-    steps = _lockstep(lambda: net(x).float().sum().backward(), device)
+    steps = _together(lambda: net(x).float().sum().backward(), device, 20)
     figures = [None, None] if rank == 0 else None
     dist.gather_object((slowdown, steps), figures, dst=0)
     if rank == 0:

@@ -30,6 +30,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
+
+#: the standard normal (its density and distribution function)
+NORMAL = NormalDist()
 
 #: DDP's gradient buckets (torch.nn.parallel.DistributedDataParallel's defaults)
 BUCKET_BYTES = 25 * 2**20
@@ -158,12 +162,8 @@ def expected_max_normal(n: int) -> float:
     total = 0.0
     for i in range(steps):
         x = low + (i + 0.5) * h
-        total += x * n * math.exp(-x * x / 2) / math.sqrt(2 * math.pi) * _phi_cdf(x) ** (n - 1)
+        total += x * n * NORMAL.pdf(x) * NORMAL.cdf(x) ** (n - 1)
     return total * h
-
-
-def _phi_cdf(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2))
 
 
 def lockstep(seconds: float, cv: float, workers: int) -> float:
@@ -185,7 +185,7 @@ def expected_max(means: Sequence[float], cv: float) -> float:
             mean, var = max(mean, m), 0.0
             continue
         a = (mean - m) / theta
-        pdf, cdf, rest = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), _phi_cdf(a), _phi_cdf(-a)
+        pdf, cdf, rest = NORMAL.pdf(a), NORMAL.cdf(a), NORMAL.cdf(-a)
         first = mean * cdf + m * rest + theta * pdf
         second = (mean**2 + var) * cdf + (m**2 + v) * rest + (mean + m) * theta * pdf
         mean, var = first, max(0.0, second - first**2)

@@ -187,11 +187,11 @@ def bars(ax, table: pd.DataFrame, column: str, xlabel: str, names: bool = True) 
     ax.grid(axis="x", alpha=0.3)
 
 
-def rows_of(count: int, cells: int) -> tuple:
-    """``count`` rows of panels, one a facet, for ``cells`` bars each at most, at a page's
-    width: ``(figure, axes)``; the panels of a row share their cells' names."""
-    height = max(2.0, 0.9 + 0.2 * cells)
-    return plt.subplots(count, 3, figsize=(PAGE_WIDTH, height * count), squeeze=False)
+def rows_of(count: int, cells: int, columns: int = 3, per_bar: float = 0.2) -> tuple:
+    """``count`` rows of ``columns`` panels, a row a facet, for ``cells`` bars each at most
+    (``per_bar`` inches each), at a page's width: ``(figure, axes)``."""
+    height = max(2.0, 0.9 + per_bar * cells)
+    return plt.subplots(count, columns, figsize=(PAGE_WIDTH, height * count), squeeze=False)
 
 
 def facets(table: pd.DataFrame) -> list[tuple[str, str]]:
@@ -272,9 +272,7 @@ def memory(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
     stages["MiB"] = stages["value"] / 2**20
     keys = facets(table)
     cells = max(((table["task"] == t) & (table["model"] == m)).sum() for t, m in keys)
-    fig, axes = plt.subplots(
-        len(keys), 2, figsize=(PAGE_WIDTH, max(2.0, 1.0 + 0.3 * cells) * len(keys)), squeeze=False
-    )
+    fig, axes = rows_of(len(keys), cells, columns=2, per_bar=0.3)  # a bar per stage beside
     for row, (task, model) in enumerate(keys):
         part = table[(table["task"] == task) & (table["model"] == model)]
         device, per = axes[row]
