@@ -13,7 +13,7 @@ CIFAR10_DIR ?= $(HOME)/.cache/lcbench/cifar10-jpeg
 SCALE_paper := lc-vgg resnet101 wrn28-10 --task cifar10
 SCALE_smoke :=
 
-.PHONY: help setup data lint test test-all learning-check cifar10 fidelity-check fidelity-gpu \
+.PHONY: help setup data lint test test-all learning-check cifar10 fidelity-check fidelity-gpu dni-recipe \
 	dni-comparison reproduce-table2 plot docs-figures bench clean
 
 help:
@@ -25,14 +25,19 @@ help:
 	@echo "                     published numbers, and the figures (resumable; smoke: minutes, offline);"
 	@echo "                     then the forecast map: where each rule beats DDP and pipelined BP on"
 	@echo "                     K = 2..64 GPUs over links of every bandwidth (lcbench scale; paper: lc-vgg,"
-	@echo "                     ResNet-101, WRN-28-10 under the shipped profiles; smoke: its own nets)"
+	@echo "                     ResNet-101, WRN-28-10 under the shipped profiles; smoke: its own nets)."
+	@echo "                     PLAN=1: the plan only (state and price of every run on PROFILE, totals"
+	@echo "                     on DEVICES; default h100-sxm-nvlink, 8), nothing run"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make docs-figures    the README's figures (docs/figures/) from $(RESULTS)/smoke"
-	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs"
-	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3) (the paper's synthesizer and plain L2 fit, and"
-	@echo "                     the running-RMS variant) and the no-signal floor on lc-vgg and a CIFAR-10"
+	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs; DNI and cDNI"
+	@echo "                     also in bf16 and compiled"
+	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3) (the paper's synthesizer and plain L2 fit on"
+	@echo "                     DNI's Adam, and on the table's SGD 0.1) and the no-signal floor on lc-vgg and a CIFAR-10"
 	@echo "                     slice, with the local-signal diagnostics, beside the published ordering;"
 	@echo "                     then why DNI's label-blind synthesizer fails (bench.studies.dni_signal) (~30 min)"
+	@echo "make dni-recipe      the study that chose DNI's and cDNI's training recipe: every candidate on"
+	@echo "                     the fidelity check's setting and the learning check's (~70 min)"
 	@echo "make fidelity-gpu    the same comparison in full on a GPU: lc-vgg, K=4, 20k iterations, bf16"
 	@echo "make dni-comparison [PRESET=cpu]  the DGL authors' DNI comparison (BP, DNI, cDNI, DGL on the"
 	@echo "                     DNI paper's CNN, Adam 3e-5): in full (GPU hours) or a CPU preset (~15 min)"
@@ -73,6 +78,12 @@ learning-check: $(STAMP) data
 	  $(BIN)/lcbench run --method $$m --groups 2 --task fashion-mnist --epochs 3 \
 	    --experiment learning-check --out $(RESULTS) || exit 1; \
 	done
+	for how in "--precision bf16" "--compile"; do \
+	  for m in dni cdni; do \
+	    $(BIN)/lcbench run --method $$m --groups 2 --task fashion-mnist --epochs 3 $$how \
+	      --experiment learning-check --out $(RESULTS) || exit 1; \
+	  done; \
+	done
 
 # The shared JPEG copy of CIFAR-10, unpacked once; the targets that need it are skipped with
 # one line where it is absent.
@@ -89,6 +100,14 @@ fidelity-check: $(STAMP)
 	$(BIN)/lcbench plot $(RESULTS)/fidelity --out figures/fidelity; \
 	$(BIN)/python -m bench.studies.dni_signal --data-dir $(CIFAR10_DIR) --out $(RESULTS)/fidelity-dni-signal.csv
 
+# Which recipe makes DNI and cDNI learn where the LC tables state none: every candidate on the
+# fidelity check's setting and the learning check's (bench.studies.dni_recipe; ~70 min).
+dni-recipe: $(STAMP) data
+	@if [ ! -f $(CIFAR10_ZIP) ]; then echo "dni-recipe: skipped, $(CIFAR10_ZIP) is absent"; exit 0; fi; \
+	set -e; $(MAKE) -s cifar10; \
+	$(BIN)/python -m bench.studies.dni_recipe --data-dir $(CIFAR10_DIR) \
+	  --out $(RESULTS)/dni-recipe.csv --figure figures/dni-recipe.png
+
 fidelity-gpu: $(STAMP)
 	@if [ ! -f $(CIFAR10_ZIP) ]; then echo "fidelity-gpu: skipped, $(CIFAR10_ZIP) is absent"; exit 0; fi; \
 	set -e; $(MAKE) -s cifar10; \
@@ -103,13 +122,21 @@ dni-comparison: $(STAMP)
 	$(BIN)/lcbench table dni-comparison $(RESULTS)
 
 # A sweep exits with 1 when some runs failed: they are recorded, and the table shows what ran.
+# PLAN=1: the preset's plan (each run's state and price on PROFILE, totals on DEVICES), nothing run.
+PROFILE ?= h100-sxm-nvlink
+DEVICES ?= 8
 reproduce-table2: $(STAMP) data
+ifdef PLAN
+	$(BIN)/lcbench sweep bench/experiments/table2.toml --preset $(PRESET) --out $(RESULTS)/$(PRESET) \
+	  --plan --profile $(PROFILE) --devices $(DEVICES)
+else
 	$(BIN)/lcbench sweep bench/experiments/table2.toml --preset $(PRESET) --out $(RESULTS)/$(PRESET) \
 	  || test $$? -eq 1
 	$(BIN)/lcbench table table2 $(RESULTS)/$(PRESET)
 	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures
 	$(BIN)/lcbench scale $(SCALE_$(PRESET)) --results $(RESULTS)/$(PRESET)/table2 \
 	  --out $(RESULTS)/$(PRESET)/scale
+endif
 
 plot: $(STAMP)
 	$(BIN)/lcbench plot $(RESULTS)/$(PRESET)/table2 --out figures

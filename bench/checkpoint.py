@@ -11,9 +11,12 @@ never read. Every file is written atomically; the newest ``KEEP`` epochs are kep
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -154,9 +157,17 @@ class Checkpoints:
         """Write this process's part of ``epoch`` (not yet complete: see ``commit``);
         StorageFault where the folder is full or read-only."""
         state = {**state, "epoch": epoch, "fingerprint": self.fingerprint}
-        with self.faults(epoch):
+        # serialized in memory first: torch's zip writer turns a full disk into "unexpected
+        # pos" (a RuntimeError without errno); a plain write says ENOSPC, and the size is known
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getbuffer()
+        with self.faults(epoch, len(data)):
             self.folder.mkdir(parents=True, exist_ok=True)
-            replace_atomic(self.part(epoch), lambda f: torch.save(state, f))
+            free = shutil.disk_usage(self.folder).free
+            if len(data) > free:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.part(epoch)))
+            replace_atomic(self.part(epoch), lambda f: f.write(data))
 
     def commit(self, epoch: int) -> None:
         """Once every part of ``epoch`` is saved: mark it complete (the marking process) and
@@ -169,15 +180,22 @@ class Checkpoints:
         self.prune(KEEP, upto=epoch)
 
     @contextlib.contextmanager
-    def faults(self, epoch: int):
-        """An OSError writing ``epoch`` as one line saying what is kept and what to do."""
+    def faults(self, epoch: int, size: int | None = None):
+        """An OSError writing ``epoch`` as one line saying what is kept and what to do; for a
+        full disk, the bytes the checkpoint needs (``size``) and the bytes free."""
         try:
             yield
         except OSError as e:
             kept = [e_ for e_ in self.epochs() if e_ < epoch]
+            room = ""
+            if e.errno == errno.ENOSPC and size is not None:
+                free = shutil.disk_usage(
+                    self.folder if self.folder.exists() else self.folder.parent
+                ).free
+                room = f": it needs {size:,} bytes, {free:,} are free"
             raise StorageFault(
                 f"cannot write the checkpoint of epoch {epoch} to {self.folder} "
-                f"({e.strerror or e}); "
+                f"({e.strerror or e}{room}); "
                 + (f"epoch {kept[-1]}'s is kept: " if kept else "")
                 + "run the same command again once the folder is writable"
             ) from None

@@ -12,6 +12,8 @@ import methods
 
 from . import models, prepare, runner
 from . import sweep as sweeps
+from .cluster import claims
+from .cluster import plan as plans
 from .config import RunConfig, UsageError, ranks
 from .data import tasks
 from .executors import launch
@@ -413,8 +415,105 @@ def summary(record) -> str:
     is_flag=True,
     help="No progress bars (the line per finished run and the tally remain).",
 )
+@click.option(
+    "--plan",
+    "show_plan",
+    is_flag=True,
+    help="Run nothing: each run's state and forecast price (devices, wall-clock, "
+    "device-hours) to OUT/NAME/plan.csv, and the totals.",
+)
+@click.option(
+    "--status",
+    "show_status",
+    is_flag=True,
+    help="Run nothing: what is done, running (claimed), failed (its error), partly done "
+    "(its checkpoint's epoch) and left.",
+)
+@click.option(
+    "--profile",
+    default=plans.DEFAULT_PROFILE,
+    show_default=True,
+    help="Device profile the plan prices runs on (a shipped name or a TOML path; see "
+    "`lcbench scale --help`).",
+)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Devices the plan's total wall-clock is scheduled on.",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Run only every N-th run of the grid from the I-th (0 <= I < N), without claims: "
+    "for file systems without locks.",
+)
+@click.option(
+    "--launcher",
+    type=click.Choice(["slurm", "local"]),
+    default=None,
+    help="Submit a job per run left (submitit) instead of running here: slurm, or local "
+    "(the same jobs as processes on this machine).",
+)
+@click.option("--wait", is_flag=True, help="With --launcher: wait for the jobs to end.")
+@click.option("--partition", default=None, help="SLURM partition [launcher] partition.")
+@click.option("--account", default=None, help="SLURM account [launcher] account.")
+@click.option("--qos", default=None, help="SLURM quality of service [launcher] qos.")
+@click.option(
+    "--time-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="MIN",
+    help=f"Minutes per job [launcher] time_limit (default: the plan's forecast x "
+    f"{plans.TIME_MARGIN} + {plans.START_UP_MIN}).",
+)
+@click.option(
+    "--gpus-per-node",
+    type=click.IntRange(min=1),
+    default=None,
+    help="GPUs a node has [launcher] gpus_per_node (default 8): a run needing more spans nodes.",
+)
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--array-parallelism",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Submit job arrays, at most N of their runs at once.",
+)
+@click.option(
+    "--sbatch",
+    "sbatch_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Extra sbatch option, repeatable, e.g. --sbatch constraint=h100 [launcher] sbatch.",
+)
 @click.pass_context
-def sweep(ctx, spec, preset, out, data_dir, tensorboard, quiet):
+def sweep(
+    ctx,
+    spec,
+    preset,
+    out,
+    data_dir,
+    tensorboard,
+    quiet,
+    show_plan,
+    show_status,
+    profile,
+    devices,
+    shard,
+    launcher,
+    wait,
+    partition,
+    account,
+    qos,
+    time_limit,
+    gpus_per_node,
+    cpus_per_task,
+    array_parallelism,
+    sbatch_items,
+):
     """Run the grid of an experiment spec, skipping runs already ok (so it resumes).
 
     \b
@@ -440,7 +539,37 @@ def sweep(ctx, spec, preset, out, data_dir, tensorboard, quiet):
     if tensorboard:
         cfgs = [replace(cfg, tensorboard=tensorboard).validated() for cfg in cfgs]
     try:
-        tally = sweeps.run_sweep(cfgs, progress=not quiet)
+        cfgs = claims.shard(cfgs, shard)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if show_plan or show_status:
+        ctx.exit(report_plan(cfgs, profile if show_plan else None, devices))
+    if launcher is not None:
+        from .cluster import launchers  # submitit, where jobs are submitted
+
+        cluster = launchers.load_cluster(spec)
+        given = dict(
+            partition=partition,
+            account=account,
+            qos=qos,
+            time_limit=time_limit,
+            gpus_per_node=gpus_per_node,
+            cpus_per_task=cpus_per_task,
+            array_parallelism=array_parallelism,
+        )
+        cluster = replace(cluster, **{k: v for k, v in given.items() if v is not None})
+        cluster.sbatch = {**cluster.sbatch, **parse_options(sbatch_items)}
+        jobs = launchers.submit(cfgs, launcher, cluster, _profile(profile))
+        for cfg, job in jobs:
+            click.echo(f"submitted job {job.job_id}: {cfg.run_id}")
+        click.echo(f"sweep {cfgs[0].experiment}: {len(jobs)} jobs submitted ({launcher})")
+        if not wait:
+            click.echo(f"follow them with: lcbench sweep {spec} --status")
+            ctx.exit(0)
+        launchers.wait(jobs, echo=click.echo)
+        ctx.exit(report_plan(cfgs, None, devices, fail_on_failed=True))
+    try:
+        tally = sweeps.run_sweep(cfgs, progress=not quiet, locks=shard is None)
     except sweeps.Interrupted as e:
         click.echo(
             f"lcbench: sweep stopped by {e} ({e.tally.line()}); run it again to resume", err=True
@@ -448,6 +577,43 @@ def sweep(ctx, spec, preset, out, data_dir, tensorboard, quiet):
         ctx.exit(e.exit_code)
     click.echo(f"sweep {cfgs[0].experiment}: {tally.line()}")
     ctx.exit(1 if tally.failed else 0)
+
+
+def report_plan(cfgs, profile_name: str | None, devices: int, fail_on_failed=False) -> int:
+    """Print (and, with a profile, write OUT/NAME/plan.csv) the grid's states and prices;
+    the exit status: 1 where runs failed and ``fail_on_failed``, else 0."""
+    profile = _profile(profile_name) if profile_name else None
+    try:
+        items = plans.entries(cfgs, profile)
+    except ValueError as e:  # a run the forecast cannot price
+        raise UsageError(str(e)) from None
+    import pandas as pd
+
+    table = plans.frame(items, profile)
+    hidden = (
+        "task",
+        "model",
+        "groups",
+        "executor",
+        "profile",
+        "forecast_train_s",
+        "measured_train_s",
+    )
+    shown = [c for c in table.columns if c not in hidden]
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+        click.echo(table[shown].to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+    if profile is not None:
+        path = Path(cfgs[0].out) / cfgs[0].experiment / "plan.csv"
+        try:
+            plans.write(items, profile, path)
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        click.echo(f"\non {profile.name}: " + plans.totals(items, devices))
+        click.echo(f"wrote {path}")
+    else:
+        counts = ", ".join(f"{sum(e.state == s for e in items)} {s}" for s in plans.STATES)
+        click.echo(f"\n{len(items)} runs: {counts}")
+    return 1 if fail_on_failed and any(e.state == "failed" for e in items) else 0
 
 
 @cli.command()

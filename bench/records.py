@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -134,9 +135,44 @@ def save_weights(folder: Path, label: str, stage) -> None:
     )
 
 
-def stop_if_diverged(record: RunRecord, loss: float, epoch: int) -> None:
-    """Mark the run ``diverged`` in run.json and raise RunFailed if the training ``loss`` of
-    ``epoch`` is not finite."""
+#: past these a local signal is running away, said in the epoch it is seen: a synthetic
+#: gradient this many times the true gradient's norm (``synth_norm_ratio``), a critic whose
+#: mean |L_k - L_{k+1}| is this many nats (``critic_loss``; chance is ln C, 2.3 for 10 classes)
+RUNAWAY_BOUNDS = {"synth_norm_ratio": 10.0, "critic_loss": 50.0}
+RUNAWAY_WHAT = {
+    "synth_norm_ratio": "synthetic gradients {value:.3g} x the true gradient's norm",
+    "critic_loss": "critic loss {value:.3g} nats",
+}
+
+
+def runaway(rows: dict[tuple[str, str], float]) -> list[dict]:
+    """The local signals of one epoch's ``rows`` past ``RUNAWAY_BOUNDS`` (non-finite ones too)."""
+    found = []
+    for (stage, metric), value in sorted(rows.items()):
+        bound = RUNAWAY_BOUNDS.get(metric)
+        if bound is not None and not value <= bound:
+            shown = value if math.isfinite(value) else str(value)  # run.json stays strict JSON
+            found.append({"stage": stage, "metric": metric, "value": shown, "bound": bound})
+    return found
+
+
+def stop_if_diverged(record: RunRecord, rows: dict[tuple[str, str], float], epoch: int) -> None:
+    """Say, in one line per stage on stderr and in run.json's ``warnings``, every local signal
+    of ``epoch``'s ``rows`` past its bound; then mark the run ``diverged`` in run.json and
+    raise RunFailed if the epoch's training loss is not finite."""
+    found = runaway(rows)
+    for item in found:
+        what = RUNAWAY_WHAT[item["metric"]].format(value=float(item["value"]))
+        print(
+            f"lcbench: epoch {epoch}, stage {item['stage']}: {what} "
+            f"(bound {item['bound']:g}): the local signal is diverging",
+            file=sys.stderr,
+            flush=True,
+        )
+    if found:
+        warnings = record.info.get("warnings", []) + [{"epoch": epoch, **i} for i in found]
+        record.update(warnings=warnings)
+    loss = rows["", "train_loss"]
     if not math.isfinite(loss):
         record.update(
             status="diverged", error=f"non-finite training loss at epoch {epoch}", ended=now()

@@ -13,9 +13,10 @@ import itertools
 import signal
 import sys
 import threading
+import time
 import types
 import typing
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 import methods
 
 from . import prepare, runner
+from .cluster import claims
 from .config import RunConfig, UsageError
 from .measure.provenance import now
 from .records import RunFailed, RunRecord, read_json
@@ -65,12 +67,14 @@ def expand(
     spec: dict, preset: str | None, default_name: str, *, out: str, data_dir: str | None
 ) -> list[RunConfig]:
     """Validate the parsed spec and return its resolved runs."""
-    check_keys(spec, (*LAYER, "presets"), "the spec's top level")
+    check_keys(spec, (*LAYER, "presets", "launcher"), "the spec's top level")
     presets = table(spec, "presets", "")
     layers = {
         name: parse_layer(table(presets, name, "presets."), f"presets.{name}.") for name in presets
     }
-    experiment, fixed, grids, _ = parse_layer({k: v for k, v in spec.items() if k != "presets"}, "")
+    experiment, fixed, grids, _ = parse_layer(
+        {k: v for k, v in spec.items() if k not in ("presets", "launcher")}, ""
+    )
     if preset is not None:
         if preset not in layers:
             choices = ", ".join(layers) or "none defined"
@@ -261,16 +265,19 @@ def name_of(key: Key) -> str:
 
 @dataclass
 class Tally:
-    """How the runs of a sweep ended (``failed`` includes ``diverged``)."""
+    """How the runs of a sweep ended (``failed`` includes ``diverged``; ``claimed``: left to
+    the other workers training them, or that tried them since this one started)."""
 
     ok: int = 0
     skipped: int = 0
     failed: int = 0
     diverged: int = 0
+    claimed: int = 0
 
     def line(self) -> str:
         extra = f" ({self.diverged} diverged)" if self.diverged else ""
-        return f"{self.ok} ok, {self.skipped} skipped, {self.failed} failed{extra}"
+        others = f", {self.claimed} left to other workers" if self.claimed else ""
+        return f"{self.ok} ok, {self.skipped} skipped, {self.failed} failed{extra}{others}"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -314,11 +321,17 @@ def status_of(cfg: RunConfig) -> str | None:
     return info.get("status") if isinstance(info, dict) else None
 
 
-def run_sweep(cfgs: list[RunConfig], *, progress: bool = True) -> Tally:
+def run_sweep(cfgs: list[RunConfig], *, progress: bool = True, locks: bool = True) -> Tally:
     """Run every config whose run.json is not ``ok``, one after another, recording failures
     and going on; one line per finished run to stderr. Raises Interrupted (with the tally)
-    on SIGINT/SIGTERM, UsageError where the results folder cannot be written."""
+    on SIGINT/SIGTERM, UsageError where the results folder cannot be written.
+
+    With ``locks`` (not under ``--shard``), any number of workers may run the same grid on
+    one results folder: a run is trained by the worker that holds its claim
+    (``bench.claims``); the others pass it by, and pass by a run that failed since they
+    started (another worker tried it: it is not tried twice in one round)."""
     tally = Tally()
+    started = time.time()
     with stop_on_signals():
         try:
             cfgs = [prepare.resolve(cfg) for cfg in cfgs]
@@ -336,7 +349,24 @@ def run_sweep(cfgs: list[RunConfig], *, progress: bool = True) -> Tally:
             ) as bar:
                 for i, cfg in enumerate(todo, 1):
                     bar.set_description(f"run {i} of {len(todo)}")
-                    status, detail = run_one(cfg, progress=progress)
+                    with claimed(cfg, locks) as mine:
+                        other = None if mine else "claimed by another worker"
+                        info = read_json(prepare.run_folder(cfg) / "run.json") or {}
+                        if mine and info.get("status") == "ok":
+                            other = "done by another worker"
+                        elif mine and info.get("status") in ("failed", "diverged"):
+                            if written_since(cfg, started):
+                                other = "tried by another worker since this one started"
+                        if other is None:
+                            status, detail = run_one(cfg, progress=progress)
+                    if other is not None:
+                        tally.claimed += 1
+                        tqdm.write(
+                            f"run {i} of {len(todo)}: {'passed':<8} {cfg.run_id}  {other}",
+                            file=sys.stderr,
+                        )
+                        bar.update()
+                        continue
                     tally.ok += status == "ok"
                     tally.failed += status != "ok"
                     tally.diverged += status == "diverged"
@@ -350,6 +380,27 @@ def run_sweep(cfgs: list[RunConfig], *, progress: bool = True) -> Tally:
             stop.tally = tally
             raise stop from None
     return tally
+
+
+def written_since(cfg: RunConfig, since: float) -> bool:
+    """Whether the run's run.json was last written after ``since`` (a ``time.time()``)."""
+    try:
+        return (prepare.run_folder(cfg) / "run.json").stat().st_mtime > since
+    except OSError:
+        return False
+
+
+@contextmanager
+def claimed(cfg: RunConfig, locks: bool):
+    """True holding the run's claim (always, without ``locks``); UsageError where the
+    results folder cannot be written."""
+    stack = ExitStack()
+    try:
+        mine = stack.enter_context(claims.claim(prepare.run_folder(cfg))) if locks else True
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
+    with stack:
+        yield mine
 
 
 def run_one(cfg: RunConfig, *, progress: bool) -> tuple[str, str]:

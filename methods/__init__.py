@@ -96,15 +96,19 @@ def option_defaults(name: str) -> dict:
 
 
 def variant(name: str, options: dict) -> str:
-    """The named departures from the published rule among ``options`` (a rule's
-    ``VARIANT_OPTIONS`` away from their defaults), e.g. ``synth_fit=rms``; empty if none."""
+    """What of ``options`` is not a published recipe: what the rule's options class says is
+    lcbench's choice (``chosen``), then its ``VARIANT_OPTIONS`` away from their defaults
+    (e.g. ``synth_fit=rms``); empty if none."""
     method = resolve(name)
     defaults = option_defaults(method.name)
-    return ",".join(
+    chosen = getattr(method.options, "chosen", None)
+    parts = [chosen({**defaults, **options})] if chosen is not None else []
+    parts += [
         f"{k}={options[k]}"
         for k in getattr(method.options, "VARIANT_OPTIONS", ())
         if k in options and options[k] != defaults[k]
-    )
+    ]
+    return ",".join(p for p in parts if p)
 
 
 def build_stages(

@@ -96,9 +96,10 @@ def _mlp(cin: int, width: int, classes: int) -> nn.Sequential:
     )
 
 
-#: how a synthesizer is fitted: "l2", the published plain L2 on the raw targets; "rms", the
-#: targets divided by their running RMS (an lcbench variant, not published)
-SYNTH_FITS = ("l2", "rms")
+#: how a synthesizer is fitted: "l2", the published plain L2 on the mean-loss gradient; "sum",
+#: plain L2 on the summed-loss gradient, the output divided by B; "rms", the targets divided by
+#: their running RMS ("sum" and "rms" are lcbench variants, not published)
+SYNTH_FITS = ("l2", "sum", "rms")
 
 
 class Synthesizer(nn.Module):
@@ -116,6 +117,10 @@ class Synthesizer(nn.Module):
       uses): the network predicts dL/dh of the mean loss and regresses on it with the squared
       error summed per sample and averaged over the batch; its output is the synthetic
       gradient as it is.
+    - ``fit="sum"`` (not published): the network regresses (the same L2) on the gradient of
+      the summed loss, B times larger; the synthetic gradient is its output divided by B, so
+      that a step of its zero-initialised output layer moves the synthetic gradient B times
+      less than under ``"l2"``.
     - ``fit="rms"`` (not published): the network regresses (mean squared error) on the targets
       divided by ``scale``, a running RMS (per element) of the targets it has been fitted to,
       and its output times ``scale`` is the gradient: the fit does not depend on the
@@ -166,6 +171,8 @@ class Synthesizer(nn.Module):
 
     def to_gradient(self, output: torch.Tensor) -> torch.Tensor:
         """The gradient of the summed batch loss that the network's ``output`` stands for."""
+        if self.fit == "sum":
+            return output
         return output * (self.scale if self.fit == "rms" else output.shape[0])
 
     def gradient(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,8 +183,9 @@ class Synthesizer(nn.Module):
         """The regression loss of the network's ``output`` (``forward``) toward ``target``, a
         gradient of the summed batch loss (see the class doc for the two fits)."""
         n = target.shape[0]
-        if self.fit == "l2":
-            return (output - target.detach() / n).pow(2).sum() / n
+        if self.fit in ("l2", "sum"):
+            goal = target.detach() / n if self.fit == "l2" else target.detach()
+            return (output - goal).pow(2).sum() / n
         rms = target.detach().pow(2).mean().sqrt()
         with torch.no_grad():  # the first nonzero target sets the scale
             self.scale.copy_(

@@ -5,6 +5,7 @@ pruned, and refused when they are not the run's."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -343,8 +344,7 @@ def test_a_checkpoint_folder_that_fills_up_or_turns_read_only_keeps_the_last_one
     """Epoch 2's checkpoint cannot be written (the folder full or read-only: the OSError the
     file system raises, injected). The run fails in one line saying so, epoch 1's checkpoint
     is whole and readable, and once the fault is gone the same command continues from it and
-    ends ok with every epoch once. (On a real tmpfs the continuation's next torch.save failed
-    with "unexpected pos": not yet understood, see docs/checkpoints.md.)"""
+    ends ok with every epoch once. (A real full tmpfs: the test below.)"""
     args = ["run", "--method", "lc", *ARGS, "--out", str(tmp_path)]
     folder = prepare.run_folder(prepare.resolve(RunConfig(method="lc", **TINY, out=str(tmp_path))))
     write = checkpoint.replace_atomic
@@ -373,6 +373,54 @@ def test_a_checkpoint_folder_that_fills_up_or_turns_read_only_keeps_the_last_one
             if r["metric"] == "test_acc" and r["stage"] == ""
         ]
     assert epochs == [1, 2, 3]
+
+
+def mount_tmpfs(path: Path, size: int) -> None:
+    """A real tmpfs of ``size`` bytes at ``path``; the test is skipped where none can be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        pytest.skip(f"no tmpfs can be mounted here: {done.stderr.strip() or done.returncode}")
+
+
+def test_a_real_full_tmpfs_says_the_bytes_needed_and_free_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    """Torch's zip writer turns ENOSPC into "unexpected pos" (a RuntimeError, no errno): the
+    checkpoint is serialized in memory first, so a full disk is one line with the bytes the
+    checkpoint needs and the bytes free. On a tmpfs that holds one checkpoint but not two,
+    epoch 2's fails, epoch 1's stays whole, and with room made the same command continues."""
+    args = ["run", "--method", "lc", *ARGS]
+    with monkeypatch.context() as patch:  # one checkpoint, kept, to learn its size
+        patch.setattr(checkpoint.Checkpoints, "remove", lambda self: None)
+        code, _, err = call([*args, "--epochs", "1", "--out", str(tmp_path / "size")], capsys)
+    assert code == 0, err
+    (one,) = (tmp_path / "size").glob("*/*/checkpoints/epoch1.pt")
+    size = one.stat().st_size
+    cfg = prepare.resolve(RunConfig(method="lc", **TINY, out=str(tmp_path / "out")))
+    folder = prepare.run_folder(cfg) / "checkpoints"
+    mount_tmpfs(folder, size * 3 // 2)
+    try:
+        code, _, err = call([*args, "--out", str(tmp_path / "out")], capsys)
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "cannot write the checkpoint of epoch 2" in err and "No space left on device" in err
+        found = re.search(r"it needs ([\d,]+) bytes, ([\d,]+) are free", err)
+        needed, free = (int(n.replace(",", "")) for n in found.groups())
+        assert needed > free and abs(needed - size) < size / 100, err  # epoch 2: more rows
+        assert "epoch 1's is kept" in err
+        assert sorted(p.name for p in folder.iterdir()) == ["epoch1.json", "epoch1.pt"]
+        assert torch.load(folder / "epoch1.pt", weights_only=False)["epoch"] == 1
+        subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(folder)], check=True)
+        code, _, err = call([*args, "--out", str(tmp_path / "out")], capsys)
+        assert code == 0, err
+        info = json.loads((folder.parent / "run.json").read_text())
+        assert info["status"] == "ok" and [r["epoch"] for r in info["resumes"]] == [1]
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
 
 
 def test_a_run_whose_folder_is_removed_mid_run_fails_in_one_line(tmp_path, monkeypatch, capsys):

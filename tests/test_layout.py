@@ -1,4 +1,5 @@
-"""The package's shape: imports flow one way (cli -> sweep, perf, report, studies, forecast -> runner ->
+"""The package's shape: imports flow one way (cli -> sweep, cluster, perf, report, studies, forecast ->
+runner ->
 executors -> prepare -> data, models, measurement, records, checkpoints -> methods) and no module imports
 one that imports it back."""
 
@@ -20,7 +21,14 @@ LAYERS = [  # lowest first; a module may import only from its own layer or below
     ["bench.prepare"],
     ["bench.executors"],
     ["bench.runner"],
-    ["bench.sweep", "bench.perf", "bench.report", "bench.studies", "bench.forecast"],
+    [
+        "bench.sweep",
+        "bench.cluster",
+        "bench.perf",
+        "bench.report",
+        "bench.studies",
+        "bench.forecast",
+    ],
     ["bench.cli", "bench.__main__", "bench"],
 ]
 

@@ -222,7 +222,8 @@ def test_one_forward_of_the_local_module_updates_as_two_did(method):
     that pass: over a few batches every weight equals the two-forward rule's."""
     batches = [data(seed) for seed in (2, 3, 4)]
     groups = mlp_groups(3)
-    stages = stages_for(method, groups, **{f"{'critic' if method == 'lc' else 'synth'}_lr": 1e-3})
+    local = {"critic_lr": 1e-3} if method == "lc" else {"synth_lr": 1e-3, "net_optimizer": "run"}
+    stages = stages_for(method, groups, **local)
     locals_ = [s.critic if method == "lc" else s.synth for s in stages[:2]]
     for m in locals_:
         _randomise(m, 9)
@@ -304,19 +305,29 @@ def test_dni_targets_are_bootstrapped_gradients(method):
     torch.testing.assert_close(received[1], target_1)
 
 
-def test_dni_group_steps_on_synthetic_gradient():
+@pytest.mark.parametrize("net", ["adam", "run"])
+def test_dni_group_steps_on_synthetic_gradient(net):
+    """By default the group steps with the rule's own Adam at ``net_lr``, without weight decay
+    (the published DNI recipe); ``net_optimizer=run``: with the run's SGD."""
     x, y = data()
     groups = mlp_groups(2)
-    stages = stages_for("dni", groups)
+    stages = stages_for("dni", groups, net_optimizer=net, net_lr=2e-3)
     _randomise(stages[0].synth, 3)
     f, m = copy.deepcopy(groups[0]), copy.deepcopy(stages[0].synth)
     h = f(x)
     grads = torch.autograd.grad(
         h, list(f.parameters()), grad_outputs=m.gradient(h.detach()).detach() / BATCH
     )
-    expected = [sgd_first_step(p.detach(), g) for p, g in zip(f.parameters(), grads)]
+    step = (lambda p, g: adam_first_step(p, g, 2e-3)) if net == "adam" else sgd_first_step
+    expected = [step(p.detach(), g) for p, g in zip(f.parameters(), grads)]
     train_step(stages, 0, x, y)
     assert_all_close(params(groups[0]), expected)
+    last = stages[1].optimizer
+    assert isinstance(last, torch.optim.Adam if net == "adam" else torch.optim.SGD)
+    if net == "adam":
+        assert last.param_groups[0]["lr"] == 2e-3 and last.param_groups[0]["weight_decay"] == 0
+        stages[0].scale_lr(0.1)  # a schedule's factor applies to the rule's own rate
+        assert stages[0].optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
 def test_dni_published_fit_is_plain_l2_on_the_raw_targets():
@@ -365,6 +376,70 @@ def test_dni_synthesizer_rms_variant_fits_targets_divided_by_their_running_rms()
     torch.testing.assert_close(
         stage.synthetic_gradient(h, y), stage.synth.scale * stage.synth(h) / BATCH
     )
+
+
+def test_dni_sum_fit_regresses_the_summed_loss_gradient_and_steps_on_it_over_b():
+    """``synth_fit=sum`` (not published): net(h) regresses (the same L2) on the summed-loss
+    target as it is, and the group steps on net(h) / B."""
+    x, y = data()
+    stage = stages_for("dni", mlp_groups(2), synth_lr=1e-3, synth_fit="sum")[0]
+    _randomise(stage.synth, 5)
+    net = copy.deepcopy(stage.synth)
+    h = copy.deepcopy(stage.group)(x).detach()
+    stage.forward(0, x, y)
+    message = 1e-4 * torch.randn(h.shape, generator=torch.Generator().manual_seed(6))
+    loss = ((net(h) - message) ** 2).sum() / BATCH
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    expected = [adam_first_step(p.detach(), gr, 1e-3) for p, gr in zip(net.parameters(), grads)]
+    stage.receive(0, message)
+    assert_all_close(params(stage.synth), expected)
+    torch.testing.assert_close(stage.synthetic_gradient(h, y), stage.synth(h) / BATCH)
+
+
+def test_dni_factor_scales_the_gradient_the_group_steps_on():
+    """``synth_factor`` (koz4k/dni-pytorch's ``factor``): the group steps on factor x M(h)/B,
+    so plain SGD moves it factor times as far; the synthesizer's own fit is unchanged."""
+    x, y = data()
+    plain = TrainOptions(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)
+    moved = {}
+    for factor in (1.0, 0.25):
+        groups = mlp_groups(2)
+        shapes = [(DIM,), (CLASSES,)]
+        torch.manual_seed(1)
+        options = {"synth_factor": factor, "net_optimizer": "run"}
+        stage = methods.build_stages("dni", groups, shapes, CLASSES, per_sample_ce, plain, options)[
+            0
+        ]
+        _randomise(stage.synth, 5)
+        before = params(stage.group)
+        stage.forward(0, x, y)
+        moved[factor] = [a - b for a, b in zip(params(stage.group), before)]
+    assert any(d.abs().max() > 0 for d in moved[1.0])
+    assert_all_close(moved[0.25], [0.25 * d for d in moved[1.0]])
+
+
+def test_dni_synthesizer_on_the_network_optimizer_takes_its_settings_and_schedule():
+    """``synth_optimizer=network`` (not published): the synthesizer steps with the groups'
+    optimizer: the run's SGD (rate, momentum, weight decay) under ``net_optimizer=run``, and
+    follows its schedule; the rule's own Adam by default."""
+    own = stages_for("dni", mlp_groups(2), synth_optimizer="network", net_lr=2e-3)[0]
+    assert isinstance(own.synth_optimizer, torch.optim.Adam)
+    assert own.synth_optimizer.param_groups[0]["lr"] == 2e-3
+    stage = stages_for("dni", mlp_groups(2), synth_optimizer="network", net_optimizer="run")[0]
+    group = stage.synth_optimizer.param_groups[0]
+    assert isinstance(stage.synth_optimizer, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (
+        OPTS.lr,
+        OPTS.momentum,
+        OPTS.nesterov,
+        OPTS.weight_decay,
+    )
+    stage.scale_lr(0.1)
+    assert stage.synth_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * OPTS.lr)
+    adam = stages_for("dni", mlp_groups(2))[0]
+    adam.scale_lr(0.1)
+    assert isinstance(adam.synth_optimizer, torch.optim.Adam)
+    assert adam.synth_optimizer.param_groups[0]["lr"] == methods.dni.CHOSEN_LR  # unscheduled
 
 
 def test_dni_synthesizer_scale_is_set_by_the_first_nonzero_target():
@@ -430,7 +505,11 @@ def test_each_tables_synthesizer_shape():
         "synth_filters": 128,
         "synth_batchnorm": False,
         "synth_fit": "l2",
-        "synth_lr": 1e-4,
+        "synth_lr": methods.dni.CHOSEN_LR,
+        "net_optimizer": "adam",
+        "net_lr": methods.dni.CHOSEN_LR,
+        "synth_optimizer": "adam",
+        "synth_factor": 1.0,
     }
     with pytest.raises(ValueError, match="synth_fit"):
         stages_for("dni", mlp_groups(2), synth_fit="scaled")

@@ -1,5 +1,6 @@
-"""The DNI signal study: its offline fit against the best predictor computed by hand, and its
-runs wired to the rule's own stages and diagnostics."""
+"""The DNI studies: the signal study's offline fit against the best predictor computed by hand,
+its runs wired to the rule's own stages and diagnostics; the recipe study's probes, divergence
+and choice; and what DNI's chosen defaults learn."""
 
 from dataclasses import replace
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench.config import UsageError
-from bench.studies import dni_signal
+from bench import prepare
+from bench.config import RunConfig, UsageError
+from bench.executors.sequential import train_step
+from bench.studies import dni_recipe, dni_signal
 
 TINY = replace(
     dni_signal.FIDELITY,
@@ -21,7 +24,7 @@ TINY = replace(
     batch_size=32,
     limit_train=512,
     limit_test=256,
-    options={"synth_filters": 8},
+    options={"synth_filters": 8, "synth_lr": 1e-4, "net_optimizer": "run"},  # as studied
 )
 
 
@@ -139,3 +142,103 @@ def test_main_writes_the_rows(isolated_env, monkeypatch, tmp_path):
     ]
     assert sorted(frame[frame.part == "staleness"].step) == [7, 17, 42]
     assert list(out.parent.iterdir()) == [out]  # no temporary file left
+
+
+def test_dni_defaults_learn_a_signal_of_the_true_gradients_scale():
+    """DNI's and cDNI's defaults on a small task: after a few dozen steps the synthetic
+    gradient points with the true one (synth_cosine above 0) and its norm is within 10x of
+    the true gradient's (from its zero-initialised start Adam overshoots for ~20 steps)."""
+    for method in ("dni", "cdni"):
+        cfg = RunConfig(
+            method=method,
+            task="digits",
+            groups=2,
+            batch_size=32,
+            limit_train=2048,
+            limit_test=256,
+            device="cpu",
+        )
+        prep = prepare.prepare(cfg)
+        generator = torch.Generator().manual_seed(0)
+        x_probe, y_probe = next(iter(prep.task.test_batches(256)))
+        probes, step = {}, 0
+        for _ in range(3):
+            for x, y in prep.task.train_batches(32, generator):
+                train_step(prep.stages, step, x, y)
+                step += 1
+                if step in (40, 80, 120, 160):
+                    probes[step] = dni_recipe.probe(prep.stages, x_probe, y_probe)["1"]
+        ratios = [p["synth_norm_ratio"] for p in probes.values()]
+        cosines = [p["synth_cosine"] for p in probes.values()]
+        assert all(0.1 < r < 10 for r in ratios), (method, probes)
+        assert sum(cosines[1:]) / 3 > 0.02, (method, probes)
+
+
+def test_the_recipe_study_probes_its_steps_and_stops_a_diverging_run():
+    cfg = RunConfig(
+        method="dni",
+        task="digits",
+        groups=2,
+        epochs=1,
+        batch_size=8,
+        limit_train=896,
+        limit_test=64,
+        device="cpu",
+    )
+    rows = dni_recipe.train(cfg, progress=lambda text: None)
+    end, probes = rows[0], rows[1:]
+    assert end["stage"] == 0 and not end["diverged"] and 0 <= end["test_acc"] <= 1
+    assert [r["step"] for r in probes] == [10, 100, 112]  # 10, 100 and the last of 112 steps
+    assert all({"synth_cosine", "synth_norm_ratio"} <= set(r) for r in probes)
+    wild = replace(cfg, lr=1e4, options={"net_optimizer": "run"})
+    rows = dni_recipe.train(wild, progress=lambda text: None)
+    assert rows[0]["diverged"] and rows[0]["test_acc"] == 0.1  # chance, 10 classes
+    assert rows[0]["step"] < 112
+
+
+def test_the_recipe_is_chosen_by_accuracy_above_the_floor_then_by_least_departure():
+    names = {c.name: c for c in dni_recipe.CANDIDATES}
+    published, lcbench = "(a) adam 1e-3", "(d) sgd, rms fit"
+    rows = [
+        {"setting": s, "method": "frozen", "candidate": "reference", "stage": 0, "test_acc": 0.5}
+        for s in ("cifar", "fmnist")
+    ]
+    for setting in ("cifar", "fmnist"):
+        for method in ("dni", "cdni"):
+            rows.append(
+                {
+                    "setting": setting,
+                    "method": method,
+                    "candidate": published,
+                    "stage": 0,
+                    "test_acc": 0.50,
+                    "diverged": False,
+                }
+            )
+            rows.append(
+                {
+                    "setting": setting,
+                    "method": method,
+                    "candidate": lcbench,
+                    "stage": 0,
+                    "test_acc": 0.505,
+                    "diverged": False,
+                }
+            )
+    best, mean = dni_recipe.choose(pd.DataFrame(rows))
+    assert mean[lcbench] == pytest.approx(0.005) and mean[published] == pytest.approx(0.0)
+    assert best is names[published]  # within a point of the best, and published
+    rows = [r if r["candidate"] != lcbench else {**r, "test_acc": 0.53} for r in rows]
+    assert dni_recipe.choose(pd.DataFrame(rows))[0] is names[lcbench]  # 3 points better
+
+
+def test_the_recipe_study_refuses_bad_settings_and_an_unwritable_output(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        dni_recipe.parse_args(["--settings", "mnist"])
+    assert e.value.code == 2 and "--settings takes cifar, fmnist" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit) as e:
+        dni_recipe.main(["--settings", "fmnist", "--out", str(blocked / "x.csv")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "cannot write" in err

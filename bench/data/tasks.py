@@ -138,6 +138,9 @@ class TaskInfo:
     augment: str
     load: Callable[[Path], Splits] | None = None
     build: Callable[..., object] | None = None
+    #: (training, test) samples of the full splits (a language model: windows of its steps),
+    #: to price a run before its data is loaded (``lcbench sweep --plan``)
+    sizes: tuple[int, int] | None = None
 
 
 def cache_dir() -> Path:
@@ -330,11 +333,15 @@ def _build(module: str, function: str):
 
 
 TASKS: dict[str, TaskInfo] = {
-    "fashion-mnist": TaskInfo((1, 28, 28), 10, "small-cnn", "none", _load_fashion_mnist),
+    "fashion-mnist": TaskInfo(
+        (1, 28, 28), 10, "small-cnn", "none", _load_fashion_mnist, sizes=(60000, 10000)
+    ),
     # the same images read by an LSTM row by row: 28 steps of 28 pixels
-    "seq-fashion-mnist": TaskInfo((28, 28), 10, "lstm", "none", _load_fashion_mnist),
-    "digits": TaskInfo((1, 8, 8), 10, "small-cnn", "none", _load_digits),
-    "synthetic": TaskInfo((3, 32, 32), 10, "resnet20", "none", _load_synthetic),
+    "seq-fashion-mnist": TaskInfo(
+        (28, 28), 10, "lstm", "none", _load_fashion_mnist, sizes=(60000, 10000)
+    ),
+    "digits": TaskInfo((1, 8, 8), 10, "small-cnn", "none", _load_digits, sizes=(1437, 360)),
+    "synthetic": TaskInfo((3, 32, 32), 10, "resnet20", "none", _load_synthetic, sizes=(8192, 1024)),
     "cifar10": TaskInfo(
         (3, 32, 32),
         10,
@@ -346,6 +353,7 @@ TASKS: dict[str, TaskInfo] = {
             "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/",
             CIFAR10_CLASSES,
         ),
+        sizes=(50000, 10000),
     ),
     "cifar100": TaskInfo(
         (3, 32, 32),
@@ -358,9 +366,15 @@ TASKS: dict[str, TaskInfo] = {
             "cifar-100-python.tar.gz or its extracted cifar-100-python/",
             None,
         ),
+        sizes=(50000, 10000),
     ),
     "imagenet32": TaskInfo(
-        (3, 32, 32), 1000, "resnet32x2", "crop-flip", build=_build("imagenet", "build_imagenet32")
+        (3, 32, 32),
+        1000,
+        "resnet32x2",
+        "crop-flip",
+        build=_build("imagenet", "build_imagenet32"),
+        sizes=(1281167, 50000),
     ),
     "imagenet": TaskInfo(
         (3, 224, 224),
@@ -368,9 +382,17 @@ TASKS: dict[str, TaskInfo] = {
         "tv-vgg13-bn",
         "torchvision",
         build=_build("imagenet", "build_imagenet"),
+        sizes=(1281167, 50000),
     ),
     # word-level language model: windows of 35 words, 10,000 words of vocabulary
-    "ptb": TaskInfo((35,), 10000, "lstm-lm", "none", build=_build("text", "build_ptb")),
+    "ptb": TaskInfo(
+        (35,),
+        10000,
+        "lstm-lm",
+        "none",
+        build=_build("text", "build_ptb"),
+        sizes=(929589 // 35, 82430 // 35),  # Mikolov's splits: 929,589 and 82,430 words
+    ),
 }
 
 

@@ -257,6 +257,17 @@ def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast
     return Forecast(setup, step, fill, memory, cuts, times.source)
 
 
+def one_device_step(times: Times, setup: Setup, link: Link, batch_size: int) -> float:
+    """Seconds per batch of the contender's stages run one after another on one device (the
+    sequential executor): the sum of every stage's work, its micro-batches included."""
+    stages, _, _ = _build(times, setup, link, batch_size)
+    per = setup.microbatches if setup.rule == "pipe-bp" else 1
+    return sum(
+        (st.forward_s + st.backward_s + st.receive_s) * per + st.update_s + st.input_s
+        for st in stages
+    )
+
+
 def _slowed(stage: StageCost, factor: float) -> StageCost:
     """``stage`` with its computing ``factor`` times slower (its messages unchanged)."""
     return replace(
