@@ -47,10 +47,12 @@ class DNIOptions:
     instead: with ``--optimizer adam --lr 3e-5`` and ``synth_lr=3e-5`` that is the DGL
     authors' comparison exactly; under the LC tables' SGD 0.1 the plain L2 fit diverges.
     The DGL authors' DNI comparison uses ``synth_layers=2, synth_kernel=5,
-    synth_batchnorm=True`` (three 5x5 convs of 128, BN + ReLU between them). Not published, each an lcbench variant: ``synth_fit="sum"`` (the
-    summed-loss gradient regressed, the output divided by B), ``synth_fit="rms"`` (targets
-    divided by their running RMS), ``synth_optimizer="network"`` (the synthesizers stepped by
-    the network's own optimizer and rate), ``synth_factor`` (the synthetic gradient scaled
+    synth_batchnorm=True`` (three 5x5 convs of 128, BN + ReLU between them).
+
+    Not published, each an lcbench variant: ``synth_fit="sum"`` (the summed-loss gradient
+    regressed, the output divided by B), ``synth_fit="rms"`` (targets divided by their running
+    RMS), ``synth_optimizer="network"`` (the synthesizers stepped by the groups' own
+    optimizer and rate), ``synth_factor`` (the synthetic gradient scaled
     before the group steps on it: koz4k/dni-pytorch, ``BackwardInterface.backward(factor=)``,
     whose default is 1)."""
 
