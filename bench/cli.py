@@ -1025,6 +1025,9 @@ def list_(what):
                 click.echo(
                     "           options: " + ", ".join(f"{k}={v}" for k, v in defaults.items())
                 )
+            chosen = methods.variant(name, {})
+            if chosen:
+                click.echo(f"           not published: {chosen} (docs/rules.md)")
     if what in (None, "models"):
         click.echo("models (parameters on the task named):")
         for name in models.MODELS:

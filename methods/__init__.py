@@ -108,7 +108,7 @@ def variant(name: str, options: dict) -> str:
         for k in getattr(method.options, "VARIANT_OPTIONS", ())
         if k in options and options[k] != defaults[k]
     ]
-    return ",".join(p for p in parts if p)
+    return ", ".join(p for p in parts if p)
 
 
 def build_stages(

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torchvision.datasets.cifar
 
+import methods
 from bench import sweep
 from bench.cli import main
 from tests.test_tasks import _fake_cifar
@@ -175,25 +176,27 @@ def test_dni_comparison_table_lists_the_dgl_authors_cells_and_its_spec_runs_them
         dni["synth_batchnorm"],
         dni["synth_lr"],
         dni["synth_fit"],
-    ) == (2, 5, True, 3e-5, "l2")
+        dni["net_optimizer"],
+    ) == (2, 5, True, 3e-5, "l2", "run")  # the run's Adam 3e-5 for the network, as there
     assert full["dgl", 3, 1500].options["aux_net"] == "conv"
     cpu = sweep.load_spec(spec, "cpu")
     assert {(c.method, c.groups) for c in cpu} == {(m, k) for m, k, _ in full}
     assert {(c.epochs, c.limit_train) for c in cpu} == {(4, 5120)}
 
 
-def test_fidelity_specs_set_the_published_fit_beside_the_variant_and_the_floor():
+def test_fidelity_specs_set_dnis_recipe_beside_the_tables_sgd_and_the_floor():
     cpu = sweep.load_spec(SPEC.parent / "fidelity.toml")
-    cells = {(c.method, c.options.get("synth_fit")) for c in cpu}
+    cells = {(c.method, c.options.get("synth_fit"), c.options.get("net_optimizer")) for c in cpu}
     assert cells == {
-        ("bp", None),
-        ("frozen", None),
-        ("lc", None),
-        ("dni", "l2"),
-        ("cdni", "l2"),
-        ("dni", "rms"),
-        ("cdni", "rms"),
+        ("bp", None, None),
+        ("frozen", None, None),
+        ("lc", None, None),
+        ("dni", "l2", "adam"),
+        ("cdni", "l2", "adam"),
+        ("dni", "l2", "run"),
+        ("cdni", "l2", "run"),
     }
+    assert {c.lr for c in cpu} == {0.1}  # the table's SGD 0.1, which DNI's own Adam sets aside
     assert {c.options["synth_layers"] for c in cpu if c.method in ("dni", "cdni")} == {1}
     gpu = sweep.load_spec(SPEC.parent / "fidelity-gpu.toml")
     assert {c.method for c in gpu} == {"bp", "frozen", "lc", "dni"}
@@ -263,11 +266,14 @@ def test_each_local_rule_stands_above_the_floor_and_a_variant_is_a_cell_of_its_o
     )
     numbers, text = tables.build("table2", tmp_path)
     rows = {r["method"]: r for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"}
-    assert rows["DNI(3)"]["above floor"] == "+15.00"
-    assert rows["DNI(3) [synth_fit=rms]"]["above floor"] == "-10.00"
+    chosen = methods.variant("dni", {})  # DNI's recipe is lcbench's choice: the cell says so
+    assert chosen == "Adam 0.001: lcbench's choice"
+    dni, rms = f"DNI(3) [{chosen}]", f"DNI(3) [{chosen}, synth_fit=rms]"
+    assert rows[dni]["above floor"] == "+15.00"
+    assert rows[rms]["above floor"] == "-10.00"
     assert rows["floor (3 frozen)"]["above floor"] == rows["BP"]["above floor"] == ""
     assert rows["LC(1)"]["above floor"] == ""  # no floor at K=2
-    assert rows["DNI(3)"]["published"] == rows["DNI(3) [synth_fit=rms]"]["published"]
+    assert rows[dni]["published"] == rows[rms]["published"]
     fake_run(
         tmp_path,
         method="cdni",
@@ -280,8 +286,9 @@ def test_each_local_rule_stands_above_the_floor_and_a_variant_is_a_cell_of_its_o
     )
     numbers, text = tables.build("table2", tmp_path)
     rows = {r["method"]: r for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"}
-    assert rows["cDNI(3)"]["ours (seeds)"] == "diverged (epoch 2)"
-    assert rows["cDNI(3)"]["above floor"] == "" and rows["cDNI(3)"]["Δ"] == ""
+    cdni = f"cDNI(3) [{chosen}]"
+    assert rows[cdni]["ours (seeds)"] == "diverged (epoch 2)"
+    assert rows[cdni]["above floor"] == "" and rows[cdni]["Δ"] == ""
 
 
 def test_table2_spec_paper_protocol_and_offline_smoke_preset():

@@ -155,7 +155,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
                     part[who, "compile_time_s"] for who, _, part in gathered
                 )
             record.add(epoch, merged)
-            stop_if_diverged(record, merged, epoch)
+            stop_if_diverged(record, merged, epoch, sum(plan[:epoch]))
         if checkpoint.due(cfg.checkpoint_every, epoch):
             with unwrapped(stage):  # its state without DDP's "module."
                 state = stage.state_dict()

@@ -449,7 +449,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
                     r[who, "compile_time_s"] for _, who, r in gathered
                 )
             record.add(epoch, merged)
-            stop_if_diverged(record, merged, epoch)
+            stop_if_diverged(record, merged, epoch, sum(plan[:epoch]))
         if checkpoint.due(cfg.checkpoint_every, epoch):
             save_checkpoint(store, epoch, stage.state_dict(), device, generator, record)
     if cfg.save_weights:

@@ -235,7 +235,7 @@ def train(
             prepare.reset_states(prep.stages, drift_x.shape[0])
             rows.update(diagnostics.movement_rows(prep.stages, drift_x, drift_start))
         record.add(epoch, rows)
-        stop_if_diverged(record, rows, epoch)
+        stop_if_diverged(record, rows, epoch, sum(plan[:epoch]))
         if store is not None and checkpoint.due(cfg.checkpoint_every, epoch):
             store.save(
                 epoch,

@@ -85,9 +85,10 @@ class Times:
         return self._flops(2 * self.work.blocks[j].flops, n, 2 / 3)
 
     def update(self, j: int) -> float:
-        if self.timed:
-            return self.timed.update_s[j]
-        return self.work.blocks[j].param_bytes / self.profile.device.update_bytes_per_s
+        passes = STEP_PASSES[self.work.group_optimizer]
+        if self.timed:  # timed with SGD
+            return self.timed.update_s[j] * passes
+        return self.work.blocks[j].param_bytes * passes / self.profile.device.update_bytes_per_s
 
     def input(self, n: float) -> float:
         """The input pipeline's seconds per batch of ``n`` (0 where untimed: data held and
@@ -201,7 +202,8 @@ def _memory(
     local = None if last else work.local[b - 1]
     scale = 0.5 if precision == "bf16" else 1.0  # autocast saves bf16 activations
     local_params = local.param_bytes * share if local else 0
-    optimizer = model.optimizer_bytes(params, 0, "sgd")
+    tensors = sum(x.tensors for x in blocks)
+    optimizer = model.optimizer_bytes(params, tensors, work.group_optimizer)
     if local is not None:
         optimizer += model.optimizer_bytes(local_params, local.tensors, local.optimizer)
     return StageMemory(

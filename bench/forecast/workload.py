@@ -91,6 +91,8 @@ class Workload:
     upstream: str | None  # what the rule sends upstream: "gradient", "loss" or None
     #: GN-DGL: the width-grouped blocks, (grouped, mixing) (None: the model cannot be grouped)
     grouped: tuple | None = None
+    #: what the rule steps its groups with: "sgd" (the run's), or "adam" (DNI's own)
+    group_optimizer: str = "sgd"
 
     @property
     def params(self) -> int:
@@ -154,6 +156,20 @@ def group_saved(blocks: Sequence[Block], n: int) -> float:
         if a.saves_output and b.saves_input
     )
     return sum(b.saved(n) for b in blocks) - shared
+
+
+def _group_optimizer(cfg: RunConfig, classes: int) -> str:
+    """``"adam"`` where the rule steps its groups with an Adam of its own, else ``"sgd"``."""
+    (stage,) = methods.build_stages(
+        cfg.method,
+        [nn.Linear(1, classes)],
+        [(classes,)],
+        classes,
+        prepare.classification_loss,
+        prepare.train_options(cfg),
+        cfg.options,
+    )
+    return "adam" if isinstance(stage.optimizer, torch.optim.Adam) else "sgd"
 
 
 def _local(cfg: RunConfig, shape: tuple, classes: int) -> Local:
@@ -272,4 +288,5 @@ def workload(
         label_numel=math.prod(counted[-1].out_shape[:-1]) or 1,
         upstream=methods.resolve(cfg.method).stage.upstream,
         grouped=grouped,
+        group_optimizer=_group_optimizer(cfg, info.num_classes),
     )

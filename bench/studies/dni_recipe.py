@@ -246,7 +246,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     cells["cell"] = cells["setting"] + " " + cells["method"]
     probes = frame[frame["stage"] > 0].groupby(["setting", "method", "candidate", "step"])
     cos = probes["synth_cosine"].mean().reset_index()
-    fig, axes = plt.subplots(1, 2, figsize=(6.3, 3.4), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(6.3, 4.2), layout="constrained")
     sns.barplot(cells, y="candidate", x="above_floor", hue="cell", ax=axes[0], orient="h")
     axes[0].axvline(0, color="black", lw=0.8)
     axes[0].set(xlabel="test accuracy above the floor", ylabel="", title="accuracy")
@@ -261,8 +261,8 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         marker="o",
         errorbar=None,
     )
-    axes[1].set(xscale="log", title="synth_cosine (mean over stages)")
-    axes[1].legend(fontsize=5, title=None)
+    axes[1].set(xscale="log", title="synth_cosine, stages' mean")
+    axes[1].legend(fontsize=5, title=None, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     for ax in axes:
         ax.tick_params(labelsize=6)
     path.parent.mkdir(parents=True, exist_ok=True)
