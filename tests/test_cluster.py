@@ -22,6 +22,7 @@ from bench.cli import main
 from bench.cluster import claims, launchers, plan
 from bench.config import RunConfig, UsageError
 from bench.forecast import profiles
+from tests.test_checkpoint import HOOK
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -107,22 +108,6 @@ def test_three_workers_on_one_folder_train_each_run_exactly_once(tmp_path):
         assert not list(folder.glob(".*.tmp"))  # no half-written file left
 
 
-SLOW_HOOK = """
-import os
-if os.environ.get("LCBENCH_TEST_READY"):
-    import time
-    from bench.executors import sequential
-    step, starts = sequential.train_step, []
-    def train_step(stages, batch, x, y):
-        starts.append(batch == 0)
-        step(stages, batch, x, y)
-        if sum(starts) == 2 and batch == 1:
-            open(os.environ["LCBENCH_TEST_READY"], "w").close()
-            time.sleep(600)
-    sequential.train_step = train_step
-"""
-
-
 def test_a_sigkilled_worker_leaves_a_run_that_a_later_worker_finishes_from_its_checkpoint(
     tmp_path,
 ):
@@ -134,7 +119,7 @@ def test_a_sigkilled_worker_leaves_a_run_that_a_later_worker_finishes_from_its_c
     )
     out, hook, ready = tmp_path / "out", tmp_path / "hook", tmp_path / "ready"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_HOOK)
+    (hook / "sitecustomize.py").write_text(HOOK)  # sleeps in epoch 2
     env = {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "LCBENCH_TEST_READY": str(ready)}
     first = worker(path, "--out", out, env=env)
     deadline = time.monotonic() + 300
@@ -290,6 +275,7 @@ def test_status_names_failed_runs_with_their_error(tmp_path, capsys):
     assert not (out / "tiny" / "plan.csv").exists()  # --status prices nothing, writes nothing
 
 
+@pytest.mark.slow  # jobs as processes: make test-all
 def test_the_local_launcher_finishes_a_small_grid(tmp_path, capsys):
     path, out = spec(tmp_path, TINY.replace("seed = [0, 1]", "seed = [0]")), tmp_path / "out"
     code, stdout, err = call(
@@ -459,6 +445,7 @@ def test_a_requeued_job_is_the_same_run(tmp_path):
     assert again.function is job and not again.args and not again.kwargs
 
 
+@pytest.mark.slow  # jobs as processes: make test-all
 def test_a_fake_slurm_runs_the_grid_to_completion(tmp_path, fake_slurm, capsys, monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_RUN", "1")
     path, out = spec(tmp_path), tmp_path / "out"
@@ -484,3 +471,11 @@ def test_a_fake_slurm_runs_the_grid_to_completion(tmp_path, fake_slurm, capsys, 
     while not all(p.exists() for p in exits) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [p.read_text().strip() for p in exits] == ["0"] * 6
+
+
+def test_no_slurm_here_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    path, out = spec(tmp_path, TINY.replace("seed = [0, 1]", "seed = [0]")), tmp_path / "out"
+    code, _, err = call(["sweep", str(path), "--out", str(out), "--launcher", "slurm"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("lcbench: error: --launcher slurm: ") and "srun" in err

@@ -174,17 +174,28 @@ def submit(
         return []
     folder = Path(todo[0].cfg.out) / todo[0].cfg.experiment / SUBMITIT_FOLDER
     jobs = []
-    for (nodes, gpus), runs in groups.items():
-        minutes = max(m for _, m in runs)
-        ex = executor(kind, folder, cluster, nodes, gpus, minutes)
-        calls = [RunJob(cfg, str(job_config(cfg)) if nodes > 1 else None) for cfg, _ in runs]
-        if cluster.array_parallelism and kind == "slurm":
-            with ex.batch():
-                submitted = [ex.submit(call) for call in calls]
-        else:
-            submitted = [ex.submit(call) for call in calls]
-        jobs += [(cfg, job) for (cfg, _), job in zip(runs, submitted)]
+    try:
+        for (nodes, gpus), runs in groups.items():
+            jobs += _submit_group(kind, folder, cluster, nodes, gpus, runs)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:  # no SLURM, sbatch refused
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise UsageError(
+            f"--launcher {kind}: {lines[-1].strip()} ({len(jobs)} jobs were submitted before)"
+        ) from None
     return jobs
+
+
+def _submit_group(kind, folder, cluster, nodes, gpus, runs):
+    """Submit the ``runs`` (``(cfg, minutes)``) that ask for ``nodes`` x ``gpus``, for the
+    longest of their minutes; the jobs in order."""
+    ex = executor(kind, folder, cluster, nodes, gpus, max(m for _, m in runs))
+    calls = [RunJob(cfg, str(job_config(cfg)) if nodes > 1 else None) for cfg, _ in runs]
+    if cluster.array_parallelism and kind == "slurm":
+        with ex.batch():
+            submitted = [ex.submit(call) for call in calls]
+    else:
+        submitted = [ex.submit(call) for call in calls]
+    return [(cfg, job) for (cfg, _), job in zip(runs, submitted)]
 
 
 def job_config(cfg: RunConfig) -> Path:

@@ -50,22 +50,11 @@ from bench.config import RunConfig, UsageError
 from bench.executors.sequential import evaluate, train_step
 from bench.measure import diagnostics
 from bench.records import write_atomic
+from bench.studies import dni_signal
 
 SETTINGS = {
-    "cifar": RunConfig(
-        method="dni",
-        task="cifar10",
-        model="lc-vgg",
-        groups=4,
-        split="paper",
-        width=0.25,
-        epochs=4,
-        batch_size=64,
-        lr=0.1,
-        limit_train=10240,
-        limit_test=2000,
-        device="cpu",
-    ),
+    # make fidelity-check's setting, as the signal study has it, on DNI's own options
+    "cifar": replace(dni_signal.FIDELITY, options={}, epochs=4),
     "fmnist": RunConfig(method="dni", task="fashion-mnist", groups=2, epochs=3, device="cpu"),
 }
 #: the local modules of the fidelity check, shrunk with the network (bench/experiments/fidelity.toml)
