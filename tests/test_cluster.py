@@ -151,14 +151,17 @@ def test_a_claimed_run_is_passed_by_and_a_free_one_is_trained(tmp_path, capsys):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom bench import claims\n"
+            "import sys, time\nfrom bench.cluster import claims\n"
             f"with claims.claim({str(out / 'tiny' / cfgs[0].run_id)!r}) as mine:\n"
             f"    open({str(taken)!r}, 'w').write(str(mine)); time.sleep(120)",
         ],
         cwd=ROOT,
     )
     try:
+        deadline = time.monotonic() + 60
         while not taken.exists():
+            assert holder.poll() is None, "the claim's holder died"
+            assert time.monotonic() < deadline, "the claim's holder never took it"
             time.sleep(0.05)
         assert taken.read_text() == "True"
         code, stdout, err = call(["sweep", str(path), "--out", str(out), "-q"], capsys)
@@ -275,7 +278,6 @@ def test_status_names_failed_runs_with_their_error(tmp_path, capsys):
     assert not (out / "tiny" / "plan.csv").exists()  # --status prices nothing, writes nothing
 
 
-@pytest.mark.slow  # jobs as processes: make test-all
 def test_the_local_launcher_finishes_a_small_grid(tmp_path, capsys):
     path, out = spec(tmp_path, TINY.replace("seed = [0, 1]", "seed = [0]")), tmp_path / "out"
     code, stdout, err = call(
@@ -445,7 +447,6 @@ def test_a_requeued_job_is_the_same_run(tmp_path):
     assert again.function is job and not again.args and not again.kwargs
 
 
-@pytest.mark.slow  # jobs as processes: make test-all
 def test_a_fake_slurm_runs_the_grid_to_completion(tmp_path, fake_slurm, capsys, monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_RUN", "1")
     path, out = spec(tmp_path), tmp_path / "out"
