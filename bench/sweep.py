@@ -328,7 +328,7 @@ def run_sweep(cfgs: list[RunConfig], *, progress: bool = True, locks: bool = Tru
 
     With ``locks`` (not under ``--shard``), any number of workers may run the same grid on
     one results folder: a run is trained by the worker that holds its claim
-    (``bench.claims``); the others pass it by, and pass by a run that failed since they
+    (``bench.cluster.claims``); the others pass it by, and pass by a run that failed since they
     started (another worker tried it: it is not tried twice in one round)."""
     tally = Tally()
     started = time.time()

@@ -102,9 +102,7 @@ def batch_seconds(cfg: RunConfig, profile: Profile) -> float:
     setup = predict.setup_of(priced)
     if cfg.executor != "sequential" or method == "bp":
         return predict.predict(times, setup, link, cfg.batch_size).step_s
-    return predict.one_device_step(
-        times, predict.setup_of(priced), profile.link.link(), cfg.batch_size
-    )
+    return predict.one_device_step(times, setup, link, cfg.batch_size)
 
 
 def priced(cfg: RunConfig, profile: Profile) -> tuple[float, float]:
