@@ -17,7 +17,7 @@ from .cluster import plan as plans
 from .config import RunConfig, UsageError, ranks
 from .data import tasks
 from .executors import launch
-from .records import RunFailed
+from .records import RunFailed, check_writable
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
@@ -797,7 +797,7 @@ def calibrate(
             "--link measure needs two GPUs on this machine; name a shipped profile "
             "whose link to keep instead (--link h100-sxm-nvlink, ...)"
         )
-    _check_writable(Path(out))
+    check_writable(Path(out))
     try:
         profile = calibration.calibrate(
             model_names,
@@ -840,19 +840,6 @@ def _profile(name: str):
         return profiles.load(name)
     except profiles.ProfileError as e:
         raise UsageError(str(e)) from None
-
-
-def _check_writable(path: Path) -> None:
-    """UsageError unless a file can be written at ``path`` (checked before minutes of work;
-    nothing is left behind)."""
-    import tempfile
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 @cli.command()
@@ -980,7 +967,7 @@ def scale(
     if precision not in profiles.PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(profiles.PRECISIONS)}")
     chosen_profiles = [_profile(p) for p in (profile_names or profiles.shipped())]
-    _check_writable(Path(out) / "scale.csv")
+    check_writable(Path(out) / "scale.csv")
     rows = []
     for t, m in pairs:
         for profile in chosen_profiles:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import torch
 
+from bench.config import UsageError
 from bench.measure.provenance import now
 
 UMASK = os.umask(0)
@@ -41,6 +42,18 @@ COLUMNS = [
 
 class RunFailed(RuntimeError):
     """A run raised, diverged or lost a rank; its run.json says so. One-line message."""
+
+
+def check_writable(path: Path) -> None:
+    """UsageError unless a file can be written at ``path`` (checked before minutes of work;
+    nothing is left behind)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +48,7 @@ from bench import prepare
 from bench.config import RunConfig, UsageError
 from bench.executors.sequential import evaluate, train_step
 from bench.measure import diagnostics
-from bench.records import write_atomic
+from bench.records import check_writable, write_atomic
 from bench.studies import dni_signal
 
 SETTINGS = {
@@ -279,13 +278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:  # before minutes of work, not after
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out.parent).close()
-    except OSError as e:
-        print(f"dni_recipe: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
     try:
+        check_writable(args.out)  # before minutes of work, not after
         frame = run(
             args.settings, args.out, args.data_dir, progress=lambda text: print(text, flush=True)
         )

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from bench import prepare
 from bench.config import RunConfig, UsageError
 from bench.executors.sequential import train_step
 from bench.measure import diagnostics
-from bench.records import write_atomic
+from bench.records import check_writable, write_atomic
 from methods import modules
 from methods.dni import DNIOptions
 
@@ -285,11 +284,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = replace(FIDELITY, data_dir=args.data_dir)
     if args.out is not None:
-        try:  # before minutes of work, not after
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.out.parent).close()
-        except OSError as e:
-            print(f"dni_signal: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        try:
+            check_writable(args.out)  # before minutes of work, not after
+        except UsageError as e:
+            print(f"dni_signal: {e}", file=sys.stderr)
             sys.exit(2)
     print(
         f"DNI's label-blind signal: {cfg.model} x {cfg.width} on {cfg.task}, K={cfg.groups} "
