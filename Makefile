@@ -14,7 +14,7 @@ SCALE_paper := lc-vgg resnet101 wrn28-10 --task cifar10
 SCALE_smoke :=
 
 .PHONY: help setup data lint test test-all learning-check cifar10 fidelity-check fidelity-gpu dni-recipe \
-	dni-comparison reproduce-table2 plot docs-figures bench clean
+	dni-comparison reproduce-table2 plan-check plot docs-figures bench clean
 
 help:
 	@echo "make setup           create .venv and install lcbench (+ test tools)"
@@ -28,6 +28,8 @@ help:
 	@echo "                     ResNet-101, WRN-28-10 under the shipped profiles; smoke: its own nets)."
 	@echo "                     PLAN=1: the plan only (state and price of every run on PROFILE, totals"
 	@echo "                     on DEVICES; default h100-sxm-nvlink, 8), nothing run"
+	@echo "make plan-check      the plan's price against measured runs: 3 rounds of calibrating this machine"
+	@echo "                     and training the smoke preset; each run's median measured / forecast (~12 min)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make docs-figures    the README's figures (docs/figures/) from $(RESULTS)/smoke"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs; DNI and cDNI"
@@ -148,6 +150,9 @@ docs-figures: $(STAMP)
 	cp $(RESULTS)/smoke/scale/scale-small-cnn-h100-25gbe.png docs/figures/scale-map.png
 
 # The GPU part runs where CUDA is (one line saying it was skipped elsewhere).
+plan-check: $(STAMP) data
+	$(BIN)/python -m bench.cluster.plan_check --preset smoke --rounds 3 --out $(RESULTS)/plan-check
+
 bench: $(STAMP) data
 	$(BIN)/python -m bench.perf.benchmark
 	$(BIN)/python -m bench.perf.gpu

@@ -431,10 +431,13 @@ def summary(record) -> str:
 )
 @click.option(
     "--profile",
-    default=plans.DEFAULT_PROFILE,
+    "profile_names",
+    multiple=True,
+    default=(plans.DEFAULT_PROFILE,),
     show_default=True,
     help="Device profile the plan prices runs on (a shipped name or a TOML path; see "
-    "`lcbench scale --help`).",
+    "`lcbench scale --help`). Repeatable: each run is priced on the first calibrated at its "
+    "threads per process (CPU calibrations), else the first.",
 )
 @click.option(
     "--devices",
@@ -500,7 +503,7 @@ def sweep(
     quiet,
     show_plan,
     show_status,
-    profile,
+    profile_names,
     devices,
     shard,
     launcher,
@@ -543,7 +546,7 @@ def sweep(
     except ValueError as e:
         raise UsageError(str(e)) from None
     if show_plan or show_status:
-        ctx.exit(report_plan(cfgs, profile if show_plan else None, devices))
+        ctx.exit(report_plan(cfgs, profile_names if show_plan else (), devices))
     if launcher is not None:
         from .cluster import launchers  # submitit, where jobs are submitted
 
@@ -559,7 +562,7 @@ def sweep(
         )
         cluster = replace(cluster, **{k: v for k, v in given.items() if v is not None})
         cluster.sbatch = {**cluster.sbatch, **parse_options(sbatch_items)}
-        jobs = launchers.submit(cfgs, launcher, cluster, _profile(profile))
+        jobs = launchers.submit(cfgs, launcher, cluster, [_profile(p) for p in profile_names])
         for cfg, job in jobs:
             click.echo(f"submitted job {job.job_id}: {cfg.run_id}")
         click.echo(f"sweep {cfgs[0].experiment}: {len(jobs)} jobs submitted ({launcher})")
@@ -567,7 +570,7 @@ def sweep(
             click.echo(f"follow them with: lcbench sweep {spec} --status")
             ctx.exit(0)
         launchers.wait(jobs, echo=click.echo)
-        ctx.exit(report_plan(cfgs, None, devices, fail_on_failed=True))
+        ctx.exit(report_plan(cfgs, (), devices, fail_on_failed=True))
     try:
         tally = sweeps.run_sweep(cfgs, progress=not quiet, locks=shard is None)
     except sweeps.Interrupted as e:
@@ -579,36 +582,37 @@ def sweep(
     ctx.exit(1 if tally.failed else 0)
 
 
-def report_plan(cfgs, profile_name: str | None, devices: int, fail_on_failed=False) -> int:
-    """Print (and, with a profile, write OUT/NAME/plan.csv) the grid's states and prices;
+def report_plan(cfgs, profile_names=(), devices: int = 8, fail_on_failed=False) -> int:
+    """Print (and, with profiles, write OUT/NAME/plan.csv) the grid's states and prices;
     the exit status: 1 where runs failed and ``fail_on_failed``, else 0."""
-    profile = _profile(profile_name) if profile_name else None
+    profiles_ = [_profile(name) for name in profile_names]
     try:
-        items = plans.entries(cfgs, profile)
+        items = plans.entries(cfgs, profiles_)
     except ValueError as e:  # a run the forecast cannot price
         raise UsageError(str(e)) from None
     import pandas as pd
 
-    table = plans.frame(items, profile)
+    table = plans.frame(items, priced=bool(profiles_))
     hidden = (
         "task",
         "model",
         "groups",
         "executor",
-        "profile",
+        *(["profile"] if len(profiles_) < 2 else []),
         "forecast_train_s",
         "measured_train_s",
     )
     shown = [c for c in table.columns if c not in hidden]
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
         click.echo(table[shown].to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
-    if profile is not None:
+    if profiles_:
         path = Path(cfgs[0].out) / cfgs[0].experiment / "plan.csv"
         try:
-            plans.write(items, profile, path)
+            plans.write(items, path)
         except OSError as e:
             raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-        click.echo(f"\non {profile.name}: " + plans.totals(items, devices))
+        names = ", ".join(p.name for p in profiles_)
+        click.echo(f"\non {names}: " + plans.totals(items, devices))
         click.echo(f"wrote {path}")
     else:
         counts = ", ".join(f"{sum(e.state == s for e in items)} {s}" for s in plans.STATES)
@@ -703,7 +707,8 @@ def plot(results, out):
     multiple=True,
     default=("resnet20",),
     show_default=True,
-    help="Model whose blocks are timed (repeatable).",
+    metavar="MODEL[@TASK]",
+    help="Model whose blocks are timed (repeatable), on --task or the TASK named after @.",
 )
 @click.option(
     "--task",
@@ -777,9 +782,14 @@ def calibrate(
         raise UsageError(f"--batch-sizes must be positive integers, got '{batch_sizes}'")
     if task not in tasks.TASKS:
         raise UsageError(f"unknown task '{task}' (choose from {', '.join(tasks.TASKS)})")
+    tasks_of = dict(m.split("@", 1) for m in model_names if "@" in m)
+    model_names = [m.split("@", 1)[0] for m in model_names]
     unknown = [m for m in model_names if m not in models.MODELS]
     if unknown:
         raise UsageError(f"unknown model '{unknown[0]}' (choose from {', '.join(models.MODELS)})")
+    for t in tasks_of.values():
+        if t not in tasks.TASKS:
+            raise UsageError(f"unknown task '{t}' (choose from {', '.join(tasks.TASKS)})")
     try:
         rules = [methods.resolve(r).name for r in rules]
     except ValueError as e:
@@ -802,6 +812,7 @@ def calibrate(
         profile = calibration.calibrate(
             model_names,
             task,
+            tasks_of=tasks_of,
             methods_=[r for r in rules if r not in ("bp", "pipe-bp")],
             batch_sizes=sizes,
             device=dev,

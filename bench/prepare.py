@@ -251,16 +251,14 @@ def paper_cuts(model: str, groups: int) -> list[int]:
     return known[groups]
 
 
-def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | None = None):
-    """The model split into ``cfg.groups`` layer groups (width-grouped for GN-DGL), at
-    ``cuts`` where given (a distributed rank takes those its launcher resolved)."""
-    torch.manual_seed(cfg.seed)
-    model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
+def resolve_cuts(cfg: RunConfig, model, input_shape, classes: int, cuts=None) -> list[int]:
+    """Where ``model`` is cut for ``cfg``: ``cuts`` where given, else the run's own (explicit,
+    published, or balanced by ``cfg.split`` with the rule's local work at each cut)."""
     if cuts is None and cfg.cuts is None and cfg.split == "paper" and cfg.groups > 1:
         cuts = paper_cuts(cfg.model, cfg.groups)
     local = lambda shape: local_cost(cfg, shape, classes)  # noqa: E731
     with torch_threads(threads_per_rank(cfg)):  # time the blocks as the ranks will run them
-        cuts = split.resolve_cuts(
+        return split.resolve_cuts(
             model,
             cfg.groups,
             input_shape=input_shape,
@@ -269,6 +267,27 @@ def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | No
             batch_size=cfg.batch_size,
             local_cost=local,
         )
+
+
+def planned_cuts(cfg: RunConfig) -> list[int] | None:
+    """The cuts a run will train on, known without running it: explicit, published or
+    balanced by FLOPs; ``None`` for a split by measured time (known only where it runs)."""
+    if cfg.split == "time" and cfg.cuts is None and cfg.groups > 1:
+        return None
+    info = tasks.TASKS[cfg.task]
+    model = models.build_model(cfg.model, info.input_shape, info.num_classes, width=cfg.width)
+    try:
+        return resolve_cuts(cfg, model, info.input_shape, info.num_classes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | None = None):
+    """The model split into ``cfg.groups`` layer groups (width-grouped for GN-DGL), at
+    ``cuts`` where given (a distributed rank takes those its launcher resolved)."""
+    torch.manual_seed(cfg.seed)
+    model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
+    cuts = resolve_cuts(cfg, model, input_shape, classes, cuts)
     if cfg.method == "gn":
         torch.manual_seed(cfg.seed)
         model = models.build_model(

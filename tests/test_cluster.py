@@ -263,6 +263,55 @@ def test_a_run_priced_from_its_parts(tmp_path):
     assert plan.devices(distributed) == 2 and plan.devices(dgl) == 1
 
 
+def test_a_run_priced_at_the_cuts_it_trains_on():
+    """The plan cuts a run where the run will (here: balanced by FLOPs with LC's critic at
+    each cut), not where the forecast would balance it, and prices the floor as what it runs:
+    the frozen groups forward only, the last group trained."""
+    from bench import prepare
+    from bench.data.tasks import TASKS
+    from bench.forecast import predict
+
+    profile = profiles.load("a100-pcie")
+    lc = RunConfig(method="lc", groups=2, task="fashion-mnist", model="small-cnn", epochs=1)
+    info = TASKS[lc.task]
+    _, cuts = prepare.build_groups(lc, info.input_shape, info.num_classes)
+    assert plan.run_cuts(lc) == tuple(cuts)
+    times = plan._times(lc, "lc", profile)
+    setup = predict.setup_of(lc, cuts)
+    step = predict.one_device_step(times, setup, profile.link.link(), lc.batch_size)
+    assert plan.batch_seconds(lc, profile) == pytest.approx(step)
+    assert plan.run_cuts(replace(lc, split="time")) is None
+
+    frozen = replace(lc, method="frozen", groups=4).validated()
+    _, cuts = prepare.build_groups(frozen, info.input_shape, info.num_classes)
+    bp = plan._times(replace(frozen, method="bp"), "bp", profile)
+    n, last = frozen.batch_size, cuts[-1]
+    blocks = range(len(bp.work.blocks))
+    expected = (
+        bp.input(n)
+        + sum(bp.forward(j, n) for j in blocks)
+        + sum(bp.backward(j, n, j > last) + bp.update(j) for j in blocks if j >= last)
+    )
+    assert plan.batch_seconds(frozen, profile) == pytest.approx(expected)
+    assert plan.batch_seconds(frozen, profile) < plan.batch_seconds(
+        replace(frozen, method="bp", groups=1), profile
+    )
+
+
+def test_each_run_priced_on_the_profile_calibrated_at_its_threads():
+    """Where ranks share a CPU's cores, a run is priced on the profile calibrated at its
+    threads per process; with one profile, or none that matches, on the first."""
+    shipped = profiles.load("a100-pcie")
+    one, two = (
+        replace(shipped, name=f"t{t}", device=replace(shipped.device, threads=t)) for t in (1, 2)
+    )
+    cfg = RunConfig(method="dgl", groups=2, task="digits", model="mlp", threads=1)
+    assert plan.profile_for(cfg, [two, one]) is one
+    assert plan.profile_for(replace(cfg, threads=2), [one, two]) is two
+    assert plan.profile_for(replace(cfg, threads=3), [one, two]) is one
+    assert plan.profile_for(cfg, [two]) is two
+
+
 def test_status_names_failed_runs_with_their_error(tmp_path, capsys):
     path = spec(tmp_path, TINY + '\n[presets.bad.grid]\nmethod = ["bp"]\nseed = [0]\nlr = [1e6]\n')
     out = tmp_path / "out"
@@ -480,3 +529,31 @@ def test_no_slurm_here_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     code, _, err = call(["sweep", str(path), "--out", str(out), "--launcher", "slurm"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("lcbench: error: --launcher slurm: ") and "srun" in err
+
+
+def test_plan_check_prices_each_run_on_the_merged_calibration(tmp_path):
+    """One round of the plan check on a tiny grid: the profiles it writes are this machine's
+    (at a sequential run's threads, and at a rank's), and each row's forecast, measured time
+    and ratio are what the plan and the run's own metrics give."""
+    from bench.cluster import plan_check
+
+    path = spec(tmp_path, TINY.replace("seed = [0, 1]", "seed = [0]"))
+    out = tmp_path / "check"
+
+    def cfgs_of_round(r):
+        return sweep.load_spec(path, out=str(out / f"round-{r}"))
+
+    need = plan_check.calibrations_needed(cfgs_of_round(0))
+    assert need["tasks_of"] == {"mlp": "digits"} and need["rules"] == ["dgl", "lc"]
+    assert need["sizes"] == [32, 64] and need["held"] == []
+    frame = plan_check.check(cfgs_of_round, 1, out, lambda _: None)
+    merged = [profiles.load(str(out / f"{name}.toml")) for name in ("here", "here-rank")]
+    assert merged[1].device.threads >= 1 and merged[1].link.allreduce is not None
+    assert len(frame) == 3 and (frame.rounds == 1).all()
+    for cfg, row in zip(cfgs_of_round(0), frame.itertuples()):
+        assert row.profile == "here"  # sequential runs: the profile at their threads
+        assert row.forecast_train_s == pytest.approx(plan.priced(cfg, merged[0])[0])
+        assert row.measured_train_s == pytest.approx(plan.measured_train_seconds(cfg))
+        ratio = row.measured_train_s / row.forecast_train_s
+        assert row.measured_over_forecast == pytest.approx(ratio)
+        assert row.within == (0.85 <= ratio <= 1.15)

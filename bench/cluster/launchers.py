@@ -155,9 +155,10 @@ def executor(kind: str, folder: Path, cluster: Cluster, nodes: int, gpus: int, m
 
 
 def submit(
-    cfgs: list[RunConfig], kind: str, cluster: Cluster, profile
+    cfgs: list[RunConfig], kind: str, cluster: Cluster, profiles
 ) -> list[tuple[RunConfig, submitit.Job]]:
-    """Submit a job for every run not done and not running; the jobs in submission order."""
+    """Submit a job for every run not done and not running, its time limit its forecast on
+    ``profiles`` (``plan.profile_for``); the jobs in submission order."""
     if kind not in LAUNCHERS:
         raise UsageError(f"unknown launcher '{kind}' (choose from {', '.join(LAUNCHERS)})")
     todo = [e for e in plan.entries(cfgs) if e.state not in ("done", "running")]
@@ -168,7 +169,8 @@ def submit(
     groups: dict[tuple, list] = {}
     for entry in todo:
         nodes, gpus = shape(entry.cfg, cluster)
-        minutes = cluster.time_limit or plan.time_limit_min(plan.run_seconds(entry.cfg, profile))
+        seconds = plan.run_seconds(entry.cfg, plan.profile_for(entry.cfg, profiles))
+        minutes = cluster.time_limit or plan.time_limit_min(seconds)
         groups.setdefault((nodes, gpus), []).append((entry.cfg, minutes))
     if not todo:
         return []

@@ -13,8 +13,10 @@ times its batches (``--iterations``, or epochs x the task's training samples / b
 plus each epoch's evaluation (the test samples' forward passes on one device). Devices: the
 run's ranks (distributed: a GPU per stage; ddp: ``--workers``), 1 for the sequential executor,
 which runs every stage in turn on its one device (its batch costs the sum of the stages).
-The floor (``frozen``) is priced as BP: its frozen groups still run their forward passes,
-so this is an upper bound. The total wall-clock on N devices is list scheduling: the
+A run is priced at the cuts it will train on (explicit, published or balanced by FLOPs as
+it will be; a split by measured time at the forecast's balanced cuts). The floor
+(``frozen``) is priced as what it runs: groups 1..K-1 forward only, the last group trained.
+The total wall-clock on N devices is list scheduling: the
 longest runs first, each started as soon as as many devices as it needs are free.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,6 +58,7 @@ class Entry:
     seconds: float = math.nan  # the forecast wall-clock of the whole run
     train_s: float = math.nan  # its training part
     measured_train_s: float = math.nan  # a done run's training seconds, as measured
+    profile: str = ""  # the profile it is priced on
 
     @property
     def device_hours(self) -> float:
@@ -93,14 +97,47 @@ def _times(cfg: RunConfig, method: str, profile: Profile) -> predict.Times:
     return predict.Times(work, profile, cfg.precision)
 
 
+_CUTS: dict[str, tuple[int, ...] | None] = {}
+
+
+def run_cuts(cfg: RunConfig) -> tuple[int, ...] | None:
+    """The cuts ``cfg`` will train on (``None``: a split by time, balanced by the forecast)."""
+    key = repr(
+        (cfg.model, cfg.task, cfg.width, cfg.method, cfg.groups, cfg.split, cfg.cuts)
+        + (sorted(cfg.options.items()), cfg.batch_size)
+    )
+    if key not in _CUTS:
+        cuts = prepare.planned_cuts(cfg)
+        _CUTS[key] = None if cuts is None else tuple(cuts)
+    return _CUTS[key]
+
+
+def frozen_seconds(cfg: RunConfig, profile: Profile) -> float:
+    """The floor's batch: groups 1..K-1 forward only, the last group forward, backward and
+    update; in turn on one device, or each group on its rank (the slowest sets the pace)."""
+    times = _times(replace(cfg, method="bp"), "bp", profile)
+    n, count = cfg.batch_size, len(times.work.blocks)
+    cuts = run_cuts(cfg)
+    if cuts is None:
+        cuts = predict.balanced_cuts(times, cfg.groups, n, "bp")
+    bounds = list(zip([0, *cuts], [*cuts, count]))
+    stages = [sum(times.forward(j, n) for j in range(a, b)) for a, b in bounds]
+    a = bounds[-1][0]
+    stages[-1] += sum(times.backward(j, n, j > a) + times.update(j) for j in range(a, count))
+    stages[0] += times.input(n)
+    return sum(stages) if cfg.executor == "sequential" else max(stages)
+
+
 def batch_seconds(cfg: RunConfig, profile: Profile) -> float:
-    """The forecast seconds of one training batch of ``cfg`` on its devices."""
-    method = "bp" if cfg.method == "frozen" else cfg.method
-    priced = replace(cfg, method=method, groups=1 if method == "bp" else cfg.groups)
-    times = _times(priced, method, profile)
+    """The forecast seconds of one training batch of ``cfg`` on its devices, at the cuts it
+    will train on."""
+    if cfg.method == "frozen":
+        return frozen_seconds(cfg, profile)
+    priced = replace(cfg, groups=1) if cfg.method == "bp" else cfg
+    times = _times(priced, cfg.method, profile)
     link = profile.link.link()
-    setup = predict.setup_of(priced)
-    if cfg.executor != "sequential" or method == "bp":
+    setup = predict.setup_of(priced, None if cfg.method == "bp" else run_cuts(cfg))
+    if cfg.executor != "sequential" or cfg.method == "bp":
         return predict.predict(times, setup, link, cfg.batch_size).step_s
     return predict.one_device_step(times, setup, link, cfg.batch_size)
 
@@ -134,14 +171,26 @@ def measured_train_seconds(cfg: RunConfig) -> float:
         )
 
 
-def entries(cfgs: list[RunConfig], profile: Profile | None = None) -> list[Entry]:
-    """Each run's state; with a ``profile``, its devices and price."""
+def profile_for(cfg: RunConfig, profiles: Sequence[Profile]) -> Profile:
+    """The profile a run is priced on: of several, the first calibrated at the run's CPU
+    threads per process (its ranks share this machine's cores), else the first."""
+    if len(profiles) > 1:
+        threads = prepare.threads_per_rank(cfg)
+        for profile in profiles:
+            if profile.device.threads == threads:
+                return profile
+    return profiles[0]
+
+
+def entries(cfgs: list[RunConfig], profiles: Sequence[Profile] = ()) -> list[Entry]:
+    """Each run's state; with ``profiles``, its devices and price (``profile_for``)."""
     out = []
     for cfg in cfgs:
         state, epoch, error = state_of(cfg)
         entry = Entry(cfg, state, epoch, error, devices(cfg))
-        if profile is not None:
-            entry.train_s, evaluation = priced(cfg, profile)
+        if profiles:
+            entry.profile = profile_for(cfg, profiles).name
+            entry.train_s, evaluation = priced(cfg, profile_for(cfg, profiles))
             entry.seconds = entry.train_s + evaluation
             if state == "done":
                 entry.measured_train_s = measured_train_seconds(cfg)
@@ -165,7 +214,7 @@ def list_schedule(jobs: list[tuple[float, int]], count: int) -> float:
     return end
 
 
-def frame(items: list[Entry], profile: Profile | None) -> pd.DataFrame:
+def frame(items: list[Entry], priced: bool) -> pd.DataFrame:
     rows = []
     for e in items:
         row = {
@@ -179,9 +228,9 @@ def frame(items: list[Entry], profile: Profile | None) -> pd.DataFrame:
             "checkpoint_epoch": e.epoch,
             "devices": e.devices,
         }
-        if profile is not None:
+        if priced:
             row.update(
-                profile=profile.name,
+                profile=e.profile,
                 forecast_s=e.seconds,
                 device_hours=e.device_hours,
                 time_limit_min=time_limit_min(e.seconds),
@@ -223,8 +272,8 @@ def totals(items: list[Entry], count: int) -> str:
     )
 
 
-def write(items: list[Entry], profile: Profile | None, path: Path) -> pd.DataFrame:
-    table = frame(items, profile)
+def write(items: list[Entry], path: Path) -> pd.DataFrame:
+    table = frame(items, priced=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, table.to_csv(index=False))
     return table

@@ -489,6 +489,7 @@ def calibrate(
     model_names: Sequence[str],
     task: str,
     *,
+    tasks_of: dict[str, str] | None = None,
     methods_: Sequence[str] = (),
     batch_sizes: Sequence[int] = (32, 64, 128),
     device: torch.device = torch.device("cpu"),  # noqa: B008 (immutable)
@@ -502,17 +503,19 @@ def calibrate(
     name: str = "measured",
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """The profile of this machine (as TOML-ready tables): every model's blocks timed at
-    ``batch_sizes``, each of ``methods_``'s local modules at ``local_sizes`` (default the
-    same) on the output of every block (``local_after``: {(model, method): block indices}
-    to time fewer), the blocks as a pipeline holds them at ``held_sizes`` (its
-    micro-batches: ``time_blocks``), the fitted rate and overhead, and (``link``) the link and
-    the shared-machine slowdown on two ranks."""
+    """The profile of this machine (as TOML-ready tables): every model's blocks timed on
+    ``task`` (``tasks_of``: {model: task} where one differs) at ``batch_sizes``, each of
+    ``methods_``'s local modules at ``local_sizes`` (default the same) on the output of every
+    block (``local_after``: {(model, method): block indices} to time fewer), the blocks as a
+    pipeline holds them at ``held_sizes`` (its micro-batches: ``time_blocks``), the fitted
+    rate and overhead, and (``link``) the link and the shared-machine slowdown on two ranks."""
     batch_sizes = sorted(set(batch_sizes))
     local_sizes = sorted(set(local_sizes or batch_sizes))
+    task_of = {m: (tasks_of or {}).get(m, task) for m in model_names}
     with prepare.torch_threads(threads or torch.get_num_threads()):
         timed, flops = [], []
         for model_name in model_names:
+            task = task_of[model_name]
             blocks = workload.blocks(model_name, task)
             entry = {
                 "model": model_name,
@@ -546,7 +549,7 @@ def calibrate(
             flops.append([b.flops for b in blocks])
         joined = {"blocks": [b for t in timed for b in t["blocks"]]}
         rate, overhead = fit_rate([f for fs in flops for f in fs], joined, batch_sizes)
-        params = sum(b.param_bytes for m in model_names for b in workload.blocks(m, task))
+        params = sum(b.param_bytes for m in model_names for b in workload.blocks(m, task_of[m]))
         stepped = sum(b["update_s"] for t in timed for b in t["blocks"])
     cuda = device.type == "cuda"
     out = {
@@ -555,7 +558,7 @@ def calibrate(
             "kind": "measured",
             "created": now(),
             "summary": f"measured by lcbench calibrate on {os.uname().nodename}: "
-            f"{', '.join(model_names)} on {task}, batches "
+            f"{', '.join(f'{m} on {t}' for m, t in task_of.items())}, batches "
             f"{', '.join(map(str, batch_sizes))}",
         },
         "device": {
@@ -577,7 +580,7 @@ def calibrate(
             device,
             threads=threads,
             model=model_names[0],
-            task=task,
+            task=task_of[model_names[0]],
             batch_size=batch_sizes[len(batch_sizes) // 2],
         )
         alpha, beta = fit_link(measured["sizes"], measured["pingpong_s"])

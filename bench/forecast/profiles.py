@@ -35,6 +35,7 @@ class Device:
     update_bytes_per_s: float  # parameter bytes an SGD step gets through per second
     colocated_slowdown: float = 1.0  # compute time x this when the K workers share the machine
     step_cv: float = 0.0  # a step's time from one step to the next: standard deviation / mean
+    threads: int = 0  # CPU threads per process it was calibrated at (0: not stated)
     source: str = ""
     assumptions: tuple[str, ...] = ()
 
@@ -158,6 +159,7 @@ def parse(data: dict, origin: str) -> Profile:
         overhead_s=_number(dev, "overhead_s", where, positive=False),
         update_bytes_per_s=update,
         colocated_slowdown=float(dev.get("colocated_slowdown", 1.0)),
+        threads=int(dev.get("threads", 0)),
         step_cv=_number(dev, "step_cv", where, positive=False) if "step_cv" in dev else 0.0,
         source=str(dev.get("source", "")),
         assumptions=assumptions,

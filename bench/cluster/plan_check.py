@@ -1,0 +1,176 @@
+"""The plan's price checked against the runs it prices, on this machine (``make plan-check``).
+
+Rounds, as ``make bench`` takes them: each round calibrates this machine (``lcbench
+calibrate``: at the threads a sequential run has, and at one rank's threads with the link
+and the shared-machine slowdown) and then trains the grid afresh into a folder of its own.
+A round's calibrations are kept in its folder (``here.toml``, ``here-rank.toml``), so that
+the check resumes where it stopped. Each number is then the median over rounds: the calibrations merged value by value
+(``calibrate.merge``), each run's measured training seconds (its epochs' ``epoch_time_s``).
+Each run is priced by ``bench.cluster.plan`` on the merged profile calibrated at its threads
+(``plan.profile_for``), and its measured / forecast ratio is set against 0.85-1.15, the
+band ``make bench`` holds.
+
+    python -m bench.cluster.plan_check [--spec S] [--preset smoke] [--rounds 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import click
+import pandas as pd
+import tomllib
+import torch
+
+from bench import prepare, sweep
+from bench.config import LAUNCHED, RunConfig, UsageError
+from bench.forecast import calibrate, profiles
+from bench.records import check_writable, read_json, write_atomic
+
+from . import plan
+
+BAND = (0.85, 1.15)
+#: rules with no local module to time
+NO_LOCAL = ("bp", "pipe-bp", "frozen")
+
+
+def calibrations_needed(cfgs: list[RunConfig]) -> dict:
+    """What to calibrate for ``cfgs``: their models (on their tasks), rules with a local
+    module, per-device batch sizes (at least two: the forecast interpolates) and the
+    micro-batches a pipeline holds."""
+    tasks_of = {cfg.model: cfg.task for cfg in cfgs}
+    rules = sorted({cfg.method for cfg in cfgs} - set(NO_LOCAL))
+    sizes = {cfg.batch_size // (cfg.workers or 1 if cfg.executor == "ddp" else 1) for cfg in cfgs}
+    held = {
+        cfg.batch_size // cfg.options.get("microbatches", 4)
+        for cfg in cfgs
+        if cfg.method == "pipe-bp"
+    }
+    sizes |= held
+    if len(sizes) == 1:
+        sizes.add(max(1, min(sizes) // 2))
+    return dict(tasks_of=tasks_of, rules=rules, sizes=sorted(sizes), held=sorted(held))
+
+
+def calibrate_round(need: dict, threads: tuple[int, int], folder: Path) -> tuple[dict, dict]:
+    """``(sequential, rank)`` calibrations of this machine: at a sequential run's threads, and
+    at a rank's with the link (two ranks sharing the machine), which both keep. Written into
+    ``folder``; a round that has them is not calibrated again."""
+    paths = folder / "here.toml", folder / "here-rank.toml"
+    if all(p.exists() for p in paths):
+        return tuple(tomllib.loads(p.read_text()) for p in paths)
+    models = list(need["tasks_of"])
+    common = dict(
+        tasks_of=need["tasks_of"],
+        methods_=need["rules"],
+        batch_sizes=need["sizes"],
+        held_sizes=need["held"],
+        device=torch.device("cpu"),
+    )
+    first = need["tasks_of"][models[0]]
+    rank = calibrate.calibrate(models, first, threads=threads[1], name="here-rank", **common)
+    sequential = calibrate.calibrate(
+        models, first, threads=threads[0], link=False, name="here", **common
+    )
+    sequential["link"] = rank["link"]
+    for table, path in zip((sequential, rank), paths):
+        calibrate.write(table, path)
+    return sequential, rank
+
+
+def measured(cfgs: list[RunConfig]) -> dict[str, float]:
+    """Each ok run's measured training seconds, by run id."""
+    out = {}
+    for cfg in cfgs:
+        info = read_json(prepare.run_folder(cfg) / "run.json") or {}
+        if info.get("status") == "ok":
+            out[cfg.run_id] = plan.measured_train_seconds(cfg)
+    return out
+
+
+def check(cfgs_of_round, rounds: int, out: Path, progress) -> pd.DataFrame:
+    """Calibrate and run ``rounds`` times; the ratios of the median measured seconds to the
+    forecast on the merged profiles, one row per run."""
+    first = cfgs_of_round(0)
+    need = calibrations_needed(first)
+    threads = (torch.get_num_threads(), prepare.threads_per_rank(_a_rank_run(first)))
+    sequential, rank, seconds = [], [], {}
+    for r in range(rounds):
+        progress(f"round {r + 1}/{rounds}: calibrating")
+        cfgs = cfgs_of_round(r)
+        s, k = calibrate_round(need, threads, Path(cfgs[0].out))
+        sequential.append(s)
+        rank.append(k)
+        progress(f"round {r + 1}/{rounds}: training {len(cfgs)} runs")
+        tally = sweep.run_sweep(cfgs, progress=False)
+        if tally.failed:
+            progress(f"round {r + 1}/{rounds}: {tally.line()}")
+        for run_id, value in measured(cfgs).items():
+            seconds.setdefault(run_id, []).append(value)
+    merged = []
+    for name, found in (("here", sequential), ("here-rank", rank)):
+        table = calibrate.merge(found)
+        calibrate.write(table, out / f"{name}.toml")
+        merged.append(profiles.parse(table, name))
+    rows = []
+    for cfg in first:
+        profile = plan.profile_for(cfg, merged)
+        train, _ = plan.priced(cfg, profile)
+        values = seconds.get(cfg.run_id, [])
+        median = statistics.median(values) if values else float("nan")
+        rows.append(
+            {
+                "run_id": cfg.run_id,
+                "method": cfg.method,
+                "executor": cfg.executor,
+                "profile": profile.name,
+                "rounds": len(values),
+                "forecast_train_s": train,
+                "measured_train_s": median,
+                "measured_over_forecast": median / train,
+                "within": BAND[0] <= median / train <= BAND[1],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _a_rank_run(cfgs: list[RunConfig]) -> RunConfig:
+    ranked = [cfg for cfg in cfgs if cfg.executor in LAUNCHED]
+    return ranked[0] if ranked else RunConfig(method="bp", executor="ddp", workers=2)
+
+
+@click.command()
+@click.option("--spec", default="bench/experiments/table2.toml", show_default=True)
+@click.option("--preset", default="smoke", show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--out", default="results/plan-check", show_default=True, help="Results folder.")
+@click.option("--data-dir", default=None, envvar="LCBENCH_DATA")
+def main(spec, preset, rounds, out, data_dir):
+    """Calibrate, run the preset's grid and price it, ROUNDS times; print each run's median
+    measured / forecast training time and how many lie within 0.85-1.15."""
+    folder = Path(out)
+
+    def cfgs_of_round(r: int) -> list[RunConfig]:
+        return sweep.load_spec(spec, preset, out=str(folder / f"round-{r}"), data_dir=data_dir)
+
+    try:
+        check_writable(folder / "plan-check.csv")  # before minutes of work, not after
+        frame = check(cfgs_of_round, rounds, folder, lambda text: click.echo(text, err=True))
+    except UsageError as e:
+        click.echo(f"plan_check: {e}", err=True)
+        sys.exit(2)
+    write_atomic(folder / "plan-check.csv", frame.to_csv(index=False))
+    shown = frame.drop(columns=["run_id"]).assign(run=frame.run_id.str.slice(0, 44))
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    ratios = frame.measured_over_forecast
+    click.echo(
+        f"{int(frame.within.sum())} of {len(frame)} runs within {BAND[0]}-{BAND[1]} "
+        f"(median {ratios.median():.2f}, {ratios.min():.2f} to {ratios.max():.2f}); "
+        f"wrote {folder / 'plan-check.csv'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
