@@ -721,9 +721,7 @@ def plot(results, out):
     "--method",
     "rules",
     multiple=True,
-    default=("lc", "dgl", "dni", "cdni"),
-    show_default=True,
-    help="Rule whose local modules are timed (repeatable).",
+    help="Rule whose local modules are timed (repeatable; default: every rule with one).",
 )
 @click.option(
     "--batch-sizes",
@@ -791,7 +789,9 @@ def calibrate(
         if t not in tasks.TASKS:
             raise UsageError(f"unknown task '{t}' (choose from {', '.join(tasks.TASKS)})")
     try:
-        rules = [methods.resolve(r).name for r in rules]
+        rules = [methods.resolve(r).name for r in rules] or [
+            m.name for m in methods.METHODS.values() if m.local_module
+        ]
     except ValueError as e:
         raise UsageError(str(e)) from None
     if precision not in profiles.PRECISIONS:
@@ -813,7 +813,7 @@ def calibrate(
             model_names,
             task,
             tasks_of=tasks_of,
-            methods_=[r for r in rules if r not in ("bp", "pipe-bp")],
+            methods_=[r for r in rules if methods.resolve(r).local_module],
             batch_sizes=sizes,
             device=dev,
             threads=threads,
@@ -885,9 +885,9 @@ def _profile(name: str):
 )
 @click.option(
     "--rules",
-    default="pipe-bp,dgl,adgl,lc,dni,cdni,gn",
-    show_default=True,
-    help="The contenders set against DDP (and BP on one device).",
+    default=None,
+    help="The contenders set against DDP (and BP on one device), comma-separated "
+    "(default: every rule whose workers run side by side).",
 )
 @click.option(
     "--batch-size",
@@ -941,12 +941,11 @@ def scale(
     ks = parse_ints(workers, "--workers")
     if not ks or min(ks) < 1:
         raise UsageError(f"--workers must be positive integers, got '{workers}'")
-    chosen = [r.strip() for r in rules.split(",") if r.strip()]
-    bad = [r for r in chosen if r not in scaling.RULES]
+    known = scaling.parallel_rules()
+    chosen = [r.strip() for r in (rules or ",".join(known)).split(",") if r.strip()]
+    bad = [r for r in chosen if r not in known]
     if bad:
-        raise UsageError(
-            f"unknown rule '{bad[0]}' for --rules (choose from {', '.join(scaling.RULES)})"
-        )
+        raise UsageError(f"unknown rule '{bad[0]}' for --rules (choose from {', '.join(known)})")
     options, pairs = {}, []
     config = {}
     if run_dir:

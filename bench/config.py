@@ -149,11 +149,12 @@ class RunConfig:
             ),
             (
                 self.placement == "stage"
-                or (method.name == "gn" and self.executor == "distributed"),
-                "--placement neuron needs --method gn and --executor distributed",
+                or ("neuron_groups" in options and self.executor == "distributed"),
+                "--placement neuron needs a rule of neuron groups (--method gn) and "
+                "--executor distributed",
             ),
             (
-                not ddp or method.name == "bp",
+                not ddp or method.timing == "one",
                 f"--executor ddp trains BP (data-parallel backprop), not --method {method.name}",
             ),
             (

@@ -165,9 +165,9 @@ def train_options(cfg: RunConfig, device: torch.device | None = None) -> TrainOp
 def cudagraphs(cfg: RunConfig) -> bool:
     """Whether compiled modules may use CUDA graphs, whose outputs live until the next
     batch only: the sequential executor, whose messages are all applied within the batch,
-    under a rule that keeps no activation across batches (asynchronous DGL's replay buffer
-    does)."""
-    return cfg.executor == "sequential" and cfg.method != "adgl"
+    under a rule that keeps no activation across batches (an asynchronous rule's replay
+    buffer does)."""
+    return cfg.executor == "sequential" and methods.resolve(cfg.method).timing != "asynchronous"
 
 
 def place(cfg: RunConfig, stages, device: torch.device) -> None:
@@ -288,7 +288,7 @@ def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | No
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
     cuts = resolve_cuts(cfg, model, input_shape, classes, cuts)
-    if cfg.method == "gn":
+    if "neuron_groups" in cfg.options:  # a rule of neuron groups: the width-grouped net
         torch.manual_seed(cfg.seed)
         model = models.build_model(
             cfg.model,

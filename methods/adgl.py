@@ -80,6 +80,8 @@ class ReplayBuffer:
 class ADGLStage(DGLStage):
     """DGL on inputs drawn from a replay buffer (see ``input``)."""
 
+    epoch_loop = "asynchronous"
+
     version = 1
 
     def __init__(

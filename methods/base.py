@@ -103,6 +103,15 @@ class Stage:
     #: what the rule sends upstream: "gradient" (shaped like the stage's input: BP, DNI),
     #: "loss" (one value per sample: LC) or None (DGL, GN-DGL)
     upstream: str | None = None
+    #: what the rule's local signal estimates, which the diagnostics set against the truth:
+    #: "gradient" (``local_gradient`` estimates dL/dh: DNI's synthetic gradient), "loss"
+    #: (``predicted_loss`` estimates each sample's loss: LC's critic) or None
+    predicts: str | None = None
+    #: how the distributed executor runs an epoch of this stage on its rank: "messages" (a
+    #: batch at a time, late upstream messages applied as they arrive), "pipeline" (a
+    #: schedule of micro-batches: pipelined BP) or "asynchronous" (never waiting for the
+    #: stage above: asynchronous DGL)
+    epoch_loop = "messages"
     #: whether the stage below may run ahead of the updates this stage waits for
     #: (False for BP: its next forward needs this batch's step)
     decoupled = True
@@ -155,6 +164,10 @@ class Stage:
         """Sub-model logits from this group's output, or ``None`` where the rule has none."""
         head = self.head()
         return None if head is None or self.last else head(h)
+
+    def predicted_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The rule's estimate of each sample's loss from ``h`` (``predicts == "loss"``)."""
+        return None
 
     def local_gradient(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """What the rule steps this group along: its estimate of dL/dh at the group's output

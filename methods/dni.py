@@ -93,6 +93,7 @@ class DNIStage(Stage):
 
     version = 3  # 3: the groups on the rule's own Adam by default; 2: the plain L2 fit
     upstream = "gradient"
+    predicts = "gradient"
     conditioned = False
 
     def __init__(

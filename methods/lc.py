@@ -28,6 +28,7 @@ class LCStage(Stage):
 
     version = 1
     upstream = "loss"
+    predicts = "loss"
 
     def __init__(
         self, index, count, group, criterion, train, *, shape, classes, options: LCOptions
@@ -67,7 +68,7 @@ class LCStage(Stage):
         self.tally(per_sample.shape[0], critic_loss=loss)
 
     @torch.no_grad()
-    def critic_loss(self, h, y):
+    def predicted_loss(self, h, y):
         """Per-sample loss of the critic on ``h``: the rule's estimate of the true loss."""
         return self.criterion(self.critic(h), y)
 

@@ -30,6 +30,8 @@ class PipeBPOptions:
 class PipeBPStage(BPStage):
     """BP whose group sees the batch as M micro-batches; one step per batch."""
 
+    epoch_loop = "pipeline"
+
     version = 1
 
     def __init__(

@@ -141,3 +141,25 @@ def test_every_bench_module_sits_in_a_sub_package_or_the_top_few():
         "schedule",
         "sweep",
     }
+
+
+#: packages whose subject is a named rule (a study of DNI, the benchmark's chosen contenders),
+#: as a spec in bench/experiments names its rules
+ABOUT_NAMED_RULES = ("bench/studies", "bench/perf")
+
+
+def test_bench_holds_no_rule_name():
+    """Every per-rule fact lives on the rule's declaration in methods/: no string in bench/
+    (its studies and benchmark aside) is a rule's name."""
+    import methods
+
+    names = set(methods.METHODS)
+    found = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        if where.startswith(ABOUT_NAMED_RULES):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{where}:{node.lineno}: {node.value!r}")
+    assert not found, "rule names outside methods/:\n" + "\n".join(found)

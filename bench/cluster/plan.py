@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
+import methods
+
 from .. import checkpoint, prepare
 from ..config import RunConfig, ranks
 from ..data.tasks import TASKS
@@ -115,11 +117,12 @@ def run_cuts(cfg: RunConfig) -> tuple[int, ...] | None:
 def frozen_seconds(cfg: RunConfig, profile: Profile) -> float:
     """The floor's batch: groups 1..K-1 forward only, the last group forward, backward and
     update; in turn on one device, or each group on its rank (the slowest sets the pace)."""
-    times = _times(replace(cfg, method="bp"), "bp", profile)
+    one = methods.reference()
+    times = _times(replace(cfg, method=one), one, profile)
     n, count = cfg.batch_size, len(times.work.blocks)
     cuts = run_cuts(cfg)
     if cuts is None:
-        cuts = predict.balanced_cuts(times, cfg.groups, n, "bp")
+        cuts = predict.balanced_cuts(times, cfg.groups, n, one)
     bounds = list(zip([0, *cuts], [*cuts, count]))
     stages = [sum(times.forward(j, n) for j in range(a, b)) for a, b in bounds]
     a = bounds[-1][0]
@@ -131,13 +134,14 @@ def frozen_seconds(cfg: RunConfig, profile: Profile) -> float:
 def batch_seconds(cfg: RunConfig, profile: Profile) -> float:
     """The forecast seconds of one training batch of ``cfg`` on its devices, at the cuts it
     will train on."""
-    if cfg.method == "frozen":
+    how = predict.timing(cfg.method)
+    if how == "floor":
         return frozen_seconds(cfg, profile)
-    priced = replace(cfg, groups=1) if cfg.method == "bp" else cfg
+    priced = replace(cfg, groups=1) if how == "one" else cfg
     times = _times(priced, cfg.method, profile)
     link = profile.link.link()
-    setup = predict.setup_of(priced, None if cfg.method == "bp" else run_cuts(cfg))
-    if cfg.executor != "sequential" or cfg.method == "bp":
+    setup = predict.setup_of(priced, None if how == "one" else run_cuts(cfg))
+    if cfg.executor != "sequential" or how == "one":
         return predict.predict(times, setup, link, cfg.batch_size).step_s
     return predict.one_device_step(times, setup, link, cfg.batch_size)
 
@@ -151,7 +155,7 @@ def priced(cfg: RunConfig, profile: Profile) -> tuple[float, float]:
     train = min(sizes[0], cfg.limit_train or sizes[0])
     test = min(sizes[1], cfg.limit_test or sizes[1])
     plan = epoch_steps(cfg, train // cfg.batch_size)
-    times = _times(cfg, "bp", profile)
+    times = _times(cfg, methods.reference(), profile)
     size = cfg.eval_batch_size or cfg.batch_size
     forward = sum(times.forward(j, size) for j in range(len(times.work.blocks)))
     return sum(plan) * batch_seconds(cfg, profile), len(plan) * math.ceil(test / size) * forward

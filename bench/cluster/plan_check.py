@@ -24,6 +24,7 @@ import pandas as pd
 import tomllib
 import torch
 
+import methods
 from bench import prepare, sweep
 from bench.config import LAUNCHED, RunConfig, UsageError
 from bench.forecast import calibrate, profiles
@@ -32,8 +33,6 @@ from bench.records import check_writable, read_json, write_atomic
 from . import plan
 
 BAND = (0.85, 1.15)
-#: rules with no local module to time
-NO_LOCAL = ("bp", "pipe-bp", "frozen")
 
 
 def calibrations_needed(cfgs: list[RunConfig]) -> dict:
@@ -41,12 +40,12 @@ def calibrations_needed(cfgs: list[RunConfig]) -> dict:
     module, per-device batch sizes (at least two: the forecast interpolates) and the
     micro-batches a pipeline holds."""
     tasks_of = {cfg.model: cfg.task for cfg in cfgs}
-    rules = sorted({cfg.method for cfg in cfgs} - set(NO_LOCAL))
+    rules = sorted({cfg.method for cfg in cfgs if methods.resolve(cfg.method).local_module})
     sizes = {cfg.batch_size // (cfg.workers or 1 if cfg.executor == "ddp" else 1) for cfg in cfgs}
     held = {
         cfg.batch_size // cfg.options.get("microbatches", 4)
         for cfg in cfgs
-        if cfg.method == "pipe-bp"
+        if methods.resolve(cfg.method).timing == "pipeline"
     }
     sizes |= held
     if len(sizes) == 1:
@@ -138,7 +137,7 @@ def check(cfgs_of_round, rounds: int, out: Path, progress) -> pd.DataFrame:
 
 def _a_rank_run(cfgs: list[RunConfig]) -> RunConfig:
     ranked = [cfg for cfg in cfgs if cfg.executor in LAUNCHED]
-    return ranked[0] if ranked else RunConfig(method="bp", executor="ddp", workers=2)
+    return ranked[0] if ranked else RunConfig(method=methods.reference(), executor="ddp", workers=2)
 
 
 @click.command()

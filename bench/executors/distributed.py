@@ -33,9 +33,7 @@ from bench.measure import memory, timing
 from bench.measure.provenance import now
 from bench.records import save_weights, stop_if_diverged
 from bench.schedule import LRSchedule, epoch_steps
-from methods.adgl import ADGLStage
 from methods.base import match_targets
-from methods.pipebp import PipeBPStage
 
 from . import asynchronous, launch, neurons, pipeline
 from .links import Links, Part
@@ -130,7 +128,7 @@ def trainer(
     batches of this rank under its rule (pipelined BP on a pipeline schedule, asynchronous DGL
     without waiting, the others with late upstream messages); ``probe`` is entered around the
     first batch(es), ``on_step(t)`` called before batch t (the learning-rate schedule)."""
-    if isinstance(stage, PipeBPStage):
+    if stage.epoch_loop == "pipeline":
         pipe = pipeline.Pipeline(stage, links, device=device, y_shape=(batch_size, *y_shape))
         pipeline.time_phases(stage, timer)
 
@@ -144,7 +142,7 @@ def trainer(
                     pipe.step(x, y)
             links.flush()
             return {}
-    elif isinstance(stage, ADGLStage):
+    elif stage.epoch_loop == "asynchronous":
 
         def epoch(batches, probe, steps, on_step):
             on_step(0)  # ranks below the first run their own number of steps: one rate an epoch

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+import methods
 from bench import models, prepare
 from bench.config import RunConfig
 from bench.data import tasks
@@ -201,7 +202,7 @@ def time_blocks(
                 ("backward_first", first),
             ):
                 blocks[j].setdefault(key + suffix, []).append(value)
-    train = prepare.train_options(RunConfig(method="bp").validated(), device)
+    train = prepare.train_options(RunConfig(method=methods.reference()).validated(), device)
     for j, block in enumerate(net):
         params = list(block.parameters())
         blocks[j]["update_s"] = 0.0

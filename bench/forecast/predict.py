@@ -13,17 +13,28 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import methods
 from bench.models import split
-from methods.adgl import ADGLOptions
 
 from . import model
 from .model import Link, StageCost, StageMemory
 from .profiles import Profile, ProfileError
 from .workload import FLOAT, LABEL, Workload, group_saved
 
-#: the contenders; "bp" is one device, "ddp" data-parallel BP
-RULES = ("bp", "ddp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn")
-DECOUPLED = ("dgl", "adgl", "lc", "dni", "cdni", "gn")
+#: the timings of stages that each train on a local signal (``methods.TIMINGS``)
+DECOUPLED = ("decoupled", "asynchronous")
+
+
+def timing(rule: str) -> str:
+    """How the forecast times the contender ``rule`` (what the rule declares)."""
+    return methods.contender(rule).timing
+
+
+def rules() -> tuple[str, ...]:
+    """The contenders the forecast prices (every rule but the floor, and DDP)."""
+    return tuple(m.name for m in methods.contenders() if m.timing != "floor")
+
+
 #: passes over the parameter bytes of an optimizer step (SGD momentum: p, g, m read, p, m
 #: written; Adam also its second moment)
 STEP_PASSES = {"sgd": 1.0, "adam": 7 / 5}
@@ -162,7 +173,7 @@ def _stage_bounds(cuts, n_blocks) -> list[tuple[int, int]]:
 def balanced_cuts(times: Times, stages: int, n: float, rule: str) -> tuple[int, ...]:
     """Cuts that balance the stages' forecast seconds at per-device batch ``n`` (the local
     work at each cut included), by the splitter's DP."""
-    key = ("cuts", stages, n, rule in DECOUPLED)
+    key = ("cuts", stages, n, timing(rule) in DECOUPLED)
     if key not in times.built:
         work = times.work
         costs = [
@@ -170,7 +181,9 @@ def balanced_cuts(times: Times, stages: int, n: float, rule: str) -> tuple[int, 
             for j in range(len(work.blocks))
         ]
         ends = (
-            [sum(times.local(j, n)) for j in range(len(work.blocks))] if rule in DECOUPLED else None
+            [sum(times.local(j, n)) for j in range(len(work.blocks))]
+            if timing(rule) in DECOUPLED
+            else None
         )
         times.built[key] = tuple(split.balanced_cuts(costs, stages, ends))
     return times.built[key]
@@ -230,10 +243,10 @@ def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast
     (``colocated_slowdown`` s > 1), a worker computes 1 + (s - 1) u times slower, u the mean
     share of the step the other workers compute (all of it under DDP, little beside an idle
     stage)."""
-    if setup.rule not in RULES:
-        raise ValueError(f"unknown contender {setup.rule!r} (choose from {', '.join(RULES)})")
+    if setup.rule not in rules():
+        raise ValueError(f"unknown contender {setup.rule!r} (choose from {', '.join(rules())})")
     key = (setup, batch_size)
-    if setup.rule == "gn" and setup.neuron_groups > 1:  # its all-gather depends on the link
+    if setup.neuron_groups > 1:  # its all-gather depends on the link
         stages, memory, cuts = _build(times, setup, link, batch_size)
     else:
         if key not in times.built:
@@ -243,7 +256,7 @@ def predict(times: Times, setup: Setup, link: Link, batch_size: int) -> Forecast
     step, fill = _timing(setup, stages, link, cv)
     s = times.profile.device.colocated_slowdown
     if setup.workers > 1 and s != 1:
-        per = setup.microbatches if setup.rule == "pipe-bp" else 1
+        per = setup.microbatches if timing(setup.rule) == "pipeline" else 1
         busy = [
             min(
                 1.0,
@@ -263,7 +276,7 @@ def one_device_step(times: Times, setup: Setup, link: Link, batch_size: int) -> 
     """Seconds per batch of the contender's stages run one after another on one device (the
     sequential executor): the sum of every stage's work, its micro-batches included."""
     stages, _, _ = _build(times, setup, link, batch_size)
-    per = setup.microbatches if setup.rule == "pipe-bp" else 1
+    per = setup.microbatches if timing(setup.rule) == "pipeline" else 1
     return sum(
         (st.forward_s + st.backward_s + st.receive_s) * per + st.update_s + st.input_s
         for st in stages
@@ -286,14 +299,16 @@ def _slowed(stage: StageCost, factor: float) -> StageCost:
 def _timing(setup: Setup, stages: list[StageCost], link: Link, cv: float) -> tuple[float, float]:
     """``(steady seconds per batch, what the first batch adds)`` of the contender; ``cv``:
     how much a step's time varies, paid where workers wait for each other every step."""
-    rule, d = setup.rule, setup.replicas
-    if rule == "bp":
+    how, d = timing(setup.rule), setup.replicas
+    if how == "one":
         return model.bp_step(stages[0]), 0.0
-    if rule == "ddp":
+    if how == "data-parallel":
         return model.ddp_step(stages[0], link, setup.workers, cv), 0.0
-    if rule == "pipe-bp":
+    if how == "pipeline":
         return model.pipeline_step(stages, link, setup.microbatches, setup.schedule, d, cv), 0.0
-    if rule == "adgl":  # no stage waits: the first sets the pace, the others draw from buffers
+    if (
+        how == "asynchronous"
+    ):  # no stage waits: the first sets the pace, the others draw from buffers
         step = max(stages[0].work_s, link.message(stages[0].down_bytes) if len(stages) > 1 else 0.0)
         lag = None
     else:
@@ -307,7 +322,7 @@ def _build(times: Times, setup: Setup, link: Link, batch_size: int):
     """``(stages, memory per stage, cuts)`` of the contender, at the profile's own speed."""
     work, rule = times.work, setup.rule
     n_blocks, d = len(work.blocks), setup.replicas
-    if rule in ("bp", "ddp"):
+    if timing(rule) in ("one", "data-parallel"):
         n = batch_size / setup.workers
         stage = StageCost(
             forward_s=sum(times.forward(j, n) for j in range(n_blocks)),
@@ -319,7 +334,7 @@ def _build(times: Times, setup: Setup, link: Link, batch_size: int):
         return [stage], (_memory(work, 0, n_blocks, n, last=True, precision=times.precision),), ()
     cuts = tuple(setup.cuts or balanced_cuts(times, setup.stages, batch_size / d, rule))
     bounds = _stage_bounds(cuts, n_blocks)
-    if rule != "pipe-bp":
+    if timing(rule) != "pipeline":
         return (*_decoupled(times, setup, link, batch_size, bounds), cuts)
     m = batch_size / d / setup.microbatches
     held = setup.microbatches > 1  # micro-batches whose graphs are alive at once
@@ -357,7 +372,7 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
     group on a worker of its own taking 1/G of it and all-gathering its output."""
     work, rule, d = times.work, setup.rule, setup.replicas
     n = batch_size / d
-    g = setup.neuron_groups if rule == "gn" else 1
+    g = setup.neuron_groups
     sends_gradient = work.upstream == "gradient"
     stages, memory = [], []
     for k, (a, b) in enumerate(bounds):
@@ -373,7 +388,7 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
             down_bytes=0.0 if last else out_bytes + n * LABEL * work.label_numel,
             up_bytes=n * FLOAT * below_local.up_numel if below_local is not None else 0.0,
         )
-        if rule == "gn" and work.grouped:
+        if work.grouped:
             grouped, mixing = work.grouped
             blocks = [mixing[a], *grouped[a + 1 : b]]
             stages.append(
@@ -399,8 +414,8 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
             )
         )
         held = _memory(work, a, b, n, last=last, precision=times.precision, share=1 / g)
-        if rule == "adgl" and k > 0:
-            entries = dict(work.options).get("buffer_size", ADGLOptions.buffer_size)
+        if timing(rule) == "asynchronous" and k > 0:
+            entries = {**methods.option_defaults(rule), **dict(work.options)}["buffer_size"]
             held = replace(
                 held,
                 buffer_bytes=model.replay_buffer_bytes(
@@ -416,17 +431,19 @@ def setup_of(cfg, cuts: Sequence[int] | None = None) -> Setup:
     DDP on its ranks, or its rule on its layer groups (their ranks when distributed, else
     the K workers the sequential executor models), at the run's cuts."""
     if cfg.executor == "ddp":
-        return Setup("ddp", cfg.workers)
-    if cfg.method == "bp" and cfg.groups == 1:
-        return Setup("bp", 1)
-    neurons = cfg.options.get("neuron_groups", 2) if cfg.method == "gn" else 1
-    placed = neurons if cfg.method == "gn" and cfg.placement == "neuron" else 1
+        return Setup(methods.DDP.name, cfg.workers)
+    how = timing(cfg.method)
+    if how == "one" and cfg.groups == 1:
+        return Setup(cfg.method, 1)
+    options = {**methods.option_defaults(cfg.method), **cfg.options}
+    neurons = options.get("neuron_groups", 1)
+    placed = neurons if cfg.placement == "neuron" else 1
     return Setup(
         cfg.method,
         cfg.groups * placed,
         stages=cfg.groups,
-        microbatches=cfg.options.get("microbatches", 4) if cfg.method == "pipe-bp" else 1,
-        schedule=cfg.options.get("schedule", "1f1b"),
+        microbatches=options.get("microbatches", 4) if how == "pipeline" else 1,
+        schedule=options.get("schedule", "1f1b"),
         neuron_groups=placed,
         cuts=tuple(cuts) if cuts is not None else None,
     )
@@ -439,7 +456,7 @@ def for_run(cfg, profile: Profile, cuts: Sequence[int] | None = None) -> Forecas
     work = workload(
         cfg.model,
         cfg.task,
-        cfg.method if cfg.executor != "ddp" else "bp",
+        cfg.method if cfg.executor != "ddp" else methods.reference(),
         width=cfg.width,
         options=cfg.options,
     )

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import methods
+
 from . import predict
 from .model import Link, fits
 from .predict import RESERVE, Forecast, Setup, Times
@@ -28,8 +30,28 @@ from .workload import workload
 WORKERS = (2, 4, 8, 16, 32, 64)
 #: the map's bandwidth axis, bytes/s (0.1 to 1000 GB/s, four points a decade)
 BANDWIDTHS = tuple(float(b) for b in np.logspace(8, 12, 17))
-RULES = ("pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn")
 NEURON_GROUPS = 2
+
+
+def parallel_rules() -> tuple[str, ...]:
+    """The rules the map sets against DDP: those whose K workers run side by side."""
+    return tuple(m.name for m in methods.contenders() if m.parallel)
+
+
+def named(timing: str) -> str:
+    """The contender the forecast times as ``timing`` ("one", "data-parallel", "pipeline")."""
+    return next(m.name for m in methods.contenders() if m.timing == timing)
+
+
+def _neuron_grouped(rule: str) -> bool:
+    return "neuron_groups" in methods.option_defaults(rule)
+
+
+def map_name(rule: str) -> str:
+    """The rule's name on the map (its neuron groups for GN-DGL's kind)."""
+    short = methods.contender(rule).short
+    return f"{short} (G={NEURON_GROUPS})" if _neuron_grouped(rule) else short
+
 
 ASSUMPTIONS = (
     "one link between any two workers, the profile's latency, its bandwidth (or the map's)",
@@ -70,16 +92,17 @@ def setups(
     neuron_groups: int = NEURON_GROUPS,
 ) -> list[Setup]:
     """The configurations ``rule`` could run on ``workers`` (see the module docstring)."""
-    if rule == "ddp":
-        return [Setup("ddp", workers)] if batch_size % workers == 0 else []
-    groups = neuron_groups if rule == "gn" else 1
+    how = predict.timing(rule)
+    if how == "data-parallel":
+        return [Setup(rule, workers)] if batch_size % workers == 0 else []
+    groups = neuron_groups if _neuron_grouped(rule) else 1
     out = []
     s = 2
     while s * groups <= workers and s <= blocks:
         if (stages is None or s == stages) and workers % (s * groups) == 0:
             replicas = workers // (s * groups)
             if batch_size % replicas == 0:
-                if rule == "pipe-bp":
+                if how == "pipeline":
                     out += [
                         Setup(rule, workers, s, microbatches=m)
                         for m in (s, 2 * s, 4 * s)
@@ -115,7 +138,7 @@ def grid(
     *,
     batch_size: int = 128,
     workers: Sequence[int] = WORKERS,
-    rules: Sequence[str] = RULES,
+    rules: Sequence[str] | None = None,
     bandwidths: Sequence[float] = BANDWIDTHS,
     precision: str = "fp32",
     width: float = 1.0,
@@ -126,7 +149,9 @@ def grid(
     """The rows of one model on one profile: every rule, K and bandwidth (and the profile's own
     link, marked ``own_link``)."""
     options = options or {}
-    base = Times(workload(model, task, "bp", width=width), profile, precision)
+    rules = parallel_rules() if rules is None else rules
+    one, ddp_name, pipeline = named("one"), named("data-parallel"), named("pipeline")
+    base = Times(workload(model, task, one, width=width), profile, precision)
     timed = {
         rule: Times(
             workload(
@@ -142,7 +167,7 @@ def grid(
         for rule in rules
     }
     blocks = len(base.work.blocks)
-    bp = predict.predict(base, Setup("bp", 1), profile.link.link(), batch_size)
+    bp = predict.predict(base, Setup(one, 1), profile.link.link(), batch_size)
     bp_fits = fits(bp.memory_bytes, profile.device.memory_bytes, RESERVE)
     links = [(profile.link.link(), True)] + [
         (Link(profile.link.latency_s, b), False) for b in bandwidths
@@ -151,7 +176,7 @@ def grid(
     for k in workers:
         progress(f"  {model} on {profile.name}: K={k}")
         for link, own in links:
-            ddp = best(base, setups("ddp", k, blocks, batch_size), link, batch_size)
+            ddp = best(base, setups(ddp_name, k, blocks, batch_size), link, batch_size)
             points = {
                 rule: best(
                     timed[rule],
@@ -160,15 +185,15 @@ def grid(
                     batch_size,
                 )
                 for rule in rules
-                if rule != "gn" or timed[rule].work.grouped
+                if not _neuron_grouped(rule) or timed[rule].work.grouped
             }
-            pipe = points.get("pipe-bp") or best(
-                timed.get("pipe-bp") or base,
-                setups("pipe-bp", k, blocks, batch_size, stages=stages),
+            pipe = points.get(pipeline) or best(
+                timed.get(pipeline) or base,
+                setups(pipeline, k, blocks, batch_size, stages=stages),
                 link,
                 batch_size,
             )
-            for rule, point in [("ddp", ddp), *points.items()]:
+            for rule, point in [(ddp_name, ddp), *points.items()]:
                 if point is None:
                     continue
                 rows.append(
@@ -241,7 +266,7 @@ def crossovers(rows: Sequence[dict]) -> list[dict]:
     out = []
     groups: dict = {}
     for r in rows:
-        if r["rule"] != "ddp":
+        if r["rule"] != methods.DDP.name:
             groups.setdefault((r["model"], r["profile"], r["rule"], r["workers"]), []).append(r)
     for (model, profile, rule, k), part in groups.items():
         swept = sorted((r for r in part if not r["own_link"]), key=lambda r: r["bandwidth_gbps"])
@@ -256,7 +281,7 @@ def crossovers(rows: Sequence[dict]) -> list[dict]:
                 "beats_ddp": _ranges([r["bandwidth_gbps"] for r in swept], wins),
                 "beats_ddp_on_own_link": own["speedup_vs_ddp"] > 1,
                 "speedup_vs_ddp_own_link": own["speedup_vs_ddp"],
-                "beats_pipe_bp_somewhere": rule != "pipe-bp"
+                "beats_pipe_bp_somewhere": rule != named("pipeline")
                 and any(r["speedup_vs_pipe_bp"] > 1 for r in swept),
                 "speedup_vs_pipe_bp_own_link": own["speedup_vs_pipe_bp"],
             }
@@ -291,17 +316,6 @@ def _gbps(value: float) -> str:
     return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
 
 
-NAMES = {
-    "pipe-bp": "pipelined BP",
-    "dgl": "DGL",
-    "adgl": "async DGL",
-    "lc": "LC",
-    "dni": "DNI",
-    "cdni": "cDNI",
-    "gn": f"GN-DGL (G={NEURON_GROUPS})",
-}
-
-
 def draw_maps(rows: Sequence[dict], out) -> list:
     """Per model and profile, one figure: a row per rule, its speedup over DDP and over
     pipelined BP against K (x) and link bandwidth (y), blue where it wins; the crossover
@@ -319,7 +333,7 @@ def draw_maps(rows: Sequence[dict], out) -> list:
     for model, profile in dict.fromkeys((r["model"], r["profile"]) for r in rows):
         part = [r for r in rows if (r["model"], r["profile"]) == (model, profile)]
         swept = [r for r in part if not r["own_link"]]
-        rules = [rule for rule in NAMES if any(r["rule"] == rule for r in swept)]
+        rules = [rule for rule in parallel_rules() if any(r["rule"] == rule for r in swept)]
         ks = sorted({r["workers"] for r in swept})
         bands = sorted({r["bandwidth_gbps"] for r in swept})
         own = next(r["bandwidth_gbps"] for r in part if r["own_link"])
@@ -338,7 +352,7 @@ def draw_maps(rows: Sequence[dict], out) -> list:
                 (("speedup_vs_ddp", "over DDP"), ("speedup_vs_pipe_bp", "over pipelined BP"))
             ):
                 ax = axes[i][j]
-                if rule == "pipe-bp" and j == 1:
+                if rule == named("pipeline") and j == 1:
                     ax.set_axis_off()
                     continue
                 value = np.full((len(bands), len(ks)), np.nan)
@@ -371,7 +385,7 @@ def draw_maps(rows: Sequence[dict], out) -> list:
                     )
                 ax.axhline(own, color="black", linestyle="--", linewidth=0.8)
                 ax.set_yscale("log")
-                ax.set_title(f"{NAMES[rule]} {label}", fontsize=8)
+                ax.set_title(f"{map_name(rule)} {label}", fontsize=8)
                 ax.tick_params(labelsize=7)
                 _fit_lines(ax, swept, ks)
         for ax in axes[-1]:
@@ -435,7 +449,7 @@ def summary(rows: Sequence[dict]) -> str:
             )
             cells = {c["workers"]: c for c in part if (c["profile"], c["rule"]) == (profile, rule)}
             lines.append(
-                f"| {profile} ({_gbps(own)}) | {NAMES.get(rule, rule)} | "
+                f"| {profile} ({_gbps(own)}) | {map_name(rule)} | "
                 + " | ".join(_cell(cells.get(k)) for k in ks)
                 + " |"
             )
@@ -495,7 +509,7 @@ def with_time_to_accuracy(rows: list[dict], tta: dict, fractions=(0.95, 0.99)) -
                 v
                 for (task, model, rule, k), v in tta.items()
                 if (task, model, rule) == (r["task"], r["model"], r["rule"])
-                and (k == r["stages"] or rule in ("ddp", "bp"))
+                and (k == r["stages"] or predict.timing(rule) in ("data-parallel", "one"))
             ),
             None,
         )

@@ -247,8 +247,8 @@ def blocks(
 @functools.cache
 def local(method: str, task: str, shape: tuple, options: tuple = ()) -> Local | None:
     """The local work of ``method`` (with ``options``, sorted pairs) on features of
-    ``shape``; ``None`` for BP and pipelined BP, which have none."""
-    if methods.resolve(method).name in ("bp", "pipe-bp"):
+    ``shape``; ``None`` for a rule without a local module (BP, pipelined BP, the floor)."""
+    if not methods.resolve(method).local_module:
         return None
     cfg = RunConfig(method=method, task=task, options=dict(options)).validated()
     with torch.random.fork_rng(devices=[]):
@@ -257,9 +257,16 @@ def local(method: str, task: str, shape: tuple, options: tuple = ()) -> Local | 
 
 
 def workload(
-    model: str, task: str, method: str = "bp", *, width: float = 1.0, options: dict | None = None
+    model: str,
+    task: str,
+    method: str | None = None,
+    *,
+    width: float = 1.0,
+    options: dict | None = None,
 ) -> Workload:
-    """Count ``model`` on ``task`` under ``method`` (its local modules with ``options``)."""
+    """Count ``model`` on ``task`` under ``method`` (its local modules with ``options``;
+    default the reference, BP)."""
+    method = method or methods.reference()
     info = tasks.TASKS[task]
     cfg = RunConfig(
         method=method, task=task, model=model, width=width, options=dict(options or {})
@@ -267,7 +274,7 @@ def workload(
     counted = blocks(model, task, width)
     pairs = tuple(sorted((k, v) for k, v in cfg.options.items() if v is not None))
     grouped = None
-    if cfg.method == "gn":
+    if "neuron_groups" in cfg.options:  # a rule of neuron groups (GN-DGL)
         try:
             grouped = tuple(
                 blocks(model, task, width, cfg.options["neuron_groups"], mixing)

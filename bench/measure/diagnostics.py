@@ -28,9 +28,7 @@ from bench.models import runtime
 
 def wanted(stages) -> bool:
     """Whether any stage has a local signal to check."""
-    return any(
-        hasattr(s, "synthetic_gradient") or s.head() is not None for s in stages if not s.last
-    )
+    return any(s.predicts is not None or s.head() is not None for s in stages if not s.last)
 
 
 @contextmanager
@@ -125,13 +123,13 @@ def probe_rows(stages, x: torch.Tensor, y: torch.Tensor, criterion) -> dict:
                     *(torch.cat([t.flatten() for t in ts]) for ts in (mine, true))
                 )
                 rows[label, "update_cosine"], rows[label, "update_norm_ratio"] = cos, ratio
-            if hasattr(stage, "synthetic_gradient"):  # DNI's local signal: its synthetic gradient
+            if stage.predicts == "gradient":  # e.g. DNI's synthetic gradient
                 (
                     rows[label, "synth_cosine"],
                     rows[label, "synth_rel_error"],
                     rows[label, "synth_norm_ratio"],
                 ) = agreement(local, g)
-            elif hasattr(stage, "critic_loss"):
-                pair = torch.stack([stage.critic_loss(h.detach(), y), per_sample.detach()])
+            elif stage.predicts == "loss":  # e.g. LC's critic
+                pair = torch.stack([stage.predicted_loss(h.detach(), y), per_sample.detach()])
                 rows[label, "critic_corr"] = float(torch.corrcoef(pair.double())[0, 1])
     return rows

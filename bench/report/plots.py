@@ -29,22 +29,37 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .table import cells, load_runs, method_label, rule, run_summary  # noqa: E402
+import methods  # noqa: E402
 
-METHODS = ["bp", "ddp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn", "frozen"]
-COLOURS = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS))))
-NAMES = {
-    "bp": "BP",
-    "ddp": "BP (DDP)",
-    "pipe-bp": "pipelined BP",
-    "dgl": "DGL",
-    "adgl": "async DGL",
-    "lc": "LC",
-    "dni": "DNI",
-    "cdni": "cDNI",
-    "gn": "GN-DGL",
-    "frozen": "floor",
-}
+from .table import (  # noqa: E402
+    _rank,
+    cells,
+    facts,
+    load_runs,
+    method_label,
+    rule,
+    run_summary,
+)
+
+
+def colour(name: str) -> str:
+    """The colour the rule (or ``ddp``) declares; one that no rule declares for a rule
+    without one; grey for a name no rule has."""
+    known = facts(name)
+    if known is not None and known.colour:
+        return known.colour
+    plain = [m.name for m in methods.contenders() if not m.colour]
+    if name not in plain:
+        return "#555555"
+    taken = {m.colour for m in methods.contenders() if m.colour}
+    spare = [c for c in sns.color_palette("dark", 10).as_hex() if c not in taken]
+    return spare[plain.index(name) % len(spare)]
+
+
+def short_name(name: str) -> str:
+    """The rule's name in figures (its declared ``short``)."""
+    known = facts(name)
+    return known.short if known is not None else name
 
 
 def save(fig, out: Path, name: str) -> list[Path]:
@@ -101,13 +116,13 @@ def accuracy(rows: pd.DataFrame, out: Path) -> list[Path]:
         order = sorted(
             curves.groupby(["rule", "groups", "executor", "workers"]),
             key=lambda item: (
-                METHODS.index(item[0][0]) if item[0][0] in METHODS else 99,
+                _rank(item[0][0]),
                 item[0][1:],
             ),
         )
         for (name, groups, executor, workers), runs in order:
             stats = runs.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0)
-            label = f"{NAMES.get(name, name)}, {placed(groups, executor, workers)}"
+            label = f"{short_name(name)}, {placed(groups, executor, workers)}"
             marker = "o" if executor == "sequential" else "s"  # modelled, or run on ranks
             (line,) = ax.plot(
                 stats.index,
@@ -115,7 +130,7 @@ def accuracy(rows: pd.DataFrame, out: Path) -> list[Path]:
                 marker=marker,
                 ms=3,
                 label=label,
-                color=COLOURS.get(name),
+                color=colour(name),
                 linestyle="-" if groups <= 2 else "--",
             )
             ax.fill_between(
@@ -174,7 +189,7 @@ def labels(table: pd.DataFrame) -> list[str]:
 
 
 def colours(table: pd.DataFrame) -> list:
-    return [COLOURS.get(rule(m, e)) for m, e in zip(table["method"], table["executor"])]
+    return [colour(rule(m, e)) for m, e in zip(table["method"], table["executor"])]
 
 
 def bars(ax, table: pd.DataFrame, column: str, xlabel: str, names: bool = True) -> None:
@@ -280,14 +295,14 @@ def memory(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
         device.set_title(f"{title(task, model)}: the largest stage", fontsize=9)
         one_worker = part["bp_mem_mib"].max()
         if pd.notna(one_worker):
-            device.axvline(one_worker, color=COLOURS["bp"], lw=1, ls="--")
+            device.axvline(one_worker, color=colour(methods.reference()), lw=1, ls="--")
             device.annotate(
                 "BP on one worker",
                 (one_worker, 0),
                 xytext=(2, 2),
                 textcoords="offset points",
                 fontsize=7,
-                color=COLOURS["bp"],
+                color=colour(methods.reference()),
                 xycoords=("data", "axes fraction"),
             )
         per_stage = stages[(stages["task"] == task) & (stages["model"] == model)].copy()
@@ -335,12 +350,12 @@ def tradeoff(table: pd.DataFrame, out: Path) -> list[Path]:
             ax.scatter(
                 r["speedup"],
                 r["mean"],
-                color=COLOURS.get(name),
+                color=colour(name),
                 s=55,
                 marker="o" if r["workers"] <= 2 else "s",
                 edgecolor="black",
                 linewidth=0.4,
-                label=NAMES.get(name, name),
+                label=short_name(name),
             )
             ax.annotate(
                 placed(r["groups"], r["executor"], r["workers"]),
@@ -414,9 +429,9 @@ def submodels(rows: pd.DataFrame, out: Path) -> list[Path]:
                 100 * curve["acc"],
                 marker="o",
                 ms=3,
-                color=COLOURS.get(method),
+                color=colour(method),
                 ls="-" if groups <= 2 else "--",
-                label=f"{NAMES.get(method, method)}, {placed(groups, executor, workers)}",
+                label=f"{short_name(method)}, {placed(groups, executor, workers)}",
             )
         ax.set_title("progressive inference (confidence 0.5 .. 0.99)", fontsize=9)
         ax.set(xlabel="mean MFLOPs per sample", ylabel="test accuracy (%)")
@@ -457,9 +472,9 @@ def signals(rows: pd.DataFrame, out: Path) -> list[Path]:
                 stats["mean"],
                 marker="o",
                 ms=3,
-                color=COLOURS.get(method),
+                color=colour(method),
                 alpha=0.4 + 0.6 * int(stage) / int(groups),
-                label=f"{NAMES.get(method, method)} (K={groups}), stage {stage}",
+                label=f"{short_name(method)} (K={groups}), stage {stage}",
             )
             ax.fill_between(
                 stats.index,

@@ -194,12 +194,28 @@ def epochs_to(curve, target: float, lower_better: bool = False) -> int | None:
     return None
 
 
-#: rules whose K workers run side by side (decoupled, or pipelined over micro-batches)
-PARALLEL = ("pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn")
+def facts(name: str) -> methods.Method | None:
+    """What the rule (or ``ddp``) declares; None for a name no rule has (an old results
+    folder's)."""
+    try:
+        return methods.contender(name)
+    except ValueError:
+        return None
 
-ORDER = ["bp", "ddp", "pipe-bp", "frozen", "dni", "cdni", "dgl", "adgl", "lc", "gn"]
-#: rules whose groups learn from a local signal: set against the no-signal floor
-LOCAL = tuple(m for m in PARALLEL if m != "pipe-bp")
+
+def parallel(name: str) -> bool:
+    """Whether the rule's K workers run side by side (decoupled, or pipelined)."""
+    return bool(facts(name) and facts(name).parallel)
+
+
+def local(name: str) -> bool:
+    """Whether the rule's groups learn from a local signal (set against the floor)."""
+    return bool(facts(name) and facts(name).local)
+
+
+def _rank(name: str) -> int:
+    order = [m.name for m in methods.contenders()]
+    return order.index(name) if name in order else len(order)
 
 
 def rule(method: str, executor: str) -> str:
@@ -219,24 +235,15 @@ def method_label(
     """The papers' names: LC(n) and DNI(n) with n = K-1 local modules; BP (DDP); the floor;
     a variant (not published), a precision other than the default fp32, or compilation, in
     brackets."""
-    n = groups - 1
     microbatches = int(microbatches) if pd.notna(microbatches) else None
     neuron_groups = int(neuron_groups) if pd.notna(neuron_groups) else None
     how = f" [{variant}]" if isinstance(variant, str) and variant else ""
     how += f" [{precision}]" if isinstance(precision, str) and precision != "fp32" else ""
-    if executor == "ddp":
-        return "BP (DDP)" + how
-    return {
-        "bp": "BP",
-        "lc": f"LC({n})",
-        "dni": f"DNI({n})",
-        "cdni": f"cDNI({n})",
-        "dgl": "DGL",
-        "adgl": "async DGL",
-        "pipe-bp": "pipelined BP" + (f" (M={microbatches})" if microbatches else ""),
-        "gn": "GN-DGL" + (f" (G={neuron_groups})" if neuron_groups else ""),
-        "frozen": f"floor ({n} frozen)",
-    }.get(method, method) + how
+    known = facts("ddp" if executor == "ddp" else method)
+    if known is None:
+        return method + how
+    shown = dict(microbatches=microbatches, neuron_groups=neuron_groups)
+    return known.table_label(groups, **shown) + how
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
@@ -263,14 +270,14 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         microbatches=("microbatches", "first"),
         neuron_groups=("neuron_groups", "first"),
     ).reset_index()
-    bp = table[(table["method"] == "bp") & (table["executor"] != "ddp")]
+    bp = table[(table["method"] == methods.reference()) & (table["executor"] != "ddp")]
     ddp = table[table["executor"] == "ddp"]
-    floors = table[table["method"] == "frozen"]
+    floors = table[table["method"].isin(methods.of_family("control"))]
 
     def above_floor(row) -> float:
         """The cell's score above the floor's (same task, model, K and precision; the same
         executor first): accuracy points, or perplexity the floor's minus the cell's."""
-        if row["method"] not in LOCAL:
+        if not local(row["method"]):
             return math.nan
         same = floors[
             (floors["task"] == row["task"])
@@ -327,7 +334,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                 ),
                 "speedup_modelled": (
                     base["time_s"] / row["modelled_s"]
-                    if base is not None and row["method"] in PARALLEL
+                    if base is not None and parallel(row["method"])
                     else math.nan
                 ),
                 "bound": bound(row, base),
@@ -352,7 +359,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     table = table.join(table.apply(baselines, axis=1))
     table["efficiency"] = table["speedup"] / table["bound"]
     order = [rule(m, e) for m, e in zip(table["method"], table["executor"])]
-    rank = [ORDER.index(r) if r in ORDER else len(ORDER) for r in order]
+    rank = [_rank(r) for r in order]
     return (
         table.assign(_rank=rank, _other=table["precision"] != "fp32")
         .sort_values(
@@ -368,11 +375,12 @@ def bound(row, base) -> float:
     perfect balance, K T_BP / sum_k t_k from the stages' busy times (the rule's extra work, a
     critic, synthesizer or auxiliary net, included), times M / (M + K - 1) for the bubble of
     pipelined BP over M micro-batches."""
-    if base is None or row["method"] not in PARALLEL or not row["busy_s"] > 0:
+    if base is None or not parallel(row["method"]) or not row["busy_s"] > 0:
         return math.nan
     k = row["workers"]
     bubble = 1.0
-    if row["method"] == "pipe-bp" and pd.notna(row["microbatches"]):
+    pipelined = facts(row["method"]).timing == "pipeline"
+    if pipelined and pd.notna(row["microbatches"]):
         bubble = row["microbatches"] / (row["microbatches"] + row["groups"] - 1)
     return k * base["busy_s"] / row["busy_s"] * bubble
 
@@ -525,7 +533,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
                 "bound": _times(r.get("bound")),
                 "split balance (FLOPs)": (
                     f"{r['balance']:.2f}"
-                    if pd.notna(r.get("balance")) and r.get("method") in PARALLEL
+                    if pd.notna(r.get("balance")) and parallel(r.get("method"))
                     else ""
                 ),
                 "efficiency": f"{r['efficiency']:.2f}" if pd.notna(r.get("efficiency")) else "",
