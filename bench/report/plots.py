@@ -56,6 +56,12 @@ def colour(name: str) -> str:
     return spare[plain.index(name) % len(spare)]
 
 
+def marker(name: str) -> str:
+    """The marker the rule (or ``ddp``) declares."""
+    known = facts(name)
+    return known.marker if known is not None else "o"
+
+
 def short_name(name: str) -> str:
     """The rule's name in figures (its declared ``short``)."""
     known = facts(name)
@@ -351,8 +357,8 @@ def tradeoff(table: pd.DataFrame, out: Path) -> list[Path]:
                 r["speedup"],
                 r["mean"],
                 color=colour(name),
-                s=55,
-                marker="o" if r["workers"] <= 2 else "s",
+                s=55 if r["workers"] <= 2 else 90,
+                marker=marker(name),
                 edgecolor="black",
                 linewidth=0.4,
                 label=short_name(name),
