@@ -505,3 +505,46 @@ def launch_port() -> int:
     from bench.executors.launch import free_port
 
     return free_port()
+
+
+IN_SECOND_EPOCH = """
+import os
+if os.environ.get("RANK") == "1":
+    import methods.base as base
+    original, calls = base.Stage.pop_metrics, []
+    def pop_metrics(self):
+        calls.append(1)
+        if len(calls) == 2:  # the end of epoch 2's training, after epoch 1's checkpoint
+            raise RuntimeError("injected fault in epoch 2")
+        return original(self)
+    base.Stage.pop_metrics = pop_metrics
+"""
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ["--method", "bp", "--executor", "ddp", "--workers", "2", "--groups", "1"],
+        pytest.param(["--method", "lc", "--executor", "distributed"], marks=pytest.mark.slow),
+    ],
+)
+def test_a_continued_compiled_run_times_its_compilation_in_its_first_epoch(rule, tmp_path):
+    """compile_time_s is written in the first epoch a process trains (docs/records.md): in
+    epoch 1, and again in epoch 2 when a run that failed in epoch 2 is continued there, per
+    rank and for the run (the slowest rank's)."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(IN_SECOND_EPOCH)
+    out = tmp_path / "out"
+    args = [*rule, *DIGITS, "--epochs", "2", "--limit-train", "256", "--compile"]
+    args += ["--out", str(out)]
+    backend = {"LCBENCH_COMPILE_BACKEND": "aot_eager"}
+    inject = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.getcwd()}", **backend}
+    assert lcbench(*args, env=inject).returncode == 1
+    again = lcbench(*args, env=backend)
+    assert again.returncode == 0, again.stderr
+    info = json.loads((run_folder(out) / "run.json").read_text())
+    assert [r["epoch"] for r in info["resumes"]] == [1]
+    got = metrics(out)
+    for epoch in (1, 2):
+        ranks = [got[epoch, r, "compile_time_s"] for r in ("1", "2")]
+        assert min(ranks) > 0 and got[epoch, "", "compile_time_s"] == max(ranks)

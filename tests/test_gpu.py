@@ -117,6 +117,7 @@ def test_ddp_runs_on_nccl_with_a_gpu_per_rank(tmp_path):
             got[2, str(rank), "train_cuda_max_allocated_bytes"] >= got[1, str(rank), "param_bytes"]
         )
         assert got[2, str(rank), "busy_time_s"] > 0
+        assert got[2, str(rank), "eval_cuda_max_allocated_bytes"] > 0  # per rank (docs/records.md)
     assert 0 <= got[2, "", "test_acc"] <= 1 and got[2, "", "epoch_time_s"] > 0
 
 

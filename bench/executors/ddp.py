@@ -124,15 +124,16 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
         rows = {(label, f"{name}_time_s"): v for name, v in phases.items()}
         rows[label, "busy_time_s"] = sum(phases.values())
         rows[label, "wall_time_s"] = seconds
+        if compiled is not None and epoch == done + 1:  # the first epoch this process trains
+            rows[label, "compile_time_s"] = compiled
         if epoch == 1:
             rows.update(
                 {(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()}
             )
             rows.update(costs)
-            if compiled is not None:
-                rows[label, "compile_time_s"] = compiled
         rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
         trained = stage.pop_metrics()  # of this rank's slices
+        memory.reset_device_peaks(device)
         if rank == 0:
             prepare.reset_states([stage], test_batch)
             with unwrapped(stage):
@@ -141,6 +142,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
                         [stage], task.test_batches(test_batch), prepare.classification_loss
                     )
                 )
+        if device.type == "cuda":
+            rows.update({(label, m): v for m, v in memory.device_memory(device, "eval").items()})
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((label, trained, rows), gathered, dst=0)
         if rank == 0:
@@ -150,7 +153,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             wall = max(part[rank_label, "wall_time_s"] for rank_label, _, part in gathered)
             merged["", "epoch_time_s"] = wall
             merged["", "samples_per_s"] = steps * cfg.batch_size / wall
-            if compiled is not None and epoch == 1:
+            if compiled is not None and epoch == done + 1:
                 merged["", "compile_time_s"] = max(
                     part[who, "compile_time_s"] for who, _, part in gathered
                 )

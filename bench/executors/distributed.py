@@ -424,8 +424,11 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             )
             rows.update(costs)
         rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
+        memory.reset_device_peaks(device)
         prepare.reset_states([stage], test_batch)
         rows.update(part.evaluate(task.test_batches(test_batch) if rank == 0 else None, sizes))
+        if device.type == "cuda":
+            rows.update({(label, m): v for m, v in memory.device_memory(device, "eval").items()})
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((part.layer, label, rows), gathered, dst=0)
         if rank == 0:
