@@ -102,11 +102,14 @@ def local_parts(
         classification_loss,
         train_options(cfg, device),
         cfg.options,
+        image_shape=tasks.TASKS[cfg.task].input_shape,
     )[0]
     if device is not None:
         place(replace(cfg, compile=False), [stage], device)
     x = torch.randn(batch_size, *shape, device=device)
     y = torch.randint(classes, (batch_size,), device=device)
+    if stage.needs_image:  # a random image for a rule that reconstructs it
+        stage.image = torch.rand(batch_size, *tasks.TASKS[cfg.task].input_shape, device=device)
     message = {"gradient": x, "loss": y.float(), None: None}[stage.upstream]
     batches = iter(range(1 << 30))
     done: list[int] = []
@@ -333,6 +336,7 @@ def prepare(
             classification_loss,
             train_options(cfg, device),
             cfg.options,
+            image_shape=tasks.TASKS[cfg.task].input_shape,
         )
         if cfg.placement == "neuron" and stage is None:  # can each layer group be sliced?
             for group in groups:

@@ -306,14 +306,25 @@ def build_stages(
     criterion: Criterion,
     train: TrainOptions,
     options: dict | None = None,
+    image_shape: tuple | None = None,
 ) -> list[Stage]:
-    """One stage per layer group; ``shapes[k]`` is the per-sample output shape of group k."""
+    """One stage per layer group; ``shapes[k]`` is the per-sample output shape of group k,
+    ``image_shape`` the input's (given to the stages of a rule that ``needs_image``)."""
     method = resolve(name)
     opts = options_from(method.options, dict(options or {}), method.name)
     count = len(groups)
+    extra = {"image_shape": image_shape} if method.stage.needs_image else {}
     return [
         method.stage(
-            k, count, group, criterion, train, shape=shapes[k], classes=classes, options=opts
+            k,
+            count,
+            group,
+            criterion,
+            train,
+            shape=shapes[k],
+            classes=classes,
+            options=opts,
+            **extra,
         )
         for k, group in enumerate(groups)
     ]

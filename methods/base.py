@@ -112,6 +112,9 @@ class Stage:
     #: schedule of micro-batches: pipelined BP) or "asynchronous" (never waiting for the
     #: stage above: asynchronous DGL)
     epoch_loop = "messages"
+    #: whether the stage also needs the batch's input image (InfoPro's decoders reconstruct
+    #: it): the executors set ``self.image`` to it before each ``forward``
+    needs_image = False
     #: whether the stage below may run ahead of the updates this stage waits for
     #: (False for BP: its next forward needs this batch's step)
     decoupled = True
@@ -138,6 +141,7 @@ class Stage:
         """``with self.phase("forward" | "backward" | "update"):`` marks the rule's work;
         an executor may replace it with a timer. The rule itself measures nothing."""
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self.image: torch.Tensor | None = None
 
     @property
     def last(self) -> bool:

@@ -62,10 +62,12 @@ def train_epoch(
     probe=None,
     on_step=lambda t: None,
     progress: bool = False,
+    image_shape: tuple | None = None,
 ) -> None:
     """One epoch of stage ``stage`` on its rank; ``batches`` yields data on rank 0 only.
     ``probe`` (a context manager) is entered around the first two iterations, which hold
-    the first forward and the first upstream update."""
+    the first forward and the first upstream update. Where the rule's stages need the input
+    image (``image_shape``: its per-sample shape), it travels down beside the labels."""
     k = links.rank
     lag = 1 if stage.decoupled else 0
     pending: deque = deque()  # (batch, work, buffer) for upstream messages not yet applied
@@ -82,6 +84,9 @@ def train_epoch(
         return (
             links.irecv((batch_size, *in_shape), dtype, device, k - 1),
             links.irecv((batch_size, *y_shape), torch.int64, device, k - 1),
+            links.irecv((batch_size, *image_shape), dtype, device, k - 1)
+            if image_shape is not None
+            else (None, None),
         )
 
     ahead = post_input() if k > 0 and steps else None
@@ -90,15 +95,20 @@ def train_epoch(
         with probe if probe is not None and t < 2 else nullcontext():
             if k == 0:
                 x, y = next(batches)
+                image = x
             else:
-                (x_work, x), (y_work, y) = ahead
+                (x_work, x), (y_work, y), (image_work, image) = ahead
                 ahead = post_input() if t + 1 < steps else None
-                links.wait(x_work)
-                links.wait(y_work)
+                for work in (x_work, y_work, image_work):
+                    if work is not None:
+                        links.wait(work)
+            stage.image = image if image_shape is not None else None
             h, up = stage.forward(t, x, y)
             if h is not None:
                 links.send(h, k + 1)
                 links.send(y, k + 1)
+                if image_shape is not None:
+                    links.send(image, k + 1)
             if up is not None and k > 0:
                 links.send(up, k - 1)
             if up_shape is not None:
@@ -123,6 +133,7 @@ def trainer(
     dtype,
     timer,
     progress: bool,
+    image_shape: tuple | None = None,
 ):
     """``epoch(batches, probe, steps, on_step) -> counts``: one training epoch of ``steps``
     batches of this rank under its rule (pipelined BP on a pipeline schedule, asynchronous DGL
@@ -175,6 +186,7 @@ def trainer(
                 probe=probe,
                 on_step=on_step,
                 progress=progress,
+                image_shape=image_shape,
             )
             return {}
 
@@ -284,6 +296,7 @@ def stage_part(
         dtype=dtype,
         timer=timer,
         progress=progress,
+        image_shape=tuple(tasks.TASKS[cfg.task].input_shape) if stage.needs_image else None,
     )
     return Part(stage, str(rank + 1), rank, epoch, evaluate_part)
 

@@ -26,7 +26,10 @@ def train_step(stages: Sequence[Stage], batch: int, x: torch.Tensor, y: torch.Te
     """One batch: forward (and local updates) down the stages, then the messages upstream."""
     runtime.step_begin()
     up: list[torch.Tensor | None] = [None] * len(stages)
+    image = x
     for stage in stages:
+        if stage.needs_image:
+            stage.image = image
         x, y = stage.input(batch, x, y)
         x, up[stage.index] = stage.forward(batch, x, y)
     for k in range(len(stages) - 1, 0, -1):

@@ -168,6 +168,7 @@ def _group_optimizer(cfg: RunConfig, classes: int) -> str:
         prepare.classification_loss,
         prepare.train_options(cfg),
         cfg.options,
+        image_shape=tasks.TASKS[cfg.task].input_shape,
     )
     return "adam" if isinstance(stage.optimizer, torch.optim.Adam) else "sgd"
 
@@ -193,6 +194,7 @@ def _local(cfg: RunConfig, shape: tuple, classes: int) -> Local:
         prepare.classification_loss,
         prepare.train_options(cfg),
         cfg.options,
+        image_shape=tasks.TASKS[cfg.task].input_shape,
     )[0]
     prepare.place(cfg, [stage], torch.device("cpu"))  # channels-last, as a run holds it
     local = [m for m in stage.modules() if m is not stage.group]
@@ -202,6 +204,8 @@ def _local(cfg: RunConfig, shape: tuple, classes: int) -> Local:
     def metered(n):
         probe = memory.ActivationProbe(stage)
         x, y = torch.randn(n, *shape), torch.randint(classes, (n,))
+        if stage.needs_image:
+            stage.image = torch.rand(n, *tasks.TASKS[cfg.task].input_shape)
         with probe:
             stage.forward(0, x, y)
         stage.kept.clear()
