@@ -16,6 +16,7 @@ from .dgl import DGLOptions, DGLStage
 from .dni import CDNIStage, DNIOptions, DNIStage
 from .frozen import FrozenOptions, FrozenStage
 from .gn import GNOptions, GNStage
+from .infopro import InfoProOptions, InfoProStage
 from .lc import LCOptions, LCStage
 from .pipebp import PipeBPOptions, PipeBPStage
 
@@ -185,6 +186,18 @@ METHODS: dict[str, Method] = {
             "LC",
             "#ca9161",
             "*",
+        ),
+        Method(
+            "infopro",
+            InfoProStage,
+            InfoProOptions,
+            "InfoPro: a decoder's reconstruction of the image and a head's loss per group",
+            False,
+            "decoupled",
+            "InfoPro",
+            "InfoPro",
+            "#8c564b",
+            "p",
         ),
         Method(
             "gn",

@@ -40,7 +40,9 @@ def written_by_runs(tmp_path: Path) -> set[str]:
     names = set()
     for method in methods.METHODS:
         options = {"neuron_groups": 1} if method == "gn" else {}  # an MLP has no width groups
-        cfg = RunConfig(method=method, task="digits", model="mlp", epochs=1, batch_size=64,
+        images = methods.METHODS[method].stage.needs_image  # a decoder wants image features
+        model = "small-cnn" if images else "mlp"
+        cfg = RunConfig(method=method, task="digits", model=model, epochs=1, batch_size=64,
                         limit_train=128, limit_test=64, out=str(tmp_path), checkpoint_every=0,
                         options=options)  # fmt: skip
         record = runner.execute(prepare.prepare(cfg), progress=False)
