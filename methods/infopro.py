@@ -121,8 +121,11 @@ class InfoProStage(Stage):
         self.decoder = self.aux = None
         if self.last:
             return
-        if len(shape) != 3:
-            raise ValueError(f"infopro: its decoder needs image-shaped features, got {shape}")
+        if len(shape) != 3 or image_shape is None or len(image_shape) != 3:
+            raise ValueError(
+                f"infopro: its decoder needs image-shaped features and input, got {shape} "
+                f"from {image_shape}"
+            )
         ratio = index / (count - 2) if count > 2 else 0.0
         self.lambda1 = options.lambda1_first * (1 - ratio) + options.lambda1_last * ratio
         self.lambda2 = options.lambda2_first * (1 - ratio) + options.lambda2_last * ratio

@@ -203,6 +203,7 @@ def lcbench_step(
         prepare.classification_loss,
         prepare.train_options(cfg, device),
         cfg.options,
+        image_shape=input_shape,
     )
     prepare.place(cfg, stages, device)
     for stage in stages:
