@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,72 +60,49 @@ def cli():
     """Decoupled training (LC, DGL, DNI, cDNI, GN-DGL) against backprop, measured."""
 
 
+#: RunConfig fields given as comma-separated integers on the command line
+INT_LISTS = ("lr_milestones", "cuts")
+
+
+def run_setting_options(command):
+    """One option of `lcbench run` per RunConfig field: its name, type, default and help
+    from the field (the defaults are written once, in bench/config.py)."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in reversed(dataclasses.fields(RunConfig)):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        decls = [flag, *([meta["short"]] if "short" in meta else []), f.name]
+        kwargs = {"help": meta.get("help", ""), "envvar": meta.get("envvar")}
+        required = f.default is dataclasses.MISSING
+        if kind is bool:
+            decls[0] = f"{flag}/--no-{flag[2:]}"
+            kwargs.update(default=f.default, show_default=True)
+        else:
+            if "choices" in meta:
+                kwargs["type"] = click.Choice(meta["choices"])
+            elif kind in (int, float):
+                kwargs["type"] = kind
+            if f.name in INT_LISTS:
+                kwargs["metavar"] = "N1,N2,..."
+            kwargs.update(required=required, metavar=meta.get("metavar", kwargs.get("metavar")))
+            if not required:
+                kwargs.update(default=f.default, show_default=f.default is not None)
+        command = click.option(*decls, **kwargs)(command)
+    return command
+
+
 @cli.command()
-@click.option("--method", "-m", required=True, help="Learning rule: " + ", ".join(methods.METHODS))
-@click.option(
-    "--groups",
-    "-k",
-    type=int,
-    default=None,
-    help="Number of layer groups K (LC with K groups has K-1 critics)  [default: 2; ddp: 1]",
-)
-@click.option(
-    "--task",
-    "-t",
-    default="fashion-mnist",
-    show_default=True,
-    help="Task: " + ", ".join(tasks.TASKS),
-)
-@click.option("--model", default=None, help="Model (default: the task's). See `lcbench list`.")
-@click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier.")
-@click.option("--epochs", "-e", type=int, default=3, show_default=True)
-@click.option(
-    "--iterations",
-    type=int,
-    default=None,
-    help="Total training batches (overrides --epochs; the last epoch is cut short).",
-)
-@click.option("--batch-size", "-b", type=int, default=128, show_default=True)
-@click.option(
-    "--optimizer",
-    type=click.Choice(methods.base.OPTIMIZERS),
-    default="sgd",
-    show_default=True,
-    help="Optimizer of the main network: SGD with Nesterov momentum 0.9, or Adam "
-    "(the DGL authors' DNI comparison). Critics and synthesizers keep their Adam.",
-)
-@click.option(
-    "--lr", type=float, default=0.02, show_default=True, help="Learning rate of the main network."
-)
-@click.option(
-    "--lr-milestones",
-    default=None,
-    metavar="I1,I2,...",
-    help="Iterations at which the main network's rate is multiplied by --lr-gamma.",
-)
-@click.option("--lr-gamma", type=float, default=0.1, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option(
-    "--clip-grad",
-    type=float,
-    default=None,
-    help="Clip the gradient norm of each module (a group, a local module) to this value.",
-)
-@click.option("--seed", "-s", type=int, default=0, show_default=True)
-@click.option(
-    "--split",
-    default="flops",
-    show_default=True,
-    help="Balance the layer groups by flops, params, activations or measured time "
-    "(local modules included), or take the model's published cut points: paper.",
-)
-@click.option("--cuts", default=None, help="Explicit cut points, e.g. 3,7 (overrides --split).")
+@run_setting_options
 @click.option(
     "--neuron-groups",
     "-G",
     type=int,
     default=None,
-    help="GN-DGL: neuron groups per layer group (default 2).",
+    help="GN-DGL: neuron groups per layer group (default 2; the same as -o neuron_groups=G).",
 )
 @click.option(
     "--option",
@@ -134,68 +113,6 @@ def cli():
     help="Option of the rule's local module, e.g. critic_lr=1e-3 (see `lcbench list`).",
 )
 @click.option(
-    "--executor",
-    default="sequential",
-    show_default=True,
-    help="sequential (one process, reference semantics), distributed (one process "
-    "per stage on torch.distributed, started with torchrun) or ddp (--method bp "
-    "only: data-parallel BP, the whole net on each of --workers ranks with "
-    "DistributedDataParallel, each on its slice of the global --batch-size).",
-)
-@click.option(
-    "--workers",
-    type=int,
-    default=None,
-    help="ddp: the data-parallel ranks K (--batch-size must divide by K).",
-)
-@click.option(
-    "--placement",
-    default="stage",
-    show_default=True,
-    help="distributed GN-DGL: stage (one rank per layer group) or neuron "
-    "(one rank per neuron group of each layer group: K x G ranks).",
-)
-@click.option(
-    "--threads",
-    type=int,
-    default=None,
-    help="CPU threads per process (default: torch's; distributed, ddp: cores / ranks).",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--precision",
-    default="fp32",
-    show_default=True,
-    help="fp32 (no TF32: the papers' semantics), tf32 (TF32 matmuls and convolutions "
-    "on CUDA) or bf16 (autocast; fp32 weights, losses and messages between "
-    "stages). Conv nets run channels-last whatever the precision.",
-)
-@click.option(
-    "--compile",
-    "compile_",
-    is_flag=True,
-    help="torch.compile each layer group and local module (with CUDA graphs where "
-    "the executor and rule allow); the compile time is recorded apart "
-    "(compile_time_s), not in epoch_time_s.",
-)
-@click.option(
-    "--limit-train", type=int, default=None, help="Use only the first N training samples."
-)
-@click.option("--limit-test", type=int, default=None, help="Use only the first N test samples.")
-@click.option(
-    "--data-dir",
-    default=None,
-    envvar="LCBENCH_DATA",
-    help="Where data sets are looked for first [env LCBENCH_DATA].",
-)
-@click.option(
-    "--experiment",
-    default="adhoc",
-    show_default=True,
-    help="Experiment name: the run goes to OUT/EXPERIMENT/RUN_ID/.",
-)
-@click.option("--out", default="results", show_default=True, help="Results folder.")
-@click.option(
     "--emit-config",
     type=click.Path(dir_okay=False, writable=True),
     default=None,
@@ -204,93 +121,12 @@ def cli():
     "takes on several nodes.",
 )
 @click.option(
-    "--save-weights",
-    is_flag=True,
-    help="Also write the trained stages' state dicts to RUN/weights/stageK.pt.",
-)
-@click.option(
-    "--checkpoint-every",
-    type=int,
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Write a checkpoint (RUN/checkpoints/) every N epochs; the same command "
-    "run again continues from the last one. Removed when the run ends ok.",
-)
-@click.option(
-    "--rank-timeout",
-    type=float,
-    default=300.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="distributed, ddp: how long a rank waits for a peer (a message, a "
-    "collective) before the run fails naming the rank that stopped answering.",
-)
-@click.option(
-    "--max-restarts",
-    type=int,
-    default=0,
-    show_default=True,
-    metavar="N",
-    help="When a rank (or the one process of a sequential run) dies or stops "
-    "answering, torchrun's elastic agent starts the ranks again from the newest "
-    "checkpoint, up to N times; run.json lists each restart.",
-)
-@click.option(
-    "--tensorboard",
-    default=None,
-    metavar="DIR",
-    help="Also write every row, as it is measured, to TensorBoard event files under "
-    "DIR/RUN_ID (per stage where it has one; the config as hparams at the end); "
-    "needs `pip install 'lcbench[tensorboard]'`.",
-)
-@click.option(
     "--no-checkpoint",
     is_flag=True,
     help="Neither write nor continue from checkpoints (the run starts over).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def run(
-    method,
-    groups,
-    task,
-    model,
-    width,
-    epochs,
-    iterations,
-    batch_size,
-    optimizer,
-    lr,
-    lr_milestones,
-    lr_gamma,
-    weight_decay,
-    clip_grad,
-    seed,
-    split,
-    cuts,
-    neuron_groups,
-    option_pairs,
-    executor,
-    workers,
-    placement,
-    threads,
-    device,
-    precision,
-    compile_,
-    limit_train,
-    limit_test,
-    data_dir,
-    experiment,
-    out,
-    emit_config,
-    save_weights,
-    checkpoint_every,
-    rank_timeout,
-    max_restarts,
-    tensorboard,
-    no_checkpoint,
-    quiet,
-):
+def run(neuron_groups, option_pairs, emit_config, no_checkpoint, quiet, **settings):
     """Train one network with one learning rule; write metrics.csv and run.json.
 
     A run killed or stopped (SIGTERM, Ctrl-C) continues from its last checkpoint when the
@@ -299,43 +135,11 @@ def run(
     options = parse_options(option_pairs)
     if neuron_groups is not None:
         options["neuron_groups"] = neuron_groups
-    cfg = RunConfig(
-        method=method,
-        groups=groups,
-        task=task,
-        model=model,
-        width=width,
-        epochs=epochs,
-        iterations=iterations,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        lr_milestones=parse_ints(lr_milestones, "--lr-milestones"),
-        lr_gamma=lr_gamma,
-        weight_decay=weight_decay,
-        clip_grad=clip_grad,
-        seed=seed,
-        split=split,
-        cuts=parse_ints(cuts, "--cuts"),
-        options=options,
-        executor=executor,
-        workers=workers,
-        placement=placement,
-        threads=threads,
-        device=device,
-        precision=precision,
-        compile=compile_,
-        limit_train=limit_train,
-        limit_test=limit_test,
-        data_dir=data_dir,
-        experiment=experiment,
-        out=out,
-        save_weights=save_weights,
-        checkpoint_every=0 if no_checkpoint else checkpoint_every,
-        rank_timeout=rank_timeout,
-        max_restarts=max_restarts,
-        tensorboard=tensorboard,
-    )
+    for name in INT_LISTS:
+        settings[name] = parse_ints(settings[name], "--" + name.replace("_", "-"))
+    if no_checkpoint:
+        settings["checkpoint_every"] = 0
+    cfg = RunConfig(options=options, **settings)
     prep = prepare.prepare(cfg)
     if emit_config:
         try:

@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 import methods
+from methods.base import TrainOptions
 
 
 class UsageError(ValueError):
@@ -24,50 +25,129 @@ SPLITS = ("flops", "params", "activations", "time", "paper")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+def arg(default, help: str, **cli):
+    """A run setting: its default (written here once), the help of its `lcbench run` option
+    and how the option is spelled (``short``, ``metavar``, ``choices``, ``envvar``)."""
+    if default is ...:
+        return field(metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class RunConfig:
     """Everything that determines a run (plus where it is written)."""
 
-    method: str
-    groups: int | None = None  # layer groups; default 2 (ddp: 1, the whole net on every rank)
-    task: str = "fashion-mnist"
-    model: str | None = None
-    width: float = 1.0
-    epochs: int = 3
-    iterations: int | None = None  # total training batches; overrides epochs (last one cut short)
-    batch_size: int = 128
-    optimizer: str = "sgd"  # of the main network: sgd (Nesterov momentum) or adam
-    lr: float = 0.02
-    lr_milestones: list[int] | None = None  # iterations at which the main rate is multiplied by
-    lr_gamma: float = 0.1  # lr_gamma (Adam-trained local modules keep theirs)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    clip_grad: float | None = None  # gradient-norm clipping, per stage and optimizer
-    seed: int = 0
-    split: str = "flops"
-    cuts: list[int] | None = None
-    options: dict = field(default_factory=dict)
-    executor: str = "sequential"
-    placement: str = "stage"  # distributed GN-DGL: "neuron" puts each neuron group on a rank
-    workers: int | None = None  # data-parallel ranks of --executor ddp
-    device: str = "auto"
-    precision: str = "fp32"  # fp32 (no TF32), tf32, or bf16 autocast (fp32 weights and messages)
-    compile: bool = False  # torch.compile each group and local module (compile time apart)
-    threads: int | None = (
-        None  # per process; default: torch's (sequential), cores / ranks (on ranks)
+    method: str = arg(..., "Learning rule (see `lcbench list`).", short="-m")
+    groups: int | None = arg(
+        None,
+        "Number of layer groups K (LC with K groups has K-1 critics)  [default: 2; ddp: 1]",
+        short="-k",
     )
-    limit_train: int | None = None
-    limit_test: int | None = None
-    eval_batch_size: int | None = None  # default: the task's (1000; a language model: 10)
-    save_weights: bool = False  # the trained stages' state dicts to RUN/weights/stageK.pt
-    checkpoint_every: int = 1  # epochs between checkpoints (RUN/checkpoints/); 0: none
-    rank_timeout: float = 300.0  # seconds a rank waits for a peer before the run fails
-    max_restarts: int = 0  # torchrun's elastic agent restarts the ranks from the last checkpoint
-    experiment: str = "adhoc"
-    out: str = "results"
-    data_dir: str | None = None
-    tensorboard: str | None = None  # write every row to TensorBoard event files under DIR/RUN_ID
+    task: str = arg("fashion-mnist", "Task (see `lcbench list`).", short="-t")
+    model: str | None = arg(None, "Model (default: the task's). See `lcbench list`.")
+    width: float = arg(1.0, "Width multiplier.")
+    epochs: int = arg(3, "Training epochs.", short="-e")
+    iterations: int | None = arg(
+        None, "Total training batches (overrides --epochs; the last epoch is cut short)."
+    )
+    batch_size: int = arg(128, "Global batch size.", short="-b")
+    optimizer: str = arg(
+        TrainOptions.optimizer,
+        "Optimizer of the main network: SGD with Nesterov momentum, or Adam (the DGL "
+        "authors' DNI comparison). Critics and synthesizers keep their Adam.",
+        choices=methods.base.OPTIMIZERS,
+    )
+    lr: float = arg(TrainOptions.lr, "Learning rate of the main network.")
+    lr_milestones: list[int] | None = arg(
+        None, "Iterations at which the main network's rate is multiplied by --lr-gamma."
+    )
+    lr_gamma: float = arg(
+        0.1, "Factor of the rate at each milestone (Adam-trained local modules keep theirs)."
+    )
+    momentum: float = arg(TrainOptions.momentum, "SGD's momentum (the main network).")
+    nesterov: bool = arg(TrainOptions.nesterov, "Nesterov momentum (SGD).")
+    weight_decay: float = arg(TrainOptions.weight_decay, "Weight decay of the main network.")
+    clip_grad: float | None = arg(
+        None, "Clip the gradient norm of each module (a group, a local module) to this value."
+    )
+    seed: int = arg(0, "Seed of the weights, the batches and the augmentation.", short="-s")
+    split: str = arg(
+        "flops",
+        "Balance the layer groups by flops, params, activations or measured time "
+        "(local modules included), or take the model's published cut points: paper.",
+    )
+    cuts: list[int] | None = arg(None, "Explicit cut points, e.g. 3,7 (overrides --split).")
+    options: dict = field(default_factory=dict, metadata={"cli": False})  # -o KEY=VALUE
+    executor: str = arg(
+        "sequential",
+        "sequential (one process, reference semantics), distributed (one process per stage "
+        "on torch.distributed, started with torchrun) or ddp (--method bp only: data-parallel "
+        "BP, the whole net on each of --workers ranks with DistributedDataParallel, each on "
+        "its slice of the global --batch-size).",
+    )
+    placement: str = arg(
+        "stage",
+        "distributed GN-DGL: stage (one rank per layer group) or neuron (one rank per neuron "
+        "group of each layer group: K x G ranks).",
+    )
+    workers: int | None = arg(
+        None, "ddp: the data-parallel ranks K (--batch-size must divide by K)."
+    )
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N.")
+    precision: str = arg(
+        "fp32",
+        "fp32 (no TF32: the papers' semantics), tf32 (TF32 matmuls and convolutions on CUDA) "
+        "or bf16 (autocast; fp32 weights, losses and messages between stages). Conv nets run "
+        "channels-last whatever the precision.",
+    )
+    compile: bool = arg(
+        False,
+        "torch.compile each layer group and local module (with CUDA graphs where the executor "
+        "and rule allow); the compile time is recorded apart (compile_time_s), not in "
+        "epoch_time_s.",
+    )
+    threads: int | None = arg(
+        None, "CPU threads per process (default: torch's; distributed, ddp: cores / ranks)."
+    )
+    limit_train: int | None = arg(None, "Use only the first N training samples.")
+    limit_test: int | None = arg(None, "Use only the first N test samples.")
+    eval_batch_size: int | None = arg(
+        None, "Test batch size (default: the task's: 1000; a language model's: 10)."
+    )
+    save_weights: bool = arg(
+        False, "Also write the trained stages' state dicts to RUN/weights/stageK.pt."
+    )
+    checkpoint_every: int = arg(
+        1,
+        "Write a checkpoint (RUN/checkpoints/) every N epochs (0: none); the same command run "
+        "again continues from the last one. Removed when the run ends ok.",
+        metavar="N",
+    )
+    rank_timeout: float = arg(
+        300.0,
+        "distributed, ddp: how long a rank waits for a peer (a message, a collective) before "
+        "the run fails naming the rank that stopped answering.",
+        metavar="SECONDS",
+    )
+    max_restarts: int = arg(
+        0,
+        "When a rank (or the one process of a sequential run) dies or stops answering, "
+        "torchrun's elastic agent starts the ranks again from the newest checkpoint, up to N "
+        "times; run.json lists each restart.",
+        metavar="N",
+    )
+    experiment: str = arg("adhoc", "Experiment name: the run goes to OUT/EXPERIMENT/RUN_ID/.")
+    out: str = arg("results", "Results folder.")
+    data_dir: str | None = arg(
+        None, "Where data sets are looked for first [env LCBENCH_DATA].", envvar="LCBENCH_DATA"
+    )
+    tensorboard: str | None = arg(
+        None,
+        "Also write every row, as it is measured, to TensorBoard event files under "
+        "DIR/RUN_ID (per stage where it has one; the config as hparams at the end); needs "
+        "`pip install 'lcbench[tensorboard]'`.",
+        metavar="DIR",
+    )
 
     #: fields that do not change what is computed (where, how it is reported)
     OUTPUT_FIELDS = ("experiment", "out", "data_dir", "tensorboard")

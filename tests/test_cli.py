@@ -192,3 +192,29 @@ def test_help_documents_run_options(capsys):
     code, out, _ = call(["run", "--help"], capsys)
     assert code == 0 and "--groups" in out and "--neuron-groups" in out
     assert "--checkpoint-every" in out and "--no-checkpoint" in out
+
+
+def test_run_options_are_the_run_configs_fields():
+    """`lcbench run` has one option per RunConfig field (its rule options aside: -o), with
+    the field's default and help: the defaults are written once, in bench/config.py (the
+    optimizer's, once more upstream, in methods.base.TrainOptions, which RunConfig takes)."""
+    import dataclasses
+
+    from bench import cli as cli_module
+    from bench.config import RunConfig
+    from methods.base import TrainOptions
+
+    params = {p.name: p for p in cli_module.run.params}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "options":
+            continue
+        param = params[f.name]
+        assert param.help == f.metadata["help"], f.name
+        if f.default is dataclasses.MISSING:
+            assert param.required, f.name
+        else:
+            assert param.default == f.default, f.name
+    for name in ("optimizer", "lr", "momentum", "nesterov", "weight_decay"):
+        assert getattr(RunConfig, name) == getattr(TrainOptions, name)
+    assert params["nesterov"].secondary_opts == ["--no-nesterov"]
+    assert params["lr_milestones"].metavar == "N1,N2,..."

@@ -524,7 +524,10 @@ if os.environ.get("RANK") == "1":
 @pytest.mark.parametrize(
     "rule",
     [
-        ["--method", "bp", "--executor", "ddp", "--workers", "2", "--groups", "1"],
+        pytest.param(
+            ["--method", "bp", "--executor", "ddp", "--workers", "2", "--groups", "1"],
+            marks=pytest.mark.slow,
+        ),
         pytest.param(["--method", "lc", "--executor", "distributed"], marks=pytest.mark.slow),
     ],
 )

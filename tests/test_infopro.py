@@ -161,7 +161,8 @@ def test_on_ranks_the_image_travels_down_to_every_stage_that_reconstructs_it(tmp
     import subprocess
     import sys
 
-    args = ["--method", "infopro", "--groups", "3", "--task", "digits", "--epochs", "1"]
+    args = ["--method", "infopro", "--groups", "3", "--task", "digits", "--epochs", "2"]
+    args += ["--limit-train", "512", "--limit-test", "256"]
     args += ["--executor", "distributed", "--batch-size", "64", "--out", str(tmp_path), "-q"]
     args += ["-o", "lambda1_last=1", "-o", "lambda2_last=0.5"]  # the second module's weights
     result = subprocess.run(

@@ -148,6 +148,9 @@ def test_synthesizer_on_sequences_is_per_step_and_sees_labels_in_cdni(method):
 
 
 ALL = ["bp", "pipe-bp", "dgl", "adgl", "lc", "dni", "cdni", "gn", "frozen"]
+#: in make test: a rule of each kind (the others in make test-all, to keep it under 10 min)
+EACH_KIND = ("bp", "pipe-bp", "lc", "dni", "gn")
+EVERY = [m if m in EACH_KIND else pytest.param(m, marks=pytest.mark.slow) for m in ALL]
 
 
 def run(tmp_path, *args):
@@ -174,7 +177,7 @@ def run(tmp_path, *args):
         return {(r["stage"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)}
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", EVERY)
 def test_every_method_trains_the_lstm_language_model_on_ptb_files(method, tmp_path):
     write_ptb(tmp_path / "data" / "ptb", repeat=60)
     options = ["-o", "microbatches=2"] if method == "pipe-bp" else []
@@ -221,7 +224,7 @@ def test_a_test_split_smaller_than_one_batch_trains_without_the_probe(method, tm
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", EVERY)
 def test_every_method_trains_on_sequential_fashion_mnist(method, tmp_path):
     got = run(
         tmp_path,
