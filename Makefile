@@ -76,7 +76,7 @@ test-all: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 learning-check: $(STAMP) data
-	for m in bp dgl lc dni cdni gn; do \
+	for m in bp dgl lc dni cdni gn infopro; do \
 	  $(BIN)/lcbench run --method $$m --groups 2 --task fashion-mnist --epochs 3 \
 	    --experiment learning-check --out $(RESULTS) || exit 1; \
 	done
