@@ -820,7 +820,7 @@ def list_(what):
             aliases.setdefault(name, []).append(alias)
         for name, m in methods.METHODS.items():
             extra = f" (also: {', '.join(aliases[name])})" if name in aliases else ""
-            click.echo(f"  {name:<9}{m.summary}{extra}")
+            click.echo(f"  {name:<9}{m.summary}{extra} [{m.family}]")
             defaults = methods.option_defaults(name)
             if defaults:
                 click.echo(

@@ -38,6 +38,11 @@ class InfoProOptions:
     decoder_widen: int = option(1, least=1)  # Decoder(widen=1)
     temperature: float = option(0.07, above=0)  # SupConLoss(temperature=0.07)
 
+    @staticmethod
+    def chosen(options: dict) -> str:
+        """What a cell of this rule says is not published: the reconstruction target."""
+        return "image scaled to [0, 1] per batch: lcbench's adaptation"
+
 
 class Decoder(nn.Module):
     """``auxiliary_nets.Decoder``: the features resized to the image (bilinear, corners
