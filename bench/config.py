@@ -229,7 +229,7 @@ class RunConfig:
             ),
             (
                 self.placement == "stage"
-                or ("neuron_groups" in options and self.executor == "distributed"),
+                or (method.neuron_grouped and self.executor == "distributed"),
                 "--placement neuron needs a rule of neuron groups (--method gn) and "
                 "--executor distributed",
             ),

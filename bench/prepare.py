@@ -291,7 +291,7 @@ def build_groups(cfg: RunConfig, input_shape, classes: int, cuts: list[int] | No
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, input_shape, classes, width=cfg.width)
     cuts = resolve_cuts(cfg, model, input_shape, classes, cuts)
-    if "neuron_groups" in cfg.options:  # a rule of neuron groups: the width-grouped net
+    if methods.resolve(cfg.method).neuron_grouped:  # the width-grouped net
         torch.manual_seed(cfg.seed)
         model = models.build_model(
             cfg.model,

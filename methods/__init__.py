@@ -68,6 +68,12 @@ class Method:
         return self.family == "decoupled"
 
     @property
+    def neuron_grouped(self) -> bool:
+        """Its layer groups split by width into neuron groups (an option ``neuron_groups``):
+        the net is built width-grouped and may put each neuron group on a rank."""
+        return any(f.name == "neuron_groups" for f in fields(self.options))
+
+    @property
     def local_module(self) -> bool:
         """It trains a module of its own beside each group but the last (critic, auxiliary
         net, synthesizer): timed by ``lcbench calibrate``, counted by the forecast."""
@@ -256,9 +262,14 @@ def contender(name: str) -> Method:
     return DDP if name == DDP.name else resolve(name)
 
 
+def timed_as(timing: str) -> str:
+    """The first contender the forecast times as ``timing`` (e.g. "pipeline")."""
+    return next(m.name for m in contenders() if m.timing == timing)
+
+
 def reference() -> str:
     """The rule every other is set against: BP on one worker (timing "one")."""
-    return next(m.name for m in contenders() if m.timing == "one")
+    return timed_as("one")
 
 
 def of_family(*families: str) -> tuple[str, ...]:
@@ -359,6 +370,7 @@ __all__ = [
     "contenders",
     "of_family",
     "reference",
+    "timed_as",
     "register",
     "unregister",
     "ALIASES",

@@ -2,13 +2,14 @@
 distributed runs, every column of the table, a colour in the figures and a row in the report,
 a forecast row in `lcbench scale`, its options in `lcbench list` and in the bad-input draws.
 
-The rule, "toy": each group but the last trains on a linear classifier of its output (a
-one-layer DGL), declared with ``methods.register``; ranks started by torchrun register it too,
+The rule, "toy": each group but the last trains on a linear classifier of its output (DGL's
+stage with a one-layer head), declared with ``methods.register``; ranks started by torchrun register it too,
 through ``LCBENCH_RULES`` naming this module."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 import methods
-from methods.base import Stage, option
+from methods.base import option
+from methods.dgl import DGLStage
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "tests.test_new_rule"
@@ -31,35 +33,19 @@ class ToyOptions:
     head_bias: bool = option(True)
 
 
-class ToyStage(Stage):
-    """f_k and its linear head step on CE(head(h_k), y); nothing goes upstream."""
+class ToyStage(DGLStage):
+    """DGL whose auxiliary net is one linear layer: f_k and it step on CE(head(h_k), y)."""
 
     def __init__(self, index, count, group, criterion, train, *, shape, classes, options):
-        super().__init__(index, count, group, criterion, train)
-        self.linear = None
-        if not self.last:
-            size = int(torch.tensor(shape).prod())
-            self.linear = nn.Sequential(nn.Flatten(), nn.Linear(size, classes, options.head_bias))
-            self.optimizer.add_param_group({"params": list(self.linear.parameters())})
-
-    def forward(self, batch, x, y):
-        if self.last:
-            self.true_loss(batch, x, y, keep_input=False)
-            return None, None
-        with self.phase("forward"):
-            h = self.group(x)
-            logits = self.linear(h)
-            per_sample = self.criterion(logits, y)
-        self.backward(per_sample.mean())
-        self.step(self.optimizer)
-        self.record(logits, y, per_sample)
-        return h.detach(), None
-
-    def head(self):
-        return self.linear
-
-    def modules(self):
-        return [self.group] + ([self.linear] if self.linear is not None else [])
+        head = None
+        if index < count - 1:
+            head = nn.Sequential(
+                nn.Flatten(), nn.Linear(math.prod(shape), classes, options.head_bias)
+            )
+        super().__init__(
+            index, count, group, criterion, train, shape=shape, classes=classes, options=options,
+            head=head,
+        )  # fmt: skip
 
 
 TOY = methods.Method(

@@ -193,8 +193,9 @@ def entries(cfgs: list[RunConfig], profiles: Sequence[Profile] = ()) -> list[Ent
         state, epoch, error = state_of(cfg)
         entry = Entry(cfg, state, epoch, error, devices(cfg))
         if profiles:
-            entry.profile = profile_for(cfg, profiles).name
-            entry.train_s, evaluation = priced(cfg, profile_for(cfg, profiles))
+            profile = profile_for(cfg, profiles)
+            entry.profile = profile.name
+            entry.train_s, evaluation = priced(cfg, profile)
             entry.seconds = entry.train_s + evaluation
             if state == "done":
                 entry.measured_train_s = measured_train_seconds(cfg)

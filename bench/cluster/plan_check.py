@@ -26,9 +26,9 @@ import torch
 
 import methods
 from bench import prepare, sweep
-from bench.config import LAUNCHED, RunConfig, UsageError
+from bench.config import LAUNCHED, RunConfig, UsageError, ranks
 from bench.forecast import calibrate, profiles
-from bench.records import check_writable, read_json, write_atomic
+from bench.records import check_writable, write_atomic
 
 from . import plan
 
@@ -41,7 +41,7 @@ def calibrations_needed(cfgs: list[RunConfig]) -> dict:
     micro-batches a pipeline holds."""
     tasks_of = {cfg.model: cfg.task for cfg in cfgs}
     rules = sorted({cfg.method for cfg in cfgs if methods.resolve(cfg.method).local_module})
-    sizes = {cfg.batch_size // (cfg.workers or 1 if cfg.executor == "ddp" else 1) for cfg in cfgs}
+    sizes = {cfg.batch_size // (ranks(cfg) if cfg.executor == "ddp" else 1) for cfg in cfgs}
     held = {
         cfg.batch_size // cfg.options.get("microbatches", 4)
         for cfg in cfgs
@@ -80,13 +80,12 @@ def calibrate_round(need: dict, threads: tuple[int, int], folder: Path) -> tuple
 
 
 def measured(cfgs: list[RunConfig]) -> dict[str, float]:
-    """Each ok run's measured training seconds, by run id."""
-    out = {}
-    for cfg in cfgs:
-        info = read_json(prepare.run_folder(cfg) / "run.json") or {}
-        if info.get("status") == "ok":
-            out[cfg.run_id] = plan.measured_train_seconds(cfg)
-    return out
+    """Each done run's measured training seconds, by run id."""
+    return {
+        cfg.run_id: plan.measured_train_seconds(cfg)
+        for cfg in cfgs
+        if plan.state_of(cfg)[0] == "done"
+    }
 
 
 def check(cfgs_of_round, rounds: int, out: Path, progress) -> pd.DataFrame:

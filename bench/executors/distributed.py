@@ -102,7 +102,8 @@ def train_epoch(
                 for work in (x_work, y_work, image_work):
                     if work is not None:
                         links.wait(work)
-            stage.image = image if image_shape is not None else None
+            if image_shape is not None:
+                stage.image = image
             h, up = stage.forward(t, x, y)
             if h is not None:
                 links.send(h, k + 1)

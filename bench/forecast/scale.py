@@ -38,19 +38,10 @@ def parallel_rules() -> tuple[str, ...]:
     return tuple(m.name for m in methods.contenders() if m.parallel)
 
 
-def named(timing: str) -> str:
-    """The contender the forecast times as ``timing`` ("one", "data-parallel", "pipeline")."""
-    return next(m.name for m in methods.contenders() if m.timing == timing)
-
-
-def _neuron_grouped(rule: str) -> bool:
-    return "neuron_groups" in methods.option_defaults(rule)
-
-
 def map_name(rule: str) -> str:
     """The rule's name on the map (its neuron groups for GN-DGL's kind)."""
     short = methods.contender(rule).short
-    return f"{short} (G={NEURON_GROUPS})" if _neuron_grouped(rule) else short
+    return f"{short} (G={NEURON_GROUPS})" if methods.contender(rule).neuron_grouped else short
 
 
 ASSUMPTIONS = (
@@ -95,7 +86,7 @@ def setups(
     how = predict.timing(rule)
     if how == "data-parallel":
         return [Setup(rule, workers)] if batch_size % workers == 0 else []
-    groups = neuron_groups if _neuron_grouped(rule) else 1
+    groups = neuron_groups if methods.contender(rule).neuron_grouped else 1
     out = []
     s = 2
     while s * groups <= workers and s <= blocks:
@@ -150,7 +141,7 @@ def grid(
     link, marked ``own_link``)."""
     options = options or {}
     rules = parallel_rules() if rules is None else rules
-    one, ddp_name, pipeline = named("one"), named("data-parallel"), named("pipeline")
+    one, ddp_name, pipeline = (methods.timed_as(t) for t in ("one", "data-parallel", "pipeline"))
     base = Times(workload(model, task, one, width=width), profile, precision)
     timed = {
         rule: Times(
@@ -185,7 +176,7 @@ def grid(
                     batch_size,
                 )
                 for rule in rules
-                if not _neuron_grouped(rule) or timed[rule].work.grouped
+                if not methods.contender(rule).neuron_grouped or timed[rule].work.grouped
             }
             pipe = points.get(pipeline) or best(
                 timed.get(pipeline) or base,
@@ -281,7 +272,7 @@ def crossovers(rows: Sequence[dict]) -> list[dict]:
                 "beats_ddp": _ranges([r["bandwidth_gbps"] for r in swept], wins),
                 "beats_ddp_on_own_link": own["speedup_vs_ddp"] > 1,
                 "speedup_vs_ddp_own_link": own["speedup_vs_ddp"],
-                "beats_pipe_bp_somewhere": rule != named("pipeline")
+                "beats_pipe_bp_somewhere": rule != methods.timed_as("pipeline")
                 and any(r["speedup_vs_pipe_bp"] > 1 for r in swept),
                 "speedup_vs_pipe_bp_own_link": own["speedup_vs_pipe_bp"],
             }
@@ -352,7 +343,7 @@ def draw_maps(rows: Sequence[dict], out) -> list:
                 (("speedup_vs_ddp", "over DDP"), ("speedup_vs_pipe_bp", "over pipelined BP"))
             ):
                 ax = axes[i][j]
-                if rule == named("pipeline") and j == 1:
+                if rule == methods.timed_as("pipeline") and j == 1:
                     ax.set_axis_off()
                     continue
                 value = np.full((len(bands), len(ks)), np.nan)

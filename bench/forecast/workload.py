@@ -278,7 +278,7 @@ def workload(
     counted = blocks(model, task, width)
     pairs = tuple(sorted((k, v) for k, v in cfg.options.items() if v is not None))
     grouped = None
-    if "neuron_groups" in cfg.options:  # a rule of neuron groups (GN-DGL)
+    if methods.resolve(cfg.method).neuron_grouped:
         try:
             grouped = tuple(
                 blocks(model, task, width, cfg.options["neuron_groups"], mixing)
