@@ -24,7 +24,7 @@ the ranks, and rank 0's test figures.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -33,10 +33,10 @@ from torch.nn.parallel import DistributedDataParallel
 from bench import checkpoint, prepare
 from bench.config import RunConfig
 from bench.measure import memory, timing
-from bench.records import save_weights, stop_if_diverged
+from bench.records import save_weights
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 
-from . import distributed, launch, sequential
+from . import distributed, epochs, launch, sequential
 
 
 def shards(batches, rank: int, world: int):
@@ -81,11 +81,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     costs = prepare.static_rows(prep) if rank == 0 else {}
     (stage,) = prep.stages
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    done = 0
-    if resumed is not None:  # before DDP wraps the group: its state without "module."
-        done = resumed["epoch"]
-        stage.load_state_dict(resumed["stages"][0])
-        checkpoint.set_rng_state(resumed["rng"], device, generator)
+    # before DDP wraps the group: its state without "module."
+    done = epochs.resume([stage], resumed, device, generator)
     stage.group = DistributedDataParallel(
         stage.group,
         device_ids=[device] if device.type == "cuda" else None,
@@ -93,76 +90,67 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     )  # the gradients live in DDP's buckets, not beside them
     timer = timing.PhaseTimer(device)
     stage.phase = timer
-    probe = memory.ActivationProbe(stage)
     label = str(rank + 1)
     shard = cfg.batch_size // world
     test_batch = prepare.eval_batch_size(cfg, task)
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, task.steps(cfg.batch_size))
     compiled = prepare.warm_up_stage(prep, stage, 0, shard) if cfg.compile else None
     timer.pop()  # the warm-up's phases
-    for epoch, steps in enumerate(plan[done:], done + 1):
-        memory.reset_device_peaks(device)
-        prepare.reset_states([stage], shard)
-        batches = scheduled(
-            shards(task.train_batches(cfg.batch_size, generator), rank, world),
-            [stage],
-            schedule,
-            sum(plan[: epoch - 1]),
-            steps,
-        )
+
+    def train(epoch, first, steps, probes):
+        batches = shards(task.train_batches(cfg.batch_size, generator), rank, world)
         dist.barrier()
         seconds = sequential.train_epoch(
             [stage],
-            batches,
+            scheduled(batches, [stage], schedule, first, steps),
             device=device,
             total=steps,
             progress=progress and rank == 0,
             desc=f"epoch {epoch}/{len(plan)}",
-            first_batch=(lambda: probe) if epoch == 1 else nullcontext,
+            probes=probes,
         )
-        phases = timer.pop()
-        rows = {(label, f"{name}_time_s"): v for name, v in phases.items()}
-        rows[label, "busy_time_s"] = sum(phases.values())
+        rows = timing.phase_rows(label, timer)
         rows[label, "wall_time_s"] = seconds
-        if compiled is not None and epoch == done + 1:  # the first epoch this process trains
-            rows[label, "compile_time_s"] = compiled
-        if epoch == 1:
-            rows.update(
-                {(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()}
+        return rows
+
+    def evaluate():
+        if rank > 0:
+            return {}
+        with unwrapped(stage):
+            return sequential.evaluate(
+                [stage], task.test_batches(test_batch), prepare.classification_loss
             )
-            rows.update(costs)
-        rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
-        trained = stage.pop_metrics()  # of this rank's slices
-        memory.reset_device_peaks(device)
-        if rank == 0:
-            prepare.reset_states([stage], test_batch)
-            with unwrapped(stage):
-                rows.update(
-                    sequential.evaluate(
-                        [stage], task.test_batches(test_batch), prepare.classification_loss
-                    )
-                )
-        if device.type == "cuda":
-            rows.update({(label, m): v for m, v in memory.device_memory(device, "eval").items()})
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object((label, trained, rows), gathered, dst=0)
-        if rank == 0:
-            merged = {key: value for _, _, part in gathered for key, value in part.items()}
-            for metric in trained:  # equal slices: the global batch's mean is the ranks' mean
-                merged["", metric] = sum(t[metric] for _, t, _ in gathered) / world
-            wall = max(part[rank_label, "wall_time_s"] for rank_label, _, part in gathered)
-            merged["", "epoch_time_s"] = wall
-            merged["", "samples_per_s"] = steps * cfg.batch_size / wall
-            if compiled is not None and epoch == done + 1:
-                merged["", "compile_time_s"] = max(
-                    part[who, "compile_time_s"] for who, _, part in gathered
-                )
-            record.add(epoch, merged)
-            stop_if_diverged(record, merged, epoch, sum(plan[:epoch]))
-        if checkpoint.due(cfg.checkpoint_every, epoch):
-            with unwrapped(stage):  # its state without DDP's "module."
-                state = stage.state_dict()
-            distributed.save_checkpoint(store, epoch, state, device, generator, record)
+
+    def meet(steps, rows, learned):
+        gathered = distributed.gather(label, rows)
+        if gathered is None:
+            return None
+        merged = distributed.merge(gathered, steps, cfg.batch_size)
+        for key in learned:  # of equal slices: the global batch's mean is the ranks' mean
+            merged[key] = sum(part[key] for _, part in gathered) / world
+        return merged
+
+    def save(epoch):
+        with unwrapped(stage):  # its state without DDP's "module."
+            state = stage.state_dict()
+        distributed.save_checkpoint(store, epoch, state, device, generator, record)
+
+    process = epochs.Process(
+        stages=[stage],
+        labels=[label],
+        label=label,
+        probes=[memory.ActivationProbe(stage)],
+        device=device,
+        batch_rows=shard,
+        eval_rows=test_batch,
+        costs=costs,
+        compiled=compiled,
+        train=train,
+        evaluate=evaluate,
+        meet=meet,
+        save=save,
+    )
+    epochs.run(process, record, plan=plan, done=done, every=cfg.checkpoint_every)
     if cfg.save_weights and rank == 0:
         with unwrapped(stage):
             save_weights(folder, "1", stage)

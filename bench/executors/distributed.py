@@ -31,13 +31,14 @@ from bench.config import RunConfig, ranks_per_layer
 from bench.data import tasks
 from bench.measure import memory, timing
 from bench.measure.provenance import now
-from bench.records import save_weights, stop_if_diverged
+from bench.records import save_weights
 from bench.schedule import LRSchedule, epoch_steps
 from methods.base import match_targets
 
-from . import asynchronous, launch, neurons, pipeline
+from . import asynchronous, epochs, launch, neurons, pipeline
+from .epochs import stage_label
 from .links import Links, Part
-from .sequential import Scores, stage_label, synchronize
+from .sequential import Scores, synchronize
 
 
 def upstream_shape(stage, h_shape: tuple) -> tuple | None:
@@ -331,6 +332,35 @@ def save_checkpoint(
     store.commit(epoch)
 
 
+def gather(label: str, rows: dict, *more) -> list[tuple] | None:
+    """``(label, rows, *more)`` of every rank, on rank 0 in rank order (None elsewhere)."""
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((label, rows, *more), gathered, dst=0)
+    return gathered
+
+
+def merge(
+    gathered: list[tuple], steps: int, batch_size: int, modelled: float | None = None
+) -> dict:
+    """The rows of every rank (``gather``'s) and the run's time: the slowest rank's
+    wall-clock (beside the ``modelled`` K-worker time, given one) and compilation."""
+    merged = {key: value for _, rows, *_ in gathered for key, value in rows.items()}
+    wall = max(rows[label, "wall_time_s"] for label, rows, *_ in gathered)
+    merged["", "epoch_time_s"] = wall
+    merged["", "samples_per_s"] = steps * batch_size / wall
+    if modelled is not None:
+        merged["", "modelled_time_s"] = modelled
+        merged["", "wall_over_modelled"] = wall / modelled
+    compiled = [
+        rows[label, "compile_time_s"]
+        for label, rows, *_ in gathered
+        if (label, "compile_time_s") in rows
+    ]
+    if compiled:  # the first epoch these processes train
+        merged["", "compile_time_s"] = max(compiled)
+    return merged
+
+
 def finish(store: checkpoint.Checkpoints, record) -> None:
     """Every rank done: rank 0 (``record``) marks the run ok, then the checkpoints go."""
     dist.barrier()
@@ -394,79 +424,61 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
             inference=wanted,
         )
     prep.stages = None  # the other stages live on other ranks
-    stage = part.stage
+    stage, label = part.stage, part.label
     stage.phase = timer
-    probe = memory.ActivationProbe(stage)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
-    done = 0
-    if resumed is not None:
-        done = resumed["epoch"]
-        stage.load_state_dict(resumed["stages"][0])
-        checkpoint.set_rng_state(resumed["rng"], device, generator)
+    done = epochs.resume([stage], resumed, device, generator)
     compiled = (
         prepare.warm_up_stage(prep, stage, part.layer, cfg.batch_size) if cfg.compile else None
     )
     timer.pop()  # the warm-up's phases
-    for epoch, steps in enumerate(plan[done:], done + 1):
+
+    def train(epoch, first, steps, probes):
         stage.train(True)
-        prepare.reset_states([stage], cfg.batch_size)
         data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
-        memory.reset_device_peaks(device)
-        first = sum(plan[: epoch - 1])
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()
         counts = part.epoch(
-            data, probe if epoch == 1 else None, steps, lambda t: schedule.apply([stage], first + t)
+            data, probes[0] if probes else None, steps, lambda t: schedule.apply([stage], first + t)
         )
         synchronize(device)
         seconds = time.perf_counter() - start
-        label = part.label
-        rows = {(stage_label(stage), m): v for m, v in stage.pop_metrics().items()}
-        rows.update({(label, m): v for m, v in counts.items()})
-        phases = timer.pop()
-        rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})
-        rows[label, "busy_time_s"] = sum(phases.values())
+        rows = {(label, m): v for m, v in counts.items()}
+        rows.update(timing.phase_rows(label, timer))
         rows[label, "idle_time_s"] = links.pop_idle()
         rows[label, "wall_time_s"] = seconds
-        if compiled is not None and epoch == done + 1:
-            rows[label, "compile_time_s"] = compiled
-        if epoch == 1:
-            rows.update(
-                {(label, m): v for (_, m), v in memory.memory_rows([stage], [probe]).items()}
-            )
-            rows.update(costs)
-        rows.update({(label, m): v for m, v in memory.device_memory(device, "train").items()})
-        memory.reset_device_peaks(device)
-        prepare.reset_states([stage], test_batch)
-        rows.update(part.evaluate(task.test_batches(test_batch) if rank == 0 else None, sizes))
-        if device.type == "cuda":
-            rows.update({(label, m): v for m, v in memory.device_memory(device, "eval").items()})
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object((part.layer, label, rows), gathered, dst=0)
-        if rank == 0:
-            merged = {
-                key: value for _, _, part_rows in gathered for key, value in part_rows.items()
-            }
-            busy = [0.0] * cfg.groups  # per layer group: its slowest rank
-            for layer, rank_label, part_rows in gathered:
-                busy[layer] = max(busy[layer], part_rows[rank_label, "busy_time_s"])
-            wall = max(
-                part_rows[rank_label, "wall_time_s"] for _, rank_label, part_rows in gathered
-            )
-            merged["", "epoch_time_s"] = wall
-            merged["", "samples_per_s"] = steps * cfg.batch_size / wall
-            merged["", "modelled_time_s"] = timing.stage_modelled_time(stage, busy, steps)
-            merged["", "wall_over_modelled"] = wall / merged["", "modelled_time_s"]
-            if compiled is not None and epoch == done + 1:
-                merged["", "compile_time_s"] = max(
-                    r[who, "compile_time_s"] for _, who, r in gathered
-                )
-            record.add(epoch, merged)
-            stop_if_diverged(record, merged, epoch, sum(plan[:epoch]))
-        if checkpoint.due(cfg.checkpoint_every, epoch):
-            save_checkpoint(store, epoch, stage.state_dict(), device, generator, record)
+        return rows
+
+    def meet(steps, rows, learned):
+        gathered = gather(label, rows, part.layer)
+        if gathered is None:
+            return None
+        busy = [0.0] * cfg.groups  # per layer group: its slowest rank
+        for rank_label, part_rows, layer in gathered:
+            busy[layer] = max(busy[layer], part_rows[rank_label, "busy_time_s"])
+        modelled = timing.stage_modelled_time(stage, busy, steps)
+        return merge(gathered, steps, cfg.batch_size, modelled)
+
+    process = epochs.Process(
+        stages=[stage],
+        labels=[label],
+        label=label,
+        probes=[memory.ActivationProbe(stage)],
+        device=device,
+        batch_rows=cfg.batch_size,
+        eval_rows=test_batch,
+        costs=costs,
+        compiled=compiled,
+        train=train,
+        evaluate=lambda: part.evaluate(task.test_batches(test_batch) if rank == 0 else None, sizes),
+        meet=meet,
+        save=lambda epoch: save_checkpoint(
+            store, epoch, stage.state_dict(), device, generator, record
+        ),
+    )
+    epochs.run(process, record, plan=plan, done=done, every=cfg.checkpoint_every)
     if cfg.save_weights:
         save_weights(prepare.run_folder(cfg), part.label, stage)
     finish(store, record)

@@ -29,8 +29,9 @@ from bench.models.slicing import neuron_slice
 from methods.base import Stage
 from methods.gn import GNStage, diversity
 
+from .epochs import stage_label
 from .links import Part
-from .sequential import Scores, stage_label
+from .sequential import Scores
 
 
 class NeuronGroupStage(Stage):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 
 import torch
@@ -16,10 +15,13 @@ from bench import checkpoint, prepare
 from bench.measure import diagnostics, memory, timing
 from bench.measure.provenance import now
 from bench.models import runtime
-from bench.records import RunFailed, RunRecord, save_weights, stop_if_diverged
+from bench.records import RunFailed, RunRecord, save_weights
 from bench.schedule import LRSchedule, epoch_steps, scheduled
 from methods import Stage
 from methods.base import correct
+
+from . import epochs
+from .epochs import stage_label
 
 
 def train_step(stages: Sequence[Stage], batch: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -52,10 +54,10 @@ def train_epoch(
     total: int | None = None,
     desc: str = "",
     progress: bool = True,
-    first_batch: Callable[[], ContextManager] = nullcontext,
+    probes: Sequence[memory.ActivationProbe] = (),
 ) -> float:
     """Train on every ``(x, y)`` of ``batches``; return the wall-clock seconds it took.
-    ``first_batch()`` is entered around the first batch (e.g. a memory probe)."""
+    ``probes`` are attached around the first batch."""
     for stage in stages:
         stage.train(True)
     synchronize(device)
@@ -71,10 +73,7 @@ def train_epoch(
             dynamic_ncols=True,
         )
     ):
-        if batch == 0:
-            with first_batch():
-                train_step(stages, batch, x, y)
-        else:
+        with memory.probing(probes) if batch == 0 else nullcontext():
             train_step(stages, batch, x, y)
     synchronize(device)
     return time.perf_counter() - start
@@ -145,111 +144,102 @@ def warm_up(prep: prepare.Prepared) -> float:
     return runtime.warm_up(prep.stages, step, prep.device)
 
 
-def stage_label(stage: Stage) -> str:
-    """Figures of the last stage describe the whole network (empty stage column)."""
-    return "" if stage.last else str(stage.index + 1)
-
-
 def train(
     prep: prepare.Prepared,
     record: RunRecord,
     *,
+    store: checkpoint.Checkpoints,
     progress: bool = True,
     resumed: dict | None = None,
-    store: checkpoint.Checkpoints | None = None,
 ) -> None:
-    """The epochs: train, measure, evaluate, write rows, checkpoint (to ``store``, when
-    due); RunFailed on divergence. A run ``resumed`` from a checkpoint continues after its
-    epoch as if it had never stopped: at an epoch's end no batch is in flight, so the
-    stages, the RNG states and the rows are all there is."""
-    cfg, task, device = prep.cfg, prep.task, prep.device
+    """The epochs (``epochs.run``) of every stage in this process, with the local-signal
+    diagnostics; checkpoints to ``store``. A run ``resumed`` from a checkpoint continues
+    after its epoch as if it had never stopped: at an epoch's end no batch is in flight, so
+    the stages, the RNG states and the rows are all there is."""
+    cfg, task, device, stages = prep.cfg, prep.task, prep.device, prep.stages
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    steps = task.steps(cfg.batch_size)
-    timers = [timing.PhaseTimer(device) for _ in prep.stages]
-    for stage, timer in zip(prep.stages, timers):
+    timers = [timing.PhaseTimer(device) for _ in stages]
+    for stage, timer in zip(stages, timers):
         stage.phase = timer
-    probes = [memory.ActivationProbe(stage) for stage in prep.stages]
+    probes = [memory.ActivationProbe(stage) for stage in stages]
     costs = prepare.static_rows(prep)
     probe = next(iter(task.test_batches(cfg.batch_size)), None)
-    signals = probe is not None and diagnostics.wanted(prep.stages)
+    signals = probe is not None and diagnostics.wanted(stages)
     drift_x = probe[0][: diagnostics.DRIFT_SAMPLES] if probe is not None else None
-    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
-    done = 0
+    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, task.steps(cfg.batch_size))
+    done = epochs.resume(stages, resumed, device, generator)
     if resumed is not None:
-        done = resumed["epoch"]
-        for stage, state in zip(prep.stages, resumed["stages"], strict=True):
-            stage.load_state_dict(state)
-        checkpoint.set_rng_state(resumed["rng"], device, generator)
         drift_start = resumed["drift_start"]
     elif drift_x is not None:
-        prepare.reset_states(prep.stages, drift_x.shape[0])
-        drift_start = diagnostics.group_outputs(prep.stages, drift_x)
-    compiled = {("", "compile_time_s"): warm_up(prep)} if cfg.compile else {}
+        prepare.reset_states(stages, drift_x.shape[0])
+        drift_start = diagnostics.group_outputs(stages, drift_x)
+    compiled = warm_up(prep) if cfg.compile else None
     for timer in timers:
         timer.pop()  # the warm-up's phases
-    for epoch, steps in enumerate(plan[done:], done + 1):
-        memory.reset_device_peaks(device)
-        prepare.reset_states(prep.stages, cfg.batch_size)
-        batches = scheduled(
-            task.train_batches(cfg.batch_size, generator),
-            prep.stages,
-            schedule,
-            sum(plan[: epoch - 1]),
-            steps,
-        )
+    size = prepare.eval_batch_size(cfg, task)
+
+    def train_stages(epoch, first, steps, probes):
+        batches = task.train_batches(cfg.batch_size, generator)
         seconds = train_epoch(
-            prep.stages,
-            batches,
+            stages,
+            scheduled(batches, stages, schedule, first, steps),
             device=device,
             total=steps,
             progress=progress,
             desc=f"epoch {epoch}/{len(plan)}",
-            first_batch=(lambda: memory.probing(probes)) if epoch == 1 else nullcontext,
+            probes=probes,
         )
+        rows = {
+            ("", "epoch_time_s"): seconds,
+            ("", "samples_per_s"): steps * cfg.batch_size / seconds,
+        }
+        rows.update(timing.time_rows(stages, timers, steps))
+        return rows
+
+    def diagnose():
         rows = {}
-        for stage in prep.stages:
-            for metric, value in stage.pop_metrics().items():
-                rows[stage_label(stage), metric] = value
-        rows["", "epoch_time_s"] = seconds
-        rows["", "samples_per_s"] = steps * cfg.batch_size / seconds
-        rows.update(timing.time_rows(prep.stages, timers, steps))
-        rows.update(compiled if epoch == done + 1 else {})
-        if epoch == 1:
-            rows.update(memory.memory_rows(prep.stages, probes))
-            rows.update(costs)
-        rows.update({("", k): v for k, v in memory.device_memory(device, "train").items()})
-        memory.reset_device_peaks(device)
-        size = prepare.eval_batch_size(cfg, task)
-        prepare.reset_states(prep.stages, size)
-        rows.update(
-            evaluate(
-                prep.stages,
-                task.test_batches(size),
-                prepare.classification_loss,
-                prepare.inference(prep, costs),
-            )
-        )
-        if device.type == "cuda":
-            rows.update({("", k): v for k, v in memory.device_memory(device, "eval").items()})
         if signals:
-            prepare.reset_states(prep.stages, probe[1].shape[0])
-            rows.update(diagnostics.probe_rows(prep.stages, *probe, prepare.classification_loss))
+            prepare.reset_states(stages, probe[1].shape[0])
+            rows.update(diagnostics.probe_rows(stages, *probe, prepare.classification_loss))
         if drift_x is not None:
-            prepare.reset_states(prep.stages, drift_x.shape[0])
-            rows.update(diagnostics.movement_rows(prep.stages, drift_x, drift_start))
-        record.add(epoch, rows)
-        stop_if_diverged(record, rows, epoch, sum(plan[:epoch]))
-        if store is not None and checkpoint.due(cfg.checkpoint_every, epoch):
-            store.save(
-                epoch,
-                {
-                    "stages": [stage.state_dict() for stage in prep.stages],
-                    "rng": checkpoint.rng_state(device, generator),
-                    "drift_start": drift_start if drift_x is not None else None,
-                    "rows": record.rows,
-                },
-            )
-            store.commit(epoch)
+            prepare.reset_states(stages, drift_x.shape[0])
+            rows.update(diagnostics.movement_rows(stages, drift_x, drift_start))
+        return rows
+
+    def save(epoch):
+        store.save(
+            epoch,
+            {
+                "stages": [stage.state_dict() for stage in stages],
+                "rng": checkpoint.rng_state(device, generator),
+                "drift_start": drift_start if drift_x is not None else None,
+                "rows": record.rows,
+            },
+        )
+        store.commit(epoch)
+
+    process = epochs.Process(
+        stages=stages,
+        labels=[str(stage.index + 1) for stage in stages],
+        label="",
+        probes=probes,
+        device=device,
+        batch_rows=cfg.batch_size,
+        eval_rows=size,
+        costs=costs,
+        compiled=compiled,
+        train=train_stages,
+        evaluate=lambda: evaluate(
+            stages,
+            task.test_batches(size),
+            prepare.classification_loss,
+            prepare.inference(prep, costs),
+        ),
+        meet=lambda steps, rows, learned: rows,  # the run's rows are all here
+        save=save,
+        diagnose=diagnose,
+    )
+    epochs.run(process, record, plan=plan, done=done, every=cfg.checkpoint_every)
 
 
 def checkpoints(prep: prepare.Prepared) -> tuple[checkpoint.Checkpoints, int | None]:
@@ -275,13 +265,7 @@ def run(prep: prepare.Prepared, *, progress: bool, restart: dict | None = None) 
     record = prepare.open_record(prep, resumed, restart)
     start = time.perf_counter()
     try:
-        train(
-            prep,
-            record,
-            progress=progress,
-            resumed=resumed,
-            store=store if cfg.checkpoint_every else None,
-        )
+        train(prep, record, store=store, progress=progress, resumed=resumed)
     except RunFailed:
         raise
     except BaseException as e:

@@ -133,17 +133,17 @@ def device_memory(device: torch.device, phase: str) -> dict[str, int]:
     return out
 
 
-def memory_rows(stages, probes: list[ActivationProbe]) -> dict:
-    """Per-stage bytes: parameters, gradients, optimizer state, activations saved for
-    backward by the group (times the batches or micro-batches it holds at once) and by its
-    local modules, and their sum (the stage's peak)."""
+def memory_rows(stages, probes: list[ActivationProbe], labels: list[str]) -> dict:
+    """Per-stage bytes, under each stage's label: parameters, gradients, optimizer state,
+    activations saved for backward by the group (times the batches or micro-batches it holds
+    at once) and by its local modules, and their sum (the stage's peak)."""
     rows = {}
-    for stage, probe in zip(stages, probes):
+    for stage, probe, label in zip(stages, probes, labels, strict=True):
         figures = {
             **static_memory(stage),
             "activation_bytes": probe.group_bytes * stage.in_flight,
             "local_activation_bytes": probe.local_bytes,
         }
         figures["peak_mem_bytes"] = sum(figures.values())
-        rows.update({(str(stage.index + 1), k): v for k, v in figures.items()})
+        rows.update({(label, k): v for k, v in figures.items()})
     return rows

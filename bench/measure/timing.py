@@ -85,14 +85,20 @@ def stage_modelled_time(stage: Stage, busy: list[float], steps: int) -> float:
     return modelled_time(busy, steps, decoupled=stage.decoupled, microbatches=stage.microbatches)
 
 
+def phase_rows(label: str, timer: PhaseTimer) -> dict:
+    """One stage's (or rank's) busy seconds by phase since the last call, and their sum."""
+    phases = timer.pop()
+    rows = {(label, f"{name}_time_s"): v for name, v in phases.items()}
+    rows[label, "busy_time_s"] = sum(phases.values())
+    return rows
+
+
 def time_rows(stages, timers: list[PhaseTimer], steps: int) -> dict:
     """Per-stage busy seconds by phase, and the modelled K-worker time of the epoch."""
     rows, busy = {}, []
     for stage, timer in zip(stages, timers):
-        phases = timer.pop()
-        busy.append(sum(phases.values()))
         label = str(stage.index + 1)
-        rows.update({(label, f"{name}_time_s"): v for name, v in phases.items()})
-        rows[label, "busy_time_s"] = busy[-1]
+        rows.update(phase_rows(label, timer))
+        busy.append(rows[label, "busy_time_s"])
     rows["", "modelled_time_s"] = stage_modelled_time(stages[0], busy, steps)
     return rows
