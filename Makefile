@@ -39,7 +39,7 @@ help:
 	@echo "                     slice, with the local-signal diagnostics, beside the published ordering;"
 	@echo "                     then why DNI's label-blind synthesizer fails (bench.studies.dni_signal) (~30 min)"
 	@echo "make dni-recipe      the study that chose DNI's and cDNI's training recipe: every candidate on"
-	@echo "                     the fidelity check's setting and the learning check's (~70 min)"
+	@echo "                     the fidelity check's setting and the learning check's (~80 min)"
 	@echo "make fidelity-gpu    the same comparison in full on a GPU: lc-vgg, K=4, 20k iterations, bf16"
 	@echo "make dni-comparison [PRESET=cpu]  the DGL authors' DNI comparison (BP, DNI, cDNI, DGL on the"
 	@echo "                     DNI paper's CNN, Adam 3e-5): in full (GPU hours) or a CPU preset (~15 min)"
@@ -103,7 +103,7 @@ fidelity-check: $(STAMP)
 	$(BIN)/python -m bench.studies.dni_signal --data-dir $(CIFAR10_DIR) --out $(RESULTS)/fidelity-dni-signal.csv
 
 # Which recipe makes DNI and cDNI learn where the LC tables state none: every candidate on the
-# fidelity check's setting and the learning check's (bench.studies.dni_recipe; ~70 min).
+# fidelity check's setting and the learning check's (bench.studies.dni_recipe; ~80 min).
 dni-recipe: $(STAMP) data
 	@if [ ! -f $(CIFAR10_ZIP) ]; then echo "dni-recipe: skipped, $(CIFAR10_ZIP) is absent"; exit 0; fi; \
 	set -e; $(MAKE) -s cifar10; \

@@ -23,6 +23,8 @@ PLACEMENTS = ("stage", "neuron")
 SPLITS = ("flops", "params", "activations", "time", "paper")
 #: fp32 (no TF32), tf32, bf16 autocast with fp32 weights, losses and messages (models.runtime)
 PRECISIONS = ("fp32", "tf32", "bf16")
+#: the main network's learning-rate schedules (bench.schedule)
+SCHEDULES = ("step", "cosine")
 
 
 def arg(default, help: str, **cli):
@@ -64,6 +66,14 @@ class RunConfig:
     lr_gamma: float = arg(
         0.1, "Factor of the rate at each milestone (Adam-trained local modules keep theirs)."
     )
+    lr_schedule: str = arg(
+        "step",
+        "The main network's rate: step decay at --lr-milestones, or a cosine over the epochs "
+        "(InfoPro's --cos_lr), after --lr-warmup epochs that blend from --lr-warmup-start.",
+        choices=SCHEDULES,
+    )
+    lr_warmup: int = arg(0, "Epochs of the cosine schedule's linear warm-up.")
+    lr_warmup_start: float = arg(0.01, "The rate the cosine schedule's warm-up starts from.")
     momentum: float = arg(TrainOptions.momentum, "SGD's momentum (the main network).")
     nesterov: bool = arg(TrainOptions.nesterov, "Nesterov momentum (SGD).")
     weight_decay: float = arg(TrainOptions.weight_decay, "Weight decay of the main network.")
@@ -155,7 +165,15 @@ class RunConfig:
     UNKEYED_FIELDS = (*OUTPUT_FIELDS, "checkpoint_every", "rank_timeout", "max_restarts")
     #: fields added after runs were recorded: left out of the key at these defaults, so that
     #: the ids of earlier runs stay the same (and their sweeps resume)
-    LATER_FIELDS = {"workers": None, "precision": "fp32", "compile": False, "optimizer": "sgd"}
+    LATER_FIELDS = {
+        "workers": None,
+        "precision": "fp32",
+        "compile": False,
+        "optimizer": "sgd",
+        "lr_schedule": "step",
+        "lr_warmup": 0,
+        "lr_warmup_start": 0.01,
+    }
 
     def validated(self) -> RunConfig:
         """Canonical method name and option defaults filled in; raise UsageError on bad values."""
@@ -186,6 +204,23 @@ class RunConfig:
                 f"--clip-grad must be positive (got {self.clip_grad})",
             ),
             (0 < self.lr_gamma, f"lr_gamma must be positive (got {self.lr_gamma})"),
+            (
+                self.lr_schedule in SCHEDULES,
+                f"unknown --lr-schedule '{self.lr_schedule}' (choose from {', '.join(SCHEDULES)})",
+            ),
+            (
+                self.lr_schedule == "step" or not self.lr_milestones,
+                "--lr-milestones belong to the step schedule, not to --lr-schedule cosine",
+            ),
+            (self.lr_warmup >= 0, f"--lr-warmup must not be negative (got {self.lr_warmup})"),
+            (
+                self.lr_warmup == 0 or self.lr_schedule == "cosine",
+                "--lr-warmup belongs to --lr-schedule cosine",
+            ),
+            (
+                self.lr_warmup_start >= 0,
+                f"--lr-warmup-start must not be negative (got {self.lr_warmup_start})",
+            ),
             (self.width > 0, f"--width must be positive (got {self.width})"),
             (
                 self.checkpoint_every >= 0,

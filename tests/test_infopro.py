@@ -148,6 +148,11 @@ def test_the_specs_paper_cuts_and_lambdas_and_its_cpu_preset():
         assert paper[model, k].cuts == [2 + (s - 1) * n[model] + b for s, b in points]
     assert sorted(k for m, k in paper if m == "resnet110") == [2, 4, 8, 16]
     assert paper["resnet32", 16].options["lambda2_first"] == 0.05
+    protocol = {
+        (c.epochs, c.batch_size, c.lr, c.lr_schedule, c.lr_warmup, c.lr_warmup_start)
+        for c in paper.values()
+    }
+    assert protocol == {(160, 1024, 0.8, "cosine", 10, 0.01)}  # train.py's with --cos_lr
     cpu = sweep.load_spec("bench/experiments/infopro.toml", "cpu")
     assert {c.method for c in cpu} == {"bp", "dgl", "infopro", "frozen"}
     assert all(c.task == "fashion-mnist" and c.epochs == 3 for c in cpu)

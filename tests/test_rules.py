@@ -2,6 +2,7 @@
 plain autograd on copies of the networks and hand-written optimizer steps."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -305,10 +306,12 @@ def test_dni_targets_are_bootstrapped_gradients(method):
     torch.testing.assert_close(received[1], target_1)
 
 
-@pytest.mark.parametrize("net", ["adam", "run"])
+@pytest.mark.parametrize("net", ["adam-synthetic", "adam", "run"])
 def test_dni_group_steps_on_synthetic_gradient(net):
-    """By default the group steps with the rule's own Adam at ``net_lr``, without weight decay
-    (the published DNI recipe); ``net_optimizer=run``: with the run's SGD."""
+    """By default (``adam-synthetic``) a group below the last steps on its synthetic gradient
+    with the rule's own Adam at ``net_lr``, without weight decay, and the last group, on the
+    true loss, with the run's SGD; ``net_optimizer=adam``: every group on that Adam (the
+    published DNI recipe); ``run``: every group on the run's SGD."""
     x, y = data()
     groups = mlp_groups(2)
     stages = stages_for("dni", groups, net_optimizer=net, net_lr=2e-3)
@@ -318,7 +321,7 @@ def test_dni_group_steps_on_synthetic_gradient(net):
     grads = torch.autograd.grad(
         h, list(f.parameters()), grad_outputs=m.gradient(h.detach()).detach() / BATCH
     )
-    step = (lambda p, g: adam_first_step(p, g, 2e-3)) if net == "adam" else sgd_first_step
+    step = sgd_first_step if net == "run" else (lambda p, g: adam_first_step(p, g, 2e-3))
     expected = [step(p.detach(), g) for p, g in zip(f.parameters(), grads)]
     train_step(stages, 0, x, y)
     assert_all_close(params(groups[0]), expected)
@@ -326,8 +329,13 @@ def test_dni_group_steps_on_synthetic_gradient(net):
     assert isinstance(last, torch.optim.Adam if net == "adam" else torch.optim.SGD)
     if net == "adam":
         assert last.param_groups[0]["lr"] == 2e-3 and last.param_groups[0]["weight_decay"] == 0
+    else:
+        assert last.param_groups[0]["lr"] == OPTS.lr
+    if net != "run":
         stages[0].scale_lr(0.1)  # a schedule's factor applies to the rule's own rate
         assert stages[0].optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
+    stages[1].scale_lr(0.1)
+    assert last.param_groups[0]["lr"] == pytest.approx(0.1 * (2e-3 if net == "adam" else OPTS.lr))
 
 
 def test_dni_published_fit_is_plain_l2_on_the_raw_targets():
@@ -506,7 +514,7 @@ def test_each_tables_synthesizer_shape():
         "synth_batchnorm": False,
         "synth_fit": "l2",
         "synth_lr": methods.dni.CHOSEN_LR,
-        "net_optimizer": "adam",
+        "net_optimizer": "adam-synthetic",
         "net_lr": methods.dni.CHOSEN_LR,
         "synth_optimizer": "adam",
         "synth_factor": 1.0,
@@ -740,7 +748,7 @@ def test_step_decay_scales_sgd_rates_and_leaves_adam_critics_alone():
     from bench.schedule import LRSchedule, epoch_steps
 
     stages = stages_for("lc", mlp_groups(2))
-    schedule = LRSchedule(RunConfig(method="lc", lr_milestones=[3, 5], lr_gamma=0.1))
+    schedule = LRSchedule(RunConfig(method="lc", lr_milestones=[3, 5], lr_gamma=0.1), 4)
     rates = []
     for i in range(7):
         schedule.apply(stages, i)
@@ -749,6 +757,31 @@ def test_step_decay_scales_sgd_rates_and_leaves_adam_critics_alone():
     assert stages[0].critic_optimizer.param_groups[0]["lr"] == 1e-4
     assert epoch_steps(RunConfig(method="lc", epochs=2), 5) == [5, 5]
     assert epoch_steps(RunConfig(method="lc", epochs=2, iterations=12), 5) == [5, 5, 2]
+
+
+def test_cosine_schedule_is_infopros_rate_per_epoch_with_its_warm_up():
+    """``--lr-schedule cosine``: the rate of epoch e (1..E) as InfoPro's ``--cos_lr`` sets it
+    (train.py, adjust_learning_rate, with lr 0.8, E = 160, 10 warm-up epochs from 0.01),
+    written out here from that formula; the same rate for every batch of an epoch."""
+    from bench.config import RunConfig
+    from bench.schedule import LRSchedule
+
+    lr, epochs, steps = 0.8, 160, 3
+    cfg = RunConfig(method="bp", lr=lr, epochs=epochs, lr_schedule="cosine", lr_warmup=10, groups=1)
+    (stage,) = methods.build_stages(
+        "bp", mlp_groups(1), [(CLASSES,)], CLASSES, per_sample_ce, TrainOptions(lr=lr)
+    )
+    schedule = LRSchedule(cfg, steps)
+
+    def official(e):
+        cosine = 0.5 * lr * (1 + math.cos(math.pi * e / epochs))
+        return cosine * (e - 1) / 10 + 0.01 * (11 - e) / 10 if e <= 10 else cosine
+
+    for e in (1, 2, 5, 10, 11, 80, 159, 160):
+        for t in range(steps):
+            schedule.apply([stage], (e - 1) * steps + t)
+            assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(official(e), abs=1e-12)
+    assert official(1) == pytest.approx(0.01) and official(160) == pytest.approx(0.0)
 
 
 def test_clip_bounds_each_optimizers_gradient_norm():

@@ -93,7 +93,10 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     label = str(rank + 1)
     shard = cfg.batch_size // world
     test_batch = prepare.eval_batch_size(cfg, task)
-    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, task.steps(cfg.batch_size))
+    schedule, plan = (
+        LRSchedule(cfg, task.steps(cfg.batch_size)),
+        epoch_steps(cfg, task.steps(cfg.batch_size)),
+    )
     compiled = prepare.warm_up_stage(prep, stage, 0, shard) if cfg.compile else None
     timer.pop()  # the warm-up's phases
 

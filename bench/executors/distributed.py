@@ -427,7 +427,7 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     stage, label = part.stage, part.label
     stage.phase = timer
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, steps)
+    schedule, plan = LRSchedule(cfg, steps), epoch_steps(cfg, steps)
     done = epochs.resume([stage], resumed, device, generator)
     compiled = (
         prepare.warm_up_stage(prep, stage, part.layer, cfg.batch_size) if cfg.compile else None

@@ -166,7 +166,10 @@ def train(
     probe = next(iter(task.test_batches(cfg.batch_size)), None)
     signals = probe is not None and diagnostics.wanted(stages)
     drift_x = probe[0][: diagnostics.DRIFT_SAMPLES] if probe is not None else None
-    schedule, plan = LRSchedule(cfg), epoch_steps(cfg, task.steps(cfg.batch_size))
+    schedule, plan = (
+        LRSchedule(cfg, task.steps(cfg.batch_size)),
+        epoch_steps(cfg, task.steps(cfg.batch_size)),
+    )
     done = epochs.resume(stages, resumed, device, generator)
     if resumed is not None:
         drift_start = resumed["drift_start"]

@@ -95,8 +95,9 @@ class Times:
             return self._timed("backward" if input_grad else "backward_first", j, n, held)
         return self._flops(2 * self.work.blocks[j].flops, n, 2 / 3)
 
-    def update(self, j: int) -> float:
-        passes = STEP_PASSES[self.work.group_optimizer]
+    def update(self, j: int, last: bool = False) -> float:
+        """Block j's optimizer step (``last``: in the last group)."""
+        passes = STEP_PASSES[self.work.group_optimizer(last)]
         if self.timed:  # timed with SGD
             return self.timed.update_s[j] * passes
         return self.work.blocks[j].param_bytes * passes / self.profile.device.update_bytes_per_s
@@ -216,7 +217,7 @@ def _memory(
     scale = 0.5 if precision == "bf16" else 1.0  # autocast saves bf16 activations
     local_params = local.param_bytes * share if local else 0
     tensors = sum(x.tensors for x in blocks)
-    optimizer = model.optimizer_bytes(params, tensors, work.group_optimizer)
+    optimizer = model.optimizer_bytes(params, tensors, work.group_optimizer(last))
     if local is not None:
         optimizer += model.optimizer_bytes(local_params, local.tensors, local.optimizer)
     return StageMemory(
@@ -408,7 +409,7 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
             StageCost(
                 forward_s=(sum(times.forward(j, n) for j in range(a, b)) + forward) / g,
                 backward_s=sum(times.backward(j, n, input_grad or j > a) for j in range(a, b)) / g,
-                update_s=sum(times.update(j) for j in range(a, b)) / g,
+                update_s=sum(times.update(j, last) for j in range(a, b)) / g,
                 grad_blocks=_grad_blocks(times, a, b, n, input_grad, 1 / g),
                 **common,
             )

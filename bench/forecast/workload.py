@@ -91,8 +91,12 @@ class Workload:
     upstream: str | None  # what the rule sends upstream: "gradient", "loss" or None
     #: GN-DGL: the width-grouped blocks, (grouped, mixing) (None: the model cannot be grouped)
     grouped: tuple | None = None
-    #: what the rule steps its groups with: "sgd" (the run's), or "adam" (DNI's own)
-    group_optimizer: str = "sgd"
+    #: what the rule steps its groups below the last, and its last group, with: "sgd" (the
+    #: run's) or "adam" (DNI's own, by default below the last group only)
+    group_optimizers: tuple[str, str] = ("sgd", "sgd")
+
+    def group_optimizer(self, last: bool) -> str:
+        return self.group_optimizers[last]
 
     @property
     def params(self) -> int:
@@ -158,19 +162,21 @@ def group_saved(blocks: Sequence[Block], n: int) -> float:
     return sum(b.saved(n) for b in blocks) - shared
 
 
-def _group_optimizer(cfg: RunConfig, classes: int) -> str:
-    """``"adam"`` where the rule steps its groups with an Adam of its own, else ``"sgd"``."""
-    (stage,) = methods.build_stages(
+def _group_optimizers(cfg: RunConfig, classes: int, shape: tuple) -> tuple[str, str]:
+    """What the rule steps a group below the last (its output of ``shape``) and the last group
+    with: ``"adam"`` where it is an Adam of the rule's own, else ``"sgd"``."""
+    stages = methods.build_stages(
         cfg.method,
-        [nn.Linear(1, classes)],
-        [(classes,)],
+        [nn.Linear(1, 1), nn.Linear(1, classes)],
+        [shape, (classes,)],
         classes,
         prepare.classification_loss,
         prepare.train_options(cfg),
         cfg.options,
         image_shape=tasks.TASKS[cfg.task].input_shape,
     )
-    return "adam" if isinstance(stage.optimizer, torch.optim.Adam) else "sgd"
+    kinds = ["adam" if isinstance(s.optimizer, torch.optim.Adam) else "sgd" for s in stages]
+    return kinds[0], kinds[1]
 
 
 def _local(cfg: RunConfig, shape: tuple, classes: int) -> Local:
@@ -299,5 +305,5 @@ def workload(
         label_numel=math.prod(counted[-1].out_shape[:-1]) or 1,
         upstream=methods.resolve(cfg.method).stage.upstream,
         grouped=grouped,
-        group_optimizer=_group_optimizer(cfg, info.num_classes),
+        group_optimizers=_group_optimizers(cfg, info.num_classes, counted[0].out_shape),
     )

@@ -16,8 +16,11 @@ synthesizers, at the published 3e-5, at 1e-3 (a rate fit for a budget of a few e
 (b) SGD for the network, the synthesizer regressing on the summed-loss gradient, its output
 divided by B (``synth_fit=sum``); (c) SGD for the network and, at the network's rate, for the
 synthesizer (``synth_optimizer=network``); (d) the running-RMS fit (``synth_fit=rms``); (e) the
-synthetic gradient scaled by 0.1 (koz4k/dni-pytorch's ``factor``); and the plain L2 fit with
-Adam 1e-4 under SGD, the local-critic tables' synthesizer as it stood.
+synthetic gradient scaled by 0.1 (koz4k/dni-pytorch's ``factor``); the plain L2 fit with
+Adam 1e-4 under SGD, the local-critic tables' synthesizer as it stood; and (f) Adam for the
+groups that step on synthetic gradients only, the last group (true loss) on the table's SGD as
+under BP, LC and the floor (``net_optimizer="adam-synthetic"``), at 1e-3 and 1e-4. Every
+candidate names its optimizers and rates, so that it stays itself whatever DNI's defaults.
 
 Per candidate, rule and setting: the test accuracy, how far above the floor, ``synth_cosine``
 and ``synth_norm_ratio`` per stage after 10, 100 and the last steps (the run's diagnostics, on
@@ -28,8 +31,8 @@ the best, the one that departs least from a published recipe.
     python -m bench.studies.dni_recipe --data-dir DIR       (part of `make fidelity-check`)
 
 writes ``results/dni-recipe.csv`` (one row per measurement, appended as measured: an
-interrupted study continues where it stopped) and ``figures/dni-recipe.png``. About 40 minutes
-on 2 cores; ``--settings fmnist`` alone takes about 10.
+interrupted study continues where it stopped) and ``figures/dni-recipe.png``. About 80 minutes
+on 2 idle cores; ``--settings fmnist`` alone takes about 15.
 """
 
 from __future__ import annotations
@@ -74,36 +77,64 @@ class Candidate:
 
 
 ADAM = {"optimizer": "adam", "weight_decay": 0.0}
+#: every candidate names its optimizers and rates, so that it stays itself whatever the defaults
+SGD = {"net_optimizer": "run", "synth_lr": 1e-4}  # the network on the table's SGD 0.1
 CANDIDATES = [
-    Candidate("sgd, l2, adam 1e-4", 1, "the LC tables' synthesizer (section 3.1), as it stood"),
     Candidate(
-        "(a) adam 3e-5", 0, "eugenium/DGL dni_comparisons", {**ADAM, "lr": 3e-5}, {"synth_lr": 3e-5}
+        "sgd, l2, adam 1e-4",
+        1,
+        "the LC tables' synthesizer (section 3.1) under the table's SGD",
+        options=SGD,
+    ),
+    Candidate(
+        "(a) adam 3e-5",
+        0,
+        "eugenium/DGL dni_comparisons",
+        {**ADAM, "lr": 3e-5},
+        {"net_optimizer": "adam", "net_lr": 3e-5, "synth_lr": 3e-5},
     ),
     Candidate(
         "(a) adam 1e-3",
         0,
         "eugenium/DGL's recipe at a short budget's rate",
         {**ADAM, "lr": 1e-3},
-        {"synth_lr": 1e-3},
+        {"net_optimizer": "adam", "net_lr": 1e-3, "synth_lr": 1e-3},
     ),
     Candidate(
         "(a) adam 3e-4",
         0,
         "eugenium/DGL's recipe at a rate between the two",
         {**ADAM, "lr": 3e-4},
-        {"synth_lr": 3e-4},
+        {"net_optimizer": "adam", "net_lr": 3e-4, "synth_lr": 3e-4},
     ),
     Candidate(
         "(a) adam 1e-3, synth 1e-4",
         1,
         "the network as (a) 1e-3, the synthesizers at the LC tables' Adam 1e-4",
         {**ADAM, "lr": 1e-3},
-        {"synth_lr": 1e-4},
+        {"net_optimizer": "adam", "net_lr": 1e-3, "synth_lr": 1e-4},
     ),
-    Candidate("(b) sgd, sum fit", 2, "lcbench", options={"synth_fit": "sum"}),
-    Candidate("(c) sgd, sgd synth", 2, "lcbench", options={"synth_optimizer": "network"}),
-    Candidate("(d) sgd, rms fit", 2, "lcbench", options={"synth_fit": "rms"}),
-    Candidate("(e) sgd, factor 0.1", 1, "koz4k/dni-pytorch factor", options={"synth_factor": 0.1}),
+    Candidate("(b) sgd, sum fit", 2, "lcbench", options={**SGD, "synth_fit": "sum"}),
+    Candidate("(c) sgd, sgd synth", 2, "lcbench", options={**SGD, "synth_optimizer": "network"}),
+    Candidate("(d) sgd, rms fit", 2, "lcbench", options={**SGD, "synth_fit": "rms"}),
+    Candidate(
+        "(e) sgd, factor 0.1",
+        1,
+        "koz4k/dni-pytorch factor",
+        options={**SGD, "synth_factor": 0.1},
+    ),
+    Candidate(
+        "(f) adam 1e-3 below, sgd last",
+        2,
+        "lcbench: Adam (a) for the groups on synthetic gradients, the table's SGD for the last",
+        options={"net_optimizer": "adam-synthetic", "net_lr": 1e-3, "synth_lr": 1e-3},
+    ),
+    Candidate(
+        "(f) adam 1e-4 below, sgd last",
+        2,
+        "lcbench: as (f) 1e-3, the groups below the last and the synthesizers at 1e-4",
+        options={"net_optimizer": "adam-synthetic", "net_lr": 1e-4, "synth_lr": 1e-4},
+    ),
 ]
 REFERENCES = ("bp", "lc", "frozen")
 
