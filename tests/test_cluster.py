@@ -143,6 +143,34 @@ def test_a_sigkilled_worker_leaves_a_run_that_a_later_worker_finishes_from_its_c
     assert final_accuracy_rows(folder) == [1, 2, 3]
 
 
+def test_a_reader_asking_whether_a_run_is_claimed_never_makes_a_worker_pass_it(tmp_path):
+    """``claims.held`` takes the lock for an instant to ask; a worker that claims the run in
+    that instant waits it out instead of passing the run by (a worker found a run "claimed"
+    by the sweep that was reading its state, and the run was left to do)."""
+    import threading
+
+    folder, stop = tmp_path / "run", threading.Event()
+    folder.mkdir()
+    probes = []
+
+    def read():
+        while not stop.is_set():
+            probes.append(claims.held(folder))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        won = []
+        for _ in range(200):
+            with claims.claim(folder) as mine:
+                won.append(mine)
+    finally:
+        stop.set()
+        reader.join()
+    assert all(won) and len(probes) > 200
+    assert True in probes  # the reader did see the worker's claims: the two met
+
+
 def test_a_claimed_run_is_passed_by_and_a_free_one_is_trained(tmp_path, capsys):
     path, out = spec(tmp_path), tmp_path / "out"
     cfgs = sweep.load_spec(path, out=str(out))

@@ -1,5 +1,6 @@
 """Workers that share a results folder: a run is claimed by an exclusive lock beside its
-run.json (``RUN/.claim.lock``), taken without waiting.
+run.json (``RUN/.claim.lock``), tried for up to a second (``CLAIM_WAIT_S``; a reader asking
+whether a run is claimed holds the lock for an instant) before the run is left to its holder.
 
 The lock is ``filelock.FileLock``: ``flock(2)`` on the open lock file, held by the worker's
 process and released by the kernel when that process ends, however it ends (a SIGKILLed
@@ -19,6 +20,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 LOCK_NAME = ".claim.lock"
+#: seconds a worker tries for a claim before it passes the run by: a reader that asks whether
+#: a run is claimed (``held``) holds the lock for microseconds, a worker for the whole run
+CLAIM_WAIT_S = 1.0
 
 
 def lock_path(folder: Path) -> Path:
@@ -26,11 +30,12 @@ def lock_path(folder: Path) -> Path:
 
 
 @contextmanager
-def claim(folder: Path):
-    """Yield True holding the run's claim, or False at once where another process holds it."""
+def claim(folder: Path, wait: float = CLAIM_WAIT_S):
+    """Yield True holding the run's claim, or False where another process holds it after
+    ``wait`` seconds of trying."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path(folder), timeout=0, thread_local=False)
+    lock = FileLock(lock_path(folder), timeout=wait, poll_interval=0.01, thread_local=False)
     try:
         lock.acquire()
     except Timeout:
@@ -47,7 +52,7 @@ def held(folder: Path) -> bool:
     path = lock_path(folder)
     if not path.exists():
         return False
-    with claim(folder) as mine:
+    with claim(folder, wait=0) as mine:
         return not mine
 
 
