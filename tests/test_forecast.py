@@ -325,6 +325,106 @@ def test_a_stated_profile_turns_peaks_and_bytes_into_seconds_by_hand():
     assert Times(work, profile, "bf16").rate == 2e12
 
 
+def test_gn_dgl_is_priced_from_its_width_grouped_blocks_where_a_profile_timed_them():
+    """A sequential GN-DGL run's stage: each block's grouped (or, first in its stage, mixing)
+    forward, backward and update as the profile timed them, plus its local module; from
+    FLOPs where the profile timed no such grouping."""
+    groups, n = 2, 32
+    work = workload.workload("small-cnn", "fashion-mnist", "gn", options={"neuron_groups": groups})
+    count = len(work.blocks)
+
+    def blocks(base: float) -> list[dict]:  # block j: forward base + j, backward 10 x that
+        return [
+            {
+                "forward_s": [base + j, base + j],
+                "backward_s": [10 * (base + j)] * 2,
+                "backward_first_s": [5 * (base + j)] * 2,
+                "update_s": 0.5 * (base + j),
+            }
+            for j in range(count)
+        ]
+
+    timed = {
+        "model": "small-cnn",
+        "task": "fashion-mnist",
+        "batch_sizes": [n, 2 * n],
+        "input_s": [0.0, 0.0],
+        "blocks": blocks(100.0),
+        "grouped": [
+            {"neuron_groups": groups, "mixing": False, "blocks": blocks(1.0)},
+            {"neuron_groups": groups, "mixing": True, "blocks": blocks(2.0)},
+        ],
+    }
+    data = {
+        "profile": {"name": "t", "kind": "measured"},
+        "device": {
+            "memory_bytes": 1e12,
+            "achieved_flops": {"fp32": 1e12},
+            "overhead_s": 0.0,
+            "update_bytes_per_s": 1e9,
+        },
+        "link": {"name": "l", "latency_s": 0.0, "bandwidth_bytes_per_s": 1e9},
+        "workloads": [timed],
+    }
+    times = Times(work, profiles.parse(data, "t"))
+    link = Link(0.0, 1e9)
+    stages, _ = predict._decoupled(times, Setup("gn", 2, stages=2), link, n, [(0, 2), (2, count)])
+    local = [times.local(1, n), (0.0, 0.0)]
+    sgd = predict.STEP_PASSES[work.group_optimizer(False)]
+    for (a, b), stage, (forward, receive) in zip([(0, 2), (2, count)], stages, local):
+        first = [2.0 + a] + [1.0 + j for j in range(a + 1, b)]  # mixing, then grouped
+        assert stage.forward_s == pytest.approx(sum(first) + forward)
+        assert (
+            stage.backward_s
+            == pytest.approx(  # GN sends nothing up: no input gradient
+                5 * first[0] + sum(10 * f for f in first[1:])
+            )
+        )
+        assert stage.update_s == pytest.approx(sum(0.5 * f for f in first) * sgd)
+        assert stage.receive_s == receive
+    data["workloads"][0]["grouped"] = []  # untimed: from the grouped blocks' FLOPs
+    times = Times(work, profiles.parse(data, "t"))
+    stages, _ = predict._decoupled(times, Setup("gn", 2, stages=2), link, n, [(0, 2), (2, count)])
+    grouped, mixing = work.grouped
+    flops = mixing[2].flops + sum(x.flops for x in grouped[3:])
+    assert stages[1].forward_s + stages[1].backward_s == pytest.approx(3 * flops * n / 1e12)
+
+
+def test_grouped_blocks_are_timed_both_ways_and_none_for_a_model_without_groups():
+    found = calibrate.time_grouped("small-cnn", "fashion-mnist", [4, 8], torch.device("cpu"), [2])
+    assert [(g["neuron_groups"], g["mixing"]) for g in found] == [(2, False), (2, True)]
+    count = len(workload.blocks("small-cnn", "fashion-mnist"))
+    for g in found:
+        assert len(g["blocks"]) == count
+        assert all(min(b["forward_s"] + b["backward_s"]) > 0 for b in g["blocks"])
+    assert calibrate.time_grouped("mlp", "fashion-mnist", [4, 8], torch.device("cpu"), [2]) == []
+    table = profiles.parse(
+        {
+            "profile": {"kind": "measured"},
+            "device": {
+                "memory_bytes": 1,
+                "achieved_flops": {"fp32": 1},
+                "overhead_s": 0,
+                "update_bytes_per_s": 1,
+            },
+            "link": {"latency_s": 0, "bandwidth_bytes_per_s": 1},
+            "workloads": [
+                {
+                    "model": "small-cnn",
+                    "task": "fashion-mnist",
+                    "batch_sizes": [4, 8],
+                    "input_s": [0, 0],
+                    "blocks": found[0]["blocks"],
+                    "grouped": found,
+                }
+            ],
+        },
+        "t",
+    )
+    parsed = table.timed[0].grouped[2, True]
+    assert parsed["forward_s"][0] == tuple(found[1]["blocks"][0]["forward_s"])
+
+
 def test_timed_blocks_are_interpolated_between_the_batch_sizes():
     assert predict.interpolate((32, 64, 128), (1.0, 2.0, 6.0), 64) == 2.0
     assert predict.interpolate((32, 64, 128), (1.0, 2.0, 6.0), 96) == pytest.approx(4.0)

@@ -37,10 +37,17 @@ BAND = (0.85, 1.15)
 
 def calibrations_needed(cfgs: list[RunConfig]) -> dict:
     """What to calibrate for ``cfgs``: their models (on their tasks), rules with a local
-    module, per-device batch sizes (at least two: the forecast interpolates) and the
-    micro-batches a pipeline holds."""
+    module, per-device batch sizes (at least two: the forecast interpolates), the
+    micro-batches a pipeline holds and the neuron groups a width-grouped rule takes."""
     tasks_of = {cfg.model: cfg.task for cfg in cfgs}
     rules = sorted({cfg.method for cfg in cfgs if methods.resolve(cfg.method).local_module})
+    neuron_groups = sorted(
+        {
+            {**methods.option_defaults(cfg.method), **cfg.options}["neuron_groups"]
+            for cfg in cfgs
+            if methods.resolve(cfg.method).neuron_grouped
+        }
+    )
     sizes = {cfg.batch_size // (ranks(cfg) if cfg.executor == "ddp" else 1) for cfg in cfgs}
     held = {
         cfg.batch_size // cfg.options.get("microbatches", 4)
@@ -50,7 +57,13 @@ def calibrations_needed(cfgs: list[RunConfig]) -> dict:
     sizes |= held
     if len(sizes) == 1:
         sizes.add(max(1, min(sizes) // 2))
-    return dict(tasks_of=tasks_of, rules=rules, sizes=sorted(sizes), held=sorted(held))
+    return dict(
+        tasks_of=tasks_of,
+        rules=rules,
+        sizes=sorted(sizes),
+        held=sorted(held),
+        neuron_groups=neuron_groups,
+    )
 
 
 def calibrate_round(need: dict, threads: tuple[int, int], folder: Path) -> tuple[dict, dict]:
@@ -66,6 +79,7 @@ def calibrate_round(need: dict, threads: tuple[int, int], folder: Path) -> tuple
         methods_=need["rules"],
         batch_sizes=need["sizes"],
         held_sizes=need["held"],
+        neuron_groups=need["neuron_groups"],
         device=torch.device("cpu"),
     )
     first = need["tasks_of"][models[0]]

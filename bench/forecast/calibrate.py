@@ -3,7 +3,8 @@ as a profile (TOML, ``kind = "measured"``).
 
 - Each block of each model, timed in place during whole training steps at a few per-device
   batch sizes (``time_blocks``): forward, backward with and without the input's gradient,
-  also as a pipeline holds its micro-batches; its optimizer step; each rule's local module
+  also as a pipeline holds its micro-batches, and width-grouped as GN-DGL builds it
+  (``time_grouped``); its optimizer step; each rule's local module
   (its forward call, and the update the upstream message brings); the input pipeline per
   batch. Medians over repeated steps after a warm-up.
 - The device's achieved FLOP/s and fixed overhead per block: t = overhead + 3 F n / rate,
@@ -93,6 +94,8 @@ def time_blocks(
     precision: str = "fp32",
     repeats: int = 2 * REPEATS,
     held_sizes: Sequence[int] = (),
+    neuron_groups: int = 1,
+    mixing: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Every block's forward and backward seconds at each batch size, timed in place during
@@ -100,15 +103,24 @@ def time_blocks(
     ends), so that each block meets its input as a run does (caches included): medians over
     ``repeats`` steps per size, the sizes taken in turn. The backward pass of a block that
     starts a stage whose input needs no gradient (``backward_first_s``) is scaled by the
-    ratio of the two, each timed on the block alone at the smallest size. At ``held_sizes``
+    ratio of the two, timed on the block alone at the smallest size (``_input_grad_ratio``). At ``held_sizes``
     also ``*_held_s``: the forward pass while another batch's graph is alive and that batch's
     backward pass after it, adding its gradients to those already there, as a pipeline of
     micro-batches runs them (memory that cannot be reused costs time; autograd accumulates
     every micro-batch's gradients after the first into ``.grad``). The optimizer step: once
-    per block."""
+    per block. ``neuron_groups``: the model width-grouped as GN-DGL builds it, every block's
+    first layer grouped but block 0's, or (``mixing``) none (``bench.models.cnn``)."""
     info = tasks.TASKS[task]
     torch.manual_seed(0)
-    net = models.build_model(model_name, info.input_shape, info.num_classes, width=width).to(device)
+    size = len(models.build_model(model_name, info.input_shape, info.num_classes, width=width))
+    net = models.build_model(
+        model_name,
+        info.input_shape,
+        info.num_classes,
+        width=width,
+        neuron_groups=neuron_groups,
+        mix_at=range(size) if mixing else (),
+    ).to(device)
     conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     if conv:  # as a run holds a conv net (models.runtime)
         net.to(memory_format=torch.channels_last)
@@ -183,8 +195,7 @@ def time_blocks(
     blocks = [{} for _ in net]
     ratios, x = [], inputs[batch_sizes[0]][0]
     for block in net:  # at the smallest size: the ratio hardly depends on the batch
-        with_grad, without = (_alone(block, x, grad, device, precision) for grad in (True, False))
-        ratios.append(without / with_grad if with_grad > 0 else 1.0)
+        ratios.append(_input_grad_ratio(block, x, device, precision, repeats))
         with torch.no_grad():
             x = block(x)
     for (_, held), figures in times.items():
@@ -221,20 +232,63 @@ def time_blocks(
     return {"blocks": blocks}
 
 
-def _alone(block, x, grad: bool, device, precision: str) -> float:
-    """Seconds of ``block``'s backward pass alone on ``x`` (its input's gradient or not)."""
+def time_grouped(
+    model_name: str,
+    task: str,
+    batch_sizes: Sequence[int],
+    device: torch.device,
+    neuron_groups: Sequence[int],
+    precision: str = "fp32",
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[dict]:
+    """The blocks width-grouped into each of ``neuron_groups`` (GN-DGL), grouped and mixing
+    (``time_blocks``): ``{"neuron_groups", "mixing", "blocks"}`` for each; none for a model
+    without width-grouped layers."""
+    out = []
+    for g in neuron_groups:
+        for mixing in (False, True):
+            progress(f"  {model_name}: {g} neuron groups{', mixing' if mixing else ''}")
+            try:
+                timed = time_blocks(
+                    model_name,
+                    task,
+                    batch_sizes,
+                    device,
+                    precision=precision,
+                    neuron_groups=g,
+                    mixing=mixing,
+                )
+            except ValueError:  # no width-grouped layers (an MLP), or a width G does not split
+                return out
+            out.append({"neuron_groups": g, "mixing": mixing, **timed})
+    return out
 
-    def step():
+
+def _input_grad_ratio(block, x, device, precision: str, repeats: int) -> float:
+    """How much of ``block``'s backward pass on ``x`` is left when its input needs no
+    gradient: the median, over ``repeats`` pairs, of the two backward passes timed alone one
+    right after the other (each after an untimed forward), so that a pair meets the machine in
+    one state; a warm-up pair first."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def backward(grad: bool) -> float:
         x_in = x.detach().requires_grad_(grad and x.is_floating_point())
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             out = block(x_in)
-        out.float().sum().backward()
+        loss = out.float().sum()
+        sync()
+        start = time.perf_counter()
+        loss.backward()
+        sync()
+        return time.perf_counter() - start
 
-    def forward():
-        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-            block(x.detach().requires_grad_(grad and x.is_floating_point()))
-
-    return max(0.0, seconds(step, device, 3) - seconds(forward, device, 3))
+    ratios = []
+    for rep in range(repeats + 1):
+        with_grad, without = backward(True), backward(False)
+        if rep and with_grad > 0:
+            ratios.append(without / with_grad)
+    block.zero_grad(set_to_none=True)
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def time_input(
@@ -500,6 +554,7 @@ def calibrate(
     local_sizes: Sequence[int] | None = None,
     local_after: dict | None = None,
     held_sizes: Sequence[int] = (),
+    neuron_groups: Sequence[int] | None = None,
     data_dir=None,
     name: str = "measured",
     progress: Callable[[str], None] = lambda _: None,
@@ -508,9 +563,19 @@ def calibrate(
     ``task`` (``tasks_of``: {model: task} where one differs) at ``batch_sizes``, each of
     ``methods_``'s local modules at ``local_sizes`` (default the same) on the output of every
     block (``local_after``: {(model, method): block indices} to time fewer), the blocks as a
-    pipeline holds them at ``held_sizes`` (its micro-batches: ``time_blocks``), the fitted
-    rate and overhead, and (``link``) the link and the shared-machine slowdown on two ranks."""
+    pipeline holds them at ``held_sizes`` (its micro-batches: ``time_blocks``), the blocks
+    width-grouped into each of ``neuron_groups`` (default: the defaults of ``methods_`` that
+    take neuron groups; a model that cannot be grouped is left out), both ways (``grouped``),
+    the fitted rate and overhead, and (``link``) the link and the shared-machine slowdown on
+    two ranks."""
     batch_sizes = sorted(set(batch_sizes))
+    if neuron_groups is None:
+        neuron_groups = [
+            methods.option_defaults(m)["neuron_groups"]
+            for m in methods_
+            if methods.resolve(m).neuron_grouped
+        ]
+    neuron_groups = sorted({g for g in neuron_groups if g > 1})
     local_sizes = sorted(set(local_sizes or batch_sizes))
     task_of = {m: (tasks_of or {}).get(m, task) for m in model_names}
     with prepare.torch_threads(threads or torch.get_num_threads()):
@@ -546,6 +611,9 @@ def calibrate(
                         time_local(method, task, shape, local_sizes, device, precision=precision)
                     )
                     entry["local"][-1]["batch_sizes"] = local_sizes
+            entry["grouped"] = time_grouped(
+                model_name, task, batch_sizes, device, neuron_groups, precision, progress
+            )
             timed.append(entry)
             flops.append([b.flops for b in blocks])
         joined = {"blocks": [b for t in timed for b in t["blocks"]]}

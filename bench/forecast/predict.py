@@ -70,12 +70,28 @@ class Times:
     def _flops(self, flops: float, n: float, share: float) -> float:
         return self.profile.device.overhead_s * share + flops * n / self.rate
 
-    def counted(self, block, n: float) -> float:
-        """A counted block's forward, backward and update (a width-grouped block, which no
-        profile timed), from its FLOPs and bytes."""
+    def grouped(
+        self, j: int, mixing: bool, n: float, input_grad: bool, last: bool = False
+    ) -> tuple[float, float, float]:
+        """Block j width-grouped (GN-DGL, all its neuron groups; ``mixing``: its first layer
+        sees every channel): ``(forward, backward, update)`` seconds, timed where the profile
+        timed the model so grouped, else from its FLOPs and bytes."""
+        passes = STEP_PASSES[self.work.group_optimizer(last)]
+        g = dict(self.work.options).get("neuron_groups")
+        timed = self.timed.grouped.get((g, mixing)) if self.timed else None
+        if timed is not None:
+            sizes = self.timed.batch_sizes
+            key = "backward_s" if input_grad else "backward_first_s"
+            return (
+                interpolate(sizes, timed["forward_s"][j], n),
+                interpolate(sizes, timed[key][j], n),
+                timed["update_s"][j] * passes,
+            )
+        block = self.work.grouped[1 if mixing else 0][j]
         return (
-            self._flops(3 * block.flops, n, 1.0)
-            + block.param_bytes / self.profile.device.update_bytes_per_s
+            self._flops(block.flops, n, 1 / 3),
+            self._flops(2 * block.flops, n, 2 / 3),
+            block.param_bytes * passes / self.profile.device.update_bytes_per_s,
         )
 
     def _timed(self, key: str, j: int, n: float, held: bool) -> float:
@@ -392,9 +408,12 @@ def _decoupled(times: Times, setup: Setup, link: Link, batch_size: int, bounds):
         if work.grouped:
             grouped, mixing = work.grouped
             blocks = [mixing[a], *grouped[a + 1 : b]]
+            parts = [times.grouped(j, j == a, n, input_grad or j > a, last) for j in range(a, b)]
             stages.append(
                 StageCost(
-                    forward_s=(sum(times.counted(x, n) for x in blocks) + forward) / g,
+                    forward_s=(sum(p[0] for p in parts) + forward) / g,
+                    backward_s=sum(p[1] for p in parts) / g,
+                    update_s=sum(p[2] for p in parts) / g,
                     grad_blocks=tuple((x.param_bytes / g, 0.0) for x in blocks[::-1]),
                     **common,
                 )

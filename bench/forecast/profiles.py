@@ -61,9 +61,9 @@ class Timed:
     """Blocks and local modules of one model timed by ``lcbench calibrate``: seconds at each
     of ``batch_sizes`` (per block: forward, backward with and without the input's gradient;
     the update once per step), the input pipeline's seconds per batch, and each rule's local
-    module (forward call, upstream update) on the features of a shape; and, at ``held`` sizes
+    module (forward call, upstream update) on the features of a shape; at ``held`` sizes
     (a pipeline's micro-batches), the blocks' passes while another micro-batch's graph is
-    alive."""
+    alive; and the blocks width-grouped into neuron groups (``grouped``)."""
 
     model: str
     task: str
@@ -80,6 +80,9 @@ class Timed:
         default_factory=dict
     )  # (method, options, shape) -> (sizes, forward_s, receive_s)
     held: dict = field(default_factory=dict)  # as a pipeline holds them: "sizes", "forward_s", ...
+    #: width-grouped (GN-DGL): (neuron groups, mixing) -> {"forward_s", "backward_s",
+    #: "backward_first_s": per block, per batch size; "update_s": per block}
+    grouped: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,16 @@ def _timed(t: dict, where: str) -> Timed:
             backward_first_s=tuple(tuple(b["backward_first_s"]) for b in blocks),
             update_s=tuple(float(b["update_s"]) for b in blocks),
             local=local,
+            grouped={
+                (int(g["neuron_groups"]), bool(g["mixing"])): {
+                    **{
+                        key: tuple(tuple(b[key]) for b in g["blocks"])
+                        for key in ("forward_s", "backward_s", "backward_first_s")
+                    },
+                    "update_s": tuple(float(b["update_s"]) for b in g["blocks"]),
+                }
+                for g in t.get("grouped", [])
+            },
             held={
                 "sizes": tuple(int(n) for n in t.get("held_batch_sizes", ())),
                 **{

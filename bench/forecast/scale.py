@@ -57,9 +57,10 @@ ASSUMPTIONS = (
     f"fits: a worker's bytes at most {1 - RESERVE:.0%} of its device's memory (the rest: context, "
     "workspaces); bf16 halves saved activations, weights, gradients and messages stay fp32",
     "data held on the device: no input time, but where a profile timed it",
-    "GN-DGL: the layer groups width-grouped as its runs build them (FLOPs at the profile's "
-    "rate), a neuron group's worker taking 1/G of its layer group's work, parameters and "
-    "activations, plus its head and the all-gather of the group's output",
+    "GN-DGL: the layer groups width-grouped as its runs build them (timed so where the profile "
+    "calibrated them, else FLOPs at the profile's rate), a neuron group's worker taking 1/G "
+    "of its layer group's work, parameters and activations, plus its head and the all-gather "
+    "of the group's output",
     "async DGL: the first stage sets the pace (a slower stage below reuses or skips inputs)",
 )
 
