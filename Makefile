@@ -37,7 +37,8 @@ help:
 	@echo "make fidelity-check  BP, LC(3), DNI(3), cDNI(3) (the paper's synthesizer and plain L2 fit on"
 	@echo "                     DNI's Adam, and on the table's SGD 0.1) and the no-signal floor on lc-vgg and a CIFAR-10"
 	@echo "                     slice, with the local-signal diagnostics, beside the published ordering;"
-	@echo "                     then why DNI's label-blind synthesizer fails (bench.studies.dni_signal) (~30 min)"
+	@echo "                     the five cells again at twice the budget (--preset twice); then why DNI's"
+	@echo "                     label-blind synthesizer fails (bench.studies.dni_signal) (~50 min)"
 	@echo "make dni-recipe      the study that chose DNI's and cDNI's training recipe: every candidate on"
 	@echo "                     the fidelity check's setting and the learning check's (~80 min)"
 	@echo "make fidelity-gpu    the same comparison in full on a GPU: lc-vgg, K=4, 20k iterations, bf16"
@@ -100,6 +101,9 @@ fidelity-check: $(STAMP)
 	$(BIN)/lcbench sweep bench/experiments/fidelity.toml --out $(RESULTS) --data-dir $(CIFAR10_DIR) || test $$? -eq 1; \
 	$(BIN)/lcbench table fidelity $(RESULTS); \
 	$(BIN)/lcbench plot $(RESULTS)/fidelity --out figures/fidelity; \
+	$(BIN)/lcbench sweep bench/experiments/fidelity.toml --preset twice --out $(RESULTS) \
+	  --data-dir $(CIFAR10_DIR) || test $$? -eq 1; \
+	$(BIN)/lcbench table fidelity $(RESULTS)/fidelity-twice; \
 	$(BIN)/python -m bench.studies.dni_signal --data-dir $(CIFAR10_DIR) --out $(RESULTS)/fidelity-dni-signal.csv
 
 # Which recipe makes DNI and cDNI learn where the LC tables state none: every candidate on the

@@ -267,7 +267,7 @@ def test_each_local_rule_stands_above_the_floor_and_a_variant_is_a_cell_of_its_o
     numbers, text = tables.build("table2", tmp_path)
     rows = {r["method"]: r for r in rows_of(tables.markdown(text)) if r["model"] == "resnet20"}
     chosen = methods.variant("dni", {})  # DNI's recipe is lcbench's choice: the cell says so
-    assert chosen == "Adam 0.0001 below the last group: lcbench's choice"
+    assert chosen == "Adam 3e-05 below the last group: lcbench's choice"
     dni, rms = f"DNI(3) [{chosen}]", f"DNI(3) [{chosen}, synth_fit=rms]"
     assert rows[dni]["above floor"] == "+15.00"
     assert rows[rms]["above floor"] == "-10.00"

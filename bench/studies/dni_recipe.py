@@ -19,7 +19,7 @@ synthesizer (``synth_optimizer=network``); (d) the running-RMS fit (``synth_fit=
 synthetic gradient scaled by 0.1 (koz4k/dni-pytorch's ``factor``); the plain L2 fit with
 Adam 1e-4 under SGD, the local-critic tables' synthesizer as it stood; and (f) Adam for the
 groups that step on synthetic gradients only, the last group (true loss) on the table's SGD as
-under BP, LC and the floor (``net_optimizer="adam-synthetic"``), at 1e-3 and 1e-4. Every
+under BP, LC and the floor (``net_optimizer="adam-synthetic"``), at 1e-3, 1e-4 and 3e-5. Every
 candidate names its optimizers and rates, so that it stays itself whatever DNI's defaults.
 
 Per candidate, rule and setting: the test accuracy, how far above the floor, ``synth_cosine``
@@ -134,6 +134,12 @@ CANDIDATES = [
         2,
         "lcbench: as (f) 1e-3, the groups below the last and the synthesizers at 1e-4",
         options={"net_optimizer": "adam-synthetic", "net_lr": 1e-4, "synth_lr": 1e-4},
+    ),
+    Candidate(
+        "(f) adam 3e-5 below, sgd last",
+        2,
+        "lcbench: as (f) 1e-4, the groups below the last and the synthesizers at (a)'s 3e-5",
+        options={"net_optimizer": "adam-synthetic", "net_lr": 3e-5, "synth_lr": 3e-5},
     ),
 ]
 REFERENCES = ("bp", "lc", "frozen")
