@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import sweep
 from bench.cli import main
@@ -582,6 +583,57 @@ def test_plan_check_prices_each_run_on_the_merged_calibration(tmp_path):
         assert row.profile == "here"  # sequential runs: the profile at their threads
         assert row.forecast_train_s == pytest.approx(plan.priced(cfg, merged[0])[0])
         assert row.measured_train_s == pytest.approx(plan.measured_train_seconds(cfg))
-        ratio = row.measured_train_s / row.forecast_train_s
+        ratio = row.measured_train_s / row.forecast_train_s  # one round: its own profiles
         assert row.measured_over_forecast == pytest.approx(ratio)
+        assert row.round_ratios == f"{ratio:.3f}"
         assert row.within == (0.85 <= ratio <= 1.15)
+
+
+def test_plan_check_pairs_each_round_with_its_own_calibration(tmp_path, monkeypatch):
+    """Two rounds whose machine drifted: each round's runs priced on that round's own
+    calibration, the ratio the median of the rounds' ratios; the plan's price on the merged
+    calibration beside it."""
+    from bench.cluster import plan_check
+
+    path = spec(tmp_path, TINY.replace("seed = [0, 1]", "seed = [0]"))
+    out = tmp_path / "check"
+
+    def cfgs_of_round(r):
+        return sweep.load_spec(path, out=str(out / f"round-{r}"))
+
+    def table(slowdown: float) -> dict:
+        return {
+            "profile": {"name": "t", "kind": "measured"},
+            "device": {
+                "memory_bytes": 1e12,
+                "achieved_flops": {"fp32": 1e9 / slowdown},
+                "overhead_s": 0.0,
+                "update_bytes_per_s": 1e9 / slowdown,
+                "threads": torch.get_num_threads(),
+            },
+            "link": {"name": "l", "latency_s": 0.0, "bandwidth_bytes_per_s": 1e9},
+        }
+
+    slowdowns = iter([1.0, 2.0])  # round 2 calibrated on a machine twice as slow
+
+    def calibrate_round(need, threads, folder):
+        found = table(next(slowdowns))
+        return found, found
+
+    def measured(cfgs):  # and its runs measured twice as slow
+        slowdown = 1 + int(Path(cfgs[0].out).name.split("-")[1])
+        return {cfg.run_id: 3.0 * slowdown for cfg in cfgs}
+
+    monkeypatch.setattr(plan_check, "calibrate_round", calibrate_round)
+    monkeypatch.setattr(plan_check, "measured", measured)
+    frame = plan_check.check(cfgs_of_round, 2, out, lambda _: None)
+    merged = profiles.load(str(out / "here.toml"))
+    assert merged.device.flops["fp32"] == pytest.approx(7.5e8)  # the median of 1e9 and 5e8
+    assert len(frame) == 3
+    for cfg, row in zip(cfgs_of_round(0), frame.itertuples()):
+        fast = plan.priced(cfg, profiles.parse(table(1.0), "t"))[0]
+        ratios = [3.0 / fast, 6.0 / (2 * fast)]  # alike: the drift paired away
+        assert [float(v) for v in row.round_ratios.split()] == pytest.approx(ratios, rel=1e-3)
+        assert row.measured_over_forecast == pytest.approx(3.0 / fast)
+        assert row.measured_train_s == pytest.approx(4.5)
+        assert row.forecast_train_s == pytest.approx(plan.priced(cfg, merged)[0])
