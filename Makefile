@@ -29,7 +29,7 @@ help:
 	@echo "                     PLAN=1: the plan only (state and price of every run on PROFILE, totals"
 	@echo "                     on DEVICES; default h100-sxm-nvlink, 8), nothing run"
 	@echo "make plan-check      the plan's price against measured runs: 3 rounds of calibrating this machine"
-	@echo "                     and training the smoke preset; the median of each run.s rounds. measured / forecast (~11 min)"
+	@echo "                     and training the smoke preset; the median of each run's measured / forecast over rounds (~11 min)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make docs-figures    the README's figures (docs/figures/) from $(RESULTS)/smoke"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs; DNI and cDNI"
