@@ -124,10 +124,11 @@ def check(cfgs_of_round, rounds: int, out: Path, progress) -> pd.DataFrame:
         if tally.failed:
             progress(f"round {r + 1}/{rounds}: {tally.line()}")
         own = [profiles.parse(s, "here"), profiles.parse(k, "here-rank")]
-        for run_id, value in measured(cfgs).items():
-            cfg = next(c for c in cfgs if c.run_id == run_id)
-            seconds.setdefault(run_id, []).append(value)
-            ratios.setdefault(run_id, []).append(
+        done = measured(cfgs)
+        for cfg in (c for c in cfgs if c.run_id in done):
+            value = done[cfg.run_id]
+            seconds.setdefault(cfg.run_id, []).append(value)
+            ratios.setdefault(cfg.run_id, []).append(
                 value / plan.priced(cfg, plan.profile_for(cfg, own))[0]
             )
     merged = []
@@ -139,8 +140,8 @@ def check(cfgs_of_round, rounds: int, out: Path, progress) -> pd.DataFrame:
     for cfg in first:
         profile = plan.profile_for(cfg, merged)
         train, _ = plan.priced(cfg, profile)
-        values = seconds.get(cfg.run_id, [])
-        ratio = statistics.median(ratios[cfg.run_id]) if values else float("nan")
+        values, paired = seconds.get(cfg.run_id, []), ratios.get(cfg.run_id, [])
+        ratio = statistics.median(paired) if paired else float("nan")
         rows.append(
             {
                 "run_id": cfg.run_id,
@@ -150,7 +151,7 @@ def check(cfgs_of_round, rounds: int, out: Path, progress) -> pd.DataFrame:
                 "rounds": len(values),
                 "forecast_train_s": train,
                 "measured_train_s": statistics.median(values) if values else float("nan"),
-                "round_ratios": " ".join(f"{v:.3f}" for v in ratios.get(cfg.run_id, [])),
+                "round_ratios": " ".join(f"{v:.3f}" for v in paired),
                 "measured_over_forecast": ratio,
                 "within": BAND[0] <= ratio <= BAND[1],
             }

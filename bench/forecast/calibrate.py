@@ -112,14 +112,13 @@ def time_blocks(
     first layer grouped but block 0's, or (``mixing``) none (``bench.models.cnn``)."""
     info = tasks.TASKS[task]
     torch.manual_seed(0)
-    size = len(models.build_model(model_name, info.input_shape, info.num_classes, width=width))
-    net = models.build_model(
+    net = models.build_width_grouped(
         model_name,
         info.input_shape,
         info.num_classes,
         width=width,
         neuron_groups=neuron_groups,
-        mix_at=range(size) if mixing else (),
+        mixing=mixing,
     ).to(device)
     conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     if conv:  # as a run holds a conv net (models.runtime)
@@ -259,7 +258,7 @@ def time_grouped(
                     mixing=mixing,
                 )
             except ValueError:  # no width-grouped layers (an MLP), or a width G does not split
-                return out
+                break
             out.append({"neuron_groups": g, "mixing": mixing, **timed})
     return out
 

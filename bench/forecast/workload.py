@@ -241,15 +241,13 @@ def blocks(
     info = tasks.TASKS[task]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        with torch.device("meta"):
-            size = len(models.build_model(model, info.input_shape, info.num_classes, width=width))
-        net = models.build_model(
+        net = models.build_width_grouped(
             model,
             info.input_shape,
             info.num_classes,
             width=width,
             neuron_groups=neuron_groups,
-            mix_at=range(size) if mixing else (),
+            mixing=mixing,
         )
         return tuple(_blocks(net, info.input_shape))
 

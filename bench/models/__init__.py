@@ -72,6 +72,30 @@ def build_model(
     return model
 
 
+def build_width_grouped(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    neuron_groups: int,
+    mixing: bool = False,
+) -> nn.Sequential:
+    """Model ``name`` width-grouped into ``neuron_groups`` as GN-DGL builds it: every block's
+    first layer grouped but block 0's, or (``mixing``, as the first block of a layer group
+    is) none."""
+    with torch.device("meta"):
+        size = len(build_model(name, input_shape, num_classes, width=width))
+    return build_model(
+        name,
+        input_shape,
+        num_classes,
+        width=width,
+        neuron_groups=neuron_groups,
+        mix_at=range(size) if mixing else (),
+    )
+
+
 #: the task on which a model's size is quoted (``lcbench list --models``)
 REFERENCE_TASK = {
     "mlp": "digits",
