@@ -561,8 +561,8 @@ def test_no_slurm_here_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
 
 
 def test_plan_check_prices_each_run_on_the_merged_calibration(tmp_path):
-    """One round of the plan check on a tiny grid: the profiles it writes are this machine's
-    (at a sequential run's threads, and at a rank's), and each row's forecast, measured time
+    """One round of the plan check on a tiny grid of sequential runs: one leg, calibrated
+    at their threads with the link measured on two ranks; each row's forecast, measured time
     and ratio are what the plan and the run's own metrics give."""
     from bench.cluster import plan_check
 
@@ -576,8 +576,10 @@ def test_plan_check_prices_each_run_on_the_merged_calibration(tmp_path):
     assert need["tasks_of"] == {"mlp": "digits"} and need["rules"] == ["dgl", "lc"]
     assert need["sizes"] == [32, 64] and need["held"] == []
     frame = plan_check.check(cfgs_of_round, 1, out, lambda _: None)
-    merged = [profiles.load(str(out / f"{name}.toml")) for name in ("here", "here-rank")]
-    assert merged[1].device.threads >= 1 and merged[1].link.allreduce is not None
+    assert (out / "round-0" / "here-mlp.toml").exists() and not (out / "here-rank.toml").exists()
+    merged = [profiles.load(str(out / "here.toml"))]
+    assert merged[0].device.threads == torch.get_num_threads()
+    assert merged[0].link.allreduce is not None
     assert len(frame) == 3 and (frame.rounds == 1).all()
     for cfg, row in zip(cfgs_of_round(0), frame.itertuples()):
         assert row.profile == "here"  # sequential runs: the profile at their threads
@@ -616,15 +618,14 @@ def test_plan_check_pairs_each_round_with_its_own_calibration(tmp_path, monkeypa
 
     slowdowns = iter([1.0, 2.0])  # round 2 calibrated on a machine twice as slow
 
-    def calibrate_round(need, threads, folder):
-        found = table(next(slowdowns))
-        return found, found
+    def calibrate_leg(cfgs, threads, link, path):
+        return table(next(slowdowns))
 
     def measured(cfgs):  # and its runs measured twice as slow
         slowdown = 1 + int(Path(cfgs[0].out).name.split("-")[1])
         return {cfg.run_id: 3.0 * slowdown for cfg in cfgs}
 
-    monkeypatch.setattr(plan_check, "calibrate_round", calibrate_round)
+    monkeypatch.setattr(plan_check, "calibrate_leg", calibrate_leg)
     monkeypatch.setattr(plan_check, "measured", measured)
     frame = plan_check.check(cfgs_of_round, 2, out, lambda _: None)
     merged = profiles.load(str(out / "here.toml"))
@@ -637,3 +638,21 @@ def test_plan_check_pairs_each_round_with_its_own_calibration(tmp_path, monkeypa
         assert row.measured_over_forecast == pytest.approx(3.0 / fast)
         assert row.measured_train_s == pytest.approx(4.5)
         assert row.forecast_train_s == pytest.approx(plan.priced(cfg, merged)[0])
+
+
+def test_plan_check_legs_take_the_ranks_first_then_each_models_sequential_runs():
+    """Each leg is calibrated just before its runs: the runs on ranks (their calibration
+    measures the link), then one leg per model of the sequential runs, in the grid's order."""
+    from bench.cluster import plan_check
+    from bench.config import RunConfig
+
+    grid = [
+        RunConfig(method="bp", model="small-cnn"),
+        RunConfig(method="dgl", model="lstm", task="seq-fashion-mnist"),
+        RunConfig(method="bp", model="small-cnn", executor="ddp", workers=2),
+        RunConfig(method="lc", model="small-cnn"),
+        RunConfig(method="dgl", model="small-cnn", executor="distributed"),
+    ]
+    got = [(name, [grid.index(c) for c in runs]) for name, runs in plan_check.legs(grid)]
+    assert got == [("here-rank", [2, 4]), ("here-small-cnn", [0, 3]), ("here-lstm", [1])]
+    assert plan_check.legs(grid[:2]) == [("here-small-cnn", grid[:1]), ("here-lstm", grid[1:2])]

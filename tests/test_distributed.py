@@ -104,6 +104,22 @@ def test_distributed_learns_like_sequential_on_fashion_mnist(method, tmp_path):
     assert abs(acc["distributed"] - acc["sequential"]) < 0.04, acc
 
 
+def test_an_epochs_busy_and_idle_seconds_are_its_training_alone(tmp_path):
+    """Each rank's busy and idle seconds of an epoch fit inside its wall-clock training
+    time, in the second epoch too: the evaluation after the first (forward passes that
+    pipelined BP's hooks charge, test batches a rank waits for) is not counted in it."""
+    args = ["--method", "pipe-bp", "-o", "schedule=1f1b", *DIGITS, "--model", "mlp"]
+    args += ["--epochs", "2", "--limit-train", "128", "--eval-batch-size", "2"]
+    args += ["--executor", "distributed"]
+    result = lcbench(*args, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    got = metrics(tmp_path)
+    for epoch in (1, 2):
+        for rank in ("1", "2"):
+            busy, idle = got[epoch, rank, "busy_time_s"], got[epoch, rank, "idle_time_s"]
+            assert busy + idle <= got[epoch, rank, "wall_time_s"], (epoch, rank, busy, idle)
+
+
 def test_records_keep_the_schema_with_figures_per_rank(tmp_path):
     result = lcbench(
         "--method",

@@ -136,6 +136,43 @@ def test_1f1b_is_within_a_tenth_of_the_schedule_simulated(times):
     assert got == pytest.approx(simulate_pipeline(times, 0.0, m, "1f1b"), rel=0.1)
 
 
+@pytest.mark.parametrize("hop", [0.3, 1.0, 3.0])
+def test_1f1b_pays_the_loop_of_a_micro_batch_through_slow_links(hop):
+    """Where links are slow against a stage, a micro-batch returning to stage k sets the
+    pace: two balanced stages take the simulated time exactly (F + G + hop per micro-batch
+    once the first two have left), and unbalanced ones within 15% (the pace set by the
+    slowest stage alone missed by up to half)."""
+    f, g, m = 3.0, 5.0, 8
+    stages = [StageCost(forward_s=f, backward_s=g, down_bytes=hop)] * 2
+    want = 2 * (f + g) + 2 * hop + (f + g) + (m - 2) * (f + g + hop)
+    assert model.pipeline_step(stages, Link(0.0, 1.0), m, "1f1b") == pytest.approx(want)
+    assert simulate_pipeline([(f, g, 0.0)] * 2, hop, m, "1f1b") == pytest.approx(want)
+    for times in ([(1.0, 2.0, 0.1), (2.0, 3.0, 0.2), (0.5, 1.0, 0.1)], [(1.0, 2.0, 0.0)] * 4):
+        for m in (4, 16):
+            stages = [
+                StageCost(forward_s=a, backward_s=b, update_s=u, down_bytes=hop)
+                for a, b, u in times
+            ]
+            got = model.pipeline_step(stages, Link(0.0, 1.0), m, "1f1b")
+            assert got == pytest.approx(simulate_pipeline(times, hop, m, "1f1b"), rel=0.15)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_pipeline_schedules_handoff_lengthens_each_hop(schedule):
+    """A schedule's own seconds per hand-off count as that much more message on each hop,
+    in either schedule; a decoupled rule's messages do not pay it."""
+    times = [(1.0, 2.0, 0.1), (2.0, 3.0, 0.2), (0.5, 1.0, 0.1)]
+    with_handoff = [
+        StageCost(forward_s=f, backward_s=g, update_s=u, down_bytes=0.5) for f, g, u in times
+    ]
+    longer = [StageCost(forward_s=f, backward_s=g, update_s=u, down_bytes=0.8) for f, g, u in times]
+    got = model.pipeline_step(with_handoff, Link(0.0, 1.0, handoff_s=0.3), 6, schedule)
+    assert got == pytest.approx(model.pipeline_step(longer, Link(0.0, 1.0), 6, schedule))
+    assert got == pytest.approx(simulate_pipeline(times, 0.8, 6, schedule), rel=0.15)
+    period = model.decoupled_period(with_handoff, Link(0.0, 1.0, handoff_s=0.3), lag=None)
+    assert period == model.decoupled_period(with_handoff, Link(0.0, 1.0), lag=None)
+
+
 def test_lockstep_workers_pay_the_expected_slowest_by_hand_and_by_sampling():
     import torch
 
@@ -305,6 +342,28 @@ def stated(**device) -> profiles.Profile:
         "link": {"name": "l", "latency_s": 1e-5, "bandwidth_bytes_per_s": 2e9, "efficiency": 0.5},
     }
     return profiles.parse(data, "test")
+
+
+def test_a_calibrated_handoff_is_read_kept_at_every_bandwidth_and_fitted_beyond_the_message():
+    data = {
+        "profile": {"name": "m", "kind": "measured"},
+        "device": {
+            "name": "d",
+            "memory_bytes": 1e9,
+            "achieved_flops": {"fp32": 1e9},
+            "update_bytes_per_s": 1e9,
+            "overhead_s": 0.0,
+        },
+        "link": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e9, "pipeline_handoff_s": 2e-3},
+    }
+    spec = profiles.parse(data, "t").link
+    assert spec.link().handoff_s == spec.link(bandwidth=5e9).handoff_s == 2e-3
+    assert stated().link.link().handoff_s == 0.0  # a data sheet states none
+    # hops of 1 KB, 1 MB and 4 MB timed at 2.1, 3.0 and 6.2 ms; the messages alone take
+    # 0.1 + 0.001, 0.1 + 1.0 and 0.1 + 4.0 ms: beyond them 2.0, 1.9 and 2.1 ms
+    sizes, hops = [1_000, 1_000_000, 4_000_000], [2.101e-3, 3.0e-3, 6.2e-3]
+    assert calibrate.handoff_overhead(sizes, hops, 1e-4, 1e9) == pytest.approx(2.0e-3)
+    assert calibrate.handoff_overhead(sizes, [0.0] * 3, 1e-4, 1e9) == 0.0
 
 
 def test_a_stated_profile_turns_peaks_and_bytes_into_seconds_by_hand():

@@ -1,15 +1,16 @@
 """The plan's price checked against the runs it prices, on this machine (``make plan-check``).
 
-Rounds, as ``make bench`` takes them: each round calibrates this machine (``lcbench
-calibrate``: at the threads a sequential run has, and at one rank's threads with the link
-and the shared-machine slowdown) and then trains the grid afresh into a folder of its own.
-A round's calibrations are kept in its folder (``here.toml``, ``here-rank.toml``), so that
-the check resumes where it stopped. Each run is priced by ``bench.cluster.plan`` on the
-profile calibrated at its threads (``plan.profile_for``): in each round on that round's
-calibration, whose measured / forecast ratio pairs a run with the machine as it was minutes
-before (machines drift between rounds: on 2 shared cores the LSTM's steps, 10-30%); the
-median of those ratios is set against 0.85-1.15, the band ``make bench`` holds. Beside it,
-the plan's price on the calibrations merged value by value (``calibrate.merge``) and the
+Rounds, as ``make bench`` takes them, each in legs (``legs``): the runs on ranks, then each
+model's sequential runs; each leg calibrates this machine for its own runs (``lcbench
+calibrate``: at the threads they have; the ranks' leg with the link and the shared-machine
+slowdown, which the later legs borrow) and then trains them afresh into the round's own
+folder. The calibrations are kept there (``here-rank.toml``, ``here-MODEL.toml``), so that
+the check resumes where it stopped. Each run is priced by ``bench.cluster.plan`` on its
+leg's calibration, taken a minute before it: on 2 shared cores the machine drifts from one
+minute to the next (a step 10-30% slower), and a calibration three minutes old paired a run
+with another machine state. The median over rounds of those ratios is set against
+0.85-1.15, the band ``make bench`` holds. Beside it, the plan's price on the calibrations
+merged value by value (``calibrate.merge``; ``here.toml``, ``here-rank.toml``) and the
 median measured training seconds (the epochs' ``epoch_time_s``).
 
     python -m bench.cluster.plan_check [--spec S] [--preset smoke] [--rounds 3] [--out DIR]
@@ -68,15 +69,34 @@ def calibrations_needed(cfgs: list[RunConfig]) -> dict:
     )
 
 
-def calibrate_round(need: dict, threads: tuple[int, int], folder: Path) -> tuple[dict, dict]:
-    """``(sequential, rank)`` calibrations of this machine: at a sequential run's threads, and
-    at a rank's with the link (two ranks sharing the machine), which both keep. Written into
-    ``folder``; a round that has them is not calibrated again."""
-    paths = folder / "here.toml", folder / "here-rank.toml"
-    if all(p.exists() for p in paths):
-        return tuple(tomllib.loads(p.read_text()) for p in paths)
+def legs(cfgs: list[RunConfig]) -> list[tuple[str, list[RunConfig]]]:
+    """A round's runs as legs, each priced on a calibration taken just before it (on 2 shared
+    cores the machine drifts from one minute to the next): the runs on ranks (their
+    calibration measures the link the others borrow), then each model's sequential runs."""
+    ranked = [cfg for cfg in cfgs if cfg.executor in LAUNCHED]
+    out = [("here-rank", ranked)] if ranked else []
+    models = dict.fromkeys(cfg.model for cfg in cfgs if cfg.executor not in LAUNCHED)
+    for model in models:
+        out.append(
+            (f"here-{model}", [c for c in cfgs if c.executor not in LAUNCHED and c.model == model])
+        )
+    return out
+
+
+def calibrate_leg(cfgs: list[RunConfig], threads: int, link: dict | None, path: Path) -> dict:
+    """This machine calibrated for ``cfgs`` at ``threads`` per process, with the link measured
+    on two ranks where ``link`` (another leg's) is not given. Written to ``path``; a leg that
+    has it is not calibrated again."""
+    if path.exists():
+        return tomllib.loads(path.read_text())
+    need = calibrations_needed(cfgs)
     models = list(need["tasks_of"])
-    common = dict(
+    table = calibrate.calibrate(
+        models,
+        need["tasks_of"][models[0]],
+        threads=threads,
+        link=link is None,
+        name=path.stem,
         tasks_of=need["tasks_of"],
         methods_=need["rules"],
         batch_sizes=need["sizes"],
@@ -84,15 +104,16 @@ def calibrate_round(need: dict, threads: tuple[int, int], folder: Path) -> tuple
         neuron_groups=need["neuron_groups"],
         device=torch.device("cpu"),
     )
-    first = need["tasks_of"][models[0]]
-    rank = calibrate.calibrate(models, first, threads=threads[1], name="here-rank", **common)
-    sequential = calibrate.calibrate(
-        models, first, threads=threads[0], link=False, name="here", **common
-    )
-    sequential["link"] = rank["link"]
-    for table, path in zip((sequential, rank), paths):
-        calibrate.write(table, path)
-    return sequential, rank
+    if link is not None:
+        table["link"] = link["link"]
+    calibrate.write(table, path)
+    return table
+
+
+def together(tables: list[dict]) -> dict:
+    """One profile of several legs' calibrations at the same threads: the first's device and
+    link, every leg's timed workloads."""
+    return {**tables[0], "workloads": [w for t in tables for w in t.get("workloads", [])]}
 
 
 def measured(cfgs: list[RunConfig]) -> dict[str, float]:
@@ -105,37 +126,42 @@ def measured(cfgs: list[RunConfig]) -> dict[str, float]:
 
 
 def check(cfgs_of_round, rounds: int, out: Path, progress) -> pd.DataFrame:
-    """Calibrate and run ``rounds`` times; one row per run: its forecast on the merged
-    profiles (the plan's price), its median measured seconds, and the median over rounds of
-    its measured / forecast, each round's runs priced on that round's own calibration (taken
-    minutes before them, the machine in the same state)."""
+    """Calibrate and run ``rounds`` times, leg by leg (``legs``); one row per run: its
+    forecast on the rounds' calibrations merged (the plan's price), its median measured
+    seconds, and the median over rounds of its measured / forecast, each priced on the
+    calibration of its own leg in its own round (taken a minute before it)."""
     first = cfgs_of_round(0)
-    need = calibrations_needed(first)
-    threads = (torch.get_num_threads(), prepare.threads_per_rank(_a_rank_run(first)))
-    sequential, rank, seconds, ratios = [], [], {}, {}
+    threads = {False: torch.get_num_threads(), True: prepare.threads_per_rank(_a_rank_run(first))}
+    tables: dict[bool, list[dict]] = {False: [], True: []}  # per round, at each threads
+    seconds, ratios = {}, {}
     for r in range(rounds):
-        progress(f"round {r + 1}/{rounds}: calibrating")
-        cfgs = cfgs_of_round(r)
-        s, k = calibrate_round(need, threads, Path(cfgs[0].out))
-        sequential.append(s)
-        rank.append(k)
-        progress(f"round {r + 1}/{rounds}: training {len(cfgs)} runs")
-        tally = sweep.run_sweep(cfgs, progress=False)
-        if tally.failed:
-            progress(f"round {r + 1}/{rounds}: {tally.line()}")
-        own = [profiles.parse(s, "here"), profiles.parse(k, "here-rank")]
-        done = measured(cfgs)
-        for cfg in (c for c in cfgs if c.run_id in done):
-            value = done[cfg.run_id]
-            seconds.setdefault(cfg.run_id, []).append(value)
-            ratios.setdefault(cfg.run_id, []).append(
-                value / plan.priced(cfg, plan.profile_for(cfg, own))[0]
-            )
+        cfgs, link, own = cfgs_of_round(r), None, {False: [], True: []}
+        for name, runs in legs(cfgs):
+            ranked = runs[0].executor in LAUNCHED
+            progress(f"round {r + 1}/{rounds}: calibrating for {len(runs)} runs ({name})")
+            table = calibrate_leg(runs, threads[ranked], link, Path(cfgs[0].out) / f"{name}.toml")
+            link = link or table
+            own[ranked].append(table)
+            progress(f"round {r + 1}/{rounds}: training {len(runs)} runs ({name})")
+            tally = sweep.run_sweep(runs, progress=False)
+            if tally.failed:
+                progress(f"round {r + 1}/{rounds}: {tally.line()}")
+            profile = profiles.parse(table, name)
+            done = measured(runs)
+            for cfg in (c for c in runs if c.run_id in done):
+                value = done[cfg.run_id]
+                seconds.setdefault(cfg.run_id, []).append(value)
+                ratios.setdefault(cfg.run_id, []).append(value / plan.priced(cfg, profile)[0])
+        for ranked, found in own.items():
+            if found:
+                tables[ranked].append(together(found))
     merged = []
-    for name, found in (("here", sequential), ("here-rank", rank)):
-        table = calibrate.merge(found)
-        calibrate.write(table, out / f"{name}.toml")
-        merged.append(profiles.parse(table, name))
+    for ranked, name in ((False, "here"), (True, "here-rank")):
+        if tables[ranked]:
+            table = calibrate.merge(tables[ranked])
+            table["profile"] = {**table["profile"], "name": name}
+            calibrate.write(table, out / f"{name}.toml")
+            merged.append(profiles.parse(table, name))
     rows = []
     for cfg in first:
         profile = plan.profile_for(cfg, merged)

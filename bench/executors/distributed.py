@@ -432,11 +432,11 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     compiled = (
         prepare.warm_up_stage(prep, stage, part.layer, cfg.batch_size) if cfg.compile else None
     )
-    timer.pop()  # the warm-up's phases
 
     def train(epoch, first, steps, probes):
         stage.train(True)
         data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
+        timer.pop(), links.pop_idle()  # off the clock: the last evaluation's, the warm-up's
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()

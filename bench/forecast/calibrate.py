@@ -14,7 +14,9 @@ as a profile (TOML, ``kind = "measured"``).
   to its formula (alpha + s / beta; ring: 2 alpha + s / beta on two ranks); and how much
   slower two workers compute when they share this machine (``colocated_slowdown``), and how
   much a step taken by both in lockstep waits for the slower (``step_cv``), at the middle
-  calibrated batch size.
+  calibrated batch size; and what torch.distributed.pipelining's 1F1B schedule adds to each
+  micro-batch's hop beyond the message, with stand-in stages that compute while it moves
+  (``pipeline_handoff_s``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ REPEATS = 5
 SIZES = tuple(4**i for i in range(1, 13))
 #: sizes at or below which a message's time is all latency; at or above which, bandwidth
 SMALL, LARGE = 1024, 256 * 1024
+#: micro-batch sizes (bytes) and count at which a pipeline schedule's hand-off is timed
+HANDOFF_SIZES = (1024, 256 * 1024, 1024 * 1024)
+HANDOFF_MICROBATCHES = 4
 
 
 def seconds(work: Callable[[], object], device: torch.device, repeats: int = REPEATS) -> float:
@@ -380,6 +385,14 @@ def fit_link(
     return alpha, beta
 
 
+def handoff_overhead(
+    sizes: Sequence[int], handoffs: Sequence[float], alpha: float, beta: float
+) -> float:
+    """What a pipeline schedule adds to a micro-batch's hop beyond its message (alpha + s /
+    beta): the median over the timed sizes, none below 0."""
+    return max(0.0, statistics.median(h - (alpha + s / beta) for s, h in zip(sizes, handoffs)))
+
+
 def _together(op: Callable[[], None], device: torch.device, repeats: int) -> list[float]:
     """Seconds of ``op`` on this rank at each of ``repeats`` calls both ranks start together
     (a barrier before each, as DDP's all-reduce joins them), after one untimed."""
@@ -445,6 +458,55 @@ def _shared(rank: int, work: Callable[[], None], device: torch.device, rounds: i
     return statistics.median(ratios)
 
 
+class _StandIn(torch.nn.Module):
+    """A pipeline stage that passes its input on (scaled) and computes beside it, forward
+    and backward, about as long as a stage of a small net: what a hand-off meets when both
+    ranks are busy."""
+
+    def __init__(self, device: torch.device, width: int = 192, depth: int = 4):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), device=device))
+        self.burn = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(depth)))
+        self.burn.to(device)
+        self.side = torch.randn(width, width, device=device)
+
+    def forward(self, x):
+        return x * self.scale + 0 * self.burn(self.side).mean()
+
+
+def _handoffs(rank: int, device: torch.device, microbatches: int = HANDOFF_MICROBATCHES):
+    """Seconds a micro-batch's hand-off adds to a 1F1B schedule of torch.distributed.pipelining
+    on the two ranks, at each of ``HANDOFF_SIZES`` (bytes per micro-batch), with stand-in
+    stages that compute while messages move: from the schedule's step T and the stand-in's
+    own forward and backward w per micro-batch (both ranks computing, no messages), the hop
+    h of two balanced stages, T = (M + 1) w + M h (``model.pipeline_step``)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    torch.manual_seed(0)
+    stand_in = _StandIn(device)
+    handoffs = []
+    for size in HANDOFF_SIZES:  # a schedule per size: a stage keeps the shapes it first met
+        stage = PipelineStage(stand_in, rank, 2, device)
+        schedule = Schedule1F1B(stage, microbatches, loss_fn=lambda out, y: out.mean())
+        x = torch.randn(microbatches, max(1, size // 4), device=device)
+
+        def step(x=x):
+            if rank == 0:
+                schedule.step(x)
+            else:
+                schedule.step(target=x)
+
+        def alone(x=x):
+            inputs = x.clone().requires_grad_(rank == 1)
+            for chunk in inputs.chunk(microbatches):
+                stand_in(chunk).mean().backward()
+
+        t = _median_seconds(step, device, 9)
+        w = _median_seconds(alone, device, 9) / microbatches
+        handoffs.append(max(0.0, (t - (microbatches + 1) * w) / microbatches))
+    return handoffs
+
+
 def step_cv(times: Sequence[Sequence[float]]) -> float:
     """The variation of a step's time that lockstep workers pay for: from each rank's
     seconds per step (``times``, one list per rank, steps started together), the mean
@@ -472,6 +534,7 @@ def link_worker(config: dict) -> None:
     torch.manual_seed(0)
     net = models.build_model(config["model"], info.input_shape, info.num_classes).to(device).train()
     x = dummy_input(net, info.input_shape, config["batch_size"], device=device)
+    handoffs = _handoffs(rank, device)
     slowdown = _shared(rank, lambda: net(x).float().sum().backward(), device)
     steps = _together(lambda: net(x).float().sum().backward(), device, 20)
     figures = [None, None] if rank == 0 else None
@@ -483,6 +546,8 @@ def link_worker(config: dict) -> None:
                     "sizes": list(SIZES),
                     "pingpong_s": pingpong,
                     "allreduce_s": allreduce,
+                    "handoff_sizes": list(HANDOFF_SIZES),
+                    "handoff_s": handoffs,
                     "colocated_slowdown": statistics.fmean(f[0] for f in figures),
                     "step_cv": step_cv([f[1] for f in figures]),
                     "backend": backend,
@@ -661,11 +726,17 @@ def calibrate(
             "bandwidth_bytes_per_s": beta,
             "allreduce_latency_s": ring_alpha,
             "allreduce_bandwidth_bytes_per_s": ring_beta,
+            "pipeline_handoff_s": handoff_overhead(
+                measured["handoff_sizes"], measured["handoff_s"], alpha, beta
+            ),
             "sizes": measured["sizes"],
             "pingpong_s": measured["pingpong_s"],
             "allreduce_s": measured["allreduce_s"],
+            "handoff_sizes": measured["handoff_sizes"],
+            "handoff_s": measured["handoff_s"],
             "source": "lcbench calibrate: one-way time of a ping-pong (alpha + s / beta), "
-            "all-reduce on two ranks (2 alpha + s / beta)",
+            "all-reduce on two ranks (2 alpha + s / beta), a 1F1B schedule's hop per "
+            "micro-batch with stand-in stages computing (beyond the message)",
         }
     return out
 

@@ -45,12 +45,15 @@ class Link:
     """What joins two workers: ``latency_s`` (alpha) per message and ``bandwidth`` (beta,
     bytes/s per direction, as achieved); full duplex. Collectives take the same alpha and
     beta, or their own (``collective_latency_s``, ``collective_bandwidth``: a measured
-    all-reduce fitted to the ring's formula)."""
+    all-reduce fitted to the ring's formula). ``handoff_s``: what a pipeline schedule adds
+    to each micro-batch's hop beyond the message (its own work on both ranks while they
+    compute; measured, 0 where not)."""
 
     latency_s: float
     bandwidth: float
     collective_latency_s: float | None = None
     collective_bandwidth: float | None = None
+    handoff_s: float = 0.0
 
     def _collective(self) -> tuple[float, float]:
         if self.collective_bandwidth is None:
@@ -225,11 +228,15 @@ def pipeline_step(
 
     GPipe: the forward passes as a flow shop of M micro-batches through stages and links,
     then the backward passes back; stage k's last backward ends after stages S-1..k have
-    passed all M (exact). 1F1B: sum_k (F_k + G_k) plus (M-1) times the slowest stage's F+G
-    (or link): (M + S - 1)(F + G) when balanced. Stages hand each micro-batch over and wait
-    for it: with times that vary (``cv``), the slowest is the expected slowest."""
+    passed all M (exact). 1F1B: the first micro-batch's round trip, sum_k (F_k + G_k) and
+    its hops, then M-1 slots each of the slowest stage's F+G (or link): (M + S - 1)(F + G)
+    when balanced; or, where links are slow, of the loop that returns a micro-batch to
+    stage k: S - k micro-batches circle through stages k..S-1 and their hops twice, so
+    once the first S - k have left, each later one waits (sum_{j>=k} F_j + G_j + 2 hops)
+    / (S - k). Stages hand each micro-batch over and wait for it: with times that vary
+    (``cv``), the slowest is the expected slowest."""
     m, first = microbatches, stages[0].input_s
-    hops = [link.message(s.down_bytes) for s in stages[:-1]]
+    hops = [link.message(s.down_bytes) + link.handoff_s for s in stages[:-1]]
     if schedule == "gpipe":
         forward = _flow_shop(_interleave([s.forward_s for s in stages], hops), m, cv)
         ends = []
@@ -237,8 +244,14 @@ def pipeline_step(
             tail = _interleave([s.backward_s for s in stages[k:]][::-1], hops[k:][::-1])
             ends.append(forward + _flow_shop(tail, m, cv))
     elif schedule == "1f1b":
-        busiest = expected_max([s.forward_s + s.backward_s for s in stages] + hops, cv)
-        total = sum(s.forward_s + s.backward_s for s in stages) + 2 * sum(hops) + (m - 1) * busiest
+        work = [s.forward_s + s.backward_s for s in stages]
+        busiest = expected_max(work + hops, cv)
+        slots = (m - 1) * busiest
+        for k in range(len(stages) - 1):
+            circling = in_flight(schedule, m, len(stages), k)
+            loop = (sum(work[k:]) + 2 * sum(hops[k:])) / circling
+            slots = max(slots, (circling - 1) * busiest + (m - circling) * loop)
+        total = sum(work) + 2 * sum(hops) + slots
         lead = [sum(s.backward_s for s in stages[:k]) + sum(hops[:k]) for k in range(len(stages))]
         ends = [total - t for t in lead]
     else:

@@ -47,13 +47,15 @@ class LinkSpec:
     bandwidth: float  # achieved bytes/s per direction
     allreduce: tuple[float, float] | None = None  # measured ring-equivalent (alpha, beta)
     source: str = ""
+    handoff_s: float = 0.0  # a pipeline schedule's own seconds per micro-batch's hop
 
     def link(self, bandwidth: float | None = None) -> Link:
         """The link, at another achieved ``bandwidth`` where given (a map's axis); a measured
-        all-reduce keeps its own fit only at the measured bandwidth."""
+        all-reduce keeps its own fit only at the measured bandwidth, a pipeline schedule's
+        hand-off (work on the ranks, not on the wire) at every bandwidth."""
         if bandwidth is None and self.allreduce is not None:
-            return Link(self.latency_s, self.bandwidth, *self.allreduce)
-        return Link(self.latency_s, bandwidth or self.bandwidth)
+            return Link(self.latency_s, self.bandwidth, *self.allreduce, self.handoff_s)
+        return Link(self.latency_s, bandwidth or self.bandwidth, handoff_s=self.handoff_s)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,9 @@ def parse(data: dict, origin: str) -> Profile:
         bandwidth=_number(lnk, "bandwidth_bytes_per_s", where) * efficiency,
         allreduce=allreduce,
         source=str(lnk.get("source", "")),
+        handoff_s=_number(lnk, "pipeline_handoff_s", where, positive=False)
+        if "pipeline_handoff_s" in lnk
+        else 0.0,
     )
     timed = tuple(
         _timed(t, f"{origin} [[workloads]] {i + 1}")
