@@ -74,12 +74,10 @@ def legs(cfgs: list[RunConfig]) -> list[tuple[str, list[RunConfig]]]:
     cores the machine drifts from one minute to the next): the runs on ranks (their
     calibration measures the link the others borrow), then each model's sequential runs."""
     ranked = [cfg for cfg in cfgs if cfg.executor in LAUNCHED]
+    alone = [cfg for cfg in cfgs if cfg.executor not in LAUNCHED]
     out = [("here-rank", ranked)] if ranked else []
-    models = dict.fromkeys(cfg.model for cfg in cfgs if cfg.executor not in LAUNCHED)
-    for model in models:
-        out.append(
-            (f"here-{model}", [c for c in cfgs if c.executor not in LAUNCHED and c.model == model])
-        )
+    for model in dict.fromkeys(cfg.model for cfg in alone):
+        out.append((f"here-{model}", [cfg for cfg in alone if cfg.model == model]))
     return out
 
 

@@ -436,7 +436,8 @@ def worker(cfg: RunConfig, cuts: list[int] | None, progress: bool) -> None:
     def train(epoch, first, steps, probes):
         stage.train(True)
         data = task.train_batches(cfg.batch_size, generator) if rank == 0 else None
-        timer.pop(), links.pop_idle()  # off the clock: the last evaluation's, the warm-up's
+        timer.pop()  # off the clock: the last evaluation's phases and waits, the warm-up's
+        links.pop_idle()
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()

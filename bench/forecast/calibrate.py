@@ -466,8 +466,9 @@ class _StandIn(torch.nn.Module):
     def __init__(self, device: torch.device, width: int = 192, depth: int = 4):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones((), device=device))
-        self.burn = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(depth)))
-        self.burn.to(device)
+        self.burn = torch.nn.Sequential(
+            *(torch.nn.Linear(width, width, device=device) for _ in range(depth))
+        )
         self.side = torch.randn(width, width, device=device)
 
     def forward(self, x):
