@@ -2,6 +2,7 @@
 independent event-by-event simulation of the same schedule."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -171,6 +172,34 @@ def test_a_pipeline_schedules_handoff_lengthens_each_hop(schedule):
     assert got == pytest.approx(simulate_pipeline(times, 0.8, 6, schedule), rel=0.15)
     period = model.decoupled_period(with_handoff, Link(0.0, 1.0, handoff_s=0.3), lag=None)
     assert period == model.decoupled_period(with_handoff, Link(0.0, 1.0), lag=None)
+
+
+def test_a_ddp_step_pays_its_buffers_broadcast_and_a_handoff_where_ranks_meet():
+    """By hand, on 2 ranks: the work, the buffers' broadcast (alpha + bytes / beta), the one
+    bucket's all-reduce after the backward (2 alpha + bytes / beta, none of it hidden: the
+    bucket is ready when the backward ends), and the hand-off at each of the two points
+    where the ranks wait for each other; without buffers, one such point."""
+    link = Link(0.01, 1000.0, handoff_s=0.05)
+    stage = StageCost(
+        forward_s=1.0, backward_s=2.0, update_s=0.1, grad_blocks=((500.0, 2.0),), buffer_bytes=40.0
+    )
+    by_hand = 3.1 + (0.01 + 40 / 1000) + (2 * 0.01 + 500 / 1000) + 2 * 0.05
+    assert model.ddp_step(stage, link, 2) == pytest.approx(by_hand)
+    bare = replace(stage, buffer_bytes=0.0)
+    assert model.ddp_step(bare, link, 2) == pytest.approx(3.1 + 0.52 + 0.05)
+    assert model.ddp_step(stage, link, 1) == pytest.approx(3.1)
+
+
+def test_a_models_buffers_are_counted_for_ddps_broadcast():
+    """small-cnn's batch norms hold two running statistics per channel and a step count; the
+    MLP holds none."""
+    from bench import models as built
+
+    net = built.build_model("small-cnn", (1, 28, 28), 10)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    blocks = workload.blocks("small-cnn", "fashion-mnist")
+    assert sum(b.buffers for b in blocks) == sum(2 * m.num_features + 1 for m in norms) > 0
+    assert sum(b.buffers for b in workload.blocks("mlp", "digits")) == 0
 
 
 def test_lockstep_workers_pay_the_expected_slowest_by_hand_and_by_sampling():

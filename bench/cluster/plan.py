@@ -9,15 +9,16 @@ A done run's measured training seconds stand beside the forecast ones (``measure
 ``measured_over_forecast``): where runs exist, the plan is checked against them.
 
 The price of a run is ``bench.forecast``'s: seconds per training batch on the run's devices
-times its batches (``--iterations``, or epochs x the task's training samples / batch),
-plus each epoch's evaluation (the test samples' forward passes on one device). Devices: the
-run's ranks (distributed: a GPU per stage; ddp: ``--workers``), 1 for the sequential executor,
-which runs every stage in turn on its one device (its batch costs the sum of the stages).
-A run is priced at the cuts it will train on (explicit, published or balanced by FLOPs as
-it will be; a split by measured time at the forecast's balanced cuts). The floor
-(``frozen``) is priced as what it runs: groups 1..K-1 forward only, the last group trained.
-The total wall-clock on N devices is list scheduling: the
-longest runs first, each started as soon as as many devices as it needs are free.
+times its batches (``--iterations``, or epochs x the task's training samples / batch), plus
+what each epoch's first batch adds on ranks (the stages' fill), plus each epoch's evaluation
+(the test samples' forward passes on one device). Devices: the run's ranks (distributed:
+a GPU per stage; ddp: ``--workers``), 1 for the sequential executor, which runs every stage
+in turn on its one device (its batch costs the sum of the stages). A run is priced at the
+cuts it will train on (explicit, published or balanced by FLOPs as it will be; a split by
+measured time at the forecast's balanced cuts). The floor (``frozen``) is priced as what it
+runs: groups 1..K-1 forward only, the last group trained. The total wall-clock on N devices
+is list scheduling: the longest runs first, each started as soon as as many devices as it
+needs are free.
 """
 
 from __future__ import annotations
@@ -131,19 +132,21 @@ def frozen_seconds(cfg: RunConfig, profile: Profile) -> float:
     return sum(stages) if cfg.executor == "sequential" else max(stages)
 
 
-def batch_seconds(cfg: RunConfig, profile: Profile) -> float:
-    """The forecast seconds of one training batch of ``cfg`` on its devices, at the cuts it
-    will train on."""
+def batch_seconds(cfg: RunConfig, profile: Profile) -> tuple[float, float]:
+    """``(steady seconds per training batch, what an epoch's first batch adds)`` of ``cfg``
+    on its devices, at the cuts it will train on: the second is the fill of stages on ranks
+    (the first batch crosses every stage before the last one trains)."""
     how = predict.timing(cfg.method)
     if how == "floor":
-        return frozen_seconds(cfg, profile)
+        return frozen_seconds(cfg, profile), 0.0
     priced = replace(cfg, groups=1) if how == "one" else cfg
     times = _times(priced, cfg.method, profile)
     link = profile.link.link()
     setup = predict.setup_of(priced, None if how == "one" else run_cuts(cfg))
     if cfg.executor != "sequential" or how == "one":
-        return predict.predict(times, setup, link, cfg.batch_size).step_s
-    return predict.one_device_step(times, setup, link, cfg.batch_size)
+        forecast = predict.predict(times, setup, link, cfg.batch_size)
+        return forecast.step_s, forecast.fill_s
+    return predict.one_device_step(times, setup, link, cfg.batch_size), 0.0
 
 
 def priced(cfg: RunConfig, profile: Profile) -> tuple[float, float]:
@@ -155,10 +158,11 @@ def priced(cfg: RunConfig, profile: Profile) -> tuple[float, float]:
     train = min(sizes[0], cfg.limit_train or sizes[0])
     test = min(sizes[1], cfg.limit_test or sizes[1])
     plan = epoch_steps(cfg, train // cfg.batch_size)
+    step, fill = batch_seconds(cfg, profile)
     times = _times(cfg, methods.reference(), profile)
     size = cfg.eval_batch_size or cfg.batch_size
     forward = sum(times.forward(j, size) for j in range(len(times.work.blocks)))
-    return sum(plan) * batch_seconds(cfg, profile), len(plan) * math.ceil(test / size) * forward
+    return sum(plan) * step + len(plan) * fill, len(plan) * math.ceil(test / size) * forward
 
 
 def run_seconds(cfg: RunConfig, profile: Profile) -> float:

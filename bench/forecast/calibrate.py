@@ -522,6 +522,7 @@ def step_cv(times: Sequence[Sequence[float]]) -> float:
 def link_worker(config: dict) -> None:
     """One of two ranks: the ping-pong, the all-reduce, the shared-machine slowdown and the
     straggle of steps taken in lockstep; rank 0 writes them to ``config['out']``."""
+    prepare.hold_freed_memory()  # as a run's rank does
     backend = "nccl" if config["device"] == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
@@ -633,6 +634,7 @@ def calibrate(
     take neuron groups; a model that cannot be grouped is left out), both ways (``grouped``),
     the fitted rate and overhead, and (``link``) the link and the shared-machine slowdown on
     two ranks."""
+    prepare.hold_freed_memory()  # as a run's process does
     batch_sizes = sorted(set(batch_sizes))
     if neuron_groups is None:
         neuron_groups = [

@@ -45,9 +45,11 @@ class Link:
     """What joins two workers: ``latency_s`` (alpha) per message and ``bandwidth`` (beta,
     bytes/s per direction, as achieved); full duplex. Collectives take the same alpha and
     beta, or their own (``collective_latency_s``, ``collective_bandwidth``: a measured
-    all-reduce fitted to the ring's formula). ``handoff_s``: what a pipeline schedule adds
-    to each micro-batch's hop beyond the message (its own work on both ranks while they
-    compute; measured, 0 where not)."""
+    all-reduce fitted to the ring's formula). ``handoff_s``: what a message costs beyond its
+    transfer where the ranks that meet on it are computing (their communication threads
+    wait for a core): a pipeline schedule's hop per micro-batch, each point of a DDP step
+    where ranks wait for each other. Measured on a pipeline's hops (``lcbench calibrate``),
+    0 where not."""
 
     latency_s: float
     bandwidth: float
@@ -70,6 +72,13 @@ class Link:
             return 0.0
         alpha, beta = self._collective()
         return 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * nbytes / beta
+
+    def broadcast(self, nbytes: float, ranks: int) -> float:
+        """Pipelined ring broadcast of ``nbytes`` from one worker to ``ranks`` - 1 others."""
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        alpha, beta = self._collective()
+        return (ranks - 1) * alpha + nbytes / beta
 
     def allgather(self, nbytes: float, ranks: int) -> float:
         """Ring all-gather of ``nbytes`` in all (each worker holds 1/ranks of them)."""
@@ -102,6 +111,7 @@ class StageCost:
     down_bytes: float = 0.0
     up_bytes: float = 0.0
     grad_blocks: tuple[tuple[float, float], ...] = ()  # (bytes, backward seconds), last block first
+    buffer_bytes: float = 0.0  # what DDP broadcasts before each forward (the model's buffers)
 
     @property
     def call_s(self) -> float:
@@ -202,9 +212,19 @@ def bp_step(stage: StageCost) -> float:
 
 def ddp_step(stage: StageCost, link: Link, ranks: int, cv: float = 0.0) -> float:
     """Data-parallel BP on ``ranks`` workers (``stage``: one replica at its batch share):
-    forward, backward with the bucketed all-reduce overlapped, the update; every step waits
-    for the slowest rank (``lockstep``)."""
-    return lockstep(stage.work_s, cv, ranks) + exposed_allreduce(stage, link, ranks)
+    the buffers' broadcast before the forward (torch's DDP, ``broadcast_buffers``), forward,
+    backward with the bucketed all-reduce overlapped, the update; every step waits for the
+    slowest rank (``lockstep``), and each point where ranks wait for each other (the
+    broadcast, the last all-reduce) pays the link's hand-off."""
+    if ranks <= 1:
+        return stage.work_s
+    syncs = bool(stage.grad_blocks) + (stage.buffer_bytes > 0)
+    return (
+        lockstep(stage.work_s, cv, ranks)
+        + link.broadcast(stage.buffer_bytes, ranks)
+        + exposed_allreduce(stage, link, ranks)
+        + syncs * link.handoff_s
+    )
 
 
 def _flow_shop(times: Sequence[float], jobs: int, cv: float = 0.0) -> float:

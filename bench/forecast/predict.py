@@ -347,6 +347,7 @@ def _build(times: Times, setup: Setup, link: Link, batch_size: int):
             update_s=sum(times.update(j) for j in range(n_blocks)),
             input_s=times.input(batch_size),
             grad_blocks=_grad_blocks(times, 0, n_blocks, n, False),
+            buffer_bytes=FLOAT * sum(b.buffers for b in work.blocks),
         )
         return [stage], (_memory(work, 0, n_blocks, n, last=True, precision=times.precision),), ()
     cuts = tuple(setup.cuts or balanced_cuts(times, setup.stages, batch_size / d, rule))

@@ -47,7 +47,7 @@ class LinkSpec:
     bandwidth: float  # achieved bytes/s per direction
     allreduce: tuple[float, float] | None = None  # measured ring-equivalent (alpha, beta)
     source: str = ""
-    handoff_s: float = 0.0  # a pipeline schedule's own seconds per micro-batch's hop
+    handoff_s: float = 0.0  # a message between computing ranks, beyond its transfer (Link)
 
     def link(self, bandwidth: float | None = None) -> Link:
         """The link, at another achieved ``bandwidth`` where given (a map's axis); a measured

@@ -40,7 +40,8 @@ class _Counted:
 @dataclass(frozen=True)
 class Block(_Counted):
     """One block of the model: forward FLOPs per sample, parameters (count, tensors), bytes
-    saved for backward (fixed + per sample), output elements per sample."""
+    saved for backward (fixed + per sample), output elements per sample, and the elements of
+    its buffers (batch norm's running statistics: DDP broadcasts them before each forward)."""
 
     flops: float
     params: int
@@ -50,6 +51,7 @@ class Block(_Counted):
     out_shape: tuple
     saves_input: bool = True
     saves_output: bool = False
+    buffers: int = 0
 
     @property
     def out_numel(self) -> int:
@@ -145,6 +147,7 @@ def _blocks(model: nn.Sequential, input_shape) -> list[Block]:
                 out_shape=tuple(x.shape[1:]),
                 saves_input=shares[0],
                 saves_output=shares[1],
+                buffers=sum(b.numel() for b in block.buffers()),
             )
         )
     return out
