@@ -122,6 +122,30 @@ def test_a_channels_last_conv_net_trains_as_the_contiguous_one():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_pipeline_stage_sends_the_default_format_and_backpropagates_in_its_own():
+    """Pipelined BP's stage output leaves in the default memory format (the schedule's sends
+    need it), and the gradient that comes back reaches its channels-last group in the
+    group's own format; the group's gradients are those of the group unwrapped."""
+    from bench.executors.pipeline import Contiguous
+
+    torch.manual_seed(0)
+    group = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    group.to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(group)
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 8, 6, 6)  # as a receive hands it over: the default format
+    arrived = []
+    group[-1].register_full_backward_pre_hook(lambda m, g: arrived.append(g[0]))
+    out = Contiguous(group)(x)
+    assert out.is_contiguous() and not group(x).is_contiguous()
+    out.backward(grad)
+    assert arrived[0].is_contiguous(memory_format=torch.channels_last)
+    assert not arrived[0].is_contiguous()
+    plain(x).backward(grad)
+    for a, b in zip(group.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_a_copy_of_a_module_runs_plain_and_counts_the_same_flops():
     prep, x, _ = prepared("bp", precision="bf16")
     group = prep.stages[0].group
