@@ -137,9 +137,9 @@ def test_run_writes_time_and_memory_for_every_stage(tmp_path):
 
 
 FAULTING_STEPS = """
-import resource, sys, torch
+import resource, torch
 from bench import prepare
-held = prepare.hold_freed_memory() if sys.argv[1] == "hold" else None
+held = prepare.hold_freed_memory()
 torch.manual_seed(0)
 torch.set_num_threads(1)
 net = torch.nn.Sequential(
@@ -164,15 +164,10 @@ def test_a_held_heap_stops_faulting_pages_once_its_steps_have_grown_it():
     them held, the first steps grow the heap and the later ones fault next to nothing: rounds
     5-12 together under a quarter of round 1's pages."""
 
-    def faults(mode: str) -> list[int]:
-        done = subprocess.run(
-            [sys.executable, "-c", FAULTING_STEPS, mode], capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr
-        held, *counts = done.stdout.split()
-        if held == "False":
-            pytest.skip("this C library has no mallopt (not glibc)")
-        return [int(c) for c in counts]
-
-    held = faults("hold")
-    assert sum(held[4:]) < held[0] / 4, held
+    done = subprocess.run([sys.executable, "-c", FAULTING_STEPS], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    held, *counts = done.stdout.split()
+    if held == "False":
+        pytest.skip("this C library has no mallopt (not glibc)")
+    faults = [int(c) for c in counts]
+    assert sum(faults[4:]) < faults[0] / 4, faults

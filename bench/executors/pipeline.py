@@ -13,39 +13,23 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from bench.models import runtime
 from methods.pipebp import PipeBPStage
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-class DefaultFormat(torch.autograd.Function):
-    """``y`` in the default memory format, as the schedule's point-to-point sends need it;
-    its gradient back in ``y``'s own, so that a channels-last group's backward pass meets
-    the format it computed in (given the default one, the small CNN's first stage took 13%
-    longer per micro-batch on the CPU)."""
-
-    @staticmethod
-    def forward(ctx, y):
-        ctx.channels_last = not y.is_contiguous() and y.is_contiguous(
-            memory_format=torch.channels_last
-        )
-        return y.contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
-
-
 class Contiguous(nn.Module):
     """A group whose output is in the default memory format (a channels-last conv net's
-    is not; ``DefaultFormat``)."""
+    is not), as the schedule's point-to-point sends need it; its gradient comes back to the
+    group in the group's own (``runtime.Reformat``)."""
 
     def __init__(self, group: nn.Module):
         super().__init__()
         self.group = group
 
     def forward(self, x):
-        return DefaultFormat.apply(self.group(x))
+        return runtime.Reformat.apply(self.group(x), torch.contiguous_format)
 
 
 def time_phases(stage: PipeBPStage, timer) -> list:
