@@ -177,6 +177,7 @@ def test_calibrate_measures_this_machine_and_scale_forecasts_from_it(tmp_path, c
     assert data["link"]["latency_s"] > 0 and data["link"]["bandwidth_bytes_per_s"] > 0
     assert data["device"]["colocated_slowdown"] > 0 and data["device"]["step_cv"] >= 0
     assert data["link"]["pipeline_handoff_s"] >= 0 and len(data["link"]["handoff_s"]) == 3
+    assert data["link"]["handoff_stage_s"] > 0  # the stand-ins' work: half the mlp at 16 / 4
     profile = profiles.load(str(path))
     assert profile.kind == "measured" and profile.device.flops["fp32"] > 0
     rows = scale.grid("mlp", "digits", profile, workers=[2], rules=["dgl"], batch_size=16)

@@ -15,8 +15,11 @@ as a profile (TOML, ``kind = "measured"``).
   slower two workers compute when they share this machine (``colocated_slowdown``), and how
   much a step taken by both in lockstep waits for the slower (``step_cv``), at the middle
   calibrated batch size; and what torch.distributed.pipelining's 1F1B schedule adds to each
-  micro-batch's hop beyond the message, with stand-in stages that compute while it moves
-  (``pipeline_handoff_s``).
+  micro-batch's hop beyond the message, with stand-in stages that compute while it moves,
+  each as long a micro-batch as half the model (``pipeline_handoff_s``).
+
+Models are timed as a run holds them (channels-last for a conv net), in a process whose
+heap and garbage collector are set as a run's are (``prepare``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ SMALL, LARGE = 1024, 256 * 1024
 #: micro-batch sizes (bytes) and count at which a pipeline schedule's hand-off is timed
 HANDOFF_SIZES = (1024, 256 * 1024, 1024 * 1024)
 HANDOFF_MICROBATCHES = 4
+#: turns of step and stand-ins alone per size; the most layers a stand-in takes
+HANDOFF_REPEATS, MAX_STAND_IN_DEPTH = 15, 256
 
 
 def seconds(work: Callable[[], object], device: torch.device, repeats: int = REPEATS) -> float:
@@ -87,6 +92,15 @@ class Clock:
 
     def between(self, a, b) -> float:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+
+def _as_a_run_holds(net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``net`` in the memory format a run holds it in (``models.runtime``: channels-last for
+    a net with 2-d convolutions); returns what lays out its inputs likewise."""
+    if not any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
+        return lambda x: x
+    net.to(memory_format=torch.channels_last)
+    return lambda x: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def time_blocks(
@@ -125,9 +139,7 @@ def time_blocks(
         neuron_groups=neuron_groups,
         mixing=mixing,
     ).to(device)
-    conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-    if conv:  # as a run holds a conv net (models.runtime)
-        net.to(memory_format=torch.channels_last)
+    layout = _as_a_run_holds(net)
     net.train()
     runtime.set_precision(precision)
     clock, count = Clock(device), len(net)
@@ -147,9 +159,8 @@ def time_blocks(
         ]
     inputs = {}
     for n in sorted(set(batch_sizes) | set(held_sizes)):
-        x = dummy_input(net, info.input_shape, n, device=device)
         inputs[n] = (
-            x.contiguous(memory_format=torch.channels_last) if conv and x.dim() == 4 else x,
+            layout(dummy_input(net, info.input_shape, n, device=device)),
             torch.randint(info.num_classes, (n,), device=device),
         )
 
@@ -460,10 +471,9 @@ def _shared(rank: int, work: Callable[[], None], device: torch.device, rounds: i
 
 class _StandIn(torch.nn.Module):
     """A pipeline stage that passes its input on (scaled) and computes beside it, forward
-    and backward, about as long as a stage of a small net: what a hand-off meets when both
-    ranks are busy."""
+    and backward (``depth`` layers): what a hand-off meets when both ranks are busy."""
 
-    def __init__(self, device: torch.device, width: int = 192, depth: int = 4):
+    def __init__(self, device: torch.device, depth: int, width: int = 192):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones((), device=device))
         self.burn = torch.nn.Sequential(
@@ -475,16 +485,36 @@ class _StandIn(torch.nn.Module):
         return x * self.scale + 0 * self.burn(self.side).mean()
 
 
-def _handoffs(rank: int, device: torch.device, microbatches: int = HANDOFF_MICROBATCHES):
+def _stand_in_depth(device: torch.device, stage_s: float, probe: int = 8) -> int:
+    """Layers of a stand-in whose forward and backward take ``stage_s`` (rank 0's measure,
+    so that both ranks build the same), from a ``probe``-layer stand-in timed on both ranks
+    at once."""
+    stand_in = _StandIn(device, probe)
+    x = torch.ones(1, device=device)
+    per_layer = _median_seconds(lambda: stand_in(x).sum().backward(), device, 9) / probe
+    depth = [max(1, min(MAX_STAND_IN_DEPTH, round(stage_s / per_layer)))]
+    dist.broadcast_object_list(depth, src=0)
+    return depth[0]
+
+
+def _handoffs(
+    rank: int,
+    device: torch.device,
+    stage_s: float,
+    microbatches: int = HANDOFF_MICROBATCHES,
+    repeats: int = HANDOFF_REPEATS,
+):
     """Seconds a micro-batch's hand-off adds to a 1F1B schedule of torch.distributed.pipelining
     on the two ranks, at each of ``HANDOFF_SIZES`` (bytes per micro-batch), with stand-in
-    stages that compute while messages move: from the schedule's step T and the stand-in's
-    own forward and backward w per micro-batch (both ranks computing, no messages), the hop
-    h of two balanced stages, T = (M + 1) w + M h (``model.pipeline_step``)."""
+    stages that compute while messages move, each about as long a micro-batch as a stage
+    (``stage_s``: the hand-off grows with how long the ranks it meets stay busy). From the
+    schedule's step T and the stand-in's own forward and backward w per micro-batch (both
+    ranks computing, no messages), taken in turn ``repeats`` times (the machine drifts), the
+    median hop h of two balanced stages, T = (M + 1) w + M h (``model.pipeline_step``)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     torch.manual_seed(0)
-    stand_in = _StandIn(device)
+    stand_in = _StandIn(device, _stand_in_depth(device, stage_s))
     handoffs = []
     for size in HANDOFF_SIZES:  # a schedule per size: a stage keeps the shapes it first met
         stage = PipelineStage(stand_in, rank, 2, device)
@@ -502,9 +532,12 @@ def _handoffs(rank: int, device: torch.device, microbatches: int = HANDOFF_MICRO
             for chunk in inputs.chunk(microbatches):
                 stand_in(chunk).mean().backward()
 
-        t = _median_seconds(step, device, 9)
-        w = _median_seconds(alone, device, 9) / microbatches
-        handoffs.append(max(0.0, (t - (microbatches + 1) * w) / microbatches))
+        hops = []
+        for _ in range(repeats):
+            t = _median_seconds(step, device, 1)
+            w = _median_seconds(alone, device, 1) / microbatches
+            hops.append((t - (microbatches + 1) * w) / microbatches)
+        handoffs.append(max(0.0, statistics.median(hops)))
     return handoffs
 
 
@@ -535,8 +568,11 @@ def link_worker(config: dict) -> None:
     info = tasks.TASKS[config["task"]]
     torch.manual_seed(0)
     net = models.build_model(config["model"], info.input_shape, info.num_classes).to(device).train()
-    x = dummy_input(net, info.input_shape, config["batch_size"], device=device)
-    handoffs = _handoffs(rank, device)
+    layout = _as_a_run_holds(net)
+    x = layout(dummy_input(net, info.input_shape, config["batch_size"], device=device))
+    micro = layout(dummy_input(net, info.input_shape, config["microbatch"], device=device))
+    stage_s = _median_seconds(lambda: net(micro).float().sum().backward(), device, 9) / 2
+    handoffs = _handoffs(rank, device, stage_s)
     slowdown = _shared(rank, lambda: net(x).float().sum().backward(), device)
     steps = _together(lambda: net(x).float().sum().backward(), device, 20)
     figures = [None, None] if rank == 0 else None
@@ -550,6 +586,7 @@ def link_worker(config: dict) -> None:
                     "allreduce_s": allreduce,
                     "handoff_sizes": list(HANDOFF_SIZES),
                     "handoff_s": handoffs,
+                    "handoff_stage_s": stage_s,
                     "colocated_slowdown": statistics.fmean(f[0] for f in figures),
                     "step_cv": step_cv([f[1] for f in figures]),
                     "backend": backend,
@@ -566,9 +603,11 @@ def measure_link(
     model: str,
     task: str,
     batch_size: int,
+    microbatch: int,
     timeout: float = 600,
 ) -> dict:
-    """The link and the shared-machine slowdown, on two ranks started by torchrun."""
+    """The link and the shared-machine slowdown, on two ranks started by torchrun (``model``
+    at ``batch_size`` for the slowdown, a stage of it at ``microbatch`` for the hand-off)."""
     from bench.executors.launch import free_port
 
     with tempfile.TemporaryDirectory(prefix="lcbench-calibrate-") as tmp:
@@ -578,6 +617,7 @@ def measure_link(
             "model": model,
             "task": task,
             "batch_size": batch_size,
+            "microbatch": microbatch,
             "out": str(Path(tmp) / "link.json"),
         }
         path = Path(tmp) / "config.json"
@@ -645,7 +685,7 @@ def calibrate(
     neuron_groups = sorted({g for g in neuron_groups if g > 1})
     local_sizes = sorted(set(local_sizes or batch_sizes))
     task_of = {m: (tasks_of or {}).get(m, task) for m in model_names}
-    with prepare.torch_threads(threads or torch.get_num_threads()):
+    with prepare.torch_threads(threads or torch.get_num_threads()), prepare.set_up_objects_frozen():
         timed, flops = [], []
         for model_name in model_names:
             task = task_of[model_name]
@@ -718,6 +758,7 @@ def calibrate(
             model=model_names[0],
             task=task_of[model_names[0]],
             batch_size=batch_sizes[len(batch_sizes) // 2],
+            microbatch=max(1, max(batch_sizes) // HANDOFF_MICROBATCHES),
         )
         alpha, beta = fit_link(measured["sizes"], measured["pingpong_s"])
         ring_alpha, ring_beta = fit_link(measured["sizes"], measured["allreduce_s"], hops=2)
@@ -737,9 +778,11 @@ def calibrate(
             "allreduce_s": measured["allreduce_s"],
             "handoff_sizes": measured["handoff_sizes"],
             "handoff_s": measured["handoff_s"],
+            "handoff_stage_s": measured["handoff_stage_s"],
             "source": "lcbench calibrate: one-way time of a ping-pong (alpha + s / beta), "
             "all-reduce on two ranks (2 alpha + s / beta), a 1F1B schedule's hop per "
-            "micro-batch with stand-in stages computing (beyond the message)",
+            "micro-batch with stand-in stages computing as long as half the model a "
+            "micro-batch (handoff_stage_s; the hop beyond the message)",
         }
     return out
 
@@ -766,4 +809,5 @@ def write(profile: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    link_worker(json.loads(Path(sys.argv[1]).read_text()))
+    with prepare.set_up_objects_frozen():  # as a run's rank trains
+        link_worker(json.loads(Path(sys.argv[1]).read_text()))
