@@ -556,7 +556,11 @@ def test_a_fake_slurm_runs_the_grid_to_completion(tmp_path, fake_slurm, capsys, 
     )
     assert code == 0, (stdout, err)
     assert len(list(fake_slurm.glob("job*.sh"))) == 6
-    assert "6 runs: 6 done, 0 running, 0 partial, 0 failed, 0 todo" in stdout
+    logs = "".join(  # what each job said, should a run not be done
+        f"\n{log.name}: {log.read_text()[-2000:]}"
+        for log in sorted((out / "tiny" / ".submitit").glob("*/*_log.*"))
+    )
+    assert "6 runs: 6 done, 0 running, 0 partial, 0 failed, 0 todo" in stdout, stdout + logs
     exits = [fake_slurm / f"exit{1000 + i}" for i in range(1, 7)]
     deadline = time.monotonic() + 60  # each job's script ends just after its result is saved
     while not all(p.exists() for p in exits) and time.monotonic() < deadline:
