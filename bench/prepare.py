@@ -254,20 +254,22 @@ def hold_freed_memory() -> bool:
     )
 
 
-@contextmanager
-def set_up_objects_frozen():
-    """Python's collector leaves alone, while a run trains, every object that was set up
-    before (the libraries, the model, the data: some 250,000 here): a full collection
-    otherwise walks them all, ~150 ms here, and on ranks it stalls every rank that waits for
-    the collecting one (pipelined BP on 2 CPU ranks: a full collection an epoch after the
-    first, 5-7% of a 2-epoch run). They are collected once, frozen (``gc.freeze``), and
-    unfrozen when the block ends, so that a sweep's next run may collect this one's."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+_loaded_frozen = False
+
+
+def freeze_what_is_loaded() -> None:
+    """Once per process, before a run builds anything: the objects the process holds so far
+    (its libraries: some 250,000 here) are collected once and frozen out of the garbage
+    collector's way for good (``gc.freeze``). A full collection otherwise walks them all,
+    ~150 ms here, at some step of some rank, and on ranks it stalls every rank that waits
+    for the collecting one (pipelined BP on 2 CPU ranks: one an epoch after the first, 5-7%
+    of a 2-epoch run). Runs' own objects stay the collector's, so what a run leaves in
+    cycles is collected as before."""
+    global _loaded_frozen
+    if not _loaded_frozen:
+        gc.collect()
+        gc.freeze()
+        _loaded_frozen = True
 
 
 @contextmanager
@@ -356,8 +358,10 @@ def prepare(
     A rank of a distributed run moves only its ``stage`` to ``device``, only rank 0 loads
     the ``data`` (the others receive activations and labels), and every rank takes the
     ``cuts`` its launcher resolved (a split by measured time differs from one measure to
-    the next). The process's heap keeps what a step frees (``hold_freed_memory``)."""
+    the next). The process's heap keeps what a step frees (``hold_freed_memory``), and its
+    libraries are out of the garbage collector's way (``freeze_what_is_loaded``)."""
     hold_freed_memory()
+    freeze_what_is_loaded()
     cfg = resolve(cfg)
     device = device or resolve_device(cfg.device)
     info = tasks.TASKS[cfg.task]

@@ -3,7 +3,6 @@ the first epoch a process trains, memory and costs in epoch 1, checkpoints when 
 on divergence), and every executor running its epochs through it."""
 
 import csv
-import gc
 import math
 
 import pytest
@@ -100,34 +99,6 @@ def test_an_epoch_trains_tallies_evaluates_meets_and_checkpoints_in_that_order()
         assert key in first and key not in second  # memory and costs: epoch 1's
     for rows in (first, second):
         assert rows["", "test_acc"] == 0.5 and rows["", "peak_rss_bytes"] > 0
-
-
-def test_what_was_set_up_is_out_of_the_collectors_way_while_the_epochs_run():
-    """A full collection walks no object that existed before the epochs (it would walk
-    every library's, ~150 ms, at a random step of a random rank), yet what dies in a cycle
-    while they run is collected, and afterwards the set-up objects are the collector's again."""
-    set_up = [[]]  # built before the epochs
-    seen, calls = {}, []
-    process = stub_process(calls, [2.0, 1.5])
-    train = process.train
-
-    def watched(epoch, first, steps, probes):
-        tracked = gc.get_objects()
-        seen[epoch] = (any(o is set_up for o in tracked), len(tracked), gc.get_freeze_count())
-        died = [{}]
-        died[0]["self"] = died  # garbage in a cycle, made while training
-        del died
-        seen[epoch, "collected"] = gc.collect() > 0
-        return train(epoch, first, steps, probes)
-
-    process.train = watched
-    epochs.run(process, Record(), plan=[2, 2], done=0, every=1)
-    for epoch in (1, 2):
-        walked_set_up, tracked, frozen = seen[epoch]
-        assert not walked_set_up and frozen > tracked
-        assert seen[epoch, "collected"]
-    assert gc.get_freeze_count() == 0
-    assert any(o is set_up for o in gc.get_objects())
 
 
 def test_a_resumed_process_times_its_compilation_in_the_first_epoch_it_trains():

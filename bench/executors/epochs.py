@@ -58,14 +58,8 @@ class Process:
 def run(process: Process, record: RunRecord | None, *, plan: list[int], done: int, every: int):
     """Epochs ``done`` + 1 .. ``len(plan)`` (``plan``: each one's iterations) of ``process``;
     the run's rows added to ``record`` where they come together (RunFailed on divergence); a
-    checkpoint every ``every`` epochs. What was set up before is out of the garbage
-    collector's way meanwhile (``prepare.set_up_objects_frozen``)."""
-    with prepare.set_up_objects_frozen():
-        _epochs(process, record, plan, done, every)
-
-
-def _epochs(p: Process, record: RunRecord | None, plan: list[int], done: int, every: int):
-    device, label = p.device, p.label
+    checkpoint every ``every`` epochs."""
+    p, device, label = process, process.device, process.label
     for epoch, steps in enumerate(plan[done:], done + 1):
         first = sum(plan[: epoch - 1])
         memory.reset_device_peaks(device)

@@ -556,6 +556,7 @@ def link_worker(config: dict) -> None:
     """One of two ranks: the ping-pong, the all-reduce, the shared-machine slowdown and the
     straggle of steps taken in lockstep; rank 0 writes them to ``config['out']``."""
     prepare.hold_freed_memory()  # as a run's rank does
+    prepare.freeze_what_is_loaded()
     backend = "nccl" if config["device"] == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
@@ -685,7 +686,8 @@ def calibrate(
     neuron_groups = sorted({g for g in neuron_groups if g > 1})
     local_sizes = sorted(set(local_sizes or batch_sizes))
     task_of = {m: (tasks_of or {}).get(m, task) for m in model_names}
-    with prepare.torch_threads(threads or torch.get_num_threads()), prepare.set_up_objects_frozen():
+    prepare.freeze_what_is_loaded()  # as a run's process does
+    with prepare.torch_threads(threads or torch.get_num_threads()):
         timed, flops = [], []
         for model_name in model_names:
             task = task_of[model_name]
@@ -809,5 +811,4 @@ def write(profile: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    with prepare.set_up_objects_frozen():  # as a run's rank trains
-        link_worker(json.loads(Path(sys.argv[1]).read_text()))
+    link_worker(json.loads(Path(sys.argv[1]).read_text()))
