@@ -272,6 +272,14 @@ def freeze_what_is_loaded() -> None:
         _loaded_frozen = True
 
 
+def settle_process() -> None:
+    """This process as a run trains in it, and as the calibration times in it: its heap
+    keeps what a step frees (``hold_freed_memory``) and its libraries are out of the garbage
+    collector's way (``freeze_what_is_loaded``)."""
+    hold_freed_memory()
+    freeze_what_is_loaded()
+
+
 @contextmanager
 def torch_threads(count: int):
     previous = torch.get_num_threads()
@@ -358,10 +366,8 @@ def prepare(
     A rank of a distributed run moves only its ``stage`` to ``device``, only rank 0 loads
     the ``data`` (the others receive activations and labels), and every rank takes the
     ``cuts`` its launcher resolved (a split by measured time differs from one measure to
-    the next). The process's heap keeps what a step frees (``hold_freed_memory``), and its
-    libraries are out of the garbage collector's way (``freeze_what_is_loaded``)."""
-    hold_freed_memory()
-    freeze_what_is_loaded()
+    the next). The process is settled for training first (``settle_process``)."""
+    settle_process()
     cfg = resolve(cfg)
     device = device or resolve_device(cfg.device)
     info = tasks.TASKS[cfg.task]

@@ -97,9 +97,8 @@ class Clock:
 def _as_a_run_holds(net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``net`` in the memory format a run holds it in (``models.runtime``: channels-last for
     a net with 2-d convolutions); returns what lays out its inputs likewise."""
-    if not any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
+    if not runtime.hold_channels_last(net):
         return lambda x: x
-    net.to(memory_format=torch.channels_last)
     return lambda x: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
@@ -555,8 +554,7 @@ def step_cv(times: Sequence[Sequence[float]]) -> float:
 def link_worker(config: dict) -> None:
     """One of two ranks: the ping-pong, the all-reduce, the shared-machine slowdown and the
     straggle of steps taken in lockstep; rank 0 writes them to ``config['out']``."""
-    prepare.hold_freed_memory()  # as a run's rank does
-    prepare.freeze_what_is_loaded()
+    prepare.settle_process()  # as a run's rank is
     backend = "nccl" if config["device"] == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
@@ -675,7 +673,7 @@ def calibrate(
     take neuron groups; a model that cannot be grouped is left out), both ways (``grouped``),
     the fitted rate and overhead, and (``link``) the link and the shared-machine slowdown on
     two ranks."""
-    prepare.hold_freed_memory()  # as a run's process does
+    prepare.settle_process()  # as a run's process is
     batch_sizes = sorted(set(batch_sizes))
     if neuron_groups is None:
         neuron_groups = [
@@ -686,7 +684,6 @@ def calibrate(
     neuron_groups = sorted({g for g in neuron_groups if g > 1})
     local_sizes = sorted(set(local_sizes or batch_sizes))
     task_of = {m: (tasks_of or {}).get(m, task) for m in model_names}
-    prepare.freeze_what_is_loaded()  # as a run's process does
     with prepare.torch_threads(threads or torch.get_num_threads()):
         timed, flops = [], []
         for model_name in model_names:

@@ -133,6 +133,15 @@ class Forward:
         )
 
 
+def hold_channels_last(module: nn.Module) -> bool:
+    """Whether ``module`` runs channels-last (it has 2-d convolutions); if so, its weights
+    are put in that format."""
+    if not any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        return False
+    module.to(memory_format=torch.channels_last)
+    return True
+
+
 def modules_of(stage) -> list[nn.Module]:
     """The modules a stage calls: its group and local modules (a list of heads opened)."""
     return [
@@ -164,9 +173,7 @@ def apply(
         for module in modules_of(stage):
             if isinstance(module.__dict__.get("forward"), Forward):
                 continue
-            conv = any(isinstance(m, nn.Conv2d) for m in module.modules())
-            if conv:
-                module.to(memory_format=torch.channels_last)
+            conv = hold_channels_last(module)
             if bf16 or conv or compile:
                 module.forward = Forward(
                     module,
