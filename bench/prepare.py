@@ -93,8 +93,9 @@ def local_parts(
     callables: the stage's forward call (its local module's forward and backward, the update)
     and what it does when the upstream message comes (``None`` where the rule sends none),
     on a stage of a do-nothing group, with random features and messages (on ``device``, run
-    as ``place`` runs a stage there; else on the CPU as built). The second stands for the
-    message of the last batch the first ran."""
+    as ``place`` runs a stage there, conv features channels-last as a run's conv groups hand
+    them over: ``runtime.hold_channels_last``; else on the CPU as built). The second stands
+    for the message of the last batch the first ran."""
     last = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
     stage = methods.build_stages(
         cfg.method,
@@ -109,6 +110,8 @@ def local_parts(
     if device is not None:
         place(replace(cfg, compile=False), [stage], device)
     x = torch.randn(batch_size, *shape, device=device)
+    if device is not None and x.dim() == 4:  # a conv group's features, as a run holds them
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(classes, (batch_size,), device=device)
     if stage.needs_image:  # a random image for a rule that reconstructs it
         stage.image = torch.rand(batch_size, *tasks.TASKS[cfg.task].input_shape, device=device)

@@ -513,6 +513,32 @@ def test_grouped_blocks_are_timed_both_ways_and_none_for_a_model_without_groups(
     assert parsed["forward_s"][0] == tuple(found[1]["blocks"][0]["forward_s"])
 
 
+def test_a_local_module_is_timed_on_features_laid_out_as_a_runs_group_hands_them_over():
+    from bench import prepare
+    from bench.config import RunConfig
+
+    cfg = RunConfig(method="gn", task="fashion-mnist", model="small-cnn", device="cpu")
+    prep = prepare.prepare(cfg, data=False)
+    x, _ = prepare.stand_in(prep, 0, prep.stages[0].group, 4)
+    handed = prep.stages[0].group(x)
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append(args[0]) if isinstance(m, prepare._PassThrough) else None
+    )
+    try:
+        for device in (torch.device("cpu"), None):
+            forward, _ = prepare.local_parts(
+                prep.cfg, tuple(handed.shape[1:]), 10, 4, device=device
+            )
+            forward()
+    finally:
+        hook.remove()
+    held = torch.channels_last
+    assert handed.is_contiguous(memory_format=held) and not handed.is_contiguous()
+    assert seen[0].is_contiguous(memory_format=held) and not seen[0].is_contiguous()
+    assert seen[1].is_contiguous()  # unplaced, as built: the CPU's default layout
+
+
 def test_timed_blocks_are_interpolated_between_the_batch_sizes():
     assert predict.interpolate((32, 64, 128), (1.0, 2.0, 6.0), 64) == 2.0
     assert predict.interpolate((32, 64, 128), (1.0, 2.0, 6.0), 96) == pytest.approx(4.0)
