@@ -539,6 +539,45 @@ def test_a_local_module_is_timed_on_features_laid_out_as_a_runs_group_hands_them
     assert seen[1].is_contiguous()  # unplaced, as built: the CPU's default layout
 
 
+def test_local_modules_are_timed_in_turn_each_part_on_its_own(monkeypatch):
+    """A fake clock advanced only by the fake modules' work: each module is called once a
+    turn, every module in turn, and its forward call and upstream update are each the
+    median of their own times."""
+    from bench import prepare
+
+    now, calls = [0.0], []
+
+    def parts(cfg, shape, classes, n, device=None):
+        key = (cfg.method, shape, n)
+
+        def work(seconds, part):
+            def call():
+                calls.append((*key, part))
+                now[0] += seconds * (1 + 0.5 * (len(calls) % 7 == 0))  # now and then slow
+
+            return call
+
+        forward = work(1e-3 * n * shape[0], "forward")
+        return forward, (work(2e-3 * n, "receive") if cfg.method == "lc" else None)
+
+    monkeypatch.setattr(prepare, "local_parts", parts)
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: now[0])
+    wanted = [("lc", (2, 3, 3)), ("dgl", (2, 3, 3)), ("dgl", (4, 3, 3))]
+    found = calibrate.time_locals(wanted, "fashion-mnist", [4, 8], torch.device("cpu"), turns=5)
+    keys = [(m, shape, n) for m, shape in wanted for n in (4, 8)]
+    one_turn = [
+        (*k, part) for k in keys for part in ("forward", "receive")[: 2 if k[0] == "lc" else 1]
+    ]
+    assert calls == one_turn * (2 + 5)
+    assert [(f["method"], tuple(f["shape"])) for f in found] == wanted
+    for f, (method, shape) in zip(found, wanted):
+        assert f["forward_s"] == pytest.approx([1e-3 * n * shape[0] for n in (4, 8)])
+        assert f.get("receive_s") == (
+            [pytest.approx(2e-3 * n) for n in (4, 8)] if method == "lc" else None
+        )
+    assert found[0]["options"]["critic_filters"] == 128  # the rule's defaults, as a run has them
+
+
 def test_timed_blocks_are_interpolated_between_the_batch_sizes():
     assert predict.interpolate((32, 64, 128), (1.0, 2.0, 6.0), 64) == 2.0
     assert predict.interpolate((32, 64, 128), (1.0, 2.0, 6.0), 96) == pytest.approx(4.0)

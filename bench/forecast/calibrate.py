@@ -5,8 +5,9 @@ as a profile (TOML, ``kind = "measured"``).
   batch sizes (``time_blocks``): forward, backward with and without the input's gradient,
   also as a pipeline holds its micro-batches, and width-grouped as GN-DGL builds it
   (``time_grouped``); its optimizer step; each rule's local module
-  (its forward call, and the update the upstream message brings); the input pipeline per
-  batch. Medians over repeated steps after a warm-up.
+  (its forward call, and the update the upstream message brings: ``time_locals``, every
+  module in turn); the input pipeline per batch. Medians over repeated steps after a
+  warm-up.
 - The device's achieved FLOP/s and fixed overhead per block: t = overhead + 3 F n / rate,
   fitted over the timed blocks (F a block's forward FLOPs per sample, n the batch).
 - The link, on two ranks of the backend in use (gloo on the CPU, NCCL between two GPUs):
@@ -60,6 +61,8 @@ HANDOFF_SIZES = (1024, 256 * 1024, 1024 * 1024)
 HANDOFF_MICROBATCHES = 4
 #: turns of step and stand-ins alone per size; the most layers a stand-in takes
 HANDOFF_REPEATS, MAX_STAND_IN_DEPTH = 15, 256
+#: turns in which every local module is called once (``time_locals``)
+LOCAL_TURNS = 9
 
 
 def seconds(work: Callable[[], object], device: torch.device, repeats: int = REPEATS) -> float:
@@ -323,43 +326,65 @@ def time_input(
     return out
 
 
-def time_local(
-    method: str,
+def time_locals(
+    wanted: Sequence[tuple[str, tuple]],
     task: str,
-    shape: tuple,
     batch_sizes: Sequence[int],
     device: torch.device,
-    options: dict | None = None,
     precision: str = "fp32",
-) -> dict:
-    """The rule's local work on features of ``shape`` at each batch size: its stage's forward
-    call and the update the upstream message brings (``prepare.local_parts``)."""
-    cfg = RunConfig(
-        method=method,
-        task=task,
-        options=dict(options or {}),
-        precision=precision,
-        device=str(device),
-    ).validated()
+    turns: int = LOCAL_TURNS,
+) -> list[dict]:
+    """Each ``(rule, shape)``'s local module on features of ``shape`` at each batch size:
+    its stage's forward call and the update the upstream message brings
+    (``prepare.local_parts``), each timed on its own, one call of each module in turn
+    ``turns`` times after two warm-up calls, the median of its turns (a slow stretch of the
+    machine falls on one turn of every module, not on every turn of one)."""
     classes = tasks.TASKS[task].num_classes
-    forward_s, receive_s = [], []
-    for n in batch_sizes:
-        forward, receive = prepare.local_parts(cfg, shape, classes, n, device=device)
-        if receive is None:
-            forward_s.append(seconds(forward, device))
-            continue
-        forward_s.append(seconds(lambda: (forward(), receive()), device))
-        receive_s.append(max(0.0, forward_s[-1] - seconds(forward, device)))
-        forward_s[-1] -= receive_s[-1]
-    out = {
-        "method": cfg.method,
-        "shape": list(shape),
-        "options": {k: v for k, v in cfg.options.items() if v is not None},
-        "forward_s": forward_s,
+    cfgs = {
+        method: RunConfig(
+            method=method, task=task, precision=precision, device=str(device)
+        ).validated()
+        for method, _ in wanted
     }
-    if receive_s:
-        out["receive_s"] = receive_s
+    parts = {
+        (method, shape, n): prepare.local_parts(cfgs[method], shape, classes, n, device=device)
+        for method, shape in wanted
+        for n in batch_sizes
+    }
+    samples: dict = {key: ([], []) for key in parts}
+    for turn in range(-2, turns):
+        for key, (forward, receive) in parts.items():
+            spent = _each_timed([forward] + ([receive] if receive else []), device)
+            if turn >= 0:
+                for into, t in zip(samples[key], spent):
+                    into.append(t)
+    out = []
+    for method, shape in wanted:
+        times = [samples[method, shape, n] for n in batch_sizes]
+        entry = {
+            "method": method,
+            "shape": list(shape),
+            "options": {k: v for k, v in cfgs[method].options.items() if v is not None},
+            "forward_s": [statistics.median(f) for f, _ in times],
+        }
+        if times[0][1]:
+            entry["receive_s"] = [statistics.median(r) for _, r in times]
+        out.append(entry)
     return out
+
+
+def _each_timed(calls: Sequence[Callable[[], object]], device: torch.device) -> list[float]:
+    """Seconds of each of ``calls``, made one after the other (the device synchronised
+    between them)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    spent = []
+    sync()
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        sync()
+        spent.append(time.perf_counter() - start)
+    return spent
 
 
 def fit_rate(
@@ -709,14 +734,20 @@ def calibrate(
                 ),
                 "local": [],
             }
-            for method in methods_:
-                after = (local_after or {}).get((model_name, method), range(len(blocks) - 1))
-                for shape in dict.fromkeys(blocks[j].out_shape for j in after):
-                    progress(f"  {model_name}: {method}'s local module on {shape}")
-                    entry["local"].append(
-                        time_local(method, task, shape, local_sizes, device, precision=precision)
-                    )
-                    entry["local"][-1]["batch_sizes"] = local_sizes
+            wanted = [
+                (method, shape)
+                for method in methods_
+                for shape in dict.fromkeys(
+                    blocks[j].out_shape
+                    for j in (local_after or {}).get((model_name, method), range(len(blocks) - 1))
+                )
+            ]
+            if wanted:
+                progress(
+                    f"  {model_name}: {len(wanted)} local modules, in turn, {LOCAL_TURNS} turns"
+                )
+                for local in time_locals(wanted, task, local_sizes, device, precision):
+                    entry["local"].append({**local, "batch_sizes": local_sizes})
             entry["grouped"] = time_grouped(
                 model_name, task, batch_sizes, device, neuron_groups, precision, progress
             )
