@@ -28,8 +28,8 @@ help:
 	@echo "                     ResNet-101, WRN-28-10 under the shipped profiles; smoke: its own nets)."
 	@echo "                     PLAN=1: the plan only (state and price of every run on PROFILE, totals"
 	@echo "                     on DEVICES; default h100-sxm-nvlink, 8), nothing run"
-	@echo "make plan-check      the plan's price against measured runs: 3 rounds of calibrating this machine"
-	@echo "                     and training the smoke preset; the median of each run's measured / forecast over rounds (~11 min)"
+	@echo "make plan-check      the plan's price against measured runs: 5 rounds of calibrating this machine"
+	@echo "                     and training the smoke preset; the median of each run's measured / forecast over rounds (~17 min)"
 	@echo "make plot            the figures of $(RESULTS)/$(PRESET)/table2 into figures/"
 	@echo "make docs-figures    the README's figures (docs/figures/) from $(RESULTS)/smoke"
 	@echo "make learning-check  every method on Fashion-MNIST, small CNN, K=2, 3 epochs; DNI and cDNI"
@@ -155,7 +155,7 @@ docs-figures: $(STAMP)
 
 # The GPU part runs where CUDA is (one line saying it was skipped elsewhere).
 plan-check: $(STAMP) data
-	$(BIN)/python -m bench.cluster.plan_check --preset smoke --rounds 3 --out $(RESULTS)/plan-check
+	$(BIN)/python -m bench.cluster.plan_check --preset smoke --rounds 5 --out $(RESULTS)/plan-check
 
 bench: $(STAMP) data
 	$(BIN)/python -m bench.perf.benchmark
