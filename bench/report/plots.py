@@ -56,6 +56,10 @@ def colour(name: str) -> str:
     return spare[plain.index(name) % len(spare)]
 
 
+#: markers drawn as lines, which matplotlib colours by face alone
+UNFILLED = ("x", "+", "1", "2", "3", "4", "|", "_")
+
+
 def marker(name: str) -> str:
     """The marker the rule (or ``ddp``) declares."""
     known = facts(name)
@@ -359,7 +363,7 @@ def tradeoff(table: pd.DataFrame, out: Path) -> list[Path]:
                 color=colour(name),
                 s=55 if r["workers"] <= 2 else 90,
                 marker=marker(name),
-                edgecolor="black",
+                edgecolor=None if marker(name) in UNFILLED else "black",  # a line has no edge
                 linewidth=0.4,
                 label=short_name(name),
             )
