@@ -11,7 +11,7 @@ minute to the next (a step 10-30% slower), and a calibration three minutes old p
 with another machine state. The median over rounds of those ratios (5 by default: the
 small CNN's blocks timed 8 times in a row, seconds apart, sum to 32.5 ms with a standard
 deviation of 9%, as much at 30 steps a timing as at 10; with 3 rounds, 11 of 120 runs in five
-checks fell out, mostly by one wild round; with 5, 2 of 48) is set against 0.85-1.15, the band
+checks fell out, mostly by one wild round; with 5, 2 of 72 in three: docs/running.md) is set against 0.85-1.15, the band
 ``make bench`` holds. Beside it, the plan's price on the calibrations
 merged value by value (``calibrate.merge``; ``here.toml``, ``here-rank.toml``) and the
 median measured training seconds (the epochs' ``epoch_time_s``).
