@@ -94,7 +94,7 @@ def local_parts(
     and what it does when the upstream message comes (``None`` where the rule sends none),
     on a stage of a do-nothing group, with random features and messages (on ``device``, run
     as ``place`` runs a stage there, conv features channels-last as a run's conv groups hand
-    them over: ``runtime.hold_channels_last``; else on the CPU as built). The second stands
+    them over: ``runtime.as_held``; else on the CPU as built). The second stands
     for the message of the last batch the first ran."""
     last = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes))
     stage = methods.build_stages(
@@ -110,8 +110,8 @@ def local_parts(
     if device is not None:
         place(replace(cfg, compile=False), [stage], device)
     x = torch.randn(batch_size, *shape, device=device)
-    if device is not None and x.dim() == 4:  # a conv group's features, as a run holds them
-        x = x.contiguous(memory_format=torch.channels_last)
+    if device is not None:  # a conv group's features, as a run holds them
+        x = runtime.as_held(x)
     y = torch.randint(classes, (batch_size,), device=device)
     if stage.needs_image:  # a random image for a rule that reconstructs it
         stage.image = torch.rand(batch_size, *tasks.TASKS[cfg.task].input_shape, device=device)
@@ -257,9 +257,6 @@ def hold_freed_memory() -> bool:
     )
 
 
-_loaded_frozen = False
-
-
 def freeze_what_is_loaded() -> None:
     """Once per process, before a run builds anything: the objects the process holds so far
     (its libraries: some 250,000 here) are collected once and frozen out of the garbage
@@ -267,12 +264,10 @@ def freeze_what_is_loaded() -> None:
     ~150 ms here, at some step of some rank, and on ranks it stalls every rank that waits
     for the collecting one (pipelined BP on 2 CPU ranks: one an epoch after the first, 5-7%
     of a 2-epoch run). Runs' own objects stay the collector's, so what a run leaves in
-    cycles is collected as before."""
-    global _loaded_frozen
-    if not _loaded_frozen:
+    cycles is collected as before. Done once: a process with objects frozen is left as it is."""
+    if not gc.get_freeze_count():
         gc.collect()
         gc.freeze()
-        _loaded_frozen = True
 
 
 def settle_process() -> None:

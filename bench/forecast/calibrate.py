@@ -100,9 +100,7 @@ class Clock:
 def _as_a_run_holds(net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``net`` in the memory format a run holds it in (``models.runtime``: channels-last for
     a net with 2-d convolutions); returns what lays out its inputs likewise."""
-    if not runtime.hold_channels_last(net):
-        return lambda x: x
-    return lambda x: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return runtime.as_held if runtime.hold_channels_last(net) else (lambda x: x)
 
 
 def time_blocks(
@@ -595,10 +593,14 @@ def link_worker(config: dict) -> None:
     layout = _as_a_run_holds(net)
     x = layout(dummy_input(net, info.input_shape, config["batch_size"], device=device))
     micro = layout(dummy_input(net, info.input_shape, config["microbatch"], device=device))
-    stage_s = _median_seconds(lambda: net(micro).float().sum().backward(), device, 9) / 2
+
+    def step(batch: torch.Tensor) -> Callable[[], None]:
+        return lambda: net(batch).float().sum().backward()
+
+    stage_s = _median_seconds(step(micro), device, 9) / 2
     handoffs = _handoffs(rank, device, stage_s)
-    slowdown = _shared(rank, lambda: net(x).float().sum().backward(), device)
-    steps = _together(lambda: net(x).float().sum().backward(), device, 20)
+    slowdown = _shared(rank, step(x), device)
+    steps = _together(step(x), device, 20)
     figures = [None, None] if rank == 0 else None
     dist.gather_object((slowdown, steps), figures, dst=0)
     if rank == 0:

@@ -142,6 +142,12 @@ def hold_channels_last(module: nn.Module) -> bool:
     return True
 
 
+def as_held(x: torch.Tensor) -> torch.Tensor:
+    """``x`` laid out as a channels-last net meets it: an image batch (or a conv group's
+    features) channels-last, anything else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def modules_of(stage) -> list[nn.Module]:
     """The modules a stage calls: its group and local modules (a list of heads opened)."""
     return [

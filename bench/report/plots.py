@@ -23,6 +23,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
+from matplotlib.markers import MarkerStyle
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,10 +55,6 @@ def colour(name: str) -> str:
     taken = {m.colour for m in methods.contenders() if m.colour}
     spare = [c for c in sns.color_palette("dark", 10).as_hex() if c not in taken]
     return spare[plain.index(name) % len(spare)]
-
-
-#: markers drawn as lines, which matplotlib colours by face alone
-UNFILLED = ("x", "+", "1", "2", "3", "4", "|", "_")
 
 
 def marker(name: str) -> str:
@@ -363,7 +360,7 @@ def tradeoff(table: pd.DataFrame, out: Path) -> list[Path]:
                 color=colour(name),
                 s=55 if r["workers"] <= 2 else 90,
                 marker=marker(name),
-                edgecolor=None if marker(name) in UNFILLED else "black",  # a line has no edge
+                edgecolor="black" if MarkerStyle(marker(name)).is_filled() else None,
                 linewidth=0.4,
                 label=short_name(name),
             )
